@@ -1,0 +1,49 @@
+"""The NumPy backend: the device primitives in vectorised NumPy.
+
+Honest like numba's CUDA simulator: it has the same semantics as the CuPy
+backend, its "device memory" is ordinary host memory, its copies complete at
+once, and every figure measured on it is labelled "numpy fallback".
+"""
+import numpy as np
+
+from ..constants import PAGE_SIZE
+from ..device.backend import Arena, Backend
+
+
+class NumpyArena(Arena):
+    """Frames in one NumPy array; zero-filled lazily by the OS (calloc)."""
+
+    def __init__(self, backend, nframes, kind):
+        super().__init__(backend, nframes)
+        self.kind = kind
+        self.frames = np.zeros((self.nframes, PAGE_SIZE), dtype=np.uint8)
+        # System RAM is CPU-addressable; device memory is reached through read/write only,
+        # exactly as on the CuPy backend, so no code path can depend on a shortcut.
+        self.host = self.frames if kind == "host" else None
+
+    def read(self, idx):
+        return self.frames[np.asarray(idx, dtype=np.int64)]
+
+    def write(self, idx, data):
+        self.frames[np.asarray(idx, dtype=np.int64)] = np.asarray(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+
+    def fill(self, idx, value=0):
+        self.frames[np.asarray(idx, dtype=np.int64)] = value
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    emulated = True
+
+    def host_arena(self, nframes):
+        return NumpyArena(self, nframes, "host")
+
+    def device_arena(self, nframes, gpu=0):
+        return NumpyArena(self, nframes, "device")
+
+    def dma_engine(self, gpu=0):
+        from .dma import NumpyDmaEngine
+        return NumpyDmaEngine(self)
+
+    def info(self):
+        return {"backend": self.name, "numpy": np.__version__, "emulated": True}
