@@ -1,0 +1,873 @@
+"""struct mm_struct: an address space, its faults and its system calls.
+
+Stands for mm/mmap.c, mm/memory.c (faults, zap, copy_page_range), mm/mprotect.c,
+mm/mremap.c, mm/madvise.c, mm/msync.c and mm/gup.c.  Every range operation is one
+vectorised pass over a VMA's PTE slice; the loops here are over VMAs, never
+over pages.
+
+Locking: the system calls that change the VMA tree take ``mmap_lock`` for
+writing; faults, GUP and HMM take it for reading.  A PTE changes state under
+``phys.lock`` (the page-table lock), and a fault allocates before it takes that
+lock and re-checks that the entries did not move meanwhile (``pte_same``).
+"""
+import bisect
+import errno
+
+import numpy as np
+
+from ..constants import (MADV_COLLAPSE, MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE,
+                         MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MAP_ANONYMOUS,
+                         MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_HUGETLB, MAP_NORESERVE, MAP_POPULATE,
+                         MAP_PRIVATE, MAP_SHARED, MMAP_BASE, MMAP_MIN_ADDR, MREMAP_DONTUNMAP,
+                         MREMAP_FIXED, MREMAP_MAYMOVE, MS_ASYNC, MS_INVALIDATE, MS_SYNC, PAGE_MASK,
+                         PAGE_SHIFT, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, TASK_SIZE)
+from ..errors import BusError, SegmentationFault, oserror
+from . import pgtable as pt
+from .filemap import PageCache, open_file_cache
+from .locks import RWLock
+from .notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_PROTECTION_PAGE,
+                       MMU_NOTIFY_PROTECTION_VMA, MMU_NOTIFY_UNMAP, NotifierSubscriptions,
+                       invalidation)
+from .physmem import PG_ANON, PG_DIRTY, PG_SWAPBACKED, PG_ZONE_DEVICE
+from .vma import (VM_ACCESS, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
+                  VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, VMA, prot_to_vm,
+                  vma_is_anonymous)
+
+FAULT_FLAG_WRITE = 0x1
+VM_FAULT_OOM = 0x1
+VM_FAULT_SIGBUS = 0x2
+VM_FAULT_SIGSEGV = 0x40
+
+_RSS_KINDS = ("anon", "file", "shmem")
+_MAX_FAULT_ROUNDS = 64
+
+
+def page_align(n):
+    return (int(n) + PAGE_SIZE - 1) & PAGE_MASK
+
+
+class VmFault:
+    """struct vm_fault for a device-private fault, batched.
+
+    ``address``/``page`` are the first faulting page as in Linux; ``addresses``
+    and ``pages`` (NumPy arrays) are every faulting page of the same pgmap in the
+    range, so a driver may bring them all back in one migration.
+    """
+
+    def __init__(self, mm, vma, addresses, pages, flags):
+        self.mm, self.vma, self.flags = mm, vma, flags
+        self.addresses = addresses
+        self.pages = pages
+        self.address = int(addresses[0])
+        self.page = int(pages[0])
+        self.pgmap = None
+
+
+class MM:
+    """One process's address space."""
+
+    def __init__(self, system, owner=None):
+        self.system = system
+        self.phys = system.phys
+        self.owner = owner
+        self.vmas = []
+        self._starts = []
+        self.mmap_lock = RWLock()
+        self.notifiers = NotifierSubscriptions()
+        self.rss = {k: 0 for k in _RSS_KINDS}
+        self.memcg = None
+        self.dead = False
+        self.oom_victim = False
+
+    def __repr__(self):
+        return f"MM(pid={getattr(self.owner, 'pid', '?')}, {len(self.vmas)} vmas)"
+
+    # -- the VMA tree ---------------------------------------------------------------
+    def _insert(self, vma):
+        i = bisect.bisect_left(self._starts, vma.start)
+        self.vmas.insert(i, vma)
+        self._starts.insert(i, vma.start)
+
+    def _remove(self, vma):
+        i = self.vmas.index(vma)
+        del self.vmas[i]
+        del self._starts[i]
+
+    def find_vma(self, addr):
+        """The VMA containing ``addr``, or None."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and self.vmas[i].end > addr:
+            return self.vmas[i]
+        return None
+
+    def vmas_in(self, start, end):
+        """VMAs overlapping [start, end), in address order."""
+        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        out = []
+        for v in self.vmas[i:]:
+            if v.start >= end:
+                break
+            if v.end > start:
+                out.append(v)
+        return out
+
+    def _split_at(self, addr):
+        """Make ``addr`` a VMA boundary if it falls inside one."""
+        v = self.find_vma(addr)
+        if v is not None and v.start < addr:
+            self._insert(v.split(addr))
+
+    # -- rss -------------------------------------------------------------------------
+    def _rss_counts(self, pfns):
+        """(anon, file, shmem) page counts of ``pfns``; the zero page counts nowhere."""
+        pfns = pfns[pfns != self.phys.zero_pfn]
+        flags = self.phys.pages.flags[pfns]
+        anon = (flags & PG_ANON) != 0
+        shmem = ~anon & ((flags & PG_SWAPBACKED) != 0)
+        return int(anon.sum()), int((~anon & ~shmem).sum()), int(shmem.sum())
+
+    def _account(self, pfns, sign):
+        for k, n in zip(_RSS_KINDS, self._rss_counts(np.asarray(pfns, dtype=np.int64))):
+            self.rss[k] += sign * n
+
+    def add_rss(self, kind, n):
+        self.rss[kind] += n
+
+    # -- mapping and unmapping pages (the rmap side) --------------------------------
+    def _map(self, vma, idx, pfns, flags, take_ref=True):
+        """Install present PTEs for counted pages (refcount/mapcount/rss)."""
+        pg = self.phys.pages
+        counted = pfns != self.phys.zero_pfn
+        if take_ref:
+            np.add.at(pg.refcount, pfns[counted], 1)
+        np.add.at(pg.mapcount, pfns[counted], 1)
+        self._account(pfns, +1)
+        vma.pte[idx] = pt.mk_pte(pfns, flags)
+
+    def _zap(self, vma, i0, i1):
+        """zap_pte_range(): clear PTEs [i0, i1) of ``vma`` and drop what they held.
+
+        Present, device-private and device-exclusive entries hold a reference and
+        a mapcount; migration entries hold neither (try_to_migrate dropped them)
+        but are still counted in rss.
+        """
+        with self.phys.lock:
+            ptes = vma.pte[i0:i1]
+            live = ptes != 0
+            if not live.any():
+                return
+            ptes = ptes[live]
+            pfns = pt.pte_pfn(ptes)
+            mig = pt.is_migration(ptes)
+            pg = self.phys.pages
+            held = pfns[~mig]
+            self._account(pfns, -1)
+            dirty = pt.pte_present(ptes) & ((ptes & pt.PTE_DIRTY) != 0)
+            d = pfns[dirty]
+            d = d[(pg.flags[d] & PG_ANON) == 0]
+            pg.flags[d] |= PG_DIRTY
+            counted = held[held != self.phys.zero_pfn]
+            np.subtract.at(pg.mapcount, counted, 1)
+            vma.pte[i0:i1] = 0
+            self.phys.put(counted)
+
+    def vm_insert_pages(self, vma, addrs, pfns):
+        """vm_insert_page() for many pages: a driver fills its mixed mapping."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        pfns = np.asarray(pfns, dtype=np.int64)
+        if ((addrs < vma.start) | (addrs >= vma.end)).any():
+            raise oserror(errno.EFAULT, "address outside the VMA", vma.start, vma.end)
+        idx = (addrs - vma.start) >> PAGE_SHIFT
+        if (vma.pte[idx] != 0).any():
+            raise oserror(errno.EBUSY, "vm_insert_page over a populated PTE", vma.start, vma.end)
+        flags = pt.PTE_YOUNG | (pt.PTE_WRITE if (vma.vm_flags & (VM_WRITE | VM_SHARED)) == (VM_WRITE | VM_SHARED) else 0)
+        with self.phys.lock:
+            self._map(vma, idx, pfns, flags)
+
+    # -- faults ----------------------------------------------------------------------
+    def handle_mm_fault(self, vma, start, end, write):
+        """Fault in every page of [start, end) in ``vma`` for a read or a write.
+
+        The caller holds mmap_lock and has checked that the VMA allows the access.
+        Raises BusError for pages past the end of a file or a driver mapping
+        with no page.
+        """
+        i0, i1 = vma.idx(start), vma.idx(end - 1) + 1
+        for _ in range(_MAX_FAULT_ROUNDS):
+            if self._fault_round(vma, i0, i1, write):
+                return
+        raise oserror(errno.EAGAIN, f"fault did not settle after {_MAX_FAULT_ROUNDS} rounds", start, end)
+
+    def _fault_round(self, vma, i0, i1, write):
+        """One pass; returns True when every entry is present (and writable for a write)."""
+        phys = self.phys
+        with phys.lock:
+            snap = vma.pte[i0:i1].copy()
+        swp = pt.is_swap(snap)
+        if swp.any():
+            self._fault_nonpresent(vma, i0, snap, swp, write)
+            return False
+        present = pt.pte_present(snap)
+        need_new = ~present
+        if write:
+            need_new |= present & ~pt.pte_write(snap)
+        if not need_new.any():
+            if write:
+                self._mark_dirty(vma, i0, i1)
+            return True
+        # Decide, per entry, what the fault does (pages are allocated before the
+        # page-table lock is taken; the entries are re-checked afterwards).
+        pfns = pt.pte_pfn(snap)
+        pg = phys.pages
+        none = snap == 0
+        rel = np.nonzero(need_new)[0]
+        is_none = none[rel]
+        if vma.driver is not None and is_none.any():
+            a = vma.start + ((i0 + int(rel[is_none][0])) << PAGE_SHIFT)
+            raise BusError(a, "driver mapping has no page here", "write" if write else "read")
+        file_idx = None
+        if vma.file is not None and is_none.any():
+            file_idx = vma.pgoff + i0 + rel[is_none]
+            limit = vma.file.file_pages()
+            beyond = file_idx >= limit
+            if beyond.any():
+                a = vma.start + ((i0 + int(rel[is_none][beyond][0])) << PAGE_SHIFT)
+                raise BusError(a, f"page {int(file_idx[beyond][0])} is past the end of {vma.file.name}",
+                               "write" if write else "read")
+        # what each needing entry becomes
+        cache_pfns = np.full(rel.size, -1, np.int64)
+        if file_idx is not None:
+            cache_pfns[is_none] = vma.file.find_get(file_idx, self.memcg)
+        old = np.where(is_none, cache_pfns, pfns[rel])
+        if not write:
+            # read fault on pte_none: zero page for private anon, the cache page otherwise
+            src = old
+            copy_new = np.zeros(rel.size, bool)
+            reuse = np.zeros(rel.size, bool)
+        elif vma.shared:
+            src = old
+            copy_new = np.zeros(rel.size, bool)
+            reuse = np.ones(rel.size, bool)
+        else:
+            # private write: reuse an exclusively owned anon page, copy anything else
+            anon_excl = (~is_none & ((pg.flags[np.maximum(old, 0)] & PG_ANON) != 0)
+                         & (pg.refcount[np.maximum(old, 0)] == 1) & (old != phys.zero_pfn))
+            reuse = anon_excl
+            copy_new = ~anon_excl
+            src = old
+        n_new = int(copy_new.sum())
+        new = phys.alloc(n_new, self.memcg, zero=False) if n_new else np.zeros(0, np.int64)
+        if n_new:
+            srcs = src[copy_new]
+            from_zero = (srcs == phys.zero_pfn) | (srcs < 0)
+            if from_zero.any():
+                phys.fill(new[from_zero], 0)
+            if (~from_zero).any():
+                phys.copy(new[~from_zero], srcs[~from_zero])
+        with phys.lock:
+            if not np.array_equal(vma.pte[i0:i1], snap):
+                phys.put(new)              # raced with another fault or a migration: retry
+                return False
+            idx = i0 + rel
+            young = pt.PTE_YOUNG
+            wflags = pt.PTE_WRITE | pt.PTE_DIRTY | young
+            # 1. entries we simply upgrade (shared write, exclusive anon reuse)
+            up = reuse & ~is_none
+            if up.any():
+                vma.pte[idx[up]] |= wflags
+                d = old[up]
+                pg.flags[d[(pg.flags[d] & PG_ANON) == 0]] |= PG_DIRTY
+            # 2. pte_none getting an existing page (zero page / cache page), read or shared write
+            fill = is_none & ~copy_new
+            if fill.any():
+                p = old[fill]
+                if not write and vma_is_anonymous(vma):
+                    p = np.full(int(fill.sum()), phys.zero_pfn, np.int64)
+                flags = young | (wflags if write else 0)
+                self._map(vma, idx[fill], p, flags)
+                if write:
+                    pg.flags[p] |= PG_DIRTY
+            # 3. new anonymous pages (demand zero on write, COW copies)
+            if n_new:
+                gone = old[copy_new & ~is_none]
+                gone_idx = idx[copy_new & ~is_none]
+                if gone.size:
+                    counted = gone[gone != phys.zero_pfn]
+                    self._account(gone, -1)
+                    np.subtract.at(pg.mapcount, counted, 1)
+                    vma.pte[gone_idx] = 0
+                    phys.put(counted)
+                pg.flags[new] |= PG_ANON
+                self._map(vma, idx[copy_new], new, wflags, take_ref=False)
+        return False
+
+    def _mark_dirty(self, vma, i0, i1):
+        with self.phys.lock:
+            vma.pte[i0:i1] |= pt.PTE_DIRTY | pt.PTE_YOUNG
+            if vma.file is not None or vma.driver is not None:
+                p = pt.pte_pfn(vma.pte[i0:i1])
+                p = p[(self.phys.pages.flags[p] & PG_ANON) == 0]
+                self.phys.pages.flags[p] |= PG_DIRTY
+
+    def _fault_nonpresent(self, vma, i0, snap, swp, write):
+        """do_swap_page() for HMM's special entries."""
+        types = pt.swp_type(snap)
+        pfns = pt.pte_pfn(snap)
+        rel = np.nonzero(swp)[0]
+        addrs = vma.start + ((i0 + rel) << PAGE_SHIFT)
+        t = types[rel]
+        p = pfns[rel]
+        mig = (t == pt.SWP_MIGRATION_READ) | (t == pt.SWP_MIGRATION_WRITE)
+        if mig.any():
+            self.phys.wait_unlocked(int(p[mig][0]))
+            return
+        excl = (t == pt.SWP_DEVICE_EXCLUSIVE_READ) | (t == pt.SWP_DEVICE_EXCLUSIVE_WRITE)
+        if excl.any():
+            self.remove_device_exclusive_entries(vma, addrs[excl])
+            return
+        owners = self.phys.pages.pgmap[p]
+        own = owners == owners[0]
+        pgmap = self.phys.pgmaps[int(owners[0])]
+        vmf = VmFault(self, vma, addrs[own], p[own], FAULT_FLAG_WRITE if write else 0)
+        vmf.pgmap = pgmap
+        ret = pgmap.ops.migrate_to_ram(vmf)
+        if ret and ret & (VM_FAULT_SIGBUS | VM_FAULT_OOM | VM_FAULT_SIGSEGV):
+            raise BusError(vmf.address, f"migrate_to_ram of the device page failed (vm_fault 0x{ret:x})",
+                           "write" if write else "read")
+
+    def remove_device_exclusive_entries(self, vma, addrs):
+        """remove_device_exclusive_entry(): the CPU touched pages a device holds for atomics."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        with invalidation(self, int(addrs.min()), int(addrs.max()) + PAGE_SIZE, MMU_NOTIFY_EXCLUSIVE):
+            with self.phys.lock:
+                idx = (addrs - vma.start) >> PAGE_SHIFT
+                ptes = vma.pte[idx]
+                still = pt.is_device_exclusive(ptes)
+                idx, ptes = idx[still], ptes[still]
+                w = pt.swp_type(ptes) == pt.SWP_DEVICE_EXCLUSIVE_WRITE
+                flags = np.where(w, pt.PTE_WRITE | pt.PTE_DIRTY, np.uint64(0)).astype(np.uint64)
+                vma.pte[idx] = pt.mk_pte(pt.pte_pfn(ptes), pt.PTE_YOUNG) | flags
+
+    # -- CPU loads and stores -------------------------------------------------------
+    def _access_pieces(self, addr, n, write):
+        """Check a CPU access of [addr, addr+n): returns [(vma, start, end)] or raises."""
+        kind = "write" if write else "read"
+        end = addr + n
+        if addr < 0 or end > TASK_SIZE + PAGE_SIZE:
+            raise SegmentationFault(max(addr, 0), "address outside the user address space", kind)
+        cur = addr & PAGE_MASK
+        pieces = []
+        for v in self.vmas_in(cur, end):
+            if v.start > cur:
+                break
+            ok = (v.vm_flags & VM_WRITE) if write else (v.vm_flags & VM_ACCESS)  # x86: W and X imply R
+            if not ok:
+                raise SegmentationFault(max(cur, addr), f"{v!r} does not allow {kind}s", kind)
+            s, e = cur, min(v.end, page_align(end))
+            pieces.append((v, s, e))
+            cur = e
+            if cur >= end:
+                break
+        if cur < end:
+            raise SegmentationFault(max(cur, addr), "no mapping here", kind)
+        return pieces
+
+    def access(self, addr, n, write, data=None):
+        """A CPU load (returns bytes as uint8 array) or store of ``data``."""
+        addr, n = int(addr), int(n)
+        if n == 0:
+            return np.zeros(0, np.uint8)
+        with self.mmap_lock.read():
+            pieces = self._access_pieces(addr, n, write)
+            for _ in range(_MAX_FAULT_ROUNDS):
+                for v, s, e in pieces:
+                    self.handle_mm_fault(v, s, e, write)
+                with self.phys.lock:
+                    # the entries may have moved (a migration, an invalidation) between
+                    # the fault and the copy: check under the page-table lock and retry
+                    parts = []
+                    for v, s, e in pieces:
+                        ptes = v.pte[v.idx(s):v.idx(e - 1) + 1]
+                        if not (pt.pte_write(ptes) if write else pt.pte_present(ptes)).all():
+                            break
+                        parts.append(pt.pte_pfn(ptes))
+                    else:
+                        pfns = np.concatenate(parts)
+                        return self._copy_bytes(pfns, addr - (addr & PAGE_MASK), n, data)
+            raise oserror(errno.EAGAIN, "CPU access kept racing with page-table changes", addr, addr + n)
+
+    def _copy_bytes(self, pfns, off, n, data):
+        phys = self.phys
+        if data is None:
+            return phys.read(pfns).reshape(-1)[off:off + n].copy()
+        buf = np.empty(pfns.size * PAGE_SIZE, np.uint8)
+        if off:
+            buf[:PAGE_SIZE] = phys.read(pfns[:1]).reshape(-1)
+        if (off + n) % PAGE_SIZE:
+            buf[-PAGE_SIZE:] = phys.read(pfns[-1:]).reshape(-1)
+        buf[off:off + n] = data
+        phys.write(pfns, buf)
+        return None
+
+    # -- mmap / munmap -----------------------------------------------------------------
+    def get_unmapped_area(self, length, hint=0):
+        """Top-down search below MMAP_BASE, honouring a free, aligned hint first."""
+        if hint and hint % PAGE_SIZE == 0 and MMAP_MIN_ADDR <= hint and hint + length <= TASK_SIZE:
+            if not self.vmas_in(hint, hint + length):
+                return hint
+        cand = MMAP_BASE - length
+        for v in reversed(self.vmas):
+            if v.start >= cand + length:
+                continue
+            if v.end <= cand:
+                break
+            cand = v.start - length
+        if cand < MMAP_MIN_ADDR:
+            raise oserror(errno.ENOMEM, f"no free range of {length} bytes in the address space")
+        return cand
+
+    def mmap(self, length, prot, flags, fd=None, offset=0, addr=0):
+        length, offset, addr = int(length), int(offset), int(addr)
+        if length <= 0:
+            raise oserror(errno.EINVAL, f"mmap length {length} must be positive", addr)
+        mtype = flags & (MAP_SHARED | MAP_PRIVATE)
+        if mtype not in (MAP_SHARED, MAP_PRIVATE):
+            raise oserror(errno.EINVAL, "mmap flags need exactly one of MAP_SHARED and MAP_PRIVATE", addr)
+        if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
+            raise oserror(errno.EINVAL, f"unknown prot bits 0x{prot:x}", addr)
+        if offset % PAGE_SIZE:
+            raise oserror(errno.EINVAL, f"offset 0x{offset:x} is not page aligned", addr)
+        length = page_align(length)
+        fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)
+        if fixed and addr % PAGE_SIZE:
+            raise oserror(errno.EINVAL, "MAP_FIXED address is not page aligned", addr, addr + length)
+        if fixed and (addr < MMAP_MIN_ADDR or addr + length > TASK_SIZE):
+            raise oserror(errno.ENOMEM if addr + length > TASK_SIZE else errno.EPERM,
+                          "MAP_FIXED range outside the user address space", addr, addr + length)
+        anonymous = bool(flags & MAP_ANONYMOUS)
+        driver = None
+        cache = None
+        vm_flags = prot_to_vm(prot) | VM_MAYREAD | VM_MAYEXEC | VM_MAYWRITE
+        if flags & MAP_HUGETLB:
+            raise oserror(errno.ENOMEM, "MAP_HUGETLB: no huge pages are reserved (hugetlb is not emulated)",
+                          addr, addr + length)
+        if not anonymous:
+            if fd is None or (isinstance(fd, int) and fd < 0):
+                raise oserror(errno.EBADF, "file mapping without a file descriptor", addr)
+            if hasattr(fd, "mmap") and not isinstance(fd, int):
+                driver = fd
+                vm_flags |= VM_MIXEDMAP
+            else:
+                cache, vm_flags = self._file_mapping_checks(fd, prot, flags, vm_flags, addr, length)
+        if mtype == MAP_SHARED:
+            vm_flags |= VM_MAYSHARE
+            if vm_flags & VM_MAYWRITE or anonymous:
+                vm_flags |= VM_SHARED
+        with self.mmap_lock.write():
+            if flags & MAP_FIXED_NOREPLACE and self.vmas_in(addr, addr + length):
+                raise oserror(errno.EEXIST, "MAP_FIXED_NOREPLACE over an existing mapping", addr, addr + length)
+            if flags & MAP_FIXED:
+                start = addr
+            else:
+                start = self.get_unmapped_area(length, addr)
+            if anonymous and mtype == MAP_SHARED:
+                cache = PageCache(self.system, self.system._new_cache_id(), name=f"shmem@0x{start:x}")
+                self.system._register_cache(cache)
+            if flags & MAP_FIXED:
+                self._munmap_locked(start, length)
+            vma = VMA(self, start, start + length, vm_flags, cache, offset >> PAGE_SHIFT, driver,
+                      anon_id=self.system._anon_family(self))
+            if cache is not None:
+                cache.nr_mappings += 1
+            self._insert(vma)
+            if driver is not None:
+                try:
+                    driver.mmap(vma)
+                except BaseException:
+                    self._zap(vma, 0, vma.npages)
+                    self._remove(vma)
+                    raise
+        if flags & MAP_POPULATE:
+            self.populate(start, start + length, bool(prot & PROT_WRITE))
+        return start
+
+    def _file_mapping_checks(self, fd, prot, flags, vm_flags, addr, length):
+        import fcntl
+        import os
+        import stat
+        try:
+            st = os.fstat(fd)
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        except (OSError, TypeError):
+            raise oserror(errno.EBADF, f"file descriptor {fd!r} is not open", addr) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise oserror(errno.ENODEV, f"file descriptor {fd} is not a regular file", addr)
+        if mode == os.O_WRONLY:
+            raise oserror(errno.EACCES, f"file descriptor {fd} is open write-only", addr)
+        if mode == os.O_RDONLY:
+            if flags & MAP_SHARED and prot & PROT_WRITE:
+                raise oserror(errno.EACCES, f"PROT_WRITE on a MAP_SHARED mapping of read-only fd {fd}",
+                              addr, addr + length)
+            if flags & MAP_SHARED:
+                # do_mmap(): a shared mapping of a read-only file can never become writable
+                vm_flags &= ~VM_MAYWRITE
+        return open_file_cache(self.system, fd), vm_flags
+
+    def populate(self, start, end, write):
+        """MAP_POPULATE / mm_populate(): fault the range in."""
+        with self.mmap_lock.read():
+            for v in self.vmas_in(start, end):
+                if v.vm_flags & VM_ACCESS and v.driver is None:
+                    self.handle_mm_fault(v, max(start, v.start), min(end, v.end),
+                                         write and bool(v.vm_flags & VM_WRITE))
+
+    def munmap(self, addr, length):
+        addr, length = int(addr), int(length)
+        if addr % PAGE_SIZE or length <= 0 or addr + length > TASK_SIZE + PAGE_SIZE or addr < 0:
+            why = ("address is not page aligned" if addr % PAGE_SIZE else
+                   "length must be positive" if length <= 0 else "range outside the user address space")
+            raise oserror(errno.EINVAL, f"munmap: {why}", addr, addr + max(length, 0))
+        with self.mmap_lock.write():
+            self._munmap_locked(addr, page_align(length))
+
+    def _munmap_locked(self, start, length):
+        end = start + length
+        vmas = self.vmas_in(start, end)
+        if not vmas:
+            return
+        self._split_at(start)
+        self._split_at(end)
+        vmas = self.vmas_in(start, end)
+        lo, hi = max(start, vmas[0].start), min(end, vmas[-1].end)
+        with invalidation(self, lo, hi, MMU_NOTIFY_UNMAP):
+            for v in vmas:
+                self._zap(v, 0, v.npages)
+                self._remove(v)
+        for v in vmas:
+            self._release_backing(v)
+
+    def _release_backing(self, vma):
+        f = vma.file
+        if f is not None:
+            f.nr_mappings -= 1
+            if f.nr_mappings == 0:
+                f.unmapped()
+
+    # -- mprotect ----------------------------------------------------------------------
+    def mprotect(self, addr, length, prot):
+        addr, length = int(addr), int(length)
+        if addr % PAGE_SIZE:
+            raise oserror(errno.EINVAL, "mprotect: address is not page aligned", addr)
+        if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
+            raise oserror(errno.EINVAL, f"mprotect: unknown prot bits 0x{prot:x}", addr)
+        if length == 0:
+            return
+        end = addr + page_align(length)
+        if length < 0 or end > TASK_SIZE + PAGE_SIZE:
+            raise oserror(errno.ENOMEM, "mprotect: range outside the user address space", addr, end)
+        new = prot_to_vm(prot)
+        with self.mmap_lock.write():
+            first = self.find_vma(addr)
+            if first is None:
+                raise oserror(errno.ENOMEM, "mprotect: range is not mapped", addr, end)
+            # the whole range must allow the new protection before anything changes
+            cur = addr
+            for v in self.vmas_in(addr, end):
+                if v.start > cur:
+                    break
+                if new & VM_WRITE and not v.vm_flags & VM_MAYWRITE:
+                    raise oserror(errno.EACCES, f"mprotect: {v!r} can never be writable "
+                                  "(shared mapping of a read-only file)", max(v.start, addr), min(v.end, end))
+                cur = v.end
+            self._split_at(addr)
+            self._split_at(end)
+            cur = addr
+            for v in self.vmas_in(addr, end):
+                if v.start > cur:
+                    # mprotect_fixup() stops at the hole; what came before stays changed (Linux)
+                    raise oserror(errno.ENOMEM, "mprotect: range has a hole", cur, v.start)
+                old = v.vm_flags
+                v.vm_flags = (old & ~VM_ACCESS) | new
+                if (old & VM_ACCESS) != new:
+                    with invalidation(self, v.start, v.end, MMU_NOTIFY_PROTECTION_VMA):
+                        if not new & VM_WRITE or not v.shared:
+                            with self.phys.lock:
+                                v.pte[:] = pt.pte_wrprotect(v.pte)
+                cur = v.end
+            if cur < end:
+                raise oserror(errno.ENOMEM, "mprotect: range is not fully mapped", cur, end)
+
+    # -- madvise / msync -----------------------------------------------------------------
+    _KNOWN_ADVICE = {MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTNEED, MADV_FREE,
+                     MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE}
+
+    def madvise(self, addr, length, advice):
+        addr, length = int(addr), int(length)
+        if addr % PAGE_SIZE or advice not in self._KNOWN_ADVICE or length < 0:
+            raise oserror(errno.EINVAL, f"madvise({advice}): "
+                          + ("address is not page aligned" if addr % PAGE_SIZE else
+                             "negative length" if length < 0 else "unknown advice"), addr)
+        if length == 0:
+            return
+        end = addr + page_align(length)
+        if advice == MADV_COLLAPSE:
+            raise oserror(errno.EINVAL, "MADV_COLLAPSE: transparent huge pages are not emulated", addr, end)
+        lock = self.mmap_lock.write if advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE) else self.mmap_lock.read
+        with lock():
+            vmas = self.vmas_in(addr, end)
+            if advice == MADV_FREE:
+                bad = [v for v in vmas if not vma_is_anonymous(v)]
+                if bad:
+                    raise oserror(errno.EINVAL, "MADV_FREE works on private anonymous memory only",
+                                  max(bad[0].start, addr), min(bad[0].end, end))
+            for v in vmas:
+                s, e = max(v.start, addr), min(v.end, end)
+                if advice in (MADV_DONTNEED, MADV_FREE):
+                    # MADV_FREE may discard at any time before the next write; we discard at once,
+                    # as memory pressure would.
+                    with invalidation(self, s, e, MMU_NOTIFY_CLEAR):
+                        self._zap(v, v.idx(s), v.idx(e - 1) + 1)
+                elif advice == MADV_HUGEPAGE:
+                    v.vm_flags = (v.vm_flags | VM_HUGEPAGE) & ~VM_NOHUGEPAGE
+                elif advice == MADV_NOHUGEPAGE:
+                    v.vm_flags = (v.vm_flags | VM_NOHUGEPAGE) & ~VM_HUGEPAGE
+            covered = sum(min(v.end, end) - max(v.start, addr) for v in vmas)
+            if covered < end - addr:
+                raise oserror(errno.ENOMEM, "madvise: part of the range is not mapped", addr, end)
+
+    def msync(self, addr, length, flags=MS_SYNC):
+        addr, length = int(addr), int(length)
+        if addr % PAGE_SIZE or flags & ~(MS_ASYNC | MS_SYNC | MS_INVALIDATE) or (
+                flags & MS_ASYNC and flags & MS_SYNC):
+            raise oserror(errno.EINVAL, "msync: unaligned address or bad flags", addr)
+        end = addr + page_align(length)
+        with self.mmap_lock.read():
+            cur = addr
+            for v in self.vmas_in(addr, end):
+                if v.start > cur:
+                    break
+                if v.shared and v.file is not None and flags & MS_SYNC:
+                    s, e = max(v.start, addr), min(v.end, end)
+                    self._fold_dirty(v, v.idx(s), v.idx(e - 1) + 1)
+                    v.file.writeback(v.pgoff + v.idx(s), v.pgoff + v.idx(e - 1) + 1)
+                cur = v.end
+            if cur < end:
+                raise oserror(errno.ENOMEM, "msync: part of the range is not mapped", max(cur, addr), end)
+
+    def _fold_dirty(self, vma, i0, i1):
+        """Move PTE dirty bits into the pages (what page_mkclean's walk does)."""
+        with self.phys.lock:
+            ptes = vma.pte[i0:i1]
+            d = pt.pte_present(ptes) & ((ptes & pt.PTE_DIRTY) != 0)
+            p = pt.pte_pfn(ptes[d])
+            p = p[(self.phys.pages.flags[p] & PG_ANON) == 0]
+            self.phys.pages.flags[p] |= PG_DIRTY
+            vma.pte[i0:i1] = np.where(d, ptes & ~pt.PTE_DIRTY, ptes)
+
+    # -- mremap ----------------------------------------------------------------------------
+    def mremap(self, old_addr, old_size, new_size, flags, new_addr=0):
+        old_addr, old_size, new_size = int(old_addr), int(old_size), int(new_size)
+        if flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP) or old_addr % PAGE_SIZE:
+            raise oserror(errno.EINVAL, "mremap: bad flags or unaligned address", old_addr)
+        if flags & MREMAP_FIXED and not flags & MREMAP_MAYMOVE:
+            raise oserror(errno.EINVAL, "mremap: MREMAP_FIXED needs MREMAP_MAYMOVE", old_addr)
+        if flags & MREMAP_DONTUNMAP and (not flags & MREMAP_MAYMOVE or old_size != new_size):
+            raise oserror(errno.EINVAL, "mremap: MREMAP_DONTUNMAP needs MREMAP_MAYMOVE and equal sizes",
+                          old_addr)
+        old_size, new_size = page_align(old_size), page_align(new_size)
+        if new_size == 0 or old_size == 0:
+            raise oserror(errno.EINVAL, "mremap: zero size (duplicating shared mappings is not emulated)",
+                          old_addr)
+        if flags & MREMAP_FIXED:
+            if new_addr % PAGE_SIZE:
+                raise oserror(errno.EINVAL, "mremap: new address is not page aligned", new_addr)
+            if new_addr < old_addr + old_size and old_addr < new_addr + new_size:
+                raise oserror(errno.EINVAL, "mremap: old and new ranges overlap", new_addr, new_addr + new_size)
+        with self.mmap_lock.write():
+            vma = self.find_vma(old_addr)
+            if vma is None or vma.end < old_addr + old_size:
+                raise oserror(errno.EFAULT, "mremap: old range is not one mapping", old_addr, old_addr + old_size)
+            if flags & MREMAP_DONTUNMAP and not vma_is_anonymous(vma):
+                raise oserror(errno.EINVAL, "mremap: MREMAP_DONTUNMAP needs private anonymous memory",
+                              old_addr, old_addr + old_size)
+            if not flags & MREMAP_FIXED:
+                if new_size <= old_size:
+                    if new_size < old_size:
+                        self._munmap_locked(old_addr + new_size, old_size - new_size)
+                    return old_addr
+                # grow in place when the VMA ends here and the room after it is free
+                if vma.end == old_addr + old_size and not self.vmas_in(vma.end, old_addr + new_size) \
+                        and old_addr + new_size <= TASK_SIZE:
+                    extra = (old_addr + new_size - vma.end) >> PAGE_SHIFT
+                    vma.pte = np.concatenate((vma.pte, np.zeros(extra, np.uint64)))
+                    vma.end = old_addr + new_size
+                    return old_addr
+                if not flags & MREMAP_MAYMOVE:
+                    raise oserror(errno.ENOMEM, "mremap: cannot grow in place and MREMAP_MAYMOVE not given",
+                                  old_addr, old_addr + new_size)
+                dest = self.get_unmapped_area(new_size)
+            else:
+                dest = new_addr
+                self._munmap_locked(dest, new_size)
+            return self._move_vma(vma, old_addr, old_size, dest, new_size, bool(flags & MREMAP_DONTUNMAP))
+
+    def _move_vma(self, vma, old_addr, old_size, dest, new_size, dontunmap):
+        """move_vma(): the PTEs of [old_addr, +old_size) move to ``dest`` without copying pages."""
+        self._split_at(old_addr)
+        self._split_at(old_addr + old_size)
+        src = self.find_vma(old_addr)
+        keep = min(old_size, new_size)
+        if new_size < old_size:
+            self._munmap_locked(old_addr + new_size, old_size - new_size)
+            src = self.find_vma(old_addr)
+        with invalidation(self, old_addr, old_addr + keep, MMU_NOTIFY_UNMAP):
+            with self.phys.lock:
+                pte = np.zeros(new_size >> PAGE_SHIFT, np.uint64)
+                pte[:keep >> PAGE_SHIFT] = src.pte[:keep >> PAGE_SHIFT]
+                moved = VMA(self, dest, dest + new_size, src.vm_flags, src.file, src.pgoff, src.driver,
+                            src.anon_id, pte)
+                if dontunmap:
+                    src.pte[:] = 0          # the pages went with the move; the old range refaults empty
+                else:
+                    self._remove(src)
+        if moved.file is not None and dontunmap:
+            moved.file.nr_mappings += 1
+        self._insert(moved)
+        return dest
+
+    # -- GUP ----------------------------------------------------------------------------------
+    def get_user_pages(self, addr, npages, write, longterm=False):
+        """__get_user_pages(): fault in and return the pfns (NumPy) of [addr, +npages)."""
+        addr, npages = int(addr), int(npages)
+        if addr % PAGE_SIZE or npages <= 0:
+            raise oserror(errno.EINVAL, "GUP: unaligned address or no pages", addr)
+        end = addr + npages * PAGE_SIZE
+        kind = "write" if write else "read"
+        with self.mmap_lock.read():
+            cur = addr
+            vmas = []
+            for v in self.vmas_in(addr, end):
+                if v.start > cur:
+                    break
+                need = VM_WRITE if write else VM_READ
+                if not v.vm_flags & need:
+                    raise oserror(errno.EFAULT, f"GUP for {kind}: {v!r} does not allow it",
+                                  max(v.start, addr), min(v.end, end))
+                vmas.append(v)
+                cur = v.end
+            if cur < end:
+                raise oserror(errno.EFAULT, "GUP: range is not mapped", max(cur, addr), end)
+            for _ in range(_MAX_FAULT_ROUNDS):
+                for v in vmas:
+                    s, e = max(v.start, addr), min(v.end, end)
+                    self.handle_mm_fault(v, s, e, write)
+                    if longterm:
+                        self._migrate_longterm(v, s, e)
+                with self.phys.lock:
+                    parts = []
+                    for v in vmas:
+                        s, e = max(v.start, addr), min(v.end, end)
+                        ptes = v.pte[v.idx(s):v.idx(e - 1) + 1]
+                        ok = pt.pte_write(ptes) if write else pt.pte_present(ptes)
+                        if not ok.all():
+                            break
+                        parts.append(pt.pte_pfn(ptes))
+                    else:
+                        pfns = np.concatenate(parts)
+                        if longterm and (pfns >= self.phys.nr_ram).any():
+                            continue
+                        return pfns
+            raise oserror(errno.EAGAIN, "GUP kept racing with page-table changes", addr, end)
+
+    def _migrate_longterm(self, vma, s, e):
+        """check_and_migrate_movable_pages(): no long-term pin may stay on device memory."""
+        with self.phys.lock:
+            i0, i1 = vma.idx(s), vma.idx(e - 1) + 1
+            ptes = vma.pte[i0:i1]
+            p = pt.pte_pfn(ptes)
+            dev = pt.pte_present(ptes) & (p >= self.phys.nr_ram)
+            if not dev.any():
+                return
+            idx = i0 + np.nonzero(dev)[0]
+            old = p[dev]
+            if (self.phys.pages.mapcount[old] > 1).any():
+                raise oserror(errno.EBUSY, "long-term pin of device-coherent pages mapped more than once",
+                              s, e)
+        new = self.phys.alloc(old.size, self.memcg, zero=False)
+        with invalidation(self, s, e, MMU_NOTIFY_CLEAR):
+            with self.phys.lock:
+                self.phys.copy(new, old)
+                pg = self.phys.pages
+                for f in ("flags", "mapping", "index"):
+                    getattr(pg, f)[new] = getattr(pg, f)[old]
+                pg.flags[new] &= ~PG_ZONE_DEVICE  # that bit belongs to the device frame
+                flags = vma.pte[idx] & (pt.PTE_WRITE | pt.PTE_DIRTY | pt.PTE_YOUNG)
+                pg.mapcount[new] = 1
+                pg.mapcount[old] -= 1
+                vma.pte[idx] = pt.mk_pte(new, 0) | flags
+                if vma.file is not None:
+                    vma.file.replace(old, new)
+                    pg.refcount[new] += 1
+                    self.phys.put(old)
+                self.phys.put(old)
+
+    # -- fork and exit -------------------------------------------------------------------------
+    def dup_into(self, child):
+        """dup_mmap(): copy every VMA into ``child``, COW for private mappings."""
+        for v in self.vmas:
+            if v.cow and pt.is_device_exclusive(v.pte).any():
+                # copy_nonpresent_pte(): exclusive entries are restored, then copied as present
+                ex = np.nonzero(pt.is_device_exclusive(v.pte))[0]
+                self.remove_device_exclusive_entries(v, v.start + (ex << PAGE_SHIFT))
+            if v.cow:
+                with invalidation(self, v.start, v.end, MMU_NOTIFY_PROTECTION_PAGE):
+                    self._copy_ptes(v, child)
+            else:
+                self._copy_ptes(v, child)
+        for v in child.vmas:
+            child._account(pt.pte_pfn(v.pte[v.pte != 0]), +1)
+
+    def _copy_ptes(self, v, child):
+        phys = self.phys
+        pg = phys.pages
+        with phys.lock:
+            src = v.pte.copy()
+            cv = VMA(child, v.start, v.end, v.vm_flags, v.file, v.pgoff, v.driver, v.anon_id, src)
+            if v.file is not None:
+                v.file.nr_mappings += 1
+            live = (src != 0) & ~pt.is_migration(src)
+            pfns = pt.pte_pfn(src[live])
+            counted = pfns[pfns != phys.zero_pfn]
+            np.add.at(pg.refcount, counted, 1)
+            np.add.at(pg.mapcount, counted, 1)
+            if v.cow:
+                # pinned anonymous pages are copied for the child at once (page_needs_cow_for_dma)
+                p_all = pt.pte_pfn(src)
+                pinned = live & pt.pte_present(src) & (pg.pincount[p_all] > 0) & (
+                    (pg.flags[p_all] & PG_ANON) != 0)
+                v.pte[:] = np.where(pinned, v.pte, pt.pte_wrprotect(v.pte))
+                src = np.where(pinned, src, pt.pte_wrprotect(src))
+                if pinned.any():
+                    old = p_all[pinned]
+                    new = phys.alloc(old.size, child.memcg, zero=False)
+                    phys.copy(new, old)
+                    pg.flags[new] |= PG_ANON
+                    pg.mapcount[new] = 1
+                    np.subtract.at(pg.mapcount, old, 1)
+                    phys.put(old)
+                    src[pinned] = pt.mk_pte(new, pt.PTE_WRITE | pt.PTE_DIRTY | pt.PTE_YOUNG)
+                cv.pte = src
+            child._insert(cv)
+
+    def teardown(self):
+        """exit_mmap(): every mapping goes (UNMAP events after the RELEASE)."""
+        from .notifier import mmu_notifier_release
+        with self.mmap_lock.write():
+            mmu_notifier_release(self)
+            for v in list(self.vmas):
+                with invalidation(self, v.start, v.end, MMU_NOTIFY_UNMAP):
+                    self._zap(v, 0, v.npages)
+                self._remove(v)
+                self._release_backing(v)
+            self.dead = True
+

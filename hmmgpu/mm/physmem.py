@@ -1,0 +1,313 @@
+"""Physical memory: the pfn space, struct page as arrays, and the RAM frame allocator.
+
+Stands for mm/page_alloc.c, include/linux/mm_types.h (struct page) and the
+physical-range bookkeeping of kernel/resource.c (request_free_mem_region).
+
+One global pfn space: system RAM is pfns [0, nr_ram) in the backend's host
+arena; every ``memremap_pages`` adds a segment of device frames above it, in that
+device's own arena.  ``struct page`` is a struct-of-arrays indexed by pfn, grown
+when a segment is added.  Pages follow today's refcount rule: a page is free
+when its refcount drops to 0; RAM pages return to the allocator, ZONE_DEVICE
+pages are handed to their pgmap's ``ops.page_free`` in one batched call.
+"""
+import errno
+import threading
+
+import numpy as np
+
+from ..constants import PAGE_SIZE
+from ..errors import oserror
+
+PG_LOCKED = np.uint32(1 << 0)
+PG_DIRTY = np.uint32(1 << 1)
+PG_ANON = np.uint32(1 << 2)
+PG_ZONE_DEVICE = np.uint32(1 << 3)
+PG_UPTODATE = np.uint32(1 << 4)
+PG_SWAPBACKED = np.uint32(1 << 5)
+PG_RESERVED = np.uint32(1 << 6)
+
+
+class StructPages:
+    """struct page for every pfn, as parallel arrays."""
+
+    FIELDS = (("refcount", np.int32, 0), ("mapcount", np.int32, 0), ("pincount", np.int32, 0),
+              ("flags", np.uint32, 0), ("pgmap", np.int32, -1), ("memcg", np.int32, -1),
+              ("mapping", np.int32, -1), ("index", np.int64, 0), ("zone_device_data", np.int64, 0))
+
+    def __init__(self, n):
+        self.n = 0
+        for name, dtype, fill in self.FIELDS:
+            setattr(self, name, np.full(0, fill, dtype=dtype))
+        self.grow(n)
+
+    def grow(self, n):
+        if n <= self.n:
+            return
+        for name, dtype, fill in self.FIELDS:
+            old = getattr(self, name)
+            new = np.full(n, fill, dtype=dtype)
+            new[:old.size] = old
+            setattr(self, name, new)
+        self.n = n
+
+    def reset(self, pfns):
+        """Back to the state of a free frame (keeps pgmap: it is the frame's owner)."""
+        for name, dtype, fill in self.FIELDS:
+            if name != "pgmap":
+                getattr(self, name)[pfns] = fill
+
+
+class Segment:
+    def __init__(self, base, arena, pgmap_index):
+        self.base = int(base)
+        self.nframes = arena.nframes
+        self.end = self.base + self.nframes
+        self.arena = arena
+        self.pgmap_index = pgmap_index
+
+
+class PhysicalMemory:
+    """The machine's page frames.  All methods take NumPy pfn arrays."""
+
+    def __init__(self, backend, nr_ram):
+        if nr_ram < 16:
+            raise ValueError(f"ram of {nr_ram} pages is too small (at least 16)")
+        self.backend = backend
+        self.lock = threading.RLock()
+        self.unlocked = threading.Condition(self.lock)  # page-lock waiters (folio_wait_locked)
+        self.nr_ram = int(nr_ram)
+        self.ram = backend.host_arena(self.nr_ram)
+        self.segments = [Segment(0, self.ram, -1)]
+        self.pgmaps = []
+        self.pages = StructPages(self.nr_ram)
+        self.memcgs = []          # index -> MemCgroup, set by System
+        self.oom = None           # callable(npages, memcg) -> bool: something was freed
+        # The shared zero page: pfn 0, mapped read-only wherever untouched anon memory is read.
+        self.zero_pfn = 0
+        self.pages.flags[0] = PG_RESERVED | PG_UPTODATE
+        self.pages.refcount[0] = 1
+        # Free RAM frames as a stack; low pfns come out first, which keeps dumps readable.
+        self._free = np.arange(self.nr_ram - 1, 0, -1, dtype=np.int64)
+        self._nfree = self._free.size
+        self._next_region = self.nr_ram
+
+    # -- RAM frame allocator ---------------------------------------------------------
+    def nr_free(self):
+        return self._nfree
+
+    def alloc(self, n, memcg=None, zero=True):
+        """Allocate ``n`` RAM pages with refcount 1, charged to ``memcg``.
+
+        Out of memory (system-wide or over the memcg limit), the OOM killer runs
+        (``self.oom``); if nothing can be freed this raises OSError(ENOMEM).
+        """
+        n = int(n)
+        if n == 0:
+            return np.zeros(0, np.int64)
+        with self.lock:
+            if memcg is not None:
+                while not memcg.try_charge(n):
+                    if not (self.oom and self.oom(n, memcg)):
+                        raise oserror(errno.ENOMEM, f"memory cgroup {memcg.name!r} is over its limit "
+                                      f"({memcg.usage} + {n * PAGE_SIZE} > {memcg.limit} bytes) "
+                                      "and the OOM killer found nothing to kill")
+            while self._nfree < n:
+                if not (self.oom and self.oom(n, None)):
+                    if memcg is not None:
+                        memcg.uncharge(n)
+                    raise oserror(errno.ENOMEM, f"out of system memory: {n} pages wanted, "
+                                  f"{self._nfree} free, and the OOM killer found nothing to kill")
+            pfns = self._free[self._nfree - n:self._nfree][::-1].copy()
+            self._nfree -= n
+            self.pages.refcount[pfns] = 1
+            self.pages.memcg[pfns] = -1 if memcg is None else memcg.id
+        if zero:
+            self.ram.fill(pfns, 0)
+        return pfns
+
+    def _free_ram(self, pfns):
+        self._uncharge(pfns)
+        self.pages.reset(pfns)
+        end = self._nfree + pfns.size
+        self._free[self._nfree:end] = pfns
+        self._nfree = end
+
+    def _uncharge(self, pfns):
+        cg = self.pages.memcg[pfns]
+        cg = cg[cg >= 0]
+        if cg.size:
+            ids, counts = np.unique(cg, return_counts=True)
+            for i, c in zip(ids.tolist(), counts.tolist()):
+                self.memcgs[i].uncharge(c)
+
+    # -- references ----------------------------------------------------------------
+    def get(self, pfns):
+        """get_page() on every pfn (duplicates count twice)."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        with self.lock:
+            np.add.at(self.pages.refcount, pfns, 1)
+
+    def put(self, pfns):
+        """put_page() on every pfn; pages reaching 0 are freed (batched page_free for devices)."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        if pfns.size == 0:
+            return
+        with self.lock:
+            np.subtract.at(self.pages.refcount, pfns, 1)
+            cand = np.unique(pfns)
+            rc = self.pages.refcount[cand]
+            if (rc < 0).any():
+                bad = cand[rc < 0]
+                raise AssertionError(f"refcount underflow on pfn(s) {bad[:8].tolist()}")
+            dead = cand[rc == 0]
+            if dead.size == 0:
+                return
+            ram = dead[dead < self.nr_ram]
+            if ram.size:
+                self._free_ram(ram)
+            dev = dead[dead >= self.nr_ram]
+            if dev.size:
+                self._free_device(dev)
+
+    def _free_device(self, pfns):
+        """The last reference to device pages went: free_zone_device_folio() -> page_free."""
+        self._uncharge(pfns)
+        owners = self.pages.pgmap[pfns]
+        for idx in np.unique(owners).tolist():
+            sel = pfns[owners == idx]
+            self.pages.reset(sel)
+            self.pages.flags[sel] = PG_ZONE_DEVICE
+            pgmap = self.pgmaps[idx]
+            pgmap.ops.page_free(sel)
+
+    # -- page locks (trylock bits) -------------------------------------------------
+    def trylock(self, pfns):
+        """folio_trylock() on each pfn; returns a mask of the ones now locked by the caller."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        with self.lock:
+            free = (self.pages.flags[pfns] & PG_LOCKED) == 0
+            # a pfn listed twice can only be taken once
+            _, first = np.unique(pfns, return_index=True)
+            once = np.zeros(pfns.size, bool)
+            once[first] = True
+            got = free & once
+            self.pages.flags[pfns[got]] |= PG_LOCKED
+            return got
+
+    def unlock(self, pfns):
+        pfns = np.asarray(pfns, dtype=np.int64)
+        with self.lock:
+            self.pages.flags[pfns] &= ~PG_LOCKED
+            self.unlocked.notify_all()
+
+    def wait_unlocked(self, pfn, timeout=10.0):
+        """migration_entry_wait(): sleep until ``pfn`` is unlocked."""
+        with self.lock:
+            ok = self.unlocked.wait_for(lambda: not (self.pages.flags[pfn] & PG_LOCKED), timeout)
+        if not ok:
+            raise oserror(errno.EDEADLK, f"page frame {pfn} stayed locked for {timeout} s")
+
+    # -- segments ---------------------------------------------------------------
+    def request_free_mem_region(self, nframes):
+        """A free physical range above everything taken so far; returns its base pfn."""
+        with self.lock:
+            base = self._next_region
+            self._next_region += int(nframes)
+            return base
+
+    def add_segment(self, base, arena, pgmap):
+        """Give the frames of ``arena`` the pfns [base, base+nframes), owned by ``pgmap``."""
+        with self.lock:
+            seg_end = base + arena.nframes
+            for s in self.segments:
+                if s.base < seg_end and base < s.end:
+                    raise oserror(errno.EBUSY, f"physical range pfn [{base}, {seg_end}) overlaps "
+                                  f"pfn [{s.base}, {s.end})")
+            idx = len(self.pgmaps)
+            self.pgmaps.append(pgmap)
+            self.segments.append(Segment(base, arena, idx))
+            self.segments.sort(key=lambda s: s.base)
+            self.pages.grow(seg_end)
+            self.pages.pgmap[base:seg_end] = idx
+            self.pages.flags[base:seg_end] = PG_ZONE_DEVICE
+            return idx
+
+    def remove_segment(self, base):
+        with self.lock:
+            seg = next((s for s in self.segments if s.base == base and s.pgmap_index >= 0), None)
+            if seg is None:
+                raise oserror(errno.EINVAL, f"no device segment starts at pfn {base}")
+            busy = np.nonzero(self.pages.refcount[seg.base:seg.end])[0]
+            if busy.size:
+                raise oserror(errno.EBUSY, f"device pfn {seg.base + int(busy[0])} still has references "
+                              f"({busy.size} pages in use)")
+            self.segments.remove(seg)
+            self.pgmaps[seg.pgmap_index] = None
+            self.pages.pgmap[seg.base:seg.end] = -1
+            self.pages.flags[seg.base:seg.end] = 0
+
+    def segment_of(self, pfns):
+        """Index into ``self.segments`` of every pfn (-1 outside any segment)."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        bases = np.array([s.base for s in self.segments], dtype=np.int64)
+        ends = np.array([s.end for s in self.segments], dtype=np.int64)
+        i = np.searchsorted(bases, pfns, side="right") - 1
+        ok = (i >= 0) & (pfns < ends[np.maximum(i, 0)])
+        return np.where(ok, i, -1)
+
+    def _split(self, pfns):
+        """Yield (segment, positions, frame indices) grouping ``pfns`` by segment."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        if pfns.size and pfns.min() >= 0 and pfns.max() < self.nr_ram:
+            yield self.segments[0], slice(None), pfns
+            return
+        seg = self.segment_of(pfns)
+        if (seg < 0).any():
+            bad = pfns[seg < 0][0]
+            raise oserror(errno.EFAULT, f"pfn {int(bad)} is not backed by any memory")
+        for si in np.unique(seg).tolist():
+            pos = np.nonzero(seg == si)[0]
+            s = self.segments[si]
+            yield s, pos, pfns[pos] - s.base
+
+    # -- data (through the arenas) -----------------------------------------------
+    def read(self, pfns):
+        pfns = np.asarray(pfns, dtype=np.int64)
+        out = np.empty((pfns.size, PAGE_SIZE), dtype=np.uint8)
+        for s, pos, idx in self._split(pfns):
+            out[pos] = s.arena.read(idx)
+        return out
+
+    def write(self, pfns, data):
+        pfns = np.asarray(pfns, dtype=np.int64)
+        data = np.asarray(data, dtype=np.uint8).reshape(pfns.size, PAGE_SIZE)
+        for s, pos, idx in self._split(pfns):
+            s.arena.write(idx, data[pos])
+
+    def fill(self, pfns, value=0):
+        for s, pos, idx in self._split(pfns):
+            s.arena.fill(idx, value)
+
+    def copy(self, dst_pfns, src_pfns):
+        """Copy page contents src -> dst, through the DMA engine when a device is involved."""
+        dst_pfns = np.asarray(dst_pfns, dtype=np.int64)
+        src_pfns = np.asarray(src_pfns, dtype=np.int64)
+        fences = []
+        for sd, dpos, didx in self._split(dst_pfns):
+            sub_src = src_pfns[dpos]
+            for ss, spos, sidx in self._split(sub_src):
+                d = didx[spos] if not isinstance(spos, slice) else didx
+                if sd.arena.kind == "host" and ss.arena.kind == "host":
+                    sd.arena.host[d] = ss.arena.host[sidx]
+                else:
+                    fences.append(self.dma().copy(sd.arena, d, ss.arena, sidx))
+        for f in fences:
+            f.wait()
+
+    def dma(self):
+        if not hasattr(self, "_dma"):
+            self._dma = self.backend.dma_engine()
+        return self._dma
+
+    def is_device(self, pfns):
+        return np.asarray(pfns, dtype=np.int64) >= self.nr_ram

@@ -1,0 +1,145 @@
+"""The emulated machine: physical memory, processes, page caches, memcgs, OOM killer.
+
+``System`` is what a user creates first.  It picks the backend (CuPy on a CUDA
+machine, NumPy elsewhere), owns system RAM as an arena of page frames from that
+backend, and runs the kernel-wide parts of memory management: the registry of
+page caches, memory cgroups, writeback and the OOM killer.
+"""
+import itertools
+import threading
+
+from .constants import PAGE_SIZE
+from .device.backend import get_backend
+from .errors import ProcessKilled
+from .mm.memcg import MemCgroup
+from .mm.physmem import PhysicalMemory
+from .mm.process import Process
+
+DEFAULT_RAM_BYTES = 1 << 30
+
+
+class System:
+    def __init__(self, backend="auto", ram_bytes=DEFAULT_RAM_BYTES):
+        """``backend``: "auto" (or the HMMGPU_BACKEND variable), "cupy" or "numpy"."""
+        self.backend = get_backend(None if backend == "auto" else backend)
+        self.phys = PhysicalMemory(self.backend, int(ram_bytes) // PAGE_SIZE)
+        self.phys.oom = self._oom
+        self.lock = threading.RLock()
+        self.processes = []
+        self.memcgs = self.phys.memcgs
+        self._pids = itertools.count(1)
+        self._anon_ids = itertools.count(1)
+        self._cache_ids = itertools.count(0)
+        self._caches = {}          # (st_dev, st_ino) -> PageCache of a real file
+        self.caches = {}           # id -> PageCache (files and shmem), what struct page .mapping names
+        self.oom_kills = []        # (pid, reason) in order
+
+    def __repr__(self):
+        return (f"System(backend={self.backend_name!r}, ram={self.phys.nr_ram * PAGE_SIZE >> 20} MiB, "
+                f"{len(self.processes)} processes)")
+
+    @property
+    def backend_name(self):
+        return self.backend.name
+
+    # -- processes -----------------------------------------------------------------
+    def spawn(self, memcg=None):
+        """A new process with an empty address space."""
+        with self.lock:
+            proc = Process(self, next(self._pids), memcg)
+            self.processes.append(proc)
+            if memcg is not None:
+                memcg.procs.append(proc)
+            return proc
+
+    def _fork(self, parent):
+        child = self.spawn(parent.mm.memcg)
+        try:
+            with parent.mm.mmap_lock.write():
+                parent.mm.dup_into(child.mm)
+        except BaseException:
+            self._reap(child, "fork failed")
+            raise
+        return child
+
+    def _reap(self, proc, reason):
+        """Tear a process down: exit_mmap(), then forget it."""
+        if not proc.alive:
+            return
+        proc.alive = False
+        proc.killed_reason = reason
+        proc.mm.teardown()
+        with self.lock:
+            if proc in self.processes:
+                self.processes.remove(proc)
+            cg = proc.mm.memcg
+            if cg is not None and proc in cg.procs:
+                cg.procs.remove(proc)
+
+    # -- memory cgroups and the OOM killer ------------------------------------------------
+    def memcg(self, name, limit_bytes=None):
+        """The memory cgroup ``name`` (created on first use) with ``limit_bytes`` (None: no limit)."""
+        with self.lock:
+            for cg in self.memcgs:
+                if cg.name == name:
+                    if limit_bytes is not None:
+                        cg.limit = int(limit_bytes)
+                    return cg
+            cg = MemCgroup(len(self.memcgs), name, limit_bytes)
+            self.memcgs.append(cg)
+            return cg
+
+    def _oom(self, npages, memcg):
+        """out_of_memory(): reclaim clean page cache, else kill the largest rss; True if anything freed."""
+        if memcg is None and self.drop_caches() > 0:
+            return True
+        with self.lock:
+            pool = memcg.procs if memcg is not None else self.processes
+            pool = [p for p in pool if p.alive and not p.mm.oom_victim]
+            if not pool:
+                return False
+            victim = max(pool, key=lambda p: sum(p.mm.rss.values()))
+            where = f"memcg {memcg.name!r} over its limit" if memcg is not None else "system out of memory"
+            reason = f"killed by the OOM killer ({where}, rss {sum(victim.mm.rss.values())} pages)"
+            self.oom_kills.append((victim.pid, reason))
+            if memcg is not None:
+                memcg.oom_kills += 1
+        if victim.mm.mmap_lock.held_by_me():
+            # the faulting task itself: it unwinds and is reaped outside its own lock
+            victim.mm.oom_victim = True
+            victim.killed_reason = reason
+            raise ProcessKilled(victim.pid, reason)
+        self._reap(victim, reason)
+        return True
+
+    # -- page caches ---------------------------------------------------------------------
+    def _new_cache_id(self):
+        return next(self._cache_ids)
+
+    def _register_cache(self, cache):
+        self.caches[cache.id] = cache
+        if cache.key is not None:
+            self._caches[cache.key] = cache
+
+    def _forget_cache(self, cache):
+        self.caches.pop(cache.id, None)
+        if cache.key is not None and self._caches.get(cache.key) is cache:
+            del self._caches[cache.key]
+
+    def _anon_family(self, mm):
+        return next(self._anon_ids)
+
+    def writeback(self):
+        """Write every dirty page-cache page back to its file (the flusher threads' work)."""
+        for proc in list(self.processes):
+            mm = proc.mm
+            with mm.mmap_lock.read():
+                for v in mm.vmas:
+                    if v.shared and v.file is not None and not v.file.shmem:
+                        mm._fold_dirty(v, 0, v.npages)
+        return sum(c.writeback() for c in list(self.caches.values()))
+
+    def drop_caches(self):
+        """echo 3 > /proc/sys/vm/drop_caches: write back, then free pages only the cache holds."""
+        self.writeback()
+        return sum(c.drop_unused() for c in list(self.caches.values()) if not c.shmem)
