@@ -101,6 +101,23 @@ class Backend:
         """Facts for ``hmmgpu info``: a dict."""
         return {"backend": self.name}
 
+    # -- the hardware of one emulated device (hmmgpu/device/device.py puts it together) --------
+    def fence(self, gpu=0):
+        """A Fence that completes when everything queued so far on ``gpu``'s device queue has."""
+        return DONE
+
+    def pagetable_hw(self, gpu=0):
+        """The page-table walker and command processor (alloc/grow/execute/lookup/fence)."""
+        raise NotImplementedError
+
+    def fault_buffer_hw(self, capacity, gpu=0):
+        """The fault ring in device memory (``drain() -> (records (n, 4) uint64, put)``)."""
+        raise NotImplementedError
+
+    def job_executor(self, device):
+        """Launches job slices for an EmulatedDevice (hmmgpu/device/jobs.py)."""
+        raise NotImplementedError
+
 
 _reason = {}
 

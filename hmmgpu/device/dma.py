@@ -11,6 +11,22 @@ import numpy as np
 from ..constants import PAGE_SIZE
 
 
+def coalesce_runs(dst_idx, src_idx):
+    """Runs of a copy batch where destination and source frames both step by +1.
+
+    Returns (starts, lengths) as int64 arrays, in batch order; one vectorised pass.
+    """
+    dst_idx = np.asarray(dst_idx, dtype=np.int64)
+    src_idx = np.asarray(src_idx, dtype=np.int64)
+    n = dst_idx.size
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cont = (np.diff(dst_idx) == 1) & (np.diff(src_idx) == 1)
+    starts = np.flatnonzero(np.concatenate(([True], ~cont)))
+    lengths = np.diff(np.concatenate((starts, [n])))
+    return starts, lengths
+
+
 class DmaEngine:
     def __init__(self, backend):
         self.backend = backend

@@ -45,5 +45,17 @@ class NumpyBackend(Backend):
         from .dma import NumpyDmaEngine
         return NumpyDmaEngine(self)
 
+    def pagetable_hw(self, gpu=0):
+        from .pagetable import NumpyPageTableHW
+        return NumpyPageTableHW()
+
+    def fault_buffer_hw(self, capacity, gpu=0):
+        from .jobs import NumpyFaultHW
+        return NumpyFaultHW(capacity)
+
+    def job_executor(self, device):
+        from .jobs import NumpyJobExecutor
+        return NumpyJobExecutor(device)
+
     def info(self):
         return {"backend": self.name, "numpy": np.__version__, "emulated": True}

@@ -1,0 +1,173 @@
+"""EmulatedDevice: one emulated GPU -- its memory, MMU, fault buffer, compute and copy engines.
+
+This is the hardware a driver (dmirror, svm) programs.  It knows pfns and virtual addresses,
+never processes or VMAs: the driver resolves those through the HMM core and tells the device
+what to map.
+
+    dev = EmulatedDevice(backend, nframes, pfn_base, host_arena, gpu=0,
+                         fault_buffer_entries=256, fault_batch_size=256,
+                         slice_lanes=65536, service=None)
+
+Memory
+    dev.arena                 this device's frames (Arena of kind "device"); global pfns
+                              [pfn_base, pfn_base + nframes) are frames [0, nframes) of it
+    dev.host_arena            system RAM, pfns [0, nr_ram) (the backend's host arena)
+    dev.owns(pfns)            bool mask: which pfns are this device's frames
+    dev.read_pages(pfns) / dev.write_pages(pfns, data) / dev.fill_pages(pfns, value)
+                              CPU-side access by global pfn (RAM or this device), vectorised
+    dev.copy_pages(dst_pfns, src_pfns) -> Fence
+                              the DMA engine by global pfn (RAM <-> device, device <-> device)
+    dev.dma                   the DmaEngine itself (arena + frame-index form)
+
+MMU (dev.pt, a DevicePageTable; hmmgpu/device/pagetable.py has the entry encoding)
+    dev.pt.map(vpns, pfns, flags=PTE_WRITE) -> Fence     PTE_WRITE | PTE_ATOMIC; VALID implied
+    dev.pt.unmap(vpns) -> Fence
+    dev.pt.protect(vpns, clear=PTE_WRITE | PTE_ATOMIC) -> Fence
+    dev.pt.set_bits(vpns, bits) -> Fence
+    dev.pt.invalidate(vpns, downgrade=None)   unmap (or clear ``downgrade`` bits) and return
+                              only when the device executed it AND every job slice queued
+                              before it retired: call this from an mmu notifier
+    dev.pt.flush() -> Fence
+    dev.pt.lookup(vpns) -> uint64 entries     (tests, snapshot)
+    A pfn in an entry must be system RAM or this device's own memory.
+
+Jobs (dev.jobs, a JobEngine; hmmgpu/device/jobs.py)
+    dev.jobs.memset(addr, value, nbytes) / copy(dst, src, nbytes) / axpy(a, x, y, n) /
+    reduce_sum(addr, nbytes) / gather(dst, src, idx, n) / list_chase(heads) /
+    tree_search(root, keys) / run(UserJob, nlanes, args)      -> JobResult
+    Each takes ``service=``; the default is ``dev.service``, the driver's fault handler:
+    ``service(faults)`` gets a FaultBatch (NumPy arrays vaddr, access, lane, job; one entry per
+    page, deduplicated), maps what it can through dev.pt, and returns None, or a bool/errno
+    array marking the faults it cannot service (no VMA, PROT_NONE): the job is then cancelled
+    with JobFault (an OSError naming the address).  Only faulted lanes are replayed.
+
+Observability
+    dev.counters              UVM fault_stats names: num_read_faults, num_write_faults,
+                              num_atomic_faults, num_duplicate_faults, num_fatal_faults,
+                              num_fault_batches, num_replays, num_buffer_overflows
+    dev.stats()               counters + page-table, DMA and job-engine figures
+
+Concurrency
+    dev.lock (an RLock) orders page-table submissions against job slices: a job releases it
+    between slices, so an invalidation from another thread gets in at the next slice boundary.
+    The device executes everything (updates, slices, copies) in order on one queue.
+"""
+import threading
+
+import numpy as np
+
+from ..constants import PAGE_SIZE
+from .backend import DONE
+from .faults import DEFAULT_FAULT_BATCH, DEFAULT_FAULT_BUFFER_ENTRIES, FAULT_COUNTERS, FaultBuffer
+from .jobs import DEFAULT_SLICE_LANES, JobEngine
+from .pagetable import DevicePageTable
+
+
+class EmulatedDevice:
+    def __init__(self, backend, nframes, pfn_base, host_arena, gpu=0, *,
+                 fault_buffer_entries=DEFAULT_FAULT_BUFFER_ENTRIES, fault_batch_size=DEFAULT_FAULT_BATCH,
+                 slice_lanes=DEFAULT_SLICE_LANES, pt_initial_nodes=64, service=None, name=None):
+        if pfn_base < host_arena.nframes:
+            raise ValueError(f"device pfns start at 0x{pfn_base:x}, inside system RAM "
+                             f"[0, 0x{host_arena.nframes:x})")
+        self.backend = backend
+        self.gpu = int(gpu)
+        self.name = name or f"{backend.name}-dev@0x{pfn_base:x}"
+        self.nframes = int(nframes)
+        self.pfn_base = int(pfn_base)
+        self.host_arena = host_arena
+        self.nr_ram = int(host_arena.nframes)
+        self.lock = threading.RLock()
+        self.inflight = []                  # fences of job slices not yet known to be done
+        self.counters = dict.fromkeys(FAULT_COUNTERS, 0)
+        self.service = service
+        self.arena = backend.device_arena(self.nframes, self.gpu)
+        self.dma = backend.dma_engine(self.gpu)
+        self.pt = DevicePageTable(backend.pagetable_hw(self.gpu), nr_ram=self.nr_ram,
+                                  pfn_base=self.pfn_base, nframes=self.nframes, lock=self.lock,
+                                  initial_nodes=pt_initial_nodes, inflight=self.inflight)
+        self.fault_buffer = FaultBuffer(backend.fault_buffer_hw(fault_buffer_entries, self.gpu),
+                                        fault_buffer_entries, fault_batch_size, self.counters)
+        self.jobs = JobEngine(self, backend.job_executor(self), slice_lanes)
+
+    def __repr__(self):
+        return (f"EmulatedDevice({self.name}, {self.nframes} frames at pfn 0x{self.pfn_base:x}, "
+                f"{self.backend.name})")
+
+    # -- memory by global pfn ------------------------------------------------------------------
+    def owns(self, pfns):
+        p = np.asarray(pfns, dtype=np.int64)
+        return (p >= self.pfn_base) & (p < self.pfn_base + self.nframes)
+
+    def _split(self, pfns):
+        p = np.asarray(pfns, dtype=np.int64).reshape(-1)
+        dev = self.owns(p)
+        bad = ~dev & ((p < 0) | (p >= self.nr_ram))
+        if bad.any():
+            raise ValueError(f"{self.name}: pfn 0x{int(p[bad][0]):x} is neither system RAM nor this "
+                             "device's memory")
+        return p, dev
+
+    def read_pages(self, pfns):
+        p, dev = self._split(pfns)
+        out = np.empty((p.size, PAGE_SIZE), dtype=np.uint8)
+        with self.lock:
+            if dev.any():
+                out[dev] = self.arena.read(p[dev] - self.pfn_base)
+            if (~dev).any():
+                self.synchronize()          # a queued copy may still be writing system RAM
+                out[~dev] = self.host_arena.read(p[~dev])
+        return out
+
+    def write_pages(self, pfns, data):
+        p, dev = self._split(pfns)
+        data = np.asarray(data, dtype=np.uint8).reshape(p.size, PAGE_SIZE)
+        with self.lock:
+            if dev.any():
+                self.arena.write(p[dev] - self.pfn_base, data[dev])
+            if (~dev).any():
+                self.synchronize()
+                self.host_arena.write(p[~dev], data[~dev])
+
+    def fill_pages(self, pfns, value=0):
+        p, dev = self._split(pfns)
+        with self.lock:
+            if dev.any():
+                self.arena.fill(p[dev] - self.pfn_base, value)
+            if (~dev).any():
+                self.synchronize()
+                self.host_arena.fill(p[~dev], value)
+
+    def copy_pages(self, dst_pfns, src_pfns):
+        """Copy frames by global pfn on the DMA engine; returns the Fence of the whole batch."""
+        d, ddev = self._split(dst_pfns)
+        s, sdev = self._split(src_pfns)
+        if d.size != s.size:
+            raise ValueError(f"{self.name}: copy of {s.size} source pages to {d.size} destinations")
+        fence = DONE
+        with self.lock:
+            for dd in (False, True):              # at most four batches: RAM/device x RAM/device
+                for sd in (False, True):
+                    m = (ddev == dd) & (sdev == sd)
+                    if not m.any():
+                        continue
+                    fence = self.dma.copy(self.arena if dd else self.host_arena,
+                                          d[m] - (self.pfn_base if dd else 0),
+                                          self.arena if sd else self.host_arena,
+                                          s[m] - (self.pfn_base if sd else 0))
+        return fence                             # one in-order queue: the last fence covers all
+
+    def synchronize(self):
+        """Wait for everything queued on the device (updates, slices, copies)."""
+        self.backend.fence(self.gpu).wait()
+
+    def stats(self):
+        s = dict(self.counters)
+        s.update(self.pt.stats)
+        s.update({"dma_batches": self.dma.batches, "dma_pages_copied": self.dma.pages_copied,
+                  "dma_bytes_copied": self.dma.bytes_copied, "jobs": self.jobs.next_job_id - 1,
+                  "lanes_launched": self.jobs.lanes_launched})
+        for k in ("memcpy_calls", "kernel_launches"):
+            if hasattr(self.dma, k):
+                s["dma_" + k] = getattr(self.dma, k)
+        return s

@@ -1,0 +1,279 @@
+"""The device page table: a 4-level radix tree in device memory that the device's MMU walks.
+
+It stands for a GPU's own page tables (NVIDIA's GMMU, AMD's VM page tables) as the HMM
+documentation describes them (Documentation/mm/hmm.rst, section 4): the driver never writes
+entries with the CPU; it queues update commands that the device executes on its own queue, and
+an update is done only when the device says so (the fence).
+
+Geometry (x86-64-like, 48-bit virtual addresses): vpn = vaddr >> 12 has 36 bits, split into four
+9-bit indices; level 0 is the root (node 0), level 3 holds the 4 KiB leaves.  All nodes live in
+one pool ``nodes`` of shape (capacity, 512) uint64 on the device (a NumPy array on the fallback).
+
+Entry encoding (uint64)::
+
+    bits 63..12  pfn (leaf) or node index (directory entry)
+    bit 0  PTE_VALID      the entry points somewhere
+    bit 1  PTE_WRITE      stores allowed (leaf)
+    bit 2  PTE_DIRTY      set by the device's walker on a successful write/atomic translation
+    bit 3  PTE_ACCESSED   set by the device's walker on any successful translation
+    bit 4  PTE_ATOMIC     atomics allowed (device-exclusive access granted by the driver)
+    0 == no entry
+
+Directory nodes are allocated by the host (as UVM allocates page directories host-side and
+asks the copy engine to write the PDEs): the host keeps a shadow of *which* tables exist, in
+sorted arrays per level, never of the leaves.  Empty tables are kept after an unmap, as most
+GPU drivers do, so a later map of the same range needs no allocation.
+
+Command buffer: records of four uint64 words ``(op | count << 8, target, value, first)``;
+one device thread per affected entry finds its command by binary search over ``first`` (the
+running sum of counts), so a run of a million contiguous pages is one 32-byte command.
+
+    PT_OP_LINK   target = node * 512 + slot, value = child << 12 | VALID     (count 1)
+    PT_OP_MAP    leaf(target + k) = value + (k << 12)       (a run of consecutive pfns)
+    PT_OP_UNMAP  leaf(target + k) = 0
+    PT_OP_CLEAR  leaf(target + k) &= ~value   where VALID (protect / downgrade, clear A/D)
+    PT_OP_SET    leaf(target + k) |= value    where VALID
+"""
+import threading
+
+import numpy as np
+
+PTE_VALID = 0x1
+PTE_WRITE = 0x2
+PTE_DIRTY = 0x4
+PTE_ACCESSED = 0x8
+PTE_ATOMIC = 0x10
+PTE_FLAGS_MASK = 0xFFF
+PTE_PFN_SHIFT = 12
+
+PT_LEVELS = 4
+PT_BITS = 9
+PT_ENTRIES = 1 << PT_BITS
+VPN_BITS = PT_LEVELS * PT_BITS          # 36: 48-bit virtual addresses
+
+PT_OP_LINK = 1
+PT_OP_MAP = 2
+PT_OP_UNMAP = 3
+PT_OP_CLEAR = 4
+PT_OP_SET = 5
+
+_U64 = np.uint64
+
+
+def pte_pfn(entries):
+    """pfns of leaf entries (NumPy array)."""
+    return (np.asarray(entries, dtype=np.uint64) >> _U64(PTE_PFN_SHIFT)).astype(np.int64)
+
+
+def make_commands(op, targets, counts, values):
+    """Pack command records (n, 4) uint64; ``first`` is the running sum of counts."""
+    n = len(targets)
+    cmds = np.empty((n, 4), dtype=np.uint64)
+    counts = np.asarray(counts, dtype=np.uint64)
+    cmds[:, 0] = _U64(op) | (counts << _U64(8))
+    cmds[:, 1] = np.asarray(targets, dtype=np.uint64)
+    cmds[:, 2] = np.asarray(values, dtype=np.uint64)
+    first = np.cumsum(counts, dtype=np.uint64) - counts
+    cmds[:, 3] = first
+    return cmds
+
+
+def _runs(*arrays):
+    """Start positions and lengths of runs where every array steps by exactly +1."""
+    n = len(arrays[0])
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cont = np.ones(n - 1, dtype=bool)
+    for a in arrays:
+        a = np.asarray(a, dtype=np.int64)
+        cont &= np.diff(a) == 1
+    starts = np.flatnonzero(np.concatenate(([True], ~cont)))
+    lengths = np.diff(np.concatenate((starts, [n])))
+    return starts, lengths
+
+
+class DevicePageTable:
+    """The device's page table; every update goes through a command buffer.
+
+    ``hw`` is the backend's page-table hardware (``alloc``/``grow``/``execute``/``lookup``/
+    ``fence``); ``lock`` serialises submissions with job slices on the same device queue.
+    """
+
+    def __init__(self, hw, *, nr_ram, pfn_base, nframes, lock=None, initial_nodes=64,
+                 inflight=None):
+        self.hw = hw
+        self.lock = lock or threading.RLock()
+        self.nr_ram = int(nr_ram)
+        self.pfn_base = int(pfn_base)
+        self.nframes = int(nframes)
+        self.capacity = max(int(initial_nodes), 4)
+        self.nodes = hw.alloc(self.capacity)
+        self.nr_nodes = 1                          # node 0 is the root
+        # Shadow of the directory: for levels 1..3, sorted vpn prefixes and their node ids.
+        self._keys = [None] + [np.zeros(0, np.int64) for _ in range(PT_LEVELS - 1)]
+        self._ids = [None] + [np.zeros(0, np.int64) for _ in range(PT_LEVELS - 1)]
+        self._retired = []                         # old pools kept until the next fence wait
+        self._inflight = inflight if inflight is not None else []
+        self.stats = {"pt_commands": 0, "pt_entries_updated": 0, "pt_links": 0,
+                      "pt_submissions": 0, "pt_invalidations": 0, "pt_nodes": 1}
+
+    # -- the host side of the directory ------------------------------------------------------
+    def _check_vpns(self, vpns):
+        vpns = np.asarray(vpns, dtype=np.int64).reshape(-1)
+        if vpns.size and (vpns.min() < 0 or vpns.max() >> VPN_BITS):
+            bad = int(vpns[(vpns < 0) | (vpns >> VPN_BITS != 0)][0])
+            raise ValueError(f"device page table: vpn 0x{bad:x} (address 0x{bad << 12:x}) is outside "
+                             f"the device's {VPN_BITS + 12}-bit virtual address space")
+        return vpns
+
+    def _check_pfns(self, pfns):
+        pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)
+        ok = ((pfns >= 0) & (pfns < self.nr_ram)) | (
+            (pfns >= self.pfn_base) & (pfns < self.pfn_base + self.nframes))
+        if not ok.all():
+            bad = int(pfns[~ok][0])
+            raise ValueError(f"device page table: pfn 0x{bad:x} is neither system RAM [0, 0x{self.nr_ram:x}) "
+                             f"nor this device's memory [0x{self.pfn_base:x}, "
+                             f"0x{self.pfn_base + self.nframes:x})")
+        return pfns
+
+    def _ensure_tables(self, vpns_sorted):
+        """Allocate the missing directory nodes for ``vpns_sorted``; returns LINK commands."""
+        links_t, links_v = [], []
+        for level in range(1, PT_LEVELS):
+            shift = PT_BITS * (PT_LEVELS - level)
+            keys = vpns_sorted >> shift
+            keys = keys[np.concatenate(([True], np.diff(keys) != 0))] if keys.size else keys
+            have = self._keys[level]
+            pos = np.searchsorted(have, keys)
+            found = (pos < have.size) & (have[np.minimum(pos, max(have.size - 1, 0))] == keys) \
+                if have.size else np.zeros(keys.size, bool)
+            missing = keys[~found]
+            if missing.size == 0:
+                continue
+            ids = np.arange(self.nr_nodes, self.nr_nodes + missing.size, dtype=np.int64)
+            self.nr_nodes += missing.size
+            if level == 1:
+                parents = np.zeros(missing.size, np.int64)
+            else:
+                pk, pi = self._keys[level - 1], self._ids[level - 1]
+                parents = pi[np.searchsorted(pk, missing >> PT_BITS)]
+            links_t.append(parents * PT_ENTRIES + (missing & (PT_ENTRIES - 1)))
+            links_v.append((ids << PTE_PFN_SHIFT) | PTE_VALID)
+            merged = np.concatenate((have, missing))
+            order = np.argsort(merged, kind="stable")
+            self._keys[level] = merged[order]
+            self._ids[level] = np.concatenate((self._ids[level], ids))[order]
+        if self.nr_nodes > self.capacity:
+            cap = self.capacity
+            while cap < self.nr_nodes:
+                cap *= 2
+            old = self.nodes
+            self.nodes = self.hw.grow(old, cap)     # a copy queued on the device's stream
+            self._retired.append(old)               # a queued slice may still walk the old pool
+            self.capacity = cap
+        self.stats["pt_nodes"] = self.nr_nodes
+        if not links_t:
+            return None
+        t = np.concatenate(links_t)
+        self.stats["pt_links"] += int(t.size)
+        return make_commands(PT_OP_LINK, t, np.ones(t.size, np.int64), np.concatenate(links_v))
+
+    def _submit(self, cmds):
+        if cmds is None or len(cmds) == 0:
+            return
+        self.stats["pt_commands"] += len(cmds)
+        self.stats["pt_submissions"] += 1
+        counts = cmds[:, 0] >> _U64(8)
+        self.stats["pt_entries_updated"] += int(counts.sum())
+        self.hw.execute(self.nodes, cmds)
+
+    # -- updates -----------------------------------------------------------------------------
+    def map(self, vpns, pfns, flags=PTE_WRITE):
+        """Point leaves ``vpns`` at ``pfns`` with ``flags`` (PTE_WRITE, PTE_ATOMIC, ...; VALID implied).
+
+        ``flags`` is a scalar or one value per page.  A vpn given twice takes its last pfn.
+        Returns the Fence after which the device translates through the new entries.
+        """
+        vpns = self._check_vpns(vpns)
+        pfns = self._check_pfns(pfns)
+        if vpns.shape != pfns.shape:
+            raise ValueError(f"device page table: {vpns.size} vpns but {pfns.size} pfns")
+        flags = np.broadcast_to(np.asarray(flags, dtype=np.int64), vpns.shape)
+        if vpns.size == 0:
+            return self.hw.fence()
+        # last one wins, then sort by vpn: runs of consecutive vpn and pfn become one command
+        rev_unique, rev_idx = np.unique(vpns[::-1], return_index=True)
+        pick = vpns.size - 1 - rev_idx
+        v, p, f = rev_unique, pfns[pick], (flags[pick] & PTE_FLAGS_MASK) | PTE_VALID
+        starts, lengths = _runs(v, p)
+        # a run must also keep its flags
+        fl_break = np.flatnonzero(np.diff(f) != 0) + 1
+        if fl_break.size:
+            cut = np.union1d(starts, fl_break)
+            starts = cut
+            lengths = np.diff(np.concatenate((cut, [v.size])))
+        with self.lock:
+            links = self._ensure_tables(v)
+            self._submit(links)
+            self._submit(make_commands(PT_OP_MAP, v[starts], lengths,
+                                       (p[starts] << PTE_PFN_SHIFT) | f[starts]))
+            return self.hw.fence()
+
+    def _leaf_op(self, op, vpns, value):
+        vpns = np.unique(self._check_vpns(vpns))
+        if vpns.size == 0:
+            return self.hw.fence()
+        starts, lengths = _runs(vpns)
+        with self.lock:
+            self._submit(make_commands(op, vpns[starts], lengths, np.full(starts.size, value, np.uint64)))
+            return self.hw.fence()
+
+    def unmap(self, vpns):
+        """Clear the leaves ``vpns``; returns the Fence (see ``invalidate`` for the safe form)."""
+        return self._leaf_op(PT_OP_UNMAP, vpns, 0)
+
+    def protect(self, vpns, clear=PTE_WRITE | PTE_ATOMIC):
+        """Downgrade valid leaves: clear ``clear`` bits (write-protect, revoke atomic, clear A/D)."""
+        return self._leaf_op(PT_OP_CLEAR, vpns, int(clear) & PTE_FLAGS_MASK)
+
+    def set_bits(self, vpns, bits):
+        """Upgrade valid leaves: set ``bits`` (e.g. PTE_WRITE after a write fault was serviced)."""
+        return self._leaf_op(PT_OP_SET, vpns, int(bits) & PTE_FLAGS_MASK & ~PTE_VALID)
+
+    def flush(self):
+        """The TLB flush: a Fence after every update and job slice submitted so far."""
+        with self.lock:
+            return self.hw.fence()
+
+    def invalidate(self, vpns, *, downgrade=None):
+        """Unmap (or, with ``downgrade=bits``, write-protect) ``vpns`` and return only when it is safe.
+
+        This is what an mmu-notifier callback calls: it returns after (1) the device executed the
+        update (its fence) and (2) every job slice that was queued before it has retired, since a
+        slice may have translated through the old entries.  After it returns no lane touches the
+        old pages.  Slices run in order with updates on one device queue; (2) is waited for
+        explicitly all the same, so that the guarantee does not rest on that accident.
+        """
+        with self.lock:
+            before = list(self._inflight)
+            if downgrade is None:
+                fence = self.unmap(vpns)
+            else:
+                fence = self.protect(vpns, clear=downgrade)
+            self.stats["pt_invalidations"] += 1
+        for f in before:
+            f.wait()
+        fence.wait()
+        with self.lock:
+            self._retired.clear()
+
+    def invalidate_range(self, start_vpn, npages):
+        self.invalidate(np.arange(int(start_vpn), int(start_vpn) + int(npages), dtype=np.int64))
+
+    # -- reading (tests, snapshot) ----------------------------------------------------------
+    def lookup(self, vpns):
+        """The leaf entries of ``vpns`` as the device's walker sees them (0 where none)."""
+        vpns = self._check_vpns(vpns)
+        with self.lock:
+            return self.hw.lookup(self.nodes, vpns)

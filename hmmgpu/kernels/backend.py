@@ -1,0 +1,226 @@
+"""The CuPy backend: system RAM in pinned, mapped host memory; device frames, page tables,
+fault buffers and jobs in GPU memory; every device operation a CUDA kernel or copy on the GPU's
+stream.
+
+Device code lives in hmmgpu/kernels/*.cu and *.cuh.  Each source is loaded into a
+``cupy.RawModule`` once per GPU, with a ``#line 1 "file.cu"`` prefix so compiler errors point at
+the real file, and cached (CuPy also keeps the binary in its on-disk kernel cache).  Importing
+hmmgpu never initialises CUDA: this module is imported only when the cupy backend is chosen, and
+the first CUDA call happens when a backend object hands out its first arena or engine.
+"""
+import os
+import threading
+import weakref
+
+import numpy as np
+import cupy
+
+from ..constants import PAGE_SIZE
+from ..device.backend import Arena, Backend, Fence
+
+KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
+NVRTC_OPTIONS = ("-I" + KERNEL_DIR, "--std=c++17")
+
+cudaHostAllocPortable = 0x01
+cudaHostAllocMapped = 0x02
+cudaMemcpyDefault = 4
+
+_modules = {}
+_modules_lock = threading.Lock()
+
+
+def load_module(filename, gpu=0, source=None):
+    """The RawModule of hmmgpu/kernels/<filename> (or of ``source`` under that name), compiled
+    once per GPU and cached."""
+    key = (filename, gpu, source)
+    with _modules_lock:
+        mod = _modules.get(key)
+        if mod is None:
+            if source is None:
+                with open(os.path.join(KERNEL_DIR, filename)) as f:
+                    code = f'#line 1 "{filename}"\n' + f.read()
+            else:
+                code = f'#include "hmm.cuh"\n#line 1 "{filename}"\n' + source
+            with cupy.cuda.Device(gpu):
+                mod = cupy.RawModule(code=code, options=NVRTC_OPTIONS)
+                mod.compile()
+            _modules[key] = mod
+    return mod
+
+
+def launch(mod, name, nthreads, args, stream, block=256):
+    """One launch of kernel ``name`` over ``nthreads`` threads on ``stream``."""
+    if nthreads <= 0:
+        return
+    grid = (int(-(-nthreads // block)),)
+    with stream:
+        mod.get_function(name)(grid, (block,), args)
+
+
+class CudaFence(Fence):
+    """A CUDA event recorded on the device's stream."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def wait(self):
+        self.event.synchronize()
+
+    def done(self):
+        return self.event.done
+
+
+class CupyArena(Arena):
+    """Frames in GPU memory (kind "device") or in pinned, mapped host memory (kind "host").
+
+    ``ptr`` is the address a kernel dereferences: with unified virtual addressing the host
+    allocation has the same address on the GPU, and kernels read it over PCIe with no copy.
+    """
+
+    def __init__(self, backend, nframes, kind, gpu):
+        super().__init__(backend, nframes)
+        self.kind = kind
+        self.gpu = gpu
+        self.stream = backend.stream(gpu)
+        size = self.nframes * PAGE_SIZE
+        with cupy.cuda.Device(gpu):
+            if kind == "host":
+                hptr = cupy.cuda.runtime.hostAlloc(max(size, 1), cudaHostAllocMapped | cudaHostAllocPortable)
+                weakref.finalize(self, cupy.cuda.runtime.freeHost, hptr)
+                attrs = cupy.cuda.runtime.pointerGetAttributes(hptr)
+                self.ptr = int(attrs.devicePointer) or hptr
+                buf = (np.ctypeslib.ctypes.c_uint8 * max(size, 1)).from_address(hptr)
+                self.host = np.ctypeslib.as_array(buf)[:size].reshape(self.nframes, PAGE_SIZE)
+                self.host[:] = 0          # cudaHostAlloc does not zero
+                self.frames = None
+            else:
+                with self.stream:
+                    self.frames = cupy.zeros((self.nframes, PAGE_SIZE), dtype=cupy.uint8)
+                self.ptr = int(self.frames.data.ptr)
+                self.host = None
+
+    def _dev_idx(self, idx):
+        return cupy.asarray(np.asarray(idx, dtype=np.int64))
+
+    def read(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.kind == "host":
+            return self.host[idx]
+        with cupy.cuda.Device(self.gpu), self.stream:
+            out = self.frames[self._dev_idx(idx)]           # one gather kernel
+            return out.get(stream=self.stream)              # one copy
+
+    def write(self, idx, data):
+        idx = np.asarray(idx, dtype=np.int64)
+        data = np.asarray(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        if self.kind == "host":
+            self.host[idx] = data
+            return
+        with cupy.cuda.Device(self.gpu), self.stream:
+            self.frames[self._dev_idx(idx)] = cupy.asarray(data)   # one copy, one scatter kernel
+
+    def fill(self, idx, value=0):
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.kind == "host":
+            self.host[idx] = value
+            return
+        with cupy.cuda.Device(self.gpu), self.stream:
+            self.frames[self._dev_idx(idx)] = np.uint8(value)
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    emulated = False
+
+    def __init__(self):
+        self._streams = {}
+        self._lock = threading.Lock()
+
+    def stream(self, gpu=0):
+        """The device queue of ``gpu``: every update, slice and copy goes on it, in order."""
+        with self._lock:
+            s = self._streams.get(gpu)
+            if s is None:
+                with cupy.cuda.Device(gpu):
+                    s = cupy.cuda.Stream(non_blocking=True)
+                self._streams[gpu] = s
+            return s
+
+    def fence(self, gpu=0):
+        s = self.stream(gpu)
+        with cupy.cuda.Device(gpu):
+            ev = cupy.cuda.Event(block=False, disable_timing=True)
+            ev.record(s)
+        return CudaFence(ev)
+
+    def host_arena(self, nframes, gpu=0):
+        return CupyArena(self, nframes, "host", gpu)
+
+    def device_arena(self, nframes, gpu=0):
+        return CupyArena(self, nframes, "device", gpu)
+
+    def dma_engine(self, gpu=0):
+        from .dma import CupyDmaEngine
+        return CupyDmaEngine(self, gpu)
+
+    def pagetable_hw(self, gpu=0):
+        from .pagetable import CupyPageTableHW
+        return CupyPageTableHW(self, gpu)
+
+    def fault_buffer_hw(self, capacity, gpu=0):
+        from .jobs import CupyFaultHW
+        return CupyFaultHW(self, capacity, gpu)
+
+    def job_executor(self, device):
+        from .jobs import CupyJobExecutor
+        return CupyJobExecutor(device)
+
+    def info(self, gpu=0):
+        return cuda_info(gpu)
+
+
+def cuda_info(gpu=0):
+    """CUDA and NVML facts about ``gpu``; NVML is matched to the CUDA device by PCI bus id."""
+    rt = cupy.cuda.runtime
+    props = rt.getDeviceProperties(gpu)
+    name = props["name"]
+    name = name.decode() if isinstance(name, bytes) else name
+    with cupy.cuda.Device(gpu):
+        free, total = rt.memGetInfo()
+        bus_id = cupy.cuda.Device(gpu).pci_bus_id
+    info = {"backend": "cupy", "emulated": False, "gpu": gpu, "name": name,
+            "compute_capability": f"{props['major']}.{props['minor']}",
+            "multiprocessors": props["multiProcessorCount"], "memory_total": int(total),
+            "memory_free": int(free), "pci_bus_id": bus_id,
+            "cuda_runtime": rt.runtimeGetVersion(), "cuda_driver": rt.driverGetVersion(),
+            "cupy": cupy.__version__, "unified_addressing": bool(props.get("unifiedAddressing", 1))}
+    try:
+        import pynvml
+    except ImportError:
+        info["nvml"] = "unavailable (pip install nvidia-ml-py)"
+        return info
+    try:
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id.encode() if isinstance(bus_id, str) else bus_id)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            drv = pynvml.nvmlSystemGetDriverVersion()
+            nvname = pynvml.nvmlDeviceGetName(h)
+            info.update({
+                "nvml_name": nvname.decode() if isinstance(nvname, bytes) else nvname,
+                "driver": drv.decode() if isinstance(drv, bytes) else drv,
+                "nvml_memory_total": int(mem.total), "nvml_memory_free": int(mem.free),
+            })
+            for key, fn in (("pcie_gen", pynvml.nvmlDeviceGetCurrPcieLinkGeneration),
+                            ("pcie_width", pynvml.nvmlDeviceGetCurrPcieLinkWidth),
+                            ("pcie_gen_max", pynvml.nvmlDeviceGetMaxPcieLinkGeneration),
+                            ("pcie_width_max", pynvml.nvmlDeviceGetMaxPcieLinkWidth)):
+                try:
+                    info[key] = int(fn(h))
+                except pynvml.NVMLError:
+                    info[key] = None
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as e:          # no NVML library, or no permission: the CUDA facts stand
+        info["nvml"] = f"unavailable ({type(e).__name__}: {e})"
+    return info

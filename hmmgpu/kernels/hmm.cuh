@@ -1,0 +1,234 @@
+// hmm.cuh: the device side of hmmgpu's emulated GPU MMU, for built-in and user jobs.
+//
+// A job is a kernel over many lanes.  Every access a lane makes goes through the device page
+// table (hmmgpu/device/pagetable.py documents the encoding): a 4-level radix tree in device
+// memory, root at node 0.  A miss, a store to a read-only page or an atomic on a page without
+// PTE_ATOMIC appends a record to the fault buffer, marks the lane FAULTED and makes the lane's
+// later accesses no-ops (loads return 0), so the lane stops without touching memory.  The host
+// services the faults and replays only the FAULTED lanes.
+//
+// Writing a user job:
+//
+//     #include "hmm.cuh"            // hmmgpu adds this include itself
+//     __device__ void scale_lane(hmm_lane& L, hmm_u64 lane, const hmm_u64* args) {
+//         hmm_u64 x = args[0], y = args[1];
+//         float a = hmm_arg_f32(args[2]);
+//         float v = hmm_load<float>(L, x + 4 * lane);
+//         hmm_store<float>(L, y + 4 * lane, a * v);
+//     }
+//     HMM_DEFINE_JOB(scale, scale_lane)
+//
+// HMM_DEFINE_JOB runs each lane twice: a probe pass (loads happen, stores and atomics only
+// translate) and, when the probe raised no fault, the real pass.  So a lane that faults leaves
+// nothing behind, and a lane is never half-done when it is replayed.  Accesses must be naturally
+// aligned (an access never crosses a page).  Inside a lane, check `L.faulted` before looping on
+// loaded values: after a fault every load returns 0.
+#pragma once
+
+typedef unsigned long long hmm_u64;
+typedef long long hmm_i64;
+typedef unsigned int hmm_u32;
+typedef unsigned char hmm_u8;
+
+#define HMM_PAGE_SHIFT 12
+#define HMM_PAGE_SIZE 4096ULL
+#define HMM_PAGE_MASK 4095ULL
+#define HMM_PT_ENTRIES 512ULL
+#define HMM_VPN_BITS 36
+
+#define HMM_PTE_VALID 0x1ULL
+#define HMM_PTE_WRITE 0x2ULL
+#define HMM_PTE_DIRTY 0x4ULL
+#define HMM_PTE_ACCESSED 0x8ULL
+#define HMM_PTE_ATOMIC 0x10ULL
+
+#define HMM_ACCESS_READ 0
+#define HMM_ACCESS_WRITE 1
+#define HMM_ACCESS_ATOMIC 2
+
+#define HMM_LANE_PENDING 0
+#define HMM_LANE_DONE 1
+#define HMM_LANE_FAULTED 2
+
+// Where a job's lanes find memory and report faults (one per launch, kept in registers).
+struct hmm_job_params {
+    hmm_u8* dev_frames;      // this device's arena: pfns [dev_pfn_base, dev_pfn_base + dev_nframes)
+    hmm_u64 dev_pfn_base;
+    hmm_u64 dev_nframes;
+    hmm_u8* host_frames;     // system RAM, pinned and mapped: pfns [0, nr_ram), read over PCIe
+    hmm_u64 nr_ram;
+    hmm_u64* fault_buf;      // [fault_cap][4]: vaddr, lane, access, job id
+    hmm_u64* fault_put;      // records written so far (keeps counting past fault_cap: overflow)
+    hmm_u64 fault_cap;
+    hmm_u8* lane_state;      // per lane: HMM_LANE_*
+    hmm_u64 job_id;
+};
+
+// Every job kernel takes the same parameters, so that one launcher serves all of them.
+#define HMM_JOB_PARAMS                                                                           \
+    hmm_u64 p_dev_frames, hmm_u64 p_dev_pfn_base, hmm_u64 p_dev_nframes, hmm_u64 p_host_frames, \
+        hmm_u64 p_nr_ram, hmm_u64 p_fault_buf, hmm_u64 p_fault_put, hmm_u64 p_fault_cap,        \
+        hmm_u64 p_lane_state, hmm_u64 p_job_id, hmm_u64 *pt, const hmm_u64 *lanes,              \
+        hmm_u64 lane_base, hmm_u64 nlanes, const hmm_u64 *args
+
+#define HMM_JOB_PARAMS_INIT(P)                                                                  \
+    hmm_job_params P;                                                                           \
+    P.dev_frames = (hmm_u8*)p_dev_frames; P.dev_pfn_base = p_dev_pfn_base;                      \
+    P.dev_nframes = p_dev_nframes; P.host_frames = (hmm_u8*)p_host_frames; P.nr_ram = p_nr_ram; \
+    P.fault_buf = (hmm_u64*)p_fault_buf; P.fault_put = (hmm_u64*)p_fault_put;                   \
+    P.fault_cap = p_fault_cap; P.lane_state = (hmm_u8*)p_lane_state; P.job_id = p_job_id
+
+// The walker: the leaf slot of vpn, or nullptr when a table on the way is missing.
+__device__ __forceinline__ hmm_u64* hmm_pt_walk(hmm_u64* pt, hmm_u64 vpn) {
+    if (vpn >> HMM_VPN_BITS) return nullptr;
+    hmm_u64 e = pt[(vpn >> 27) & 511];
+    if (!(e & HMM_PTE_VALID)) return nullptr;
+    e = pt[(e >> HMM_PAGE_SHIFT) * HMM_PT_ENTRIES + ((vpn >> 18) & 511)];
+    if (!(e & HMM_PTE_VALID)) return nullptr;
+    e = pt[(e >> HMM_PAGE_SHIFT) * HMM_PT_ENTRIES + ((vpn >> 9) & 511)];
+    if (!(e & HMM_PTE_VALID)) return nullptr;
+    return pt + (e >> HMM_PAGE_SHIFT) * HMM_PT_ENTRIES + (vpn & 511);
+}
+
+__device__ __forceinline__ bool hmm_pte_allows(hmm_u64 e, int access) {
+    if (!(e & HMM_PTE_VALID)) return false;
+    if (access == HMM_ACCESS_READ) return true;
+    if (!(e & HMM_PTE_WRITE)) return false;
+    return access == HMM_ACCESS_WRITE || (e & HMM_PTE_ATOMIC);
+}
+
+// Translate one page.  Like x86's walker, a successful translation sets ACCESSED (and DIRTY for
+// a write or atomic) in the leaf; the atomic is skipped when the bits are already there.
+__device__ __forceinline__ bool hmm_translate(hmm_u64* pt, hmm_u64 vpn, int access, hmm_u64* pte) {
+    hmm_u64* slot = hmm_pt_walk(pt, vpn);
+    hmm_u64 e = slot ? *slot : 0ULL;
+    if (!hmm_pte_allows(e, access)) return false;
+    hmm_u64 want = HMM_PTE_ACCESSED | (access != HMM_ACCESS_READ ? HMM_PTE_DIRTY : 0ULL);
+    if ((e & want) != want) atomicOr(slot, want);
+    *pte = e;
+    return true;
+}
+
+// The frame a leaf points at: this device's memory, or system RAM reached over PCIe.
+__device__ __forceinline__ hmm_u8* hmm_phys(const hmm_job_params& P, hmm_u64 pte) {
+    hmm_u64 pfn = pte >> HMM_PAGE_SHIFT;
+    hmm_u64 d = pfn - P.dev_pfn_base;          // wraps for RAM pfns below the base
+    return d < P.dev_nframes ? P.dev_frames + (d << HMM_PAGE_SHIFT)
+                             : P.host_frames + (pfn << HMM_PAGE_SHIFT);
+}
+
+__device__ __forceinline__ void hmm_fault_record(const hmm_job_params& P, hmm_u64 vaddr, int access,
+                                                 hmm_u64 lane) {
+    hmm_u64 i = atomicAdd((unsigned long long*)P.fault_put, 1ULL);
+    if (i < P.fault_cap) {        // past the end: dropped; the lane re-faults on replay
+        hmm_u64* r = P.fault_buf + 4 * i;
+        r[0] = vaddr;
+        r[1] = lane;
+        r[2] = (hmm_u64)access;
+        r[3] = P.job_id;
+    }
+}
+
+// A lane's view of the MMU, with a one-entry translation cache (a per-lane micro-TLB: the last
+// page and the strongest access it was checked for).  It lives for one slice only, so an
+// invalidation between slices can never be missed.
+struct hmm_lane {
+    hmm_job_params P;
+    hmm_u64* pt;
+    hmm_u64 lane;
+    hmm_u64 tlb_vpn;
+    hmm_u64 tlb_pte;
+    int tlb_access;
+    bool faulted;
+    bool probe;
+};
+
+__device__ __forceinline__ void hmm_lane_init(hmm_lane& L, const hmm_job_params& P, hmm_u64* pt,
+                                              hmm_u64 lane) {
+    L.P = P;
+    L.pt = pt;
+    L.lane = lane;
+    L.tlb_vpn = ~0ULL;
+    L.tlb_pte = 0;
+    L.tlb_access = -1;
+    L.faulted = false;
+    L.probe = false;
+}
+
+// Translate vaddr for `access`; nullptr (and the lane stops) on a fault.
+__device__ __forceinline__ hmm_u8* hmm_xlate(hmm_lane& L, hmm_u64 vaddr, int access) {
+    if (L.faulted) return nullptr;
+    hmm_u64 vpn = vaddr >> HMM_PAGE_SHIFT;
+    if (vpn != L.tlb_vpn || access > L.tlb_access) {
+        hmm_u64 e;
+        if (!hmm_translate(L.pt, vpn, access, &e)) {
+            hmm_fault_record(L.P, vaddr, access, L.lane);
+            L.faulted = true;
+            return nullptr;
+        }
+        L.tlb_vpn = vpn;
+        L.tlb_pte = e;
+        L.tlb_access = access;
+    }
+    return hmm_phys(L.P, L.tlb_pte) + (vaddr & HMM_PAGE_MASK);
+}
+
+// Translate only (no data access): reserve a store's page before the lane commits anything.
+__device__ __forceinline__ bool hmm_probe(hmm_lane& L, hmm_u64 vaddr, int access) {
+    return hmm_xlate(L, vaddr, access) != nullptr;
+}
+
+template <typename T>
+__device__ __forceinline__ T hmm_load(hmm_lane& L, hmm_u64 vaddr) {
+    const hmm_u8* p = hmm_xlate(L, vaddr, HMM_ACCESS_READ);
+    return p ? *(const T*)p : T(0);
+}
+
+template <typename T>
+__device__ __forceinline__ void hmm_store(hmm_lane& L, hmm_u64 vaddr, T v) {
+    hmm_u8* p = hmm_xlate(L, vaddr, HMM_ACCESS_WRITE);
+    if (p && !L.probe) *(T*)p = v;
+}
+
+// atomicAdd through the MMU: needs PTE_WRITE and PTE_ATOMIC.  Returns the old value (0 in the
+// probe pass and after a fault).  T: int, unsigned int, unsigned long long, float, double.
+template <typename T>
+__device__ __forceinline__ T hmm_atomic_add(hmm_lane& L, hmm_u64 vaddr, T v) {
+    hmm_u8* p = hmm_xlate(L, vaddr, HMM_ACCESS_ATOMIC);
+    if (!p || L.probe) return T(0);
+    return atomicAdd((T*)p, v);
+}
+
+__device__ __forceinline__ float hmm_arg_f32(hmm_u64 a) { return __uint_as_float((hmm_u32)a); }
+__device__ __forceinline__ double hmm_arg_f64(hmm_u64 a) { return __longlong_as_double((hmm_i64)a); }
+
+__device__ __forceinline__ hmm_u64 hmm_lane_index(const hmm_u64* lanes, hmm_u64 lane_base, hmm_u64 i) {
+    return lanes ? lanes[i] : lane_base + i;
+}
+
+// One thread per lane; LaneFn(hmm_lane&, lane, args).  two_phase: probe first (see the top).
+template <void (*LaneFn)(hmm_lane&, hmm_u64, const hmm_u64*), bool TwoPhase>
+__device__ __forceinline__ void hmm_run_lanes(const hmm_job_params& P, hmm_u64* pt, const hmm_u64* lanes,
+                                              hmm_u64 lane_base, hmm_u64 nlanes, const hmm_u64* args) {
+    hmm_u64 i = (hmm_u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nlanes) return;
+    hmm_lane L;
+    hmm_lane_init(L, P, pt, hmm_lane_index(lanes, lane_base, i));
+    if (TwoPhase) {
+        L.probe = true;
+        LaneFn(L, L.lane, args);
+        if (L.faulted) {
+            P.lane_state[L.lane] = HMM_LANE_FAULTED;
+            return;
+        }
+        L.probe = false;
+    }
+    LaneFn(L, L.lane, args);
+    P.lane_state[L.lane] = L.faulted ? HMM_LANE_FAULTED : HMM_LANE_DONE;
+}
+
+#define HMM_DEFINE_JOB(name, lane_fn)                                                  \
+    extern "C" __global__ void name(HMM_JOB_PARAMS) {                                  \
+        HMM_JOB_PARAMS_INIT(P);                                                        \
+        hmm_run_lanes<lane_fn, true>(P, pt, lanes, lane_base, nlanes, args);          \
+    }
