@@ -1,0 +1,239 @@
+"""ZONE_DEVICE memory: struct dev_pagemap, memremap_pages() of mm/memremap.c.
+
+A driver describes a range of its device memory with a ``DevPagemap`` (type,
+ops, owner) and hands it to ``memremap_pages``, which takes a free physical
+range (``request_free_mem_region``), gives every device frame a struct page,
+and backs the frames with the device's own arena from the backend (GPU memory
+on CuPy, a NumPy array on the fallback).
+
+Two types, as in today's Linux:
+
+* ``MEMORY_DEVICE_PRIVATE``: the CPU cannot address the frames.  A page that
+  backs process memory is mapped by a device-private swap entry; a CPU access
+  faults into ``ops.migrate_to_ram``.
+* ``MEMORY_DEVICE_COHERENT``: the CPU can address them (CXL, CAPI...), so they
+  are mapped with ordinary present PTEs.  They sit on their own memory node
+  whose capability mask, set by the driver at registration, says which kernel
+  features may use them (``page_node_allow``, the per-page check of
+  reference/cdm-vma-flag-thread.txt, rather than a per-VMA flag).
+
+Refcount lifecycle: a device page is free at refcount 0 (today's rule; the
+2017 seed documents free at refcount 1, the 2 -> 1 transition of
+reference/zone-device-refcount-thread.txt).  ``zone_device_page_init`` takes a
+free page to refcount 1, locked, when the driver allocates it; when the last
+reference goes, physmem hands it back through ``ops.page_free`` (one call per
+pgmap with an array of pfns).
+"""
+import errno
+
+import numpy as np
+
+from ..errors import oserror
+from ..mm.physmem import PG_LOCKED, PG_ZONE_DEVICE
+
+# enum memory_type (include/linux/memremap.h)
+MEMORY_DEVICE_PRIVATE = 1
+MEMORY_DEVICE_COHERENT = 2
+MEMORY_DEVICE_FS_DAX = 3
+MEMORY_DEVICE_GENERIC = 4
+MEMORY_DEVICE_PCI_P2PDMA = 5
+
+# Capability mask of a coherent-memory node: what the kernel may do with its pages.
+NODE_ALLOW_NUMA_BALANCING = 1 << 0
+NODE_ALLOW_KSM = 1 << 1
+NODE_ALLOW_LONGTERM_PIN = 1 << 2
+NODE_ALLOW_HUGETLB = 1 << 3
+NODE_ALLOW_FALLBACK_ALLOC = 1 << 4   # may the page allocator hand these pages to anyone
+NODE_ALLOW_ALL = (1 << 5) - 1
+
+
+class DevPagemapOps:
+    """struct dev_pagemap_ops.  ``page_free(pfns)``; ``migrate_to_ram(vmf) -> 0 or VM_FAULT_*``."""
+
+    def page_free(self, pfns):
+        raise NotImplementedError
+
+    def migrate_to_ram(self, vmf):
+        raise NotImplementedError
+
+
+class MemoryNode:
+    """A NUMA node holding coherent device memory, with the driver's capability mask."""
+
+    def __init__(self, nid, caps):
+        self.nid = nid
+        self.caps = int(caps)
+
+    def __repr__(self):
+        return f"MemoryNode({self.nid}, caps=0x{self.caps:x})"
+
+
+class DevPagemap:
+    """struct dev_pagemap: ``nr_pages`` frames of one device's memory.
+
+    Filled by the driver: ``type``, ``ops``, ``owner`` (the ``dev_private_owner``
+    that hmm_range_fault and migrate_vma match against), ``nr_pages``, and for
+    coherent memory ``caps`` (a NODE_ALLOW_* mask).  Filled by memremap_pages:
+    ``pfn_first``, ``pfn_last`` (exclusive), ``arena``, ``index`` (in
+    ``phys.pgmaps``), ``node``.
+    """
+
+    def __init__(self, type, ops, owner, nr_pages, caps=0, gpu=0):
+        self.type = type
+        self.ops = ops
+        self.owner = owner
+        self.nr_pages = int(nr_pages)
+        self.caps = caps
+        self.gpu = gpu
+        self.system = None
+        self.pfn_first = self.pfn_last = -1
+        self.arena = None
+        self.index = -1
+        self.node = None
+        self.live = False
+
+    def __repr__(self):
+        kind = {MEMORY_DEVICE_PRIVATE: "private", MEMORY_DEVICE_COHERENT: "coherent"}.get(self.type, self.type)
+        return f"DevPagemap({kind}, pfn [{self.pfn_first}, {self.pfn_last}), owner={self.owner!r})"
+
+
+def memremap_pages(pgmap, system):
+    """memremap_pages(): hotplug ``pgmap.nr_pages`` device frames; returns the first pfn."""
+    if pgmap.live:
+        raise oserror(errno.EBUSY, f"{pgmap!r} is already mapped")
+    if pgmap.nr_pages <= 0:
+        raise oserror(errno.EINVAL, f"a dev_pagemap of {pgmap.nr_pages} pages")
+    ops = pgmap.ops
+    if pgmap.type == MEMORY_DEVICE_PRIVATE:
+        if ops is None or getattr(ops, "migrate_to_ram", None) is None:
+            raise oserror(errno.EINVAL, "device private memory needs ops.migrate_to_ram")
+        if getattr(ops, "page_free", None) is None:
+            raise oserror(errno.EINVAL, "device private memory needs ops.page_free")
+        if pgmap.owner is None:
+            raise oserror(errno.EINVAL, "device private memory needs an owner")
+    elif pgmap.type == MEMORY_DEVICE_COHERENT:
+        if ops is None or getattr(ops, "page_free", None) is None:
+            raise oserror(errno.EINVAL, "device coherent memory needs ops.page_free")
+        if pgmap.owner is None:
+            raise oserror(errno.EINVAL, "device coherent memory needs an owner")
+    else:
+        raise oserror(errno.EINVAL, f"memory type {pgmap.type} is not supported here")
+
+    phys = system.phys
+    arena = system.backend.device_arena(pgmap.nr_pages, gpu=pgmap.gpu)
+    base = phys.request_free_mem_region(pgmap.nr_pages)
+    pgmap.index = phys.add_segment(base, arena, pgmap)
+    pgmap.system = system
+    pgmap.arena = arena
+    pgmap.pfn_first = base
+    pgmap.pfn_last = base + pgmap.nr_pages
+    if pgmap.type == MEMORY_DEVICE_COHERENT:
+        nodes = _nodes(system)
+        pgmap.node = MemoryNode(len(nodes) + 1, pgmap.caps)
+        nodes.append(pgmap.node)
+    # Private and coherent pages start free: refcount 0 until zone_device_page_init().
+    phys.pages.refcount[base:pgmap.pfn_last] = 0
+    pgmap.live = True
+    return base
+
+
+def memunmap_pages(pgmap):
+    """memunmap_pages(): remove the frames.  Every page must be free (the driver
+    evicts them first, with migrate_device_range); EBUSY otherwise."""
+    if not pgmap.live:
+        return
+    phys = pgmap.system.phys
+    phys.remove_segment(pgmap.pfn_first)
+    if pgmap.node is not None:
+        _nodes(pgmap.system).remove(pgmap.node)
+    pgmap.live = False
+
+
+def _nodes(system):
+    nodes = getattr(system, "_hmm_memory_nodes", None)
+    if nodes is None:
+        nodes = []
+        system._hmm_memory_nodes = nodes
+    return nodes
+
+
+def zone_device_page_init(system, pfns):
+    """zone_device_page_init(): a driver takes free device pages (refcount 1, locked)."""
+    pfns = np.asarray(pfns, dtype=np.int64)
+    pages = system.phys.pages
+    with system.phys.lock:
+        if pfns.size and (pages.refcount[pfns] != 0).any():
+            bad = pfns[pages.refcount[pfns] != 0][0]
+            raise AssertionError(f"device pfn {int(bad)} handed out while still referenced")
+        pages.refcount[pfns] = 1
+        pages.flags[pfns] |= PG_LOCKED
+
+
+def page_pgmap(system, pfns):
+    """page_pgmap() for many pages: index into phys.pgmaps (-1 for RAM)."""
+    pages = system.phys.pages
+    pfns = np.asarray(pfns, dtype=np.int64)
+    return pages.pgmap[pfns]
+
+
+def _type_mask(system, pfns, mtype):
+    phys = system.phys
+    pfns = np.asarray(pfns, dtype=np.int64)
+    out = np.zeros(pfns.shape, dtype=bool)
+    dev = pfns >= phys.nr_ram
+    if not dev.any():
+        return out
+    idx = phys.pages.pgmap[pfns[dev]]
+    types = np.array([getattr(p, "type", 0) if p is not None else 0 for p in phys.pgmaps] + [0],
+                     dtype=np.int64)
+    out[dev] = types[idx] == mtype
+    return out
+
+
+def is_device_private_page(system, pfns):
+    return _type_mask(system, pfns, MEMORY_DEVICE_PRIVATE)
+
+
+def is_device_coherent_page(system, pfns):
+    return _type_mask(system, pfns, MEMORY_DEVICE_COHERENT)
+
+
+def is_zone_device_page(system, pfns):
+    pfns = np.asarray(pfns, dtype=np.int64)
+    return (system.phys.pages.flags[pfns] & PG_ZONE_DEVICE) != 0
+
+
+def pgmap_owner_is(system, pfns, owner):
+    """Mask of ``pfns`` whose pgmap's owner is ``owner`` (RAM: never)."""
+    phys = system.phys
+    pfns = np.asarray(pfns, dtype=np.int64)
+    out = np.zeros(pfns.shape, dtype=bool)
+    dev = pfns >= phys.nr_ram
+    if not dev.any() or owner is None:
+        return out
+    match = np.array([p is not None and p.owner is owner for p in phys.pgmaps] + [False], dtype=bool)
+    out[dev] = match[phys.pages.pgmap[pfns[dev]]]
+    return out
+
+
+def page_node_allow(system, pfns, feature):
+    """May ``feature`` (a NODE_ALLOW_* bit) use these pages?  A mask, one per pfn.
+
+    System RAM allows everything; device-private memory nothing (the CPU cannot
+    even address it); coherent memory what its driver allowed at registration.
+    """
+    phys = system.phys
+    pfns = np.asarray(pfns, dtype=np.int64)
+    out = np.ones(pfns.shape, dtype=bool)
+    dev = pfns >= phys.nr_ram
+    if not dev.any():
+        return out
+    caps = np.array([(p.node.caps if getattr(p, "node", None) is not None else 0) if p is not None else 0
+                     for p in phys.pgmaps] + [0], dtype=np.int64)
+    out[dev] = (caps[phys.pages.pgmap[pfns[dev]]] & int(feature)) != 0
+    return out
+
+
+def folio_is_longterm_pinnable(system, pfns):
+    """folio_is_longterm_pinnable(): device pages are not, unless their node allows it."""
+    return page_node_allow(system, pfns, NODE_ALLOW_LONGTERM_PIN)

@@ -1,0 +1,151 @@
+"""The reverse map for migration: try_to_migrate() and remove_migration_ptes() of mm/rmap.c
+and mm/migrate.c.
+
+Linux finds every mapping of a page through its anon_vma (anonymous pages) or
+its address_space (file pages).  Here the same question is answered per VMA:
+the anonymous pages of a VMA can only be mapped by VMAs of the same fork family
+(``vma.anon_id``, shared by parent and children), and a page-cache page only by
+VMAs of that file (``vma.file.id == page.mapping``).  ``rmap_vmas`` yields those
+candidate VMAs; each is then searched with one vectorised ``np.isin`` over its
+PTE array, never a loop over pages.
+
+Reference rule (see mm.py's ``_zap``): present, device-private and
+device-exclusive entries hold a reference and a mapcount; migration entries hold
+neither.  try_to_migrate turns mappings into migration entries and drops both;
+remove_migration_ptes installs the new page (or the old one, when a migration
+is abandoned) and takes them again.
+"""
+import numpy as np
+
+from ..constants import PAGE_SHIFT
+from . import pgtable as pt
+from .notifier import MMU_NOTIFY_CLEAR, invalidation
+from .physmem import PG_ANON, PG_DIRTY
+
+_U = np.uint64
+
+
+def rmap_vmas(system, anon_ids=None, mappings=None, everything=False):
+    """Candidate VMAs that may map pages of the given fork families / page caches."""
+    anon_ids = set() if anon_ids is None else set(int(a) for a in anon_ids)
+    mappings = set() if mappings is None else set(int(m) for m in mappings)
+    out = []
+    for proc in list(system.processes):
+        mm = proc.mm
+        if getattr(mm, "dead", False):
+            continue
+        for v in list(mm.vmas):
+            if everything or v.anon_id in anon_ids or (v.file is not None and v.file.id in mappings):
+                out.append(v)
+    return out
+
+
+def vmas_for_pages(system, pfns, family=None):
+    """rmap_walk() candidates for ``pfns``: the fork family given, plus the files they cache.
+
+    Without a family (pages found by pfn, like migrate_device_range), every VMA
+    of every process is a candidate.
+    """
+    pfns = np.asarray(pfns, dtype=np.int64)
+    maps = np.unique(system.phys.pages.mapping[pfns]) if pfns.size else np.zeros(0, np.int64)
+    maps = maps[maps >= 0]
+    if family is None:
+        return rmap_vmas(system, everything=True)
+    return rmap_vmas(system, anon_ids=[family], mappings=maps.tolist())
+
+
+def try_to_migrate(system, pfns, vmas, skip=None):
+    """try_to_migrate(): replace every other mapping of ``pfns`` by a migration entry.
+
+    ``pfns`` are locked by the caller, who also holds a reference on each, so
+    dropping the mappings' references never frees them.  Returns how many
+    mappings were replaced.
+    """
+    pfns = np.unique(np.asarray(pfns, dtype=np.int64))
+    if pfns.size == 0:
+        return 0
+    phys = system.phys
+    pg = phys.pages
+    done = 0
+    for v in vmas:
+        pte = v.pte
+        live = pte != 0
+        if not live.any():
+            continue
+        p = pt.pte_pfn(pte)
+        t = pt.swp_type(pte)
+        mappable = pt.pte_present(pte) | ((t >= pt.SWP_DEVICE_PRIVATE_READ) & (t <= pt.SWP_DEVICE_EXCLUSIVE_WRITE))
+        hit = live & mappable & np.isin(p, pfns)
+        if skip is not None and skip[0] is v:
+            hit[skip[1]:skip[2]] = False
+        idx = np.nonzero(hit)[0]
+        if idx.size == 0:
+            continue
+        lo = v.start + (int(idx[0]) << PAGE_SHIFT)
+        hi = v.start + ((int(idx[-1]) + 1) << PAGE_SHIFT)
+        with invalidation(v.mm, lo, hi, MMU_NOTIFY_CLEAR):
+            with phys.lock:
+                cur = v.pte[idx]
+                still = (cur == pte[idx])
+                idx, cur = idx[still], cur[still]
+                cp = pt.pte_pfn(cur)
+                ct = pt.swp_type(cur)
+                present = pt.pte_present(cur)
+                write = (present & ((cur & pt.PTE_WRITE) != 0)) | (ct == pt.SWP_DEVICE_PRIVATE_WRITE) | (
+                    ct == pt.SWP_DEVICE_EXCLUSIVE_WRITE)
+                dirty = present & ((cur & pt.PTE_DIRTY) != 0)
+                d = cp[dirty]
+                pg.flags[d[(pg.flags[d] & PG_ANON) == 0]] |= PG_DIRTY
+                v.pte[idx] = pt.mk_swp(cp, np.where(write, pt.SWP_MIGRATION_WRITE, pt.SWP_MIGRATION_READ))
+                np.subtract.at(pg.mapcount, cp, 1)
+                phys.put(cp)
+                done += int(idx.size)
+    return done
+
+
+def remove_migration_ptes(system, src, dst, vmas, region=None):
+    """remove_migration_ptes(): every migration entry for src[i] now maps dst[i].
+
+    ``dst[i] == src[i]`` restores the original page (an abandoned migration).
+    A device-private destination becomes a device-private entry; anything else a
+    present PTE.  Writability comes from the migration entry.  ``region`` =
+    (vma, i0, i1) limits the search to one slice when the caller knows no other
+    mapping exists (nothing went through try_to_migrate).
+    """
+    src = np.asarray(src, dtype=np.int64)
+    dst = np.asarray(dst, dtype=np.int64)
+    if src.size == 0:
+        return 0
+    phys = system.phys
+    pg = phys.pages
+    order = np.argsort(src, kind="stable")
+    ssrc, sdst = src[order], dst[order]
+    from ..hmm.memremap import is_device_private_page
+    done = 0
+    targets = [region] if region is not None else [(v, 0, v.npages) for v in vmas]
+    with phys.lock:
+        for v, i0, i1 in targets:
+            pte = v.pte[i0:i1]
+            mig = pt.is_migration(pte)
+            if not mig.any():
+                continue
+            p = pt.pte_pfn(pte)
+            pos = np.searchsorted(ssrc, p)
+            pos = np.minimum(pos, ssrc.size - 1)
+            hit = mig & (ssrc[pos] == p)
+            idx = np.nonzero(hit)[0]
+            if idx.size == 0:
+                continue
+            new = sdst[pos[idx]]
+            writable = pt.swp_type(pte[idx]) == pt.SWP_MIGRATION_WRITE
+            devp = is_device_private_page(system, new)
+            ent = np.where(writable, pt.PTE_WRITE | pt.PTE_DIRTY, _U(0)).astype(_U)
+            out = pt.mk_pte(new, pt.PTE_YOUNG) | ent
+            if devp.any():
+                out[devp] = pt.mk_swp(new[devp], np.where(writable[devp], pt.SWP_DEVICE_PRIVATE_WRITE,
+                                                          pt.SWP_DEVICE_PRIVATE_READ))
+            v.pte[i0 + idx] = out
+            np.add.at(pg.refcount, new, 1)
+            np.add.at(pg.mapcount, new, 1)
+            done += int(idx.size)
+    return done
