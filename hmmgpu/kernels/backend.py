@@ -8,6 +8,7 @@ the real file, and cached (CuPy also keeps the binary in its on-disk kernel cach
 hmmgpu never initialises CUDA: this module is imported only when the cupy backend is chosen, and
 the first CUDA call happens when a backend object hands out its first arena or engine.
 """
+import ctypes
 import os
 import threading
 import weakref
@@ -89,7 +90,7 @@ class CupyArena(Arena):
                 weakref.finalize(self, cupy.cuda.runtime.freeHost, hptr)
                 attrs = cupy.cuda.runtime.pointerGetAttributes(hptr)
                 self.ptr = int(attrs.devicePointer) or hptr
-                buf = (np.ctypeslib.ctypes.c_uint8 * max(size, 1)).from_address(hptr)
+                buf = (ctypes.c_uint8 * max(size, 1)).from_address(hptr)
                 self.host = np.ctypeslib.as_array(buf)[:size].reshape(self.nframes, PAGE_SIZE)
                 self.host[:] = 0          # cudaHostAlloc does not zero
                 self.frames = None

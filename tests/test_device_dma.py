@@ -1,0 +1,82 @@
+"""The DMA engine and the arenas: coalescing, scatter/gather copies, vectorised access."""
+import numpy as np
+
+from hmmgpu.device import EmulatedDevice
+from hmmgpu.device.dma import coalesce_runs
+
+BASE_PFN = 1 << 20
+PAGE = 4096
+
+
+def test_coalesce_runs():
+    d = np.array([5, 6, 7, 1, 9, 10, 3])
+    s = np.array([2, 3, 4, 0, 8, 11, 12])
+    starts, lengths = coalesce_runs(d, s)
+    assert starts.tolist() == [0, 3, 4, 5, 6] and lengths.tolist() == [3, 1, 1, 1, 1]
+    assert coalesce_runs(np.zeros(0), np.zeros(0))[0].size == 0
+
+
+def _batch(rng, n_long, long_len, n_scattered, dst_space, src_space):
+    """Destination/source frame indices: some long contiguous runs, then scattered pages."""
+    d = rng.permutation(dst_space)
+    s = rng.permutation(src_space)
+    dl = np.concatenate([np.arange(k * 1000, k * 1000 + long_len) for k in range(n_long)])
+    sl = np.concatenate([np.arange(k * 1000 + 500, k * 1000 + 500 + long_len) for k in range(n_long)])
+    used_d, used_s = set(dl.tolist()), set(sl.tolist())
+    dsc = np.array([x for x in d.tolist() if x not in used_d][:n_scattered])   # test setup only
+    ssc = np.array([x for x in s.tolist() if x not in used_s][:n_scattered])
+    return np.concatenate((dl, dsc)), np.concatenate((sl, ssc))
+
+
+def test_copy_pages_all_directions(backend):
+    rng = np.random.default_rng(21)
+    host = backend.host_arena(4000)
+    dev = EmulatedDevice(backend, 4000, BASE_PFN, host)
+    src_data = rng.integers(0, 256, (4000, PAGE), dtype=np.uint8)
+    host.write(np.arange(4000), src_data)
+    # RAM -> device: 3 runs of 100 pages (cudaMemcpyAsync each) + 300 scattered (one kernel)
+    d, s = _batch(rng, 3, 100, 300, 4000, 4000)
+    dev.copy_pages(BASE_PFN + d, s).wait()
+    assert np.array_equal(dev.arena.read(d), src_data[s])
+    if hasattr(dev.dma, "memcpy_calls"):
+        assert dev.dma.memcpy_calls == 3 and dev.dma.kernel_launches == 1
+    # device -> RAM, into other frames
+    d2, s2 = _batch(rng, 2, 80, 200, 4000, 4000)
+    dev_data = dev.arena.read(np.arange(4000))
+    dev.copy_pages(d2, BASE_PFN + s2).wait()
+    assert np.array_equal(host.read(d2), dev_data[s2])
+    # device -> device (disjoint source and destination sets)
+    dd = np.arange(0, 2000, 2)
+    ss = rng.permutation(np.arange(1, 4000, 2))[:1000]
+    before = dev.arena.read(np.arange(4000))
+    dev.copy_pages(BASE_PFN + dd, BASE_PFN + ss).wait()
+    after = dev.arena.read(np.arange(4000))
+    assert np.array_equal(after[dd], before[ss])
+    assert np.array_equal(after[1::2], before[1::2])
+    assert dev.dma.pages_copied == 600 + 360 + 1000
+
+
+def test_arena_vectorised_access(backend):
+    rng = np.random.default_rng(2)
+    for arena in (backend.host_arena(64), backend.device_arena(64)):
+        idx = rng.permutation(64)[:20]
+        data = rng.integers(0, 256, (20, PAGE), dtype=np.uint8)
+        arena.write(idx, data)
+        assert np.array_equal(arena.read(idx), data)
+        arena.fill(idx[:5], 7)
+        assert (arena.read(idx[:5]) == 7).all()
+        got = arena.read_bytes(idx[5:8], [0, 100, 4000], [10, 20, 96])
+        want = np.concatenate((data[5, :10], data[6, 100:120], data[7, 4000:4096]))
+        assert np.array_equal(got, want)
+        assert not arena.read(np.setdiff1d(np.arange(64), idx)).any()
+
+
+def test_read_write_pages_by_pfn(backend):
+    host = backend.host_arena(32)
+    dev = EmulatedDevice(backend, 32, BASE_PFN, host)
+    pf = np.array([3, BASE_PFN + 5, 7, BASE_PFN + 0])
+    data = np.arange(4 * PAGE, dtype=np.uint32).astype(np.uint8).reshape(4, PAGE)
+    dev.write_pages(pf, data)
+    assert np.array_equal(dev.read_pages(pf), data)
+    dev.fill_pages(pf[:2], 9)
+    assert (dev.read_pages(pf[:2]) == 9).all()

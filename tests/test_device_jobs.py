@@ -1,0 +1,335 @@
+"""Device jobs: results, faults, replay of only the faulted lanes, overflow, fatal faults,
+user jobs, and invalidation racing a running job."""
+import errno
+import threading
+
+import numpy as np
+import pytest
+
+from hmmgpu.device import EmulatedDevice, JobFault, UserJob
+from hmmgpu.device.faults import ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE
+from hmmgpu.device.pagetable import PTE_ATOMIC, PTE_WRITE
+from hmmgpu.device.testing import ToyDriver
+
+BASE_PFN = 1 << 20
+PAGE = 4096
+
+
+def setup(backend, ram=512, frames=512, window=1024, migrate="odd", **kw):
+    host = backend.host_arena(ram)
+    dev = EmulatedDevice(backend, frames, BASE_PFN, host, **kw)
+    drv = ToyDriver(dev, window, migrate=migrate)
+    dev.service = drv.service
+    return dev, drv
+
+
+def rand_bytes(rng, npages):
+    return rng.integers(0, 256, npages * PAGE, dtype=np.uint8)
+
+
+def test_bulk_jobs_results(backend):
+    rng = np.random.default_rng(7)
+    dev, drv = setup(backend)
+    n = 20
+    xb = rand_bytes(rng, n)
+    x = drv.region(n, xb, rng)
+    y = drv.region(n, rand_bytes(rng, n), rng)
+    z = drv.region(n, None, rng)
+    # half the pages start mapped (remote), the rest fault in and odd ones migrate
+    for a in (x, y, z):
+        v = drv.vpns(a, n)
+        drv.map(v[rng.random(n) < 0.5]).wait()
+    off, nbytes = 48, (n - 2) * PAGE + 160            # unaligned to pages, ragged last lane
+    r = dev.jobs.copy(z + off, x + off, nbytes)
+    assert np.array_equal(drv.data(z, n)[off:off + nbytes], xb[off:off + nbytes])
+    assert r.rounds[0] == -(-nbytes // PAGE)
+    r = dev.jobs.reduce_sum(x + off, nbytes)
+    assert r.value == int(xb[off:off + nbytes].view(np.uint32).astype(np.uint64).sum())
+    dev.jobs.memset(y + 16, 0x5A, 3 * PAGE)
+    yb = drv.data(y, n)
+    assert (yb[16:16 + 3 * PAGE] == 0x5A).all()
+    xf = drv.data(x, n).view(np.float32).copy()
+    xf[~np.isfinite(xf)] = 1.0
+    dev.write_pages(drv.backing[drv.vpns(x, n) - drv.vpn0], xf.view(np.uint8))
+    yf = drv.data(y, n).view(np.float32).copy()
+    yf[~np.isfinite(yf)] = 2.0
+    dev.write_pages(drv.backing[drv.vpns(y, n) - drv.vpn0], yf.view(np.uint8))
+    dev.jobs.axpy(np.float32(0.5), x, y, n * 1024)
+    assert np.array_equal(drv.data(y, n).view(np.float32), np.float32(0.5) * xf + yf)
+
+
+def test_replays_only_faulted_lanes_and_no_side_effects(backend):
+    """A user job: lane i atomically adds x[i] into a counter.  Lanes whose x page is missing
+    fault; only they are replayed, and the counter ends exactly at sum(x): no lane added twice,
+    no faulted lane left a partial effect."""
+    rng = np.random.default_rng(11)
+    dev, drv = setup(backend, migrate="none", fault_buffer_entries=1 << 14)
+    n = 16 * 1024                                   # 16 pages of uint32
+    xs = rng.integers(0, 1000, n).astype(np.uint32)
+    x = drv.region(16, xs.view(np.uint8), rng)
+    ctr = drv.region(1, np.zeros(PAGE, np.uint8))
+    mapped = np.zeros(16, bool)
+    mapped[[0, 2, 3, 5, 8, 13]] = True
+    drv.map(drv.vpns(x, 16)[mapped]).wait()
+    drv.map(drv.vpns(ctr, 1)).wait()
+    r = dev.jobs.run(COUNT_JOB, n, [x, ctr])
+    assert r.rounds == [n, int((~mapped).sum()) * 1024]
+    assert int(drv.data(ctr, 1)[:4].view(np.uint32)[0]) == int(xs.sum(dtype=np.uint64))
+    assert dev.counters["num_replays"] == 1
+    assert dev.counters["num_read_faults"] > 0
+
+
+COUNT_JOB = UserJob(
+    "count_job",
+    cuda_source=r"""
+__device__ void count_lane(hmm_lane& L, hmm_u64 lane, const hmm_u64* a) {
+    hmm_u32 v = hmm_load<hmm_u32>(L, a[0] + 4 * lane);
+    hmm_atomic_add<unsigned int>(L, a[1], v);
+}
+HMM_DEFINE_JOB(count_job, count_lane)
+""",
+    numpy_lane=lambda ctx, lanes, a: ctx.atomic_add(
+        np.uint64(a[1]), ctx.load(np.uint64(a[0]) + np.uint64(4) * lanes.astype(np.uint64), np.uint32)))
+
+
+STAMP_JOB = UserJob(
+    "stamp_job",
+    cuda_source=r"""
+__device__ void stamp_lane(hmm_lane& L, hmm_u64 lane, const hmm_u64* a) {
+    hmm_store<hmm_u32>(L, a[0] + (4 * lane) % a[1], (hmm_u32)a[2]);
+}
+HMM_DEFINE_JOB(stamp_job, stamp_lane)
+""",
+    numpy_lane=lambda ctx, lanes, a: ctx.store(
+        np.uint64(a[0]) + (np.uint64(4) * lanes.astype(np.uint64)) % np.uint64(a[1]),
+        np.full(lanes.size, a[2], np.uint32)))
+
+
+def test_duplicate_faults_are_merged(backend):
+    """Many lanes gather from the same few missing pages: the driver sees each page once."""
+    rng = np.random.default_rng(5)
+    n = 4096
+    dev, drv = setup(backend, migrate="none", fault_buffer_entries=n)
+    src_vals = rng.integers(0, 1 << 32, 4 * 1024, dtype=np.uint64).astype(np.uint32)
+    src = drv.region(4, src_vals.view(np.uint8), rng)
+    idx_vals = rng.integers(0, src_vals.size, n).astype(np.int64)
+    idx = drv.region(8, idx_vals.view(np.uint8), rng)
+    dst = drv.region(4, None, rng)
+    drv.map(drv.vpns(idx, 8)).wait()
+    drv.map(drv.vpns(dst, 4)).wait()
+    r = dev.jobs.gather(dst, src, idx, n)
+    got = drv.data(dst, 4).view(np.uint32)
+    assert np.array_equal(got, src_vals[idx_vals])
+    serviced = np.concatenate([v for v, _ in drv.serviced])
+    assert np.array_equal(np.sort(serviced), drv.vpns(src, 4))      # each page once
+    c = dev.counters
+    assert c["num_read_faults"] == n                   # every lane recorded its miss once
+    assert c["num_duplicate_faults"] == n - 4
+    assert c["num_fault_batches"] == -(-n // 256) and r.rounds == [n, n]
+
+
+def test_fault_buffer_overflow(backend):
+    """A 4-entry buffer and 64 lanes faulting on 64 pages: the lanes that found it full are
+    replayed too, and re-fault until every page is in."""
+    rng = np.random.default_rng(9)
+    dev, drv = setup(backend, fault_buffer_entries=4, fault_batch_size=2)
+    data = rand_bytes(rng, 64)
+    a = drv.region(64, data, rng)
+    b = drv.region(64, None, rng)
+    drv.map(drv.vpns(b, 64)).wait()
+    sizes = []
+    orig = drv.service
+    dev.service = lambda f: (sizes.append(len(f)), orig(f))[1]
+    r = dev.jobs.copy(b, a, 64 * PAGE)
+    assert np.array_equal(drv.data(b, 64), data)
+    assert max(sizes) <= 2 and sum(sizes) == 64
+    assert dev.counters["num_buffer_overflows"] == sum(60 - 4 * k for k in range(15))
+    assert r.rounds == [64] + [64 - 4 * k for k in range(16)]
+
+
+def test_write_and_atomic_faults_upgrade(backend):
+    dev, drv = setup(backend, migrate="none")
+    a = drv.region(2, np.zeros(2 * PAGE, np.uint8))
+    drv.map(drv.vpns(a, 2), flags=0).wait()           # read-only, no atomics
+    dev.jobs.reduce_sum(a, 2 * PAGE)
+    assert dev.counters["num_read_faults"] == 0
+    dev.jobs.memset(a, 3, PAGE)
+    assert dev.counters["num_write_faults"] == 1
+    accesses = [acc for _, acc in drv.serviced]
+    assert accesses[-1].tolist() == [ACCESS_WRITE]
+    drv.map(drv.vpns(a, 2), flags=PTE_WRITE).wait()    # writable but not atomic
+    dev.jobs.run(COUNT_JOB, 1, [a, a + PAGE])
+    assert dev.counters["num_atomic_faults"] == 1
+    assert drv.serviced[-1][1].tolist() == [ACCESS_ATOMIC]
+    assert int(drv.data(a, 2)[PAGE:PAGE + 4].view(np.uint32)[0]) == 0x03030303
+
+
+def test_fatal_fault_cancels_with_address(backend):
+    dev, drv = setup(backend)
+    a = drv.region(4, None)
+    drv.prot_none[drv.vpns(a, 4)[2] - drv.vpn0] = True
+    with pytest.raises(JobFault) as ei:
+        dev.jobs.memset(a, 1, 4 * PAGE)
+    assert ei.value.errno == errno.EFAULT
+    assert ei.value.address == a + 2 * PAGE and f"0x{a + 2 * PAGE:x}" in str(ei.value)
+    assert dev.counters["num_fatal_faults"] == 1
+    # errno chosen by the driver; and no handler at all
+    dev.service = lambda f: np.full(len(f), errno.EPERM)
+    with pytest.raises(JobFault) as ei:
+        dev.jobs.memset(a + 2 * PAGE, 1, 16)
+    assert ei.value.errno == errno.EPERM
+    dev.service = None
+    with pytest.raises(JobFault, match="write fault at 0x"):
+        dev.jobs.memset(drv.base + 1000 * PAGE, 1, 16)
+    # the device is still usable: the fault buffer was left empty
+    dev.service = drv.service
+    assert dev.jobs.memset(a, 1, 2 * PAGE).replays >= 0
+
+
+def test_unserviced_fault_is_reported_not_spun(backend):
+    dev, drv = setup(backend)
+    a = drv.region(1, None)
+    dev.service = lambda f: None                        # claims success, maps nothing
+    with pytest.raises(JobFault, match="without mapping"):
+        dev.jobs.memset(a, 1, 16)
+
+
+def _lists(rng, drv, nlanes, length, npages):
+    """Linked lists in 'process memory': nodes {next, value} at random 16-byte slots."""
+    slots = rng.permutation(npages * PAGE // 16)[: nlanes * length]
+    mem = np.zeros(npages * PAGE // 8, np.uint64)
+    base = drv.region(npages, None, rng)
+    addr = base + slots.astype(np.uint64) * np.uint64(16)
+    addr = addr.reshape(nlanes, length)
+    vals = rng.integers(0, 1 << 40, (nlanes, length)).astype(np.uint64)
+    nxt = np.concatenate((addr[:, 1:], np.zeros((nlanes, 1), np.uint64)), axis=1)
+    w = ((addr - np.uint64(base)) // np.uint64(8)).astype(np.int64)
+    mem[w] = nxt
+    mem[w + 1] = vals
+    pf = drv.backing[drv.vpns(base, npages) - drv.vpn0]
+    drv.dev.write_pages(pf, mem.view(np.uint8))
+    return base, addr[:, 0], vals.sum(axis=1, dtype=np.uint64)
+
+
+def _tree(rng, drv, nkeys, npages):
+    """A binary search tree of random keys, nodes {left, right, key, value} at 32-byte slots."""
+    keys = rng.choice(1 << 40, nkeys, replace=False).astype(np.uint64)
+    slots = rng.permutation(npages * PAGE // 32)[:nkeys]
+    base = drv.region(npages, None, rng)
+    addr = np.uint64(base) + slots.astype(np.uint64) * np.uint64(32)
+    mem = np.zeros(npages * PAGE // 8, np.uint64)
+    # insert in random order: children computed with a vectorised pass per level
+    order = keys.copy()
+    left = np.zeros(nkeys, np.uint64)
+    right = np.zeros(nkeys, np.uint64)
+    # build a balanced BST from the sorted keys (no per-node Python loop): node i of the sorted
+    # order has children at the middles of its halves
+    srt = np.argsort(order)
+    lo, hi = np.zeros(1, np.int64), np.full(1, nkeys, np.int64)
+    parent_of = {}
+    root = (lo + hi) // 2
+    levels = []
+    cur_lo, cur_hi = lo, hi
+    while cur_lo.size:
+        mid = (cur_lo + cur_hi) // 2
+        levels.append((cur_lo, mid, cur_hi))
+        nl, nh = np.concatenate((cur_lo, mid + 1)), np.concatenate((mid, cur_hi))
+        keep = nl < nh
+        cur_lo, cur_hi = nl[keep], nh[keep]
+    for lo_, mid, hi_ in levels:
+        lm = (lo_ + mid) // 2
+        has_l = lo_ < mid
+        rm = (mid + 1 + hi_) // 2
+        has_r = mid + 1 < hi_
+        n_id = srt[mid]
+        left[n_id[has_l]] = addr[srt[lm[has_l]]]
+        right[n_id[has_r]] = addr[srt[rm[has_r]]]
+    vals = rng.integers(0, 1 << 50, nkeys).astype(np.uint64)
+    w = ((addr - np.uint64(base)) // np.uint64(8)).astype(np.int64)
+    mem[w], mem[w + 1], mem[w + 2], mem[w + 3] = left, right, keys, vals
+    del parent_of
+    drv.dev.write_pages(drv.backing[drv.vpns(base, npages) - drv.vpn0], mem.view(np.uint8))
+    return base, addr[srt[root[0]]], keys, vals
+
+
+def test_list_chase_and_tree_search_resume_after_faults(backend):
+    rng = np.random.default_rng(13)
+    dev, drv = setup(backend)
+    base, heads, sums = _lists(rng, drv, 64, 50, 16)
+    drv.map(drv.vpns(base, 16)[::2]).wait()           # half the pages: lanes fault mid-walk
+    r = dev.jobs.list_chase(heads)
+    s, steps = r.value
+    assert np.array_equal(s, sums) and (steps == 50).all()
+    assert r.replays >= 1                              # lanes resumed mid-list
+    tbase, root, keys, vals = _tree(rng, drv, 3000, 32)
+    probe = np.concatenate((keys[rng.permutation(keys.size)[:500]], np.array([1 << 45], np.uint64)))
+    r = dev.jobs.tree_search(root, probe)
+    found, depth = r.value
+    want = np.full(probe.size, np.iinfo(np.uint64).max, np.uint64)
+    pos = {int(k): i for i, k in enumerate(keys[:0])}
+    del pos
+    sk = np.argsort(keys)
+    hit = np.searchsorted(keys[sk], probe)
+    ok = (hit < keys.size) & (keys[sk][np.minimum(hit, keys.size - 1)] == probe)
+    want[ok] = vals[sk][hit[ok]]
+    assert np.array_equal(found, want)
+    assert depth.max() <= 12 and depth.min() >= 1
+
+
+def test_invalidation_racing_a_running_job(backend):
+    """A long job stamps pages; another thread invalidates them mid-job and, once invalidate()
+    returned, writes a generation tag into the old frames.  The job must never write them
+    again: the tags must survive, and the lanes replayed after the fault land in new frames."""
+    dev, drv = setup(backend, migrate="none", slice_lanes=512)
+    npages = 8
+    a = drv.region(npages, None)
+    v = drv.vpns(a, npages)
+    drv.map(v).wait()
+    old = drv.backing[v - drv.vpn0].copy()
+    started = threading.Event()
+    done = threading.Event()
+    orig_launch = dev.jobs.ex.launch
+
+    def launch(*args, **kw):
+        f = orig_launch(*args, **kw)
+        started.set()
+        return f
+    dev.jobs.ex.launch = launch
+
+    def invalidator():
+        started.wait(10)
+        dev.pt.invalidate(v)                          # returns when no lane can use old entries
+        # move the pages: fresh frames, and the old ones get generation tag 0xEE
+        drv.backing[v - drv.vpn0] = drv.alloc_ram(npages)
+        dev.write_pages(old, np.full((npages, PAGE), 0xEE, np.uint8))
+        done.set()
+
+    t = threading.Thread(target=invalidator)
+    t.start()
+    nlanes = npages * 1024 * 64                       # 64 passes over the pages
+    r = dev.jobs.run(STAMP_JOB, nlanes, [a, npages * PAGE, 0x11223344])
+    t.join(10)
+    assert done.is_set()
+    assert (dev.read_pages(old) == 0xEE).all(), "a lane wrote a page after its invalidation returned"
+    new = drv.backing[v - drv.vpn0]
+    words = dev.read_pages(new).view(np.uint32)
+    assert np.isin(words, [0, 0x11223344]).all()      # fresh frames: zero, or stamped after the move
+    assert r.replays == 0 or (words == 0x11223344).any()
+    assert dev.pt.stats["pt_invalidations"] == 1
+
+
+def test_numpy_lane_context_api():
+    """The fallback lane context: load/store/atomic_add/probe vectorised over lanes."""
+    from hmmgpu.device.backend import get_backend
+    dev, drv = setup(get_backend("numpy"), migrate="none")
+    a = drv.region(2, np.arange(2 * PAGE // 4, dtype=np.uint32).view(np.uint8))
+    drv.map(drv.vpns(a, 1)).wait()
+    seen = {}
+
+    def lane(ctx, lanes, args):
+        x = ctx.load(np.uint64(a) + np.uint64(4096) * (lanes % 2).astype(np.uint64), np.uint32)
+        seen.setdefault("probe" if ctx.probe_pass else "commit", []).append(lanes.copy())
+        ctx.atomic_add(np.uint64(a + 8), x)
+    r = dev.jobs.run(UserJob("np_lane", numpy_lane=lane), 4)
+    assert r.rounds == [4, 2]
+    assert int(drv.data(a, 1)[8:12].view(np.uint32)[0]) == 2 + 2 * 1024

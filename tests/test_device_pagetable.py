@@ -1,0 +1,113 @@
+"""The device page table: command-buffer updates, walks, and the directory shadow."""
+import numpy as np
+import pytest
+
+from hmmgpu.device import EmulatedDevice
+from hmmgpu.device.pagetable import (PTE_ACCESSED, PTE_ATOMIC, PTE_DIRTY, PTE_VALID, PTE_WRITE,
+                                     pte_pfn)
+
+BASE_PFN = 1 << 20
+
+
+def make_dev(backend, ram=256, frames=256, **kw):
+    host = backend.host_arena(ram)
+    return EmulatedDevice(backend, frames, BASE_PFN, host, **kw)
+
+
+def test_map_lookup_scattered_across_tables(backend):
+    dev = make_dev(backend)
+    rng = np.random.default_rng(1)
+    # vpns in different level-1, level-2 and leaf tables, RAM and device pfns, mixed flags
+    vpns = np.unique(rng.integers(0, 1 << 36, size=3000))
+    pfns = np.where(rng.random(vpns.size) < 0.5, rng.integers(0, 256, vpns.size),
+                    BASE_PFN + rng.integers(0, 256, vpns.size))
+    flags = rng.choice([0, PTE_WRITE, PTE_WRITE | PTE_ATOMIC], size=vpns.size)
+    dev.pt.map(vpns, pfns, flags).wait()
+    e = dev.pt.lookup(vpns)
+    assert np.array_equal(pte_pfn(e), pfns)
+    assert np.array_equal(e & np.uint64(0xFFF), (flags | PTE_VALID).astype(np.uint64))
+    others = np.setdiff1d(rng.integers(0, 1 << 36, size=2000), vpns)
+    assert not dev.pt.lookup(others).any()
+    assert dev.pt.nr_nodes > 3000 // 512
+
+
+def test_last_one_wins_and_run_coalescing(backend):
+    dev = make_dev(backend)
+    v0 = 0x7F0000000
+    vpns = np.arange(v0, v0 + 100_000)
+    pfns = np.arange(100_000) % 200
+    before = dev.pt.stats["pt_commands"]
+    dev.pt.map(vpns, pfns).wait()
+    # runs of 200 consecutive pfns (pfns wrap every 200 pages) plus the table links
+    cmds = dev.pt.stats["pt_commands"] - before
+    links = dev.pt.stats["pt_links"]
+    assert cmds - links == 500
+    dev.pt.map(np.array([v0 + 5, v0 + 5]), np.array([7, 9])).wait()
+    assert pte_pfn(dev.pt.lookup([v0 + 5]))[0] == 9
+    assert np.array_equal(pte_pfn(dev.pt.lookup(vpns[:5])), pfns[:5])
+
+
+def test_unmap_protect_set_bits(backend):
+    dev = make_dev(backend)
+    v = np.arange(1000, 1600)
+    dev.pt.map(v, np.arange(600) % 256, PTE_WRITE | PTE_ATOMIC).wait()
+    dev.pt.unmap(v[::3]).wait()
+    e = dev.pt.lookup(v)
+    assert not e[::3].any()
+    assert ((e[1::3] & np.uint64(PTE_VALID)) != 0).all()
+    dev.pt.protect(v).wait()                       # write-protect + revoke atomic
+    e = dev.pt.lookup(v)
+    assert not e[::3].any(), "protect must not create entries"
+    assert ((e[1::3] & np.uint64(0xFFF)) == PTE_VALID).all()
+    dev.pt.set_bits(v[1::3], PTE_WRITE).wait()
+    e = dev.pt.lookup(v)
+    assert ((e[1::3] & np.uint64(0xFFF)) == PTE_VALID | PTE_WRITE).all()
+    assert not e[::3].any()
+    # unmapping where no table was ever allocated is a no-op
+    dev.pt.unmap(np.arange(1 << 30, (1 << 30) + 10)).wait()
+    dev.pt.invalidate(v)
+    assert not dev.pt.lookup(v).any()
+
+
+def test_pool_grows(backend):
+    dev = make_dev(backend, pt_initial_nodes=4)
+    vpns = np.arange(64) * (1 << 18) + 3             # 64 level-2 tables, 64 leaf tables
+    dev.pt.map(vpns, np.arange(64)).wait()
+    assert dev.pt.capacity >= dev.pt.nr_nodes > 128
+    assert np.array_equal(pte_pfn(dev.pt.lookup(vpns)), np.arange(64))
+
+
+def test_rejects_foreign_pfns_and_addresses(backend):
+    dev = make_dev(backend)
+    with pytest.raises(ValueError, match="neither system RAM"):
+        dev.pt.map([1], [300])
+    with pytest.raises(ValueError, match="virtual address space"):
+        dev.pt.map([1 << 36], [1])
+    assert not dev.pt.lookup([1]).any()
+
+
+def test_million_entries_per_call(backend):
+    dev = make_dev(backend)
+    n = 1 << 20
+    rng = np.random.default_rng(3)
+    vpns = 0x7F0000000 + np.arange(n)
+    pfns = rng.integers(0, 256, n)                    # scattered: no run coalescing
+    dev.pt.map(vpns, pfns).wait()
+    sample = rng.integers(0, n, 5000)
+    assert np.array_equal(pte_pfn(dev.pt.lookup(vpns[sample])), pfns[sample])
+    dev.pt.unmap(vpns).wait()
+    assert not dev.pt.lookup(vpns[sample]).any()
+
+
+def test_accessed_dirty_set_by_walker(backend):
+    from hmmgpu.device.testing import ToyDriver
+    dev = make_dev(backend)
+    drv = ToyDriver(dev, 64, migrate="none")
+    a = drv.region(4)
+    drv.map(drv.vpns(a, 4)).wait()
+    dev.jobs.reduce_sum(a, 2 * 4096)
+    dev.jobs.memset(a + 2 * 4096, 1, 4096)
+    e = dev.pt.lookup(drv.vpns(a, 4)) & np.uint64(PTE_ACCESSED | PTE_DIRTY)
+    assert e.tolist() == [PTE_ACCESSED, PTE_ACCESSED, PTE_ACCESSED | PTE_DIRTY, 0]
+    dev.pt.protect(drv.vpns(a, 4), clear=PTE_ACCESSED | PTE_DIRTY).wait()
+    assert not (dev.pt.lookup(drv.vpns(a, 4)) & np.uint64(PTE_ACCESSED | PTE_DIRTY)).any()
