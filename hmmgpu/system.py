@@ -98,7 +98,17 @@ class System:
             pool = [p for p in pool if p.alive and not p.mm.oom_victim]
             if not pool:
                 return False
-            victim = max(pool, key=lambda p: sum(p.mm.rss.values()))
+            # A vectorised fault asks for all its pages at once, where Linux faults them one by
+            # one and the faulting task's rss grows until memory runs out: count what it would
+            # have reached by then as its own.
+            if memcg is not None:
+                room = max(0, (memcg.limit - memcg.usage) // PAGE_SIZE)
+            else:
+                room = self.phys.nr_free()
+
+            def badness(p):
+                return sum(p.mm.rss.values()) + (min(npages, room) if p.mm.mmap_lock.held_by_me() else 0)
+            victim = max(pool, key=badness)
             where = f"memcg {memcg.name!r} over its limit" if memcg is not None else "system out of memory"
             reason = f"killed by the OOM killer ({where}, rss {sum(victim.mm.rss.values())} pages)"
             self.oom_kills.append((victim.pid, reason))

@@ -11,6 +11,7 @@ writing; faults, GUP and HMM take it for reading.  A PTE changes state under
 lock and re-checks that the entries did not move meanwhile (``pte_same``).
 """
 import bisect
+import contextlib
 import errno
 
 import numpy as np
@@ -28,7 +29,7 @@ from .locks import RWLock
 from .notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_PROTECTION_PAGE,
                        MMU_NOTIFY_PROTECTION_VMA, MMU_NOTIFY_UNMAP, NotifierSubscriptions,
                        invalidation)
-from .physmem import PG_ANON, PG_DIRTY, PG_SWAPBACKED, PG_ZONE_DEVICE
+from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_SWAPBACKED, PG_ZONE_DEVICE
 from .vma import (VM_ACCESS, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
                   VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, VMA, prot_to_vm,
                   vma_is_anonymous)
@@ -117,6 +118,23 @@ class MM:
         if v is not None and v.start < addr:
             self._insert(v.split(addr))
 
+    def _try_merge(self, addr):
+        """vma_merge(): join the VMAs meeting at ``addr`` when nothing tells them apart."""
+        nxt = self.find_vma(addr)
+        prev = self.find_vma(addr - 1) if addr else None
+        if prev is None or nxt is None or prev is nxt or prev.end != nxt.start:
+            return
+        if (prev.vm_flags != nxt.vm_flags or prev.file is not nxt.file or prev.driver is not None
+                or nxt.driver is not None or prev.anon_id != nxt.anon_id):
+            return
+        if prev.file is not None and prev.pgoff + prev.npages != nxt.pgoff:
+            return
+        prev.pte = np.concatenate((prev.pte, nxt.pte))
+        prev.end = nxt.end
+        self._remove(nxt)
+        if prev.file is not None:
+            prev.file.nr_mappings -= 1
+
     # -- rss -------------------------------------------------------------------------
     def _rss_counts(self, pfns):
         """(anon, file, shmem) page counts of ``pfns``; the zero page counts nowhere."""
@@ -185,7 +203,7 @@ class MM:
             self._map(vma, idx, pfns, flags)
 
     # -- faults ----------------------------------------------------------------------
-    def handle_mm_fault(self, vma, start, end, write):
+    def handle_mm_fault(self, vma, start, end, write, unshare=False):
         """Fault in every page of [start, end) in ``vma`` for a read or a write.
 
         The caller holds mmap_lock and has checked that the VMA allows the access.
@@ -194,12 +212,17 @@ class MM:
         """
         i0, i1 = vma.idx(start), vma.idx(end - 1) + 1
         for _ in range(_MAX_FAULT_ROUNDS):
-            if self._fault_round(vma, i0, i1, write):
+            if self._fault_round(vma, i0, i1, write, unshare):
                 return
         raise oserror(errno.EAGAIN, f"fault did not settle after {_MAX_FAULT_ROUNDS} rounds", start, end)
 
-    def _fault_round(self, vma, i0, i1, write):
-        """One pass; returns True when every entry is present (and writable for a write)."""
+    def _fault_round(self, vma, i0, i1, write, unshare=False):
+        """One pass; returns True when every entry is present (and writable for a write).
+
+        ``unshare`` (FOLL_PIN for reading, Linux 5.19+ gup_must_unshare): an anonymous
+        page that another process may still share is copied first, so that the pin
+        and this process's mapping stay the same page.
+        """
         phys = self.phys
         with phys.lock:
             snap = vma.pte[i0:i1].copy()
@@ -208,17 +231,21 @@ class MM:
             self._fault_nonpresent(vma, i0, snap, swp, write)
             return False
         present = pt.pte_present(snap)
+        pfns = pt.pte_pfn(snap)
+        pg = phys.pages
         need_new = ~present
         if write:
             need_new |= present & ~pt.pte_write(snap)
+        elif unshare and vma.cow:
+            fl = pg.flags[pfns]
+            need_new |= (present & (pfns != phys.zero_pfn) & ((fl & PG_ANON) != 0)
+                         & ((fl & PG_ANON_EXCLUSIVE) == 0) & (pg.refcount[pfns] > 1))
         if not need_new.any():
             if write:
                 self._mark_dirty(vma, i0, i1)
             return True
         # Decide, per entry, what the fault does (pages are allocated before the
         # page-table lock is taken; the entries are re-checked afterwards).
-        pfns = pt.pte_pfn(snap)
-        pg = phys.pages
         none = snap == 0
         rel = np.nonzero(need_new)[0]
         is_none = none[rel]
@@ -234,71 +261,75 @@ class MM:
                 a = vma.start + ((i0 + int(rel[is_none][beyond][0])) << PAGE_SHIFT)
                 raise BusError(a, f"page {int(file_idx[beyond][0])} is past the end of {vma.file.name}",
                                "write" if write else "read")
-        # what each needing entry becomes
         cache_pfns = np.full(rel.size, -1, np.int64)
         if file_idx is not None:
             cache_pfns[is_none] = vma.file.find_get(file_idx, self.memcg)
         old = np.where(is_none, cache_pfns, pfns[rel])
-        if not write:
-            # read fault on pte_none: zero page for private anon, the cache page otherwise
-            src = old
-            copy_new = np.zeros(rel.size, bool)
-            reuse = np.zeros(rel.size, bool)
-        elif vma.shared:
-            src = old
-            copy_new = np.zeros(rel.size, bool)
-            reuse = np.ones(rel.size, bool)
+        oldc = np.maximum(old, 0)
+        if write and not vma.shared:
+            # private write: reuse an anonymous page this process owns, copy anything else
+            fl = pg.flags[oldc]
+            reuse = (~is_none & (old != phys.zero_pfn) & ((fl & PG_ANON) != 0)
+                     & (((fl & PG_ANON_EXCLUSIVE) != 0) | (pg.refcount[oldc] == 1)))
+            copy_new = ~reuse
+        elif write:
+            reuse = np.ones(rel.size, bool)          # shared mapping: the page itself
+            copy_new = ~reuse
         else:
-            # private write: reuse an exclusively owned anon page, copy anything else
-            anon_excl = (~is_none & ((pg.flags[np.maximum(old, 0)] & PG_ANON) != 0)
-                         & (pg.refcount[np.maximum(old, 0)] == 1) & (old != phys.zero_pfn))
-            reuse = anon_excl
-            copy_new = ~anon_excl
-            src = old
+            reuse = np.zeros(rel.size, bool)
+            copy_new = ~is_none                      # only unshare copies on a read
         n_new = int(copy_new.sum())
         new = phys.alloc(n_new, self.memcg, zero=False) if n_new else np.zeros(0, np.int64)
         if n_new:
-            srcs = src[copy_new]
+            srcs = old[copy_new]
             from_zero = (srcs == phys.zero_pfn) | (srcs < 0)
             if from_zero.any():
                 phys.fill(new[from_zero], 0)
             if (~from_zero).any():
                 phys.copy(new[~from_zero], srcs[~from_zero])
-        with phys.lock:
+        replaced = copy_new & ~is_none
+        if replaced.any():
+            # wp_page_copy(): the PTE is about to point at another page; mirrors must drop it
+            r = i0 + rel[replaced]
+            guard = invalidation(self, vma.start + (int(r[0]) << PAGE_SHIFT),
+                                 vma.start + ((int(r[-1]) + 1) << PAGE_SHIFT), MMU_NOTIFY_CLEAR)
+        else:
+            guard = contextlib.nullcontext()
+        with guard, phys.lock:
             if not np.array_equal(vma.pte[i0:i1], snap):
                 phys.put(new)              # raced with another fault or a migration: retry
                 return False
             idx = i0 + rel
             young = pt.PTE_YOUNG
             wflags = pt.PTE_WRITE | pt.PTE_DIRTY | young
-            # 1. entries we simply upgrade (shared write, exclusive anon reuse)
+            # 1. entries upgraded in place (shared write, reuse of our own anon page)
             up = reuse & ~is_none
             if up.any():
                 vma.pte[idx[up]] |= wflags
                 d = old[up]
                 pg.flags[d[(pg.flags[d] & PG_ANON) == 0]] |= PG_DIRTY
-            # 2. pte_none getting an existing page (zero page / cache page), read or shared write
+                pg.flags[d[(pg.flags[d] & PG_ANON) != 0]] |= PG_ANON_EXCLUSIVE
+            # 2. pte_none getting an existing page: zero page or page-cache page
             fill = is_none & ~copy_new
             if fill.any():
                 p = old[fill]
                 if not write and vma_is_anonymous(vma):
                     p = np.full(int(fill.sum()), phys.zero_pfn, np.int64)
-                flags = young | (wflags if write else 0)
-                self._map(vma, idx[fill], p, flags)
+                self._map(vma, idx[fill], p, young | (wflags if write else 0))
                 if write:
                     pg.flags[p] |= PG_DIRTY
-            # 3. new anonymous pages (demand zero on write, COW copies)
+            # 3. new anonymous pages: demand zero on a write, COW and unshare copies
             if n_new:
-                gone = old[copy_new & ~is_none]
-                gone_idx = idx[copy_new & ~is_none]
+                gone = old[replaced]
                 if gone.size:
                     counted = gone[gone != phys.zero_pfn]
                     self._account(gone, -1)
                     np.subtract.at(pg.mapcount, counted, 1)
-                    vma.pte[gone_idx] = 0
+                    vma.pte[idx[replaced]] = 0
                     phys.put(counted)
-                pg.flags[new] |= PG_ANON
-                self._map(vma, idx[copy_new], new, wflags, take_ref=False)
+                pg.flags[new] |= PG_ANON | PG_ANON_EXCLUSIVE
+                self._map(vma, idx[copy_new], new, wflags if write else young | pt.PTE_DIRTY,
+                          take_ref=False)
         return False
 
     def _mark_dirty(self, vma, i0, i1):
@@ -594,6 +625,9 @@ class MM:
                             with self.phys.lock:
                                 v.pte[:] = pt.pte_wrprotect(v.pte)
                 cur = v.end
+            for v in self.vmas_in(addr, end):
+                self._try_merge(v.start)
+            self._try_merge(end)
             if cur < end:
                 raise oserror(errno.ENOMEM, "mprotect: range is not fully mapped", cur, end)
 
@@ -690,7 +724,7 @@ class MM:
             if flags & MREMAP_DONTUNMAP and not vma_is_anonymous(vma):
                 raise oserror(errno.EINVAL, "mremap: MREMAP_DONTUNMAP needs private anonymous memory",
                               old_addr, old_addr + old_size)
-            if not flags & MREMAP_FIXED:
+            if not flags & (MREMAP_FIXED | MREMAP_DONTUNMAP):
                 if new_size <= old_size:
                     if new_size < old_size:
                         self._munmap_locked(old_addr + new_size, old_size - new_size)
@@ -706,9 +740,11 @@ class MM:
                     raise oserror(errno.ENOMEM, "mremap: cannot grow in place and MREMAP_MAYMOVE not given",
                                   old_addr, old_addr + new_size)
                 dest = self.get_unmapped_area(new_size)
-            else:
+            elif flags & MREMAP_FIXED:
                 dest = new_addr
                 self._munmap_locked(dest, new_size)
+            else:
+                dest = self.get_unmapped_area(new_size)
             return self._move_vma(vma, old_addr, old_size, dest, new_size, bool(flags & MREMAP_DONTUNMAP))
 
     def _move_vma(self, vma, old_addr, old_size, dest, new_size, dontunmap):
@@ -736,7 +772,7 @@ class MM:
         return dest
 
     # -- GUP ----------------------------------------------------------------------------------
-    def get_user_pages(self, addr, npages, write, longterm=False):
+    def get_user_pages(self, addr, npages, write, longterm=False, pin=True):
         """__get_user_pages(): fault in and return the pfns (NumPy) of [addr, +npages)."""
         addr, npages = int(addr), int(npages)
         if addr % PAGE_SIZE or npages <= 0:
@@ -760,7 +796,7 @@ class MM:
             for _ in range(_MAX_FAULT_ROUNDS):
                 for v in vmas:
                     s, e = max(v.start, addr), min(v.end, end)
-                    self.handle_mm_fault(v, s, e, write)
+                    self.handle_mm_fault(v, s, e, write, unshare=pin and not write)
                     if longterm:
                         self._migrate_longterm(v, s, e)
                 with self.phys.lock:
@@ -845,13 +881,15 @@ class MM:
                 p_all = pt.pte_pfn(src)
                 pinned = live & pt.pte_present(src) & (pg.pincount[p_all] > 0) & (
                     (pg.flags[p_all] & PG_ANON) != 0)
+                shared_anon = live & ~pinned & ((pg.flags[p_all] & PG_ANON) != 0)
+                pg.flags[p_all[shared_anon]] &= ~PG_ANON_EXCLUSIVE
                 v.pte[:] = np.where(pinned, v.pte, pt.pte_wrprotect(v.pte))
                 src = np.where(pinned, src, pt.pte_wrprotect(src))
                 if pinned.any():
                     old = p_all[pinned]
                     new = phys.alloc(old.size, child.memcg, zero=False)
                     phys.copy(new, old)
-                    pg.flags[new] |= PG_ANON
+                    pg.flags[new] |= PG_ANON | PG_ANON_EXCLUSIVE
                     pg.mapcount[new] = 1
                     np.subtract.at(pg.mapcount, old, 1)
                     phys.put(old)

@@ -25,6 +25,7 @@ PG_ZONE_DEVICE = np.uint32(1 << 3)
 PG_UPTODATE = np.uint32(1 << 4)
 PG_SWAPBACKED = np.uint32(1 << 5)
 PG_RESERVED = np.uint32(1 << 6)
+PG_ANON_EXCLUSIVE = np.uint32(1 << 7)   # PageAnonExclusive: only this mapping may see the page
 
 
 class StructPages:
