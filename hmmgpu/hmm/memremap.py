@@ -203,15 +203,26 @@ def is_zone_device_page(system, pfns):
     return (system.phys.pages.flags[pfns] & PG_ZONE_DEVICE) != 0
 
 
+class _AnyOwner:
+    """Matches every pgmap owner (the 2017 API had no owners: any device page was selected)."""
+
+    def __repr__(self):
+        return "ANY_OWNER"
+
+
+ANY_OWNER = _AnyOwner()
+
+
 def pgmap_owner_is(system, pfns, owner):
-    """Mask of ``pfns`` whose pgmap's owner is ``owner`` (RAM: never)."""
+    """Mask of ``pfns`` whose pgmap's owner is ``owner`` (RAM: never; ANY_OWNER: every device page)."""
     phys = system.phys
     pfns = np.asarray(pfns, dtype=np.int64)
     out = np.zeros(pfns.shape, dtype=bool)
     dev = pfns >= phys.nr_ram
     if not dev.any() or owner is None:
         return out
-    match = np.array([p is not None and p.owner is owner for p in phys.pgmaps] + [False], dtype=bool)
+    match = np.array([p is not None and (owner is ANY_OWNER or p.owner is owner) for p in phys.pgmaps]
+                     + [False], dtype=bool)
     out[dev] = match[phys.pages.pgmap[pfns[dev]]]
     return out
 
