@@ -38,8 +38,10 @@ HMM_DEFINE_JOB(scale_job, scale_lane)
 def scenario(backend, seed):
     rng = np.random.default_rng(seed)
     host = backend.host_arena(1500)
+    # one batch per drain: the device reports faults in any order, and a batch boundary in a
+    # different place would let the toy driver hand out device frames in a different order
     dev = EmulatedDevice(backend, 1024, BASE_PFN, host, fault_buffer_entries=1 << 16,
-                         slice_lanes=300)
+                         fault_batch_size=1 << 16, slice_lanes=300)
     drv = ToyDriver(dev, 2048, migrate="odd")
     dev.service = drv.service
     dev.write_pages(np.arange(1500), rng.integers(0, 256, (1500, PAGE), dtype=np.uint8))

@@ -2,7 +2,7 @@
 
 It stands for NVIDIA's replayable fault buffer as UVM drives it (uvm_gpu_replayable_faults.c):
 the device appends records to a ring in its own memory, the host fetches them in batches
-(256 by default), drops duplicates, services the rest and tells the device to replay.
+(256 by default), drops duplicates, sorts by address, services the rest and tells the device to replay.
 
 A record is four uint64 words: (vaddr, lane, access, job_id), access being ACCESS_READ,
 ACCESS_WRITE or ACCESS_ATOMIC.  A lane that finds the buffer full still stops and is marked
@@ -91,7 +91,7 @@ def dedupe(records, seen_vpn=None, seen_access=None):
         posc = np.minimum(pos, seen_vpn.size - 1)
         covered = (seen_vpn[posc] == vpn[keep]) & (seen_access[posc] >= access[keep])
         keep = keep[~covered]
-    keep = np.sort(keep)       # service in the order the device reported them
+    keep = keep[np.argsort(vpn[keep], kind="stable")]   # by address, as UVM sorts a batch
     batch = FaultBatch(vaddr[keep], access[keep], records[keep, 1].astype(np.int64),
                        records[keep, 3].astype(np.int64))
     return batch, n - keep.size

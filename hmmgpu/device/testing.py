@@ -86,7 +86,7 @@ class ToyDriver:
         ok = inside.copy()
         ok[inside] = (self.backing[i[inside]] >= 0) & ~self.prot_none[i[inside]]
         fatal = np.where(ok, 0, errno.EFAULT)
-        i = i[ok]
+        i = np.unique(i[ok])                 # sorted: frames are handed out in address order
         if self.block_pages > 1:            # the whole aligned block around each fault
             blk = np.unique(i // self.block_pages) * self.block_pages
             i = (blk[:, None] + np.arange(self.block_pages)).reshape(-1)
