@@ -429,8 +429,13 @@ class MM:
 
     def _copy_bytes(self, pfns, off, n, data):
         phys = self.phys
+        whole = off == 0 and n == pfns.size * PAGE_SIZE
         if data is None:
-            return phys.read(pfns).reshape(-1)[off:off + n].copy()
+            pages = phys.read(pfns).reshape(-1)       # a fresh gather: no second copy needed
+            return pages if whole else pages[off:off + n].copy()
+        if whole:
+            phys.write(pfns, data)
+            return None
         buf = np.empty(pfns.size * PAGE_SIZE, np.uint8)
         if off:
             buf[:PAGE_SIZE] = phys.read(pfns[:1]).reshape(-1)
