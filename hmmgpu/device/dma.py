@@ -27,6 +27,23 @@ def coalesce_runs(dst_idx, src_idx):
     return starts, lengths
 
 
+def long_runs(dst_idx, src_idx, min_run):
+    """The runs of at least ``min_run`` pages (see ``coalesce_runs``), with a fast exit when a
+    batch has too few contiguous steps to hold one: the usual case for scattered pages."""
+    dst_idx = np.asarray(dst_idx, dtype=np.int64)
+    src_idx = np.asarray(src_idx, dtype=np.int64)
+    none = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if dst_idx.size < max(min_run, 2):
+        return none
+    cont = (dst_idx[1:] - dst_idx[:-1] == 1)
+    cont &= (src_idx[1:] - src_idx[:-1] == 1)
+    if np.count_nonzero(cont) < min_run - 1:
+        return none
+    starts, lengths = coalesce_runs(dst_idx, src_idx)
+    keep = lengths >= min_run
+    return starts[keep], lengths[keep]
+
+
 class DmaEngine:
     def __init__(self, backend):
         self.backend = backend

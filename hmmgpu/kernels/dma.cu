@@ -6,13 +6,13 @@
 // the number of threads, that hide the latency.
 #include "hmm.cuh"
 
-extern "C" __global__ void dma_copy_pages(hmm_u8* dst, const hmm_u8* src, const hmm_i64* pairs,
-                                          hmm_u64 n) {
+extern "C" __global__ void dma_copy_pages(hmm_u8* dst, const hmm_u8* src, const hmm_i64* dst_idx,
+                                          const hmm_i64* src_idx, hmm_u64 n) {
     hmm_u64 w = ((hmm_u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int t = threadIdx.x & 31;
     if (w >= n) return;
-    const uint4* s = (const uint4*)(src + ((hmm_u64)pairs[2 * w + 1] << HMM_PAGE_SHIFT));
-    uint4* d = (uint4*)(dst + ((hmm_u64)pairs[2 * w] << HMM_PAGE_SHIFT));
+    const uint4* s = (const uint4*)(src + ((hmm_u64)src_idx[w] << HMM_PAGE_SHIFT));
+    uint4* d = (uint4*)(dst + ((hmm_u64)dst_idx[w] << HMM_PAGE_SHIFT));
     uint4 v[8];
 #pragma unroll
     for (int i = 0; i < 8; i++) v[i] = s[i * 32 + t];

@@ -10,10 +10,16 @@ import cupy
 import numpy as np
 
 from ..constants import PAGE_SIZE
-from ..device.dma import DmaEngine, coalesce_runs
+from ..device.dma import DmaEngine, long_runs
 from .backend import cudaMemcpyDefault, launch, load_module
 
 DEFAULT_MIN_RUN = 64          # 256 KiB: below this a run rides in the gather kernel
+
+
+def _ramp(lengths):
+    """0, 1, .., n-1 for each run length n, concatenated."""
+    total = int(lengths.sum())
+    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 class CupyDmaEngine(DmaEngine):
@@ -26,24 +32,27 @@ class CupyDmaEngine(DmaEngine):
         self.kernel_launches = 0
 
     def _copy(self, dst_arena, dst_idx, src_arena, src_idx):
-        starts, lengths = coalesce_runs(dst_idx, src_idx)
-        big = lengths >= self.min_run
+        starts, lengths = long_runs(dst_idx, src_idx, self.min_run)
         with cupy.cuda.Device(self.gpu):
-            for s, n in zip(starts[big].tolist(), lengths[big].tolist()):   # one per long run
+            for s, n in zip(starts.tolist(), lengths.tolist()):       # one per long run
                 cupy.cuda.runtime.memcpyAsync(dst_arena.ptr + int(dst_idx[s]) * PAGE_SIZE,
                                               src_arena.ptr + int(src_idx[s]) * PAGE_SIZE,
                                               n * PAGE_SIZE, cudaMemcpyDefault, self.stream.ptr)
                 self.memcpy_calls += 1
-            if (~big).any():
-                small = np.repeat(~big, lengths)          # pages that are not in a long run
-                pairs = np.empty((int(small.sum()), 2), dtype=np.int64)
-                pairs[:, 0] = dst_idx[small]
-                pairs[:, 1] = src_idx[small]
-                with self.stream:
-                    dpairs = cupy.asarray(pairs)
-                mod = load_module("dma.cu", self.gpu)
-                launch(mod, "dma_copy_pages", 32 * len(pairs),
-                       (np.uint64(dst_arena.ptr), np.uint64(src_arena.ptr), dpairs,
-                        np.uint64(len(pairs))), self.stream)
-                self.kernel_launches += 1
+            covered = int(lengths.sum())
+            if covered == dst_idx.size:
+                return self.backend.fence(self.gpu)
+            if covered:
+                small = np.ones(dst_idx.size, bool)       # pages that are not in a long run
+                small[np.repeat(starts, lengths) + _ramp(lengths)] = False
+                d, s = dst_idx[small], src_idx[small]
+            else:                                         # the common scattered case: no copy
+                d, s = dst_idx, src_idx
+            with self.stream:
+                dd = cupy.asarray(np.ascontiguousarray(d, dtype=np.int64))
+                ds = cupy.asarray(np.ascontiguousarray(s, dtype=np.int64))
+            launch(load_module("dma.cu", self.gpu), "dma_copy_pages", 32 * d.size,
+                   (np.uint64(dst_arena.ptr), np.uint64(src_arena.ptr), dd, ds, np.uint64(d.size)),
+                   self.stream)
+            self.kernel_launches += 1
         return self.backend.fence(self.gpu)
