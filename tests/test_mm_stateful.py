@@ -1,0 +1,585 @@
+"""A hypothesis state machine over the emulated host kernel, checked against a plain model.
+
+Random mmap (private/shared anonymous, private/shared mappings of one real temp file), munmap,
+mprotect, mremap, madvise(MADV_DONTNEED), read, write, fork, exit, pin/unpin, msync and
+writeback over several processes.  The model is deliberately simple:
+
+* every process maps virtual page numbers to ``Entry(prot, kind, ref, fidx)``;
+* private anonymous pages own a ``Box`` (bytes, or None for zeros) that fork copies;
+* shared anonymous pages share one ``Box`` between every process that maps it;
+* shared file pages alias the model file (one array per file page);
+* private file pages alias the model file until the process writes them (then they own a Box).
+
+After every step the invariants compare the model with the kernel's internals:
+data of every present PTE, the VMA layout and protections, refcount / mapcount / pincount of
+every frame against what the page tables, the page caches and the pins reference, rss counters,
+"writable private PTE => exclusive anonymous page", and the free-frame count.  At the end every
+process exits and every frame must be free again.
+"""
+import errno
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import hmmgpu
+from hmmgpu import (
+    MADV_DONTNEED,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MREMAP_DONTUNMAP,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    MS_SYNC,
+    PAGE_SIZE,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+)
+
+P = PAGE_SIZE
+RW = PROT_READ | PROT_WRITE
+FILE_PAGES = 8
+MAX_PROCS = 4
+RAM_PAGES = 1024
+PTE_PRESENT = np.uint64(1)
+PTE_WRITE = np.uint64(2)
+PTE_SPECIAL = np.uint64(16)
+PG_ANON = 1 << 2
+# a quiet part of the address space for MREMAP_FIXED / MAP_FIXED targets
+FIXED_BASE = 0x2000_0000
+FIXED_PAGES = 32
+PROTS = (PROT_NONE, PROT_READ, RW)
+KINDS = ("anon", "shanon", "pvfile", "shfile")
+
+
+class Box:
+    """The content of one page nobody else sees (or, for shmem, everybody sharing it)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data=None):
+        self.data = data
+
+    def get(self):
+        return np.zeros(P, np.uint8) if self.data is None else self.data
+
+    def put(self, off, b):
+        if self.data is None:
+            self.data = np.zeros(P, np.uint8)
+        self.data[off:off + len(b)] = b
+
+
+class Entry:
+    __slots__ = ("prot", "kind", "ref", "fidx")
+
+    def __init__(self, prot, kind, ref=None, fidx=None):
+        self.prot, self.kind, self.ref, self.fidx = prot, kind, ref, fidx
+
+    def fork_copy(self):
+        if self.kind == "anon" or (self.kind == "pvfile" and self.ref is not None):
+            return Entry(self.prot, self.kind, Box(None if self.ref.data is None else self.ref.data.copy()),
+                         self.fidx)
+        return Entry(self.prot, self.kind, self.ref, self.fidx)
+
+
+class MMStateMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.system = hmmgpu.System(backend="numpy", ram_bytes=RAM_PAGES * P)
+        self.free0 = int(self.system.phys.nr_free())
+        self.dir = tempfile.mkdtemp(prefix="hmmgpu-stateful-")
+        self.path = os.path.join(self.dir, "file")
+        init = np.random.default_rng(1234).integers(0, 256, FILE_PAGES * P, dtype=np.uint8)
+        with open(self.path, "wb") as f:
+            f.write(init.tobytes())
+        self.fd = os.open(self.path, os.O_RDWR)
+        self.file = [init[i * P:(i + 1) * P].copy() for i in range(FILE_PAGES)]
+        self.procs = []          # [(Process, {vpn: Entry})]
+        self.pins = []           # (Pin, process)
+        self.spawn()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def spawn(self):
+        self.procs.append((self.system.spawn(), {}))
+
+    def pick(self, i):
+        return self.procs[i % len(self.procs)]
+
+    def any_mapped(self):
+        return any(model for _, model in self.procs)
+
+    def pick_mapped(self, i):
+        live = [pm for pm in self.procs if pm[1]]
+        return live[i % len(live)]
+
+    def content(self, e):
+        if e.kind in ("anon", "shanon"):
+            return e.ref.get()
+        if e.kind == "shfile" or e.ref is None:
+            return self.file[e.fidx]
+        return e.ref.get()
+
+    def store(self, e, off, b):
+        if e.kind in ("anon", "shanon"):
+            e.ref.put(off, b)
+        elif e.kind == "shfile":
+            self.file[e.fidx][off:off + len(b)] = b
+        else:
+            if e.ref is None:
+                e.ref = Box(self.file[e.fidx].copy())
+            e.ref.put(off, b)
+
+    @staticmethod
+    def mapped_runs(model):
+        """Maximal runs of consecutive mapped vpns: [(first_vpn, npages)]."""
+        vpns = sorted(model)
+        runs = []
+        for v in vpns:
+            if runs and runs[-1][0] + runs[-1][1] == v:
+                runs[-1][1] += 1
+            else:
+                runs.append([v, 1])
+        return runs
+
+    def pick_range(self, model, i, j, maxlen=4):
+        """A fully mapped range [vpn, vpn+n) of ``model``, or None."""
+        runs = self.mapped_runs(model)
+        if not runs:
+            return None
+        first, n = runs[i % len(runs)]
+        start = first + (j % n)
+        length = 1 + (j // 7) % min(maxlen, first + n - start)
+        return start, length
+
+    def new_entries(self, kind, prot, npages, fidx0):
+        if kind == "anon":
+            return [Entry(prot, "anon", Box()) for _ in range(npages)]
+        if kind == "shanon":
+            return [Entry(prot, "shanon", Box()) for _ in range(npages)]
+        return [Entry(prot, kind, None, fidx0 + k) for k in range(npages)]
+
+    # -- rules ---------------------------------------------------------------------------------
+    @precondition(lambda self: len(self.procs) < MAX_PROCS)
+    @rule()
+    def spawn_process(self):
+        self.spawn()
+
+    @precondition(lambda self: self.procs)
+    @rule(i=st.integers(0, 63), kind=st.sampled_from(KINDS), npages=st.integers(1, 4),
+          prot=st.sampled_from(PROTS), off=st.integers(0, FILE_PAGES), fixed=st.integers(-1, FIXED_PAGES - 1))
+    def mmap(self, i, kind, npages, prot, off, fixed):
+        proc, model = self.pick(i)
+        flags = (MAP_SHARED if kind in ("shanon", "shfile") else MAP_PRIVATE)
+        kw = {}
+        if kind in ("anon", "shanon"):
+            flags |= MAP_ANONYMOUS
+            fidx0 = None
+        else:
+            fidx0 = off % (FILE_PAGES - npages + 1)
+            kw = dict(fd=self.fd, offset=fidx0 * P)
+        if fixed >= 0:
+            flags |= MAP_FIXED
+            kw["addr"] = FIXED_BASE + fixed * P
+        a = proc.mmap(npages * P, prot, flags, **kw)
+        assert a % P == 0
+        vpn = a // P
+        if fixed >= 0:
+            assert a == FIXED_BASE + fixed * P
+        for k, e in enumerate(self.new_entries(kind, prot, npages, fidx0)):
+            if fixed < 0:
+                assert vpn + k not in model, f"mmap returned 0x{a:x}, which overlaps a mapping"
+            model[vpn + k] = e
+
+    @precondition(lambda self: self.procs)
+    @rule(i=st.integers(0, 63), kind=st.sampled_from(KINDS), npages=st.integers(1, 4), off=st.integers(0, FILE_PAGES))
+    def mmap_rw(self, i, kind, npages, off):
+        """A second mmap rule (readable-writable, kernel-placed): keeps the address spaces populated."""
+        self.mmap(i, kind, npages, RW, off, -1)
+
+    @precondition(lambda self: self.any_mapped())
+    @rule(i=st.integers(0, 63), j=st.integers(0, 1023), extra=st.integers(-1, 2))
+    def munmap(self, i, j, extra):
+        proc, model = self.pick_mapped(i)
+        r = self.pick_range(model, i // 4, j)
+        if r is None:
+            return
+        start, n = r
+        start = max(start + min(extra, 0), 1)          # sometimes start one page before the run
+        n = n + max(extra, 0)                          # sometimes run past its end
+        proc.munmap(start * P, n * P)
+        for v in range(start, start + n):
+            model.pop(v, None)
+
+    @precondition(lambda self: self.any_mapped())
+    @rule(i=st.integers(0, 63), j=st.integers(0, 1023), prot=st.sampled_from(PROTS))
+    def mprotect(self, i, j, prot):
+        proc, model = self.pick_mapped(i)
+        r = self.pick_range(model, i // 4, j)
+        if r is None:
+            return
+        start, n = r
+        proc.mprotect(start * P, n * P, prot)
+        for v in range(start, start + n):
+            model[v].prot = prot
+
+    @precondition(lambda self: self.procs)
+    @rule(i=st.integers(0, 63))
+    def mprotect_unmapped_fails_cleanly(self, i):
+        proc, model = self.pick(i)
+        before = [(v.start, v.end, v.vm_flags, v.pte.tobytes()) for v in proc.mm.vmas]
+        hole = FIXED_BASE - 8 * P                       # never mapped by any rule
+        try:
+            proc.mprotect(hole, P, PROT_READ)
+        except OSError as e:
+            assert e.errno == errno.ENOMEM
+        else:
+            raise AssertionError("mprotect of an unmapped page succeeded")
+        assert [(v.start, v.end, v.vm_flags, v.pte.tobytes()) for v in proc.mm.vmas] == before
+
+    @precondition(lambda self: self.any_mapped())
+    @rule(i=st.integers(0, 63), j=st.integers(0, 1023))
+    def madvise_dontneed(self, i, j):
+        proc, model = self.pick_mapped(i)
+        r = self.pick_range(model, i // 4, j)
+        if r is None:
+            return
+        start, n = r
+        proc.madvise(start * P, n * P, MADV_DONTNEED)
+        for v in range(start, start + n):
+            e = model[v]
+            if e.kind == "anon":
+                e.ref = Box()
+            elif e.kind == "pvfile":
+                e.ref = None
+
+    @precondition(lambda self: self.any_mapped())
+    @rule(i=st.integers(0, 63), j=st.integers(0, 1023), mode=st.sampled_from(("shrink", "grow", "fixed", "dontunmap")),
+          delta=st.integers(1, 3), dest=st.integers(0, FIXED_PAGES - 8))
+    def mremap(self, i, j, mode, delta, dest):
+        proc, model = self.pick_mapped(i)
+        vmas = list(proc.mm.vmas)
+        if not vmas:
+            return
+        v = vmas[j % len(vmas)]
+        n_v = (v.end - v.start) // P
+        s = v.start // P + (j // 5) % n_v
+        n = 1 + (j // 11) % (v.end // P - s)
+        old = [model[s + k] for k in range(n)]
+        kind = old[0].kind
+        if mode == "shrink":
+            if n < 2:
+                return
+            new_n = max(1, n - delta)
+        elif mode == "grow":
+            if kind == "shanon":
+                return                                  # shmem objects have a fixed size
+            if kind in ("pvfile", "shfile") and old[-1].fidx + delta >= FILE_PAGES:
+                return
+            new_n = n + delta
+        else:
+            new_n = n
+        if mode == "dontunmap" and kind != "anon":
+            return
+        flags = {"shrink": 0, "grow": MREMAP_MAYMOVE, "fixed": MREMAP_MAYMOVE | MREMAP_FIXED,
+                 "dontunmap": MREMAP_MAYMOVE | MREMAP_DONTUNMAP}[mode]
+        kw = {}
+        if mode == "fixed":
+            target = FIXED_BASE // P + dest
+            if target < s + n and s < target + new_n:
+                return                                  # overlapping source and target: EINVAL
+            kw["new_addr"] = target * P
+        got = proc.mremap(s * P, n * P, new_n * P, flags, **kw)
+        assert got % P == 0
+        g = got // P
+        if mode == "fixed":
+            assert g == target
+            for k in range(new_n):
+                model.pop(g + k, None)
+        if mode == "dontunmap":
+            assert g != s
+        for k in range(n):
+            del model[s + k]
+        if mode == "dontunmap":
+            for k, e in enumerate(old):
+                model[s + k] = Entry(e.prot, "anon", Box())
+        keep = min(n, new_n)
+        for k in range(keep):
+            assert g + k not in model, f"mremap moved onto a mapped page 0x{(g + k) * P:x}"
+            model[g + k] = old[k]
+        last = old[-1]
+        for k in range(keep, new_n):
+            assert g + k not in model
+            fidx = None if last.fidx is None else last.fidx + (k - keep) + 1
+            model[g + k] = self.new_entries(kind, last.prot, 1, fidx)[0]
+
+    @precondition(lambda self: self.any_mapped())
+    @rule(i=st.integers(0, 63), j=st.integers(0, 1023), off=st.integers(0, P - 1), extra=st.integers(0, 2 * P))
+    def read(self, i, j, off, extra):
+        proc, model = self.pick_mapped(i)
+        r = self.pick_range(model, i // 4, j, maxlen=3)
+        if r is None:
+            return
+        start, n = r
+        addr = start * P + off
+        nbytes = max(1, min(extra, (start + n) * P - addr))
+        first, last = addr // P, (addr + nbytes - 1) // P
+        readable = all(model[v].prot != PROT_NONE for v in range(first, last + 1))
+        try:
+            got = proc.read(addr, nbytes)
+        except hmmgpu.SegmentationFault:
+            assert not readable, f"read of readable [0x{addr:x}, +{nbytes}) segfaulted"
+            return
+        assert readable, f"read of PROT_NONE memory at 0x{addr:x} succeeded"
+        exp = np.concatenate([self.content(model[v]) for v in range(first, last + 1)])
+        o = addr - first * P
+        assert np.array_equal(got, exp[o:o + nbytes]), f"data mismatch reading [0x{addr:x}, +{nbytes})"
+
+    @precondition(lambda self: self.any_mapped())
+    @rule(i=st.integers(0, 63), j=st.integers(0, 1023), off=st.integers(0, P - 1), extra=st.integers(1, 2 * P),
+          seed=st.integers(0, 1 << 16))
+    def write(self, i, j, off, extra, seed):
+        proc, model = self.pick_mapped(i)
+        r = self.pick_range(model, i // 4, j, maxlen=3)
+        if r is None:
+            return
+        start, n = r
+        # writable prefix of the range; a store that starts on a non-writable page must fault
+        w = 0
+        while w < n and model[start + w].prot & PROT_WRITE:
+            w += 1
+        if w == 0:
+            try:
+                proc.write(start * P + off, b"\x5a")
+            except hmmgpu.SegmentationFault:
+                return
+            raise AssertionError(f"store to a non-writable page at 0x{start * P + off:x} succeeded")
+        addr = start * P + off
+        nbytes = max(1, min(extra, (start + w) * P - addr))
+        data = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+        proc.write(addr, data)
+        pos = 0
+        while pos < nbytes:
+            a = addr + pos
+            v, o = a // P, a % P
+            k = min(P - o, nbytes - pos)
+            self.store(model[v], o, data[pos:pos + k])
+            pos += k
+
+    @precondition(lambda self: self.any_mapped())
+    @rule(i=st.integers(0, 63), j=st.integers(0, 1023), off=st.integers(0, P - 1), seed=st.integers(0, 1 << 16))
+    def write_small(self, i, j, off, seed):
+        """A second, short store rule: stores are what COW, sharing and writeback are about."""
+        self.write(i, j, off, 1 + seed % 64, seed)
+
+    @precondition(lambda self: 0 < len(self.procs) < MAX_PROCS)
+    @rule(i=st.integers(0, 63))
+    def fork(self, i):
+        proc, model = self.pick_mapped(i) if self.any_mapped() else self.pick(i)
+        child = proc.fork()
+        self.procs.append((child, {v: e.fork_copy() for v, e in model.items()}))
+
+    @precondition(lambda self: self.procs)
+    @rule(i=st.integers(0, 63))
+    def exit(self, i):
+        proc, model = self.pick(i)
+        proc.exit()
+        self.procs.remove((proc, model))
+        assert not proc.alive
+        try:
+            proc.read(0x10000, 1)
+        except hmmgpu.ProcessKilled:
+            pass
+        else:
+            raise AssertionError("an exited process still answers")
+
+    @precondition(lambda self: self.any_mapped() and len(self.pins) < 4)
+    @rule(i=st.integers(0, 63), j=st.integers(0, 1023), write=st.booleans())
+    def pin(self, i, j, write):
+        proc, model = self.pick_mapped(i)
+        r = self.pick_range(model, i // 4, j, maxlen=2)
+        if r is None:
+            return
+        start, n = r
+        need = PROT_WRITE if write else PROT_READ
+        ok = all(model[v].prot & need for v in range(start, start + n))
+        try:
+            pin = proc.pin_user_pages(start * P, n, write=write)
+        except OSError as e:
+            assert not ok and e.errno == errno.EFAULT, (ok, e)
+            return
+        assert ok, "pin_user_pages of a range without the access succeeded"
+        if write:
+            # FOLL_WRITE faults like a store: private file pages get their private copy
+            for v in range(start, start + n):
+                e = model[v]
+                if e.kind == "pvfile" and e.ref is None:
+                    e.ref = Box(self.file[e.fidx].copy())
+        self.pins.append(pin)
+
+    @precondition(lambda self: self.pins)
+    @rule(k=st.integers(0, 63))
+    def unpin(self, k):
+        self.pins.pop(k % len(self.pins)).unpin()
+
+    @precondition(lambda self: self.procs)
+    @rule(i=st.integers(0, 63))
+    def msync_all(self, i):
+        proc, model = self.pick(i)
+        synced = set()
+        for vpn0, n in self.mapped_runs(model):
+            proc.msync(vpn0 * P, n * P, MS_SYNC)
+            synced.update(model[v].fidx for v in range(vpn0, vpn0 + n) if model[v].kind == "shfile")
+        with open(self.path, "rb") as f:
+            disk = np.frombuffer(f.read(), np.uint8)
+        for fi in synced:
+            assert np.array_equal(disk[fi * P:(fi + 1) * P], self.file[fi]), f"file page {fi} not synced"
+
+    @rule()
+    def writeback(self):
+        self.system.writeback()
+        with open(self.path, "rb") as f:
+            disk = np.frombuffer(f.read(), np.uint8)
+        assert disk.size == FILE_PAGES * P, "writeback changed the file size"
+        assert np.array_equal(disk, np.concatenate(self.file)), "the file on disk differs from the model"
+
+    # -- invariants ------------------------------------------------------------------------------
+    @invariant()
+    def layout_matches_model(self):
+        for proc, model in self.procs:
+            seen = {}
+            for v in proc.mm.vmas:
+                assert v.start % P == 0 and v.end % P == 0 and v.start < v.end
+                assert len(v.pte) == (v.end - v.start) // P, f"{v!r} has {len(v.pte)} PTEs"
+                prot = v.vm_flags & RW
+                for vpn in range(v.start // P, v.end // P):
+                    assert vpn not in seen, f"page 0x{vpn * P:x} in two VMAs"
+                    seen[vpn] = prot
+            assert set(seen) == set(model), (
+                f"pid {proc.pid}: kernel maps {sorted(set(seen) - set(model))[:4]} the model does not, "
+                f"model maps {sorted(set(model) - set(seen))[:4]} the kernel does not")
+            for vpn, e in model.items():
+                assert seen[vpn] == e.prot, f"pid {proc.pid} page 0x{vpn * P:x}: prot {seen[vpn]} != {e.prot}"
+
+    @invariant()
+    def present_ptes_hold_model_data_and_respect_cow(self):
+        phys = self.system.phys
+        pg = phys.pages
+        for proc, model in self.procs:
+            for v in proc.mm.vmas:
+                pte = np.asarray(v.pte, np.uint64)
+                present = (pte & PTE_PRESENT) != 0
+                assert not ((pte != 0) & ~present).any(), "non-present special entries without a device"
+                if not present.any():
+                    continue
+                idx = np.nonzero(present)[0]
+                pfns = (pte[idx] >> np.uint64(12)).astype(np.int64)
+                data = phys.read(pfns)
+                for k, i in enumerate(idx.tolist()):
+                    vpn = v.start // P + i
+                    e = model[vpn]
+                    assert np.array_equal(data[k], self.content(e)), (
+                        f"pid {proc.pid} page 0x{vpn * P:x} ({e.kind}) pfn {pfns[k]}: frame content differs")
+                    w = bool(pte[i] & PTE_WRITE)
+                    if w:
+                        assert e.prot & PROT_WRITE, f"writable PTE at 0x{vpn * P:x} in a {e.prot} mapping"
+                        if e.kind in ("anon", "pvfile"):
+                            f = pfns[k]
+                            assert pg.flags[f] & PG_ANON, f"writable private PTE at 0x{vpn * P:x} maps a non-anon page"
+                            assert pg.mapcount[f] == 1, (
+                                f"writable private PTE at 0x{vpn * P:x} shares pfn {f} (mapcount {pg.mapcount[f]})")
+                    if pfns[k] == phys.zero_pfn:
+                        assert e.kind == "anon" and not w, f"zero page mapped at 0x{vpn * P:x} ({e.kind}, w={w})"
+
+    @invariant()
+    def page_counts_agree_with_references(self):
+        phys = self.system.phys
+        pg = phys.pages
+        n = phys.nr_ram
+        maps = np.zeros(n, np.int64)
+        rss = {}
+        for proc, model in self.procs:
+            counts = {"anon": 0, "file": 0, "shmem": 0}
+            for v in proc.mm.vmas:
+                pte = np.asarray(v.pte, np.uint64)
+                sel = ((pte & PTE_PRESENT) != 0) & ((pte & PTE_SPECIAL) == 0)
+                pfns = (pte[sel] >> np.uint64(12)).astype(np.int64)
+                np.add.at(maps, pfns, 1)
+                for i in np.nonzero(sel)[0].tolist():
+                    f = int(pte[i] >> np.uint64(12))
+                    if f == phys.zero_pfn:
+                        continue
+                    e = model[v.start // P + i]
+                    if e.kind == "shanon":
+                        counts["shmem"] += 1
+                    elif e.kind == "shfile" or (e.kind == "pvfile" and e.ref is None):
+                        counts["file"] += 1
+                    else:
+                        counts["anon"] += 1
+            assert proc.rss == counts, f"pid {proc.pid}: rss {proc.rss} != {counts}"
+            rss[proc.pid] = counts
+        cached = np.zeros(n, np.int64)
+        for c in self.system.caches.values():
+            pf = np.asarray(c.pfn_of)
+            pf = pf[pf >= 0]
+            np.add.at(cached, pf, 1)
+        pins = np.zeros(n, np.int64)
+        for pin in self.pins:
+            np.add.at(pins, np.asarray(pin.pfns, np.int64), 1)
+        maps[phys.zero_pfn] = 0
+        mc = pg.mapcount[:n].astype(np.int64)
+        mc[phys.zero_pfn] = 0
+        bad = np.nonzero(mc != maps)[0]
+        assert bad.size == 0, f"mapcount of pfn {bad[:4].tolist()} is {mc[bad[:4]].tolist()}, PTEs {maps[bad[:4]].tolist()}"
+        assert cached.max(initial=0) <= 1, "a frame in two page caches"
+        pc = pg.pincount[:n].astype(np.int64)
+        bad = np.nonzero(pc != pins)[0]
+        assert bad.size == 0, f"pincount of pfn {bad[:4].tolist()} is {pc[bad[:4]].tolist()}, pins {pins[bad[:4]].tolist()}"
+        expect = maps + cached + pins
+        rc = pg.refcount[:n].astype(np.int64)
+        expect[phys.zero_pfn] = rc[phys.zero_pfn]
+        bad = np.nonzero(rc != expect)[0]
+        assert bad.size == 0, (f"refcount of pfn {bad[:4].tolist()} is {rc[bad[:4]].tolist()}, "
+                               f"expected {expect[bad[:4]].tolist()} (maps {maps[bad[:4]].tolist()}, "
+                               f"cache {cached[bad[:4]].tolist()}, pins {pins[bad[:4]].tolist()})")
+        in_use = int((rc[1:] > 0).sum())
+        assert int(phys.nr_free()) == n - 1 - in_use, "free-frame count disagrees with the refcounts"
+
+    def teardown(self):
+        try:
+            for pin in self.pins:
+                pin.unpin()
+            self.pins = []
+            for proc, _ in list(self.procs):
+                proc.exit()
+            self.procs = []
+            self.system.drop_caches()
+            assert int(self.system.phys.nr_free()) == self.free0, (
+                f"{self.free0 - int(self.system.phys.nr_free())} frames leaked after every process exited")
+            assert (self.system.phys.pages.refcount[1:self.system.phys.nr_ram] == 0).all()
+            with open(self.path, "rb") as f:
+                disk = np.frombuffer(f.read(), np.uint8)
+            assert np.array_equal(disk, np.concatenate(self.file)), "file differs after exit"
+        finally:
+            os.close(self.fd)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+MMStateMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("HMMGPU_STATEFUL_EXAMPLES", "100")),
+    stateful_step_count=30,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    # shrinking a 30-step run with these invariants takes minutes: opt in with HMMGPU_STATEFUL_SHRINK=1
+    phases=(list(Phase) if os.environ.get("HMMGPU_STATEFUL_SHRINK")
+            else [Phase.explicit, Phase.reuse, Phase.generate]),
+)
+TestMMStateful = MMStateMachine.TestCase
