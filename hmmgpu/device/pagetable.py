@@ -92,6 +92,10 @@ def _runs(*arrays):
     return starts, lengths
 
 
+def _strictly_increasing(a):
+    return a.size < 2 or bool((a[1:] > a[:-1]).all())
+
+
 class DevicePageTable:
     """The device's page table; every update goes through a command buffer.
 
@@ -203,9 +207,12 @@ class DevicePageTable:
         if vpns.size == 0:
             return self.hw.fence()
         # last one wins, then sort by vpn: runs of consecutive vpn and pfn become one command
-        rev_unique, rev_idx = np.unique(vpns[::-1], return_index=True)
-        pick = vpns.size - 1 - rev_idx
-        v, p, f = rev_unique, pfns[pick], (flags[pick] & PTE_FLAGS_MASK) | PTE_VALID
+        if _strictly_increasing(vpns):          # the common case needs no sort
+            v, p, f = vpns, pfns, (flags & PTE_FLAGS_MASK) | PTE_VALID
+        else:
+            rev_unique, rev_idx = np.unique(vpns[::-1], return_index=True)
+            pick = vpns.size - 1 - rev_idx
+            v, p, f = rev_unique, pfns[pick], (flags[pick] & PTE_FLAGS_MASK) | PTE_VALID
         starts, lengths = _runs(v, p)
         # a run must also keep its flags
         fl_break = np.flatnonzero(np.diff(f) != 0) + 1
@@ -221,7 +228,9 @@ class DevicePageTable:
             return self.hw.fence()
 
     def _leaf_op(self, op, vpns, value):
-        vpns = np.unique(self._check_vpns(vpns))
+        vpns = self._check_vpns(vpns)
+        if not _strictly_increasing(vpns):
+            vpns = np.unique(vpns)
         if vpns.size == 0:
             return self.hw.fence()
         starts, lengths = _runs(vpns)
