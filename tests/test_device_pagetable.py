@@ -111,3 +111,43 @@ def test_accessed_dirty_set_by_walker(backend):
     assert e.tolist() == [PTE_ACCESSED, PTE_ACCESSED, PTE_ACCESSED | PTE_DIRTY, 0]
     dev.pt.protect(drv.vpns(a, 4), clear=PTE_ACCESSED | PTE_DIRTY).wait()
     assert not (dev.pt.lookup(drv.vpns(a, 4)) & np.uint64(PTE_ACCESSED | PTE_DIRTY)).any()
+
+
+def test_command_semantics_against_a_model(backend):
+    """Random map / unmap / protect / set_bits sequences against a dense NumPy model."""
+    from hmmgpu.device.pagetable import PTE_FLAGS_MASK
+    dev = make_dev(backend, pt_initial_nodes=4)
+    rng = np.random.default_rng(17)
+    # three clusters of vpns: shared leaf tables, neighbouring tables, a distant level-1 table
+    universe = np.concatenate((np.arange(0, 1500), np.arange(600_000, 601_000),
+                               np.arange((5 << 27) + 100, (5 << 27) + 900)))
+    model = np.zeros(universe.size, np.uint64)
+    for step in range(40):
+        sel = np.flatnonzero(rng.random(universe.size) < rng.choice([0.01, 0.2, 0.7]))
+        op = rng.integers(0, 4)
+        if op == 0:
+            pf = np.where(rng.random(sel.size) < 0.5, rng.integers(0, 256, sel.size),
+                          BASE_PFN + rng.integers(0, 256, sel.size))
+            if rng.random() < 0.5:          # runs of consecutive pfns, to exercise coalescing
+                pf = rng.integers(0, 200) + np.arange(sel.size) % 50
+            fl = rng.choice([0, PTE_WRITE, PTE_WRITE | PTE_ATOMIC], size=sel.size)
+            dev.pt.map(universe[sel], pf, fl)
+            model[sel] = (pf.astype(np.uint64) << np.uint64(12)) | (fl | PTE_VALID).astype(np.uint64)
+        elif op == 1:
+            dev.pt.unmap(universe[sel])
+            model[sel] = 0
+        else:
+            bits = int(rng.choice([PTE_WRITE, PTE_ATOMIC, PTE_WRITE | PTE_ATOMIC]))
+            valid = (model[sel] & np.uint64(PTE_VALID)) != 0
+            if op == 2:
+                dev.pt.protect(universe[sel], clear=bits)
+                model[sel[valid]] &= ~np.uint64(bits)
+            else:
+                dev.pt.set_bits(universe[sel], bits)
+                model[sel[valid]] |= np.uint64(bits)
+        if step % 8 == 7:
+            assert np.array_equal(dev.pt.lookup(universe), model), f"step {step}"
+    dev.pt.flush().wait()
+    got = dev.pt.lookup(universe)
+    assert np.array_equal(got, model)
+    assert ((got & np.uint64(PTE_FLAGS_MASK)) != 0).sum() == (model != 0).sum()

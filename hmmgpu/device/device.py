@@ -18,6 +18,8 @@ Memory
     dev.copy_pages(dst_pfns, src_pfns) -> Fence
                               the DMA engine by global pfn (RAM <-> device, device <-> device)
     dev.dma                   the DmaEngine itself (arena + frame-index form)
+    The device writes system RAM asynchronously (copies, remote stores): a CPU access through
+    ``host_arena.host`` sees them after the Fence of that work (read_pages waits by itself).
 
 MMU (dev.pt, a DevicePageTable; hmmgpu/device/pagetable.py has the entry encoding)
     dev.pt.map(vpns, pfns, flags=PTE_WRITE) -> Fence     PTE_WRITE | PTE_ATOMIC; VALID implied

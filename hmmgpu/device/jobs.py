@@ -22,6 +22,7 @@ results.  ``UserJob`` carries a user's CUDA C lane (hmmgpu/kernels/hmm.cuh) and/
 function with the same context API (``load``, ``store``, ``atomic_add``, ``probe``).
 """
 import errno as _errno
+import threading
 
 import numpy as np
 
@@ -118,9 +119,16 @@ class JobEngine:
         self.slice_lanes = int(slice_lanes)
         self.next_job_id = 1
         self.lanes_launched = 0
+        # One job at a time per device: the fault buffer is shared, and a job must never be
+        # cancelled by a fatal fault of another.  Invalidations still interleave (dev.lock).
+        self._job_lock = threading.Lock()
 
     # -- the fault/replay loop ---------------------------------------------------------------
     def submit(self, spec, service=None):
+        with self._job_lock:
+            return self._submit(spec, service)
+
+    def _submit(self, spec, service):
         dev = self.device
         service = service if service is not None else dev.service
         with dev.lock:
