@@ -108,10 +108,12 @@ class FaultBuffer:
         self.capacity = int(capacity)
         self.batch_size = int(batch_size)
         self.counters = counters if counters is not None else dict.fromkeys(FAULT_COUNTERS, 0)
+        self.last_put = 0
 
     def drain(self):
         """Fetch every recorded fault; returns (list of FaultBatch, overflowed lanes)."""
         records, put = self.hw.drain()
+        self.last_put = int(put)          # every faulting lane counts here, recorded or not
         overflow = max(0, int(put) - self.capacity)
         c = self.counters
         c["num_buffer_overflows"] += overflow

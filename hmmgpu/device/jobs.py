@@ -43,10 +43,11 @@ def _f32_bits(x):
 
 def pack_args(values):
     """Job arguments as uint64 words: ints as two's complement, np.float32 / float as their bits
-    (float32 for np.float32, float64 for a Python float), NumPy arrays left as they are."""
+    (float32 for np.float32, float64 for a Python float); NumPy arrays and Zeros stay arrays
+    (lane-private scratch: the kernel gets their device address)."""
     out = []
     for v in values:
-        if isinstance(v, np.ndarray):
+        if isinstance(v, (np.ndarray, Zeros)):
             out.append(v)
         elif isinstance(v, np.float32):
             out.append(_f32_bits(v))
@@ -55,6 +56,14 @@ def pack_args(values):
         else:
             out.append(int(v) & 0xFFFFFFFFFFFFFFFF)
     return out
+
+
+class Zeros:
+    """A zero-filled lane-private output array, allocated on the device (nothing to upload)."""
+
+    def __init__(self, n, dtype=np.uint64):
+        self.n = int(n)
+        self.dtype = np.dtype(dtype)
 
 
 class UserJob:
@@ -76,7 +85,7 @@ class JobSpec:
     def __init__(self, name, nlanes, args, *, warp=False, outputs=(), user=None):
         self.name = name
         self.nlanes = int(nlanes)
-        self.args = list(args)        # ints (uint64 words) and NumPy arrays (lane-private scratch)
+        self.args = list(args)        # ints (uint64 words), NumPy arrays and Zeros (lane-private scratch)
         self.warp = warp              # one warp per lane (bulk jobs) instead of one thread
         self.outputs = tuple(outputs)  # indices of array args returned by finish()
         self.user = user
@@ -149,10 +158,13 @@ class JobEngine:
                 self.lanes_launched += npending
                 rounds.append(npending)
                 self.ex.sync()
-                faulted, nfaulted = self.ex.faulted(h)
                 batches, overflow = dev.fault_buffer.drain()
-                if nfaulted == 0:
+                if dev.fault_buffer.last_put == 0:       # no lane faulted: no lane scan needed
                     break
+                faulted, nfaulted = self.ex.faulted(h)
+                if nfaulted == 0:
+                    raise RuntimeError(f"device job '{spec.name}' #{job_id}: faults were recorded "
+                                       "but no lane is marked faulted")
                 if not batches and not overflow:
                     raise RuntimeError(f"device job '{spec.name}' #{job_id}: {nfaulted} lanes faulted "
                                        "but the fault buffer holds no record")
@@ -221,7 +233,7 @@ class JobEngine:
         """Sum of the uint32 words of [addr, addr+nbytes) modulo 2**64; ``.value`` is an int."""
         _check_bulk("reduce_sum", (addr,), nbytes)
         nlanes = -(-nbytes // PAGE_SIZE)
-        spec = JobSpec("reduce", nlanes, [addr, 0, nbytes // 16, np.zeros(nlanes, np.uint64)],
+        spec = JobSpec("reduce", nlanes, [addr, 0, nbytes // 16, Zeros(nlanes)],
                        warp=True, outputs=(3,))
         r = self.submit(spec, service)
         r.value = int(r.outputs[0].sum(dtype=np.uint64))
@@ -239,7 +251,7 @@ class JobEngine:
         """
         heads = np.asarray(heads, dtype=np.uint64).copy()
         n = heads.size
-        spec = JobSpec("list_chase", n, [heads, np.zeros(n, np.uint64), np.zeros(n, np.uint64),
+        spec = JobSpec("list_chase", n, [heads, Zeros(n), Zeros(n),
                                          int(max_steps)], outputs=(1, 2))
         r = self.submit(spec, service)
         r.value = r.outputs
@@ -252,7 +264,7 @@ class JobEngine:
         """
         keys = np.asarray(keys, dtype=np.uint64).copy()
         n = keys.size
-        spec = JobSpec("tree_search", n, [np.full(n, root, np.uint64), np.zeros(n, np.uint64),
+        spec = JobSpec("tree_search", n, [np.full(n, root, np.uint64), Zeros(n),
                                           np.full(n, np.iinfo(np.uint64).max, np.uint64), keys,
                                           int(max_depth)], outputs=(2, 1))
         r = self.submit(spec, service)
@@ -266,7 +278,7 @@ class JobEngine:
         ``result.outputs`` in argument order.
         """
         packed = pack_args(args)
-        outs = tuple(i for i, a in enumerate(packed) if isinstance(a, np.ndarray))
+        outs = tuple(i for i, a in enumerate(packed) if isinstance(a, (np.ndarray, Zeros)))
         spec = JobSpec(job.name, nlanes, packed, outputs=outs, user=job)
         return self.submit(spec, service)
 

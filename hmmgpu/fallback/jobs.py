@@ -9,7 +9,7 @@ import numpy as np
 
 from ..device.backend import DONE
 from ..device.faults import ACCESS_READ, ACCESS_WRITE
-from ..device.jobs import LANE_DONE, LANE_FAULTED
+from ..device.jobs import LANE_DONE, LANE_FAULTED, Zeros
 from ..device.pagetable import PTE_ACCESSED, PTE_ATOMIC, PTE_DIRTY, PTE_VALID, PTE_WRITE
 from .pagetable import pt_read, pt_walk
 
@@ -344,7 +344,8 @@ class _Job:
         self.spec = spec
         self.job_id = job_id
         self.state = np.zeros(spec.nlanes, dtype=np.uint8)
-        self.args = [a.copy() if isinstance(a, np.ndarray) else a for a in spec.args]
+        self.args = [a.copy() if isinstance(a, np.ndarray) else
+                     np.zeros(a.n, a.dtype) if isinstance(a, Zeros) else a for a in spec.args]
 
 
 class NumpyJobExecutor:

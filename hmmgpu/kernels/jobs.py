@@ -7,7 +7,7 @@ device addresses passed in the argument words.
 import cupy
 import numpy as np
 
-from ..device.jobs import LANE_FAULTED
+from ..device.jobs import LANE_FAULTED, Zeros
 from .backend import launch, load_module
 
 _U64 = np.uint64
@@ -61,8 +61,8 @@ class CupyJobExecutor:
             h.arrays = {}
             words = np.zeros(max(len(spec.args), 1), dtype=np.uint64)
             for i, a in enumerate(spec.args):
-                if isinstance(a, np.ndarray):
-                    d = cupy.asarray(a)
+                if isinstance(a, (np.ndarray, Zeros)):
+                    d = cupy.asarray(a) if isinstance(a, np.ndarray) else cupy.zeros(a.n, a.dtype)
                     h.arrays[i] = d
                     words[i] = d.data.ptr
                 else:
