@@ -143,6 +143,13 @@ class DevicePageTable:
 
     def _ensure_tables(self, vpns_sorted):
         """Allocate the missing directory nodes for ``vpns_sorted``; returns LINK commands."""
+        # the usual case first: every leaf table exists already (then so do their parents)
+        have = self._keys[PT_LEVELS - 1]
+        if have.size:
+            keys = vpns_sorted >> PT_BITS
+            pos = np.searchsorted(have, keys)
+            if (pos < have.size).all() and (have[np.minimum(pos, have.size - 1)] == keys).all():
+                return None
         links_t, links_v = [], []
         for level in range(1, PT_LEVELS):
             shift = PT_BITS * (PT_LEVELS - level)
