@@ -519,6 +519,20 @@ def test_mremap_dontunmap_leaves_empty_source(mm_system, mmh):
     assert bytes(p.read(n, 3)) == bytes(data[:3])
 
 
+def test_mremap_dontunmap_on_shared_anon(mm_system):
+    # Linux >= 5.13 ("mm: extend MREMAP_DONTUNMAP to non-anonymous mappings"): only VM_DONTEXPAND /
+    # VM_PFNMAP mappings refuse it.  The old range stays mapped and refaults the same shmem pages.
+    p = mm_system.spawn()
+    a = p.mmap(2 * P, RW, MAP_SHARED | MAP_ANONYMOUS)
+    data = fill(p, a, 2, 31)
+    n = p.mremap(a, 2 * P, 2 * P, MREMAP_MAYMOVE | MREMAP_DONTUNMAP)
+    assert n != a
+    assert np.array_equal(p.read(n, 2 * P), data)
+    assert np.array_equal(p.read(a, 2 * P), data)
+    p.write(a, b"both")
+    assert bytes(p.read(n, 4)) == b"both"
+
+
 @pytest.mark.parametrize("case", ["dontunmap_resize", "dontunmap_no_maymove"])
 def test_mremap_dontunmap_bad_arguments(mm_system, case):
     p = mm_system.spawn()

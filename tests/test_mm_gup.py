@@ -186,3 +186,38 @@ def test_pin_on_killed_process(mm_system):
     p.exit()
     with pytest.raises(hmmgpu.ProcessKilled):
         p.pin_user_pages(a, 1)
+
+
+def test_readonly_pins_after_child_cowed_away_stay_coherent(mm_system, mmh):
+    # After fork the parent's page is no longer PageAnonExclusive; once the child copied it away the
+    # parent is its only user again.  A R/O pin must then make it exclusive (do_wp_page with
+    # FAULT_FLAG_UNSHARE reuses it and sets PageAnonExclusive), so neither a second pin nor a later
+    # store may replace the pinned page in the parent's page table.
+    p = mm_system.spawn()
+    a = p.mmap(P, RW, ANON)
+    p.write(a, b"parent")
+    c = p.fork()
+    c.write(a, b"child!")                  # the child copies; the parent's page is its alone again
+    first = p.pin_user_pages(a, 1, write=False)
+    (pf,) = pin_pfns(first)
+    assert pf == mmh.pfn(p, a)
+    second = p.pin_user_pages(a, 1, write=False)
+    assert pin_pfns(second) == [pf], "a second R/O pin replaced the page the first pin holds"
+    assert mmh.pfn(p, a) == pf
+    p.write(a, b"stored")
+    assert mmh.pfn(p, a) == pf, "a store after a R/O pin copied the pinned page away"
+    assert bytes(mm_system.phys.read(np.array([pf]))[0][:6]) == b"stored"
+    first.unpin()
+    second.unpin()
+
+
+def test_readonly_pin_after_child_exit_then_store(mm_system, mmh):
+    p = mm_system.spawn()
+    a = p.mmap(P, RW, ANON)
+    p.write(a, b"x")
+    p.fork().exit()
+    pin = p.pin_user_pages(a, 1, write=False, longterm=True)
+    (pf,) = pin_pfns(pin)
+    p.write(a, b"y")
+    assert mmh.pfn(p, a) == pf, "the pinned page and the parent's mapping diverged"
+    pin.unpin()

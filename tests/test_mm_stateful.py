@@ -20,6 +20,7 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 
 import numpy as np
 from hypothesis import HealthCheck, Phase, settings
@@ -41,6 +42,13 @@ from hmmgpu import (
     PROT_NONE,
     PROT_READ,
     PROT_WRITE,
+)
+from hmmgpu.mm.notifier import (
+    MmuIntervalNotifier,
+    mmu_interval_notifier_insert,
+    mmu_interval_read_begin,
+    mmu_interval_read_retry,
+    mmu_interval_set_seq,
 )
 
 P = PAGE_SIZE
@@ -89,6 +97,68 @@ class Entry:
         return Entry(self.prot, self.kind, self.ref, self.fidx)
 
 
+class Mirror:
+    """A device mirror of one address space, kept by the interval-notifier protocol.
+
+    After every step it snapshots the present PTEs (pfn, writable) under read_begin/read_retry,
+    like a driver installing device mappings.  Each invalidation drops the mirrored entries in its
+    range and checks that they were still intact when it was called (invalidate_range_start runs
+    *before* the page table changes).  Later, every mirrored entry must still match the CPU page
+    table: a PTE that changed pfn or lost its write bit without an invalidation is a stale device
+    mapping, the bug HMM's notifiers exist to prevent.
+    """
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.lock = threading.Lock()
+        self.entries = {}
+        self.violations = []
+        self.mni = MmuIntervalNotifier()
+        mmu_interval_notifier_insert(self.mni, proc.mm, 0x10000, (1 << 47) - 0x10000, self)
+
+    def pte(self, vpn):
+        v = self.proc.mm.find_vma(vpn * P)
+        return None if v is None else int(v.pte[vpn - v.start // P])
+
+    def stale(self, vpn, pfn, w):
+        e = self.pte(vpn)
+        if e is None or not e & 1 or e >> 12 != pfn:
+            return f"page 0x{vpn * P:x}: mirrored pfn {pfn}, PTE now {e and hex(e)}"
+        if w and not e & 2:
+            return f"page 0x{vpn * P:x}: mirrored writable, PTE now read-only"
+        return None
+
+    def invalidate(self, mni, rng, cur_seq):
+        with self.lock:
+            mmu_interval_set_seq(mni, cur_seq)
+            lo, hi = rng.start // P, -(-rng.end // P)
+            gone = [v for v in self.entries if lo <= v < hi]
+            for v in gone:
+                why = self.stale(v, *self.entries.pop(v))
+                if why:
+                    self.violations.append(f"invalidation {rng!r} came after the change: {why}")
+        return True
+
+    def check_and_refresh(self):
+        for vpn, (pfn, w) in self.entries.items():
+            why = self.stale(vpn, pfn, w)
+            assert why is None, f"pid {self.proc.pid}: PTE changed with no mmu notifier invalidation: {why}"
+        assert not self.violations, self.violations[:3]
+        for _ in range(3):
+            seq = mmu_interval_read_begin(self.mni)
+            snap = {}
+            for v in self.proc.mm.vmas:
+                pte = np.asarray(v.pte, np.uint64)
+                for i in np.nonzero(pte & PTE_PRESENT)[0].tolist():
+                    e = int(pte[i])
+                    snap[v.start // P + i] = (e >> 12, bool(e & 2))
+            with self.lock:
+                if not mmu_interval_read_retry(self.mni, seq):
+                    self.entries = snap
+                    return
+        raise AssertionError("mirror refresh kept retrying with nothing else running")
+
+
 class MMStateMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
@@ -102,12 +172,21 @@ class MMStateMachine(RuleBasedStateMachine):
         self.fd = os.open(self.path, os.O_RDWR)
         self.file = [init[i * P:(i + 1) * P].copy() for i in range(FILE_PAGES)]
         self.procs = []          # [(Process, {vpn: Entry})]
-        self.pins = []           # (Pin, process)
+        self.pins = []           # Pin
+        self.mirrors = {}        # pid -> Mirror
+        self.pinned = {}         # (pid, vpn) -> [(Pin, pfn)]: pins that must stay the mapped page
         self.spawn()
 
     # -- helpers ---------------------------------------------------------------------------
     def spawn(self):
-        self.procs.append((self.system.spawn(), {}))
+        proc = self.system.spawn()
+        self.mirrors[proc.pid] = Mirror(proc)
+        self.procs.append((proc, {}))
+
+    def untrack(self, proc, lo, hi):
+        """The pages [lo, hi) of ``proc`` were unmapped, zapped or moved: their pins may diverge."""
+        for key in [k for k in self.pinned if k[0] == proc.pid and lo <= k[1] < hi]:
+            del self.pinned[key]
 
     def pick(self, i):
         return self.procs[i % len(self.procs)]
@@ -192,6 +271,7 @@ class MMStateMachine(RuleBasedStateMachine):
         vpn = a // P
         if fixed >= 0:
             assert a == FIXED_BASE + fixed * P
+            self.untrack(proc, vpn, vpn + npages)
         for k, e in enumerate(self.new_entries(kind, prot, npages, fidx0)):
             if fixed < 0:
                 assert vpn + k not in model, f"mmap returned 0x{a:x}, which overlaps a mapping"
@@ -214,6 +294,7 @@ class MMStateMachine(RuleBasedStateMachine):
         start = max(start + min(extra, 0), 1)          # sometimes start one page before the run
         n = n + max(extra, 0)                          # sometimes run past its end
         proc.munmap(start * P, n * P)
+        self.untrack(proc, start, start + n)
         for v in range(start, start + n):
             model.pop(v, None)
 
@@ -252,6 +333,7 @@ class MMStateMachine(RuleBasedStateMachine):
             return
         start, n = r
         proc.madvise(start * P, n * P, MADV_DONTNEED)
+        self.untrack(proc, start, start + n)
         for v in range(start, start + n):
             e = model[v]
             if e.kind == "anon":
@@ -298,6 +380,8 @@ class MMStateMachine(RuleBasedStateMachine):
         got = proc.mremap(s * P, n * P, new_n * P, flags, **kw)
         assert got % P == 0
         g = got // P
+        self.untrack(proc, s, s + n)
+        self.untrack(proc, g, g + new_n)
         if mode == "fixed":
             assert g == target
             for k in range(new_n):
@@ -345,7 +429,9 @@ class MMStateMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 63), j=st.integers(0, 1023), off=st.integers(0, P - 1), extra=st.integers(1, 2 * P),
           seed=st.integers(0, 1 << 16))
     def write(self, i, j, off, extra, seed):
-        proc, model = self.pick_mapped(i)
+        self._write(*self.pick_mapped(i), i, j, off, extra, seed)
+
+    def _write(self, proc, model, i, j, off, extra, seed):
         r = self.pick_range(model, i // 4, j, maxlen=3)
         if r is None:
             return
@@ -378,12 +464,28 @@ class MMStateMachine(RuleBasedStateMachine):
         """A second, short store rule: stores are what COW, sharing and writeback are about."""
         self.write(i, j, off, 1 + seed % 64, seed)
 
+    @precondition(lambda self: self.any_mapped() and len(self.procs) < MAX_PROCS)
+    @rule(i=st.integers(0, 63), j=st.integers(0, 1023), off=st.integers(0, P - 1), seed=st.integers(0, 1 << 16),
+          who=st.sampled_from(("parent", "child", "both")))
+    def fork_then_write(self, i, j, off, seed, who):
+        """COW in one step: fork a process that has memory, then store in the parent and/or child."""
+        parent = self.pick_mapped(i)
+        self._write(*parent, i, j, off, 64, seed)          # make sure there is an anon page to share
+        child = self._fork(*parent)
+        targets = {"parent": [parent], "child": [child], "both": [parent, child]}[who]
+        for k, t in enumerate(targets):
+            self._write(*t, i, j, off, 16, seed + k + 1)
+
     @precondition(lambda self: 0 < len(self.procs) < MAX_PROCS)
     @rule(i=st.integers(0, 63))
     def fork(self, i):
-        proc, model = self.pick_mapped(i) if self.any_mapped() else self.pick(i)
+        self._fork(*(self.pick_mapped(i) if self.any_mapped() else self.pick(i)))
+
+    def _fork(self, proc, model):
         child = proc.fork()
+        self.mirrors[child.pid] = Mirror(child)
         self.procs.append((child, {v: e.fork_copy() for v, e in model.items()}))
+        return self.procs[-1]
 
     @precondition(lambda self: self.procs)
     @rule(i=st.integers(0, 63))
@@ -391,6 +493,10 @@ class MMStateMachine(RuleBasedStateMachine):
         proc, model = self.pick(i)
         proc.exit()
         self.procs.remove((proc, model))
+        self.untrack(proc, 0, 1 << 40)
+        m = self.mirrors.pop(proc.pid)
+        assert not m.entries, f"exit left mirrored entries without an invalidation: {list(m.entries)[:3]}"
+        assert not m.violations, m.violations[:3]
         assert not proc.alive
         try:
             proc.read(0x10000, 1)
@@ -422,11 +528,25 @@ class MMStateMachine(RuleBasedStateMachine):
                 if e.kind == "pvfile" and e.ref is None:
                     e.ref = Box(self.file[e.fidx].copy())
         self.pins.append(pin)
+        pfns = np.asarray(pin.pfns, np.int64).tolist()
+        assert len(pfns) == n
+        for k, pfn in enumerate(pfns):
+            e = model[start + k]
+            # R/O pins of the zero page and of not-yet-copied private file pages may legitimately
+            # diverge after a later store (Linux unshares only anonymous pages for R/O pins)
+            if pfn == self.system.phys.zero_pfn or (not write and e.kind == "pvfile" and e.ref is None):
+                continue
+            self.pinned.setdefault((proc.pid, start + k), []).append((pin, pfn))
 
     @precondition(lambda self: self.pins)
     @rule(k=st.integers(0, 63))
     def unpin(self, k):
-        self.pins.pop(k % len(self.pins)).unpin()
+        pin = self.pins.pop(k % len(self.pins))
+        pin.unpin()
+        for key in list(self.pinned):
+            self.pinned[key] = [(p, f) for p, f in self.pinned[key] if p is not pin]
+            if not self.pinned[key]:
+                del self.pinned[key]
 
     @precondition(lambda self: self.procs)
     @rule(i=st.integers(0, 63))
@@ -496,6 +616,23 @@ class MMStateMachine(RuleBasedStateMachine):
                                 f"writable private PTE at 0x{vpn * P:x} shares pfn {f} (mapcount {pg.mapcount[f]})")
                     if pfns[k] == phys.zero_pfn:
                         assert e.kind == "anon" and not w, f"zero page mapped at 0x{vpn * P:x} ({e.kind}, w={w})"
+
+    @invariant()
+    def pinned_pages_stay_mapped(self):
+        """A pinned page stays the page the process sees until it unmaps, zaps or moves it (GUP
+        breaks COW up front, fork copies pinned anonymous pages, a store reuses the pinned page)."""
+        procs = {p.pid: p for p, _ in self.procs}
+        for (pid, vpn), lst in self.pinned.items():
+            v = procs[pid].mm.find_vma(vpn * P)
+            e = int(v.pte[vpn - v.start // P])
+            for _, pfn in lst:
+                assert e & 1 and e >> 12 == pfn, (
+                    f"pid {pid} page 0x{vpn * P:x}: pinned pfn {pfn}, but the PTE is now {e:#x}")
+
+    @invariant()
+    def device_mirrors_are_never_stale(self):
+        for proc, _ in self.procs:
+            self.mirrors[proc.pid].check_and_refresh()
 
     @invariant()
     def page_counts_agree_with_references(self):
@@ -572,7 +709,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
 
 MMStateMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("HMMGPU_STATEFUL_EXAMPLES", "100")),
+    max_examples=int(os.environ.get("HMMGPU_STATEFUL_EXAMPLES", "200")),
     stateful_step_count=30,
     derandomize=True,
     deadline=None,
