@@ -292,4 +292,6 @@ class DevicePageTable:
         """The leaf entries of ``vpns`` as the device's walker sees them (0 where none)."""
         vpns = self._check_vpns(vpns)
         with self.lock:
-            return self.hw.lookup(self.nodes, vpns)
+            out = self.hw.lookup(self.nodes, vpns)     # synchronous: all earlier work is done
+            self._retired.clear()
+            return out

@@ -203,7 +203,7 @@ def cuda_info(gpu=0):
     try:
         pynvml.nvmlInit()
         try:
-            h = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id.encode() if isinstance(bus_id, str) else bus_id)
+            h = _nvml_handle(pynvml, bus_id)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             drv = pynvml.nvmlSystemGetDriverVersion()
             nvname = pynvml.nvmlDeviceGetName(h)
@@ -225,3 +225,19 @@ def cuda_info(gpu=0):
     except Exception as e:          # no NVML library, or no permission: the CUDA facts stand
         info["nvml"] = f"unavailable ({type(e).__name__}: {e})"
     return info
+
+
+def _norm_bus_id(b):
+    b = b.decode() if isinstance(b, bytes) else str(b)
+    dom, _, rest = b.lower().partition(":")
+    return f"{int(dom, 16):x}:{rest}" if rest else b.lower()
+
+
+def _nvml_handle(pynvml, bus_id):
+    """The NVML device whose PCI bus id is CUDA's (NVML spells the domain with 8 digits)."""
+    want = _norm_bus_id(bus_id)
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        h = pynvml.nvmlDeviceGetHandleByIndex(i)
+        if _norm_bus_id(pynvml.nvmlDeviceGetPciInfo(h).busId) == want:
+            return h
+    raise LookupError(f"no NVML device has PCI bus id {bus_id}")
