@@ -1,0 +1,283 @@
+"""A hypothesis state machine mixing CPU writes, device writes, migrations both ways,
+atomics, fork, munmap/mmap, mprotect and device eviction, against a flat model.
+
+After every step it checks what HMM promises:
+
+* data: every readable page reads (by CPU and by device) what the model says;
+* struct page: every page's mapcount equals the number of PTEs (present,
+  device-private, device-exclusive) that point at it across all processes,
+  and an anonymous page's refcount equals its mapcount (nothing leaks, nothing
+  is freed while mapped); each process's anon rss equals its mapped pages;
+* mirrors: a device page-table entry never points anywhere the CPU page table
+  does not (same pfn), and is writable only where the CPU entry is;
+
+and at the end, with every process gone, that every device page is back on
+its device's free list and every RAM page back in the allocator.
+Deterministic (derandomized); sizes small enough for a 2-core CI box.
+"""
+import errno
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import hmmgpu
+from hmmgpu import MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from hmmgpu.drivers import dmirror
+from hmmgpu.mm import pgtable as pt
+from hmmgpu.mm.physmem import PG_ANON
+
+N = 12                      # pages in the region every process maps at the same address
+RW = PROT_READ | PROT_WRITE
+ANON = MAP_PRIVATE | MAP_ANONYMOUS
+MAX_PROCS = 3
+U = np.uint64
+
+
+def readable(prot):
+    return (prot >= 0) & ((prot & PROT_READ) != 0)
+
+
+class Proc:
+    def __init__(self, proc, mirror, data, prot):
+        self.proc, self.mirror, self.data, self.prot = proc, mirror, data, prot
+
+
+ranges = st.tuples(st.integers(0, N - 1), st.integers(1, 4)).map(lambda t: (t[0], min(t[1], N - t[0])))
+
+
+class HmmMachine(RuleBasedStateMachine):
+    memory = "private"
+
+    @initialize()
+    def setup(self):
+        self.system = hmmgpu.System(backend="numpy", ram_bytes=16 << 20)
+        self.baseline_free = self.system.phys.nr_free()
+        self.dev = dmirror.DMirrorDevice(self.system, memory=self.memory, chunk_pages=16)
+        p = self.system.spawn()
+        self.base = p.mmap(N * PAGE_SIZE, RW, ANON)
+        self.procs = [Proc(p, self.dev.open(p), np.zeros((N, PAGE_SIZE), np.uint8), np.full(N, RW))]
+        self.counter = 0
+
+    def teardown(self):
+        if not hasattr(self, "system"):
+            return
+        for pr in self.procs:
+            pr.mirror.close()
+            pr.proc.exit()
+        assert self.dev.nr_allocated() == 0
+        assert self.dev.nr_free() == len(self.dev.chunks) * self.dev.chunk_pages
+        assert self.system.phys.nr_free() == self.baseline_free
+        pg = self.system.phys.pages
+        assert (pg.refcount[1:] == 0).all() and (pg.mapcount == 0).all()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _pick(self, i):
+        return self.procs[i % len(self.procs)]
+
+    def _fill(self, npages):
+        self.counter += 1
+        rng = np.random.default_rng(self.counter)
+        return rng.integers(0, 256, size=(npages, PAGE_SIZE), dtype=np.uint8)
+
+    def _addr(self, page):
+        return self.base + page * PAGE_SIZE
+
+    # -- CPU ---------------------------------------------------------------------------------------
+    @rule(i=st.integers(0, 9), r=ranges)
+    def cpu_write(self, i, r):
+        pr = self._pick(i)
+        s, n = r
+        if not (pr.prot[s:s + n] == RW).all():
+            return
+        d = self._fill(n)
+        pr.proc.write(self._addr(s), d)
+        pr.data[s:s + n] = d
+
+    @rule(i=st.integers(0, 9), r=ranges)
+    def cpu_read(self, i, r):
+        pr = self._pick(i)
+        s, n = r
+        if not readable(pr.prot[s:s + n]).all():
+            return
+        got = pr.proc.read(self._addr(s), n * PAGE_SIZE).reshape(n, PAGE_SIZE)
+        assert (got == pr.data[s:s + n]).all()
+
+    # -- device ------------------------------------------------------------------------------------
+    @rule(i=st.integers(0, 9), r=ranges)
+    def dev_write(self, i, r):
+        pr = self._pick(i)
+        s, n = r
+        d = self._fill(n)
+        if (pr.prot[s:s + n] == RW).all():
+            res = pr.mirror.write(self._addr(s), d)
+            assert res.cpages == n
+            pr.data[s:s + n] = d
+        elif pr.prot[s] == PROT_READ:
+            try:
+                pr.mirror.write(self._addr(s), d)
+            except OSError as e:
+                assert e.errno == errno.EPERM
+            else:
+                raise AssertionError("device write to a read-only page succeeded")
+
+    @rule(i=st.integers(0, 9), r=ranges)
+    def dev_read(self, i, r):
+        pr = self._pick(i)
+        s, n = r
+        if readable(pr.prot[s:s + n]).all():
+            res = pr.mirror.read(self._addr(s), n)
+            assert res.cpages == n
+            assert (res.data.reshape(n, PAGE_SIZE) == pr.data[s:s + n]).all()
+        elif not readable(pr.prot[s:s + 1])[0]:
+            try:
+                pr.mirror.read(self._addr(s), n)
+            except OSError as e:
+                assert e.errno == errno.EFAULT
+            else:
+                raise AssertionError("device read of an unreadable page succeeded")
+
+    @rule(i=st.integers(0, 9), r=ranges)
+    def migrate_to_dev(self, i, r):
+        pr = self._pick(i)
+        s, n = r
+        try:
+            res = pr.mirror.migrate_to_dev(self._addr(s), n)
+        except OSError as e:
+            ok = readable(pr.prot[s:s + n]).all()
+            # EINVAL at a hole or an unreadable page; ENOENT when a page stays behind
+            # (already device memory whose mirror entry a fork or mprotect invalidated)
+            assert e.errno == (errno.ENOENT if ok else errno.EINVAL), e
+        else:
+            assert readable(pr.prot[s:s + n]).all()
+            assert res.cpages == n
+            assert (res.data.reshape(n, PAGE_SIZE) == pr.data[s:s + n]).all()
+
+    @rule(i=st.integers(0, 9), r=ranges)
+    def migrate_to_sys(self, i, r):
+        pr = self._pick(i)
+        s, n = r
+        try:
+            pr.mirror.migrate_to_sys(self._addr(s), n)
+        except OSError as e:
+            assert e.errno == errno.EINVAL and not readable(pr.prot[s:s + n]).all()
+
+    @rule(i=st.integers(0, 9), r=ranges)
+    def exclusive(self, i, r):
+        pr = self._pick(i)
+        s, n = r
+        if not (pr.prot[s:s + n] == RW).all():
+            return
+        res = pr.mirror.exclusive(self._addr(s), n)
+        assert (res.data.reshape(n, PAGE_SIZE) == pr.data[s:s + n]).all()
+
+    @rule(i=st.integers(0, 9))
+    def release(self, i):
+        self._pick(i).mirror.release()
+
+    # -- address space -----------------------------------------------------------------------------
+    @rule(i=st.integers(0, 9), r=ranges, prot=st.sampled_from([PROT_NONE, PROT_READ, RW]))
+    def mprotect(self, i, r, prot):
+        pr = self._pick(i)
+        s, n = r
+        if (pr.prot[s:s + n] < 0).any():
+            return
+        pr.proc.mprotect(self._addr(s), n * PAGE_SIZE, prot)
+        pr.prot[s:s + n] = prot
+
+    @rule(i=st.integers(0, 9), r=ranges)
+    def munmap(self, i, r):
+        pr = self._pick(i)
+        s, n = r
+        pr.proc.munmap(self._addr(s), n * PAGE_SIZE)
+        pr.prot[s:s + n] = -1
+
+    @rule(i=st.integers(0, 9), r=ranges)
+    def remap(self, i, r):
+        pr = self._pick(i)
+        s, n = r
+        pr.proc.mmap(n * PAGE_SIZE, RW, ANON | MAP_FIXED, addr=self._addr(s))
+        pr.prot[s:s + n] = RW
+        pr.data[s:s + n] = 0
+
+    @precondition(lambda self: len(self.procs) < MAX_PROCS)
+    @rule(i=st.integers(0, 9))
+    def fork(self, i):
+        pr = self._pick(i)
+        c = pr.proc.fork()
+        self.procs.append(Proc(c, self.dev.open(c), pr.data.copy(), pr.prot.copy()))
+
+    @precondition(lambda self: len(self.procs) > 1)
+    @rule(i=st.integers(0, 9), close_first=st.booleans())
+    def exit(self, i, close_first):
+        pr = self.procs.pop(1 + i % (len(self.procs) - 1))
+        if close_first:
+            pr.mirror.close()
+            pr.proc.exit()
+        else:
+            pr.proc.exit()
+            pr.mirror.close()
+
+    # -- invariants --------------------------------------------------------------------------------
+    @invariant()
+    def struct_pages_match_page_tables(self):
+        if not hasattr(self, "system"):
+            return
+        phys = self.system.phys
+        pg = phys.pages
+        counts = np.zeros(pg.n, np.int64)
+        for pr in self.procs:
+            anon = 0
+            for v in pr.proc.mm.vmas:
+                e = np.asarray(v.pte, U)
+                live = (e != 0) & ~pt.is_migration(e)
+                assert not pt.is_migration(e).any(), "a migration entry outlived its migration"
+                p = pt.pte_pfn(e[live])
+                p = p[p != phys.zero_pfn]
+                np.add.at(counts, p, 1)
+                anon += p.size
+            assert pr.proc.rss["anon"] == anon
+        assert (pg.mapcount == counts).all(), np.nonzero(pg.mapcount != counts)[0][:5]
+        used = np.nonzero(pg.refcount > 0)[0]
+        used = used[used != phys.zero_pfn]
+        anon = used[(pg.flags[used] & PG_ANON) != 0]
+        assert (pg.refcount[anon] == pg.mapcount[anon]).all()
+        assert (pg.flags & 1 == 0)[1:].all(), "a page was left locked"
+        dev_mapped = np.count_nonzero(counts[phys.nr_ram:])
+        assert self.dev.nr_allocated() == dev_mapped
+
+    @invariant()
+    def mirrors_never_stale(self):
+        if not hasattr(self, "system"):
+            return
+        for pr in self.procs:
+            m = pr.mirror
+            vpn0 = self.base >> 12
+            ent = m.pt.lookup(np.arange(vpn0, vpn0 + N))
+            for v in pr.proc.mm.vmas_in(self.base, self.base + N * PAGE_SIZE):
+                i0 = (v.start - self.base) >> 12
+                e = ent[i0:i0 + v.npages]
+                live = (e & U(dmirror.DPT_VALID)) != 0
+                cpu = np.asarray(v.pte, U)[live]
+                assert (pt.pte_pfn(cpu) == (e[live] >> U(12)).astype(np.int64)).all()
+                assert (cpu != 0).all()
+                w = (e[live] & U(dmirror.DPT_WRITE)) != 0
+                cw = pt.pte_write(cpu) | pt.is_writable_swp(cpu)
+                assert (cw[w]).all()
+            # nothing mapped by the device where the CPU has no mapping
+            for k in np.nonzero((ent & U(dmirror.DPT_VALID)) != 0)[0]:
+                assert pr.prot[k] >= 0
+
+
+class HmmCoherentMachine(HmmMachine):
+    memory = "coherent"
+
+
+_settings = settings(max_examples=60, stateful_step_count=40, deadline=None, derandomize=True,
+                     suppress_health_check=list(HealthCheck))
+
+TestHmmPrivate = HmmMachine.TestCase
+TestHmmPrivate.settings = _settings
+TestHmmCoherent = HmmCoherentMachine.TestCase
+TestHmmCoherent.settings = _settings
