@@ -54,6 +54,7 @@ Concurrency
     between slices, so an invalidation from another thread gets in at the next slice boundary.
     The device executes everything (updates, slices, copies) in order on one queue.
 """
+import collections
 import threading
 
 import numpy as np
@@ -80,7 +81,8 @@ class EmulatedDevice:
         self.host_arena = host_arena
         self.nr_ram = int(host_arena.nframes)
         self.lock = threading.RLock()
-        self.inflight = []                  # fences of job slices not yet known to be done
+        # fences of job slices not yet seen done, oldest first (they complete in queue order)
+        self.inflight = collections.deque()
         self.counters = dict.fromkeys(FAULT_COUNTERS, 0)
         self.service = service
         self.arena = backend.device_arena(self.nframes, self.gpu)

@@ -153,7 +153,8 @@ class JobEngine:
                     n = min(self.slice_lanes, npending - lo)
                     with dev.lock:                  # a preemption point between two slices
                         fence = self.ex.launch(h, pending, lo, n, dev.pt.nodes)
-                        dev.inflight[:] = [f for f in dev.inflight if not f.done()]
+                        while dev.inflight and dev.inflight[0].done():
+                            dev.inflight.popleft()
                         dev.inflight.append(fence)
                 self.lanes_launched += npending
                 rounds.append(npending)

@@ -34,6 +34,7 @@ running sum of counts), so a run of a million contiguous pages is one 32-byte co
     PT_OP_CLEAR  leaf(target + k) &= ~value   where VALID (protect / downgrade, clear A/D)
     PT_OP_SET    leaf(target + k) |= value    where VALID
 """
+import collections
 import threading
 
 import numpy as np
@@ -117,7 +118,7 @@ class DevicePageTable:
         self._keys = [None] + [np.zeros(0, np.int64) for _ in range(PT_LEVELS - 1)]
         self._ids = [None] + [np.zeros(0, np.int64) for _ in range(PT_LEVELS - 1)]
         self._retired = []                         # old pools kept until the next fence wait
-        self._inflight = inflight if inflight is not None else []
+        self._inflight = inflight if inflight is not None else collections.deque()
         self.stats = {"pt_commands": 0, "pt_entries_updated": 0, "pt_links": 0,
                       "pt_submissions": 0, "pt_invalidations": 0, "pt_nodes": 1}
 
