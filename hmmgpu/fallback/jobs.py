@@ -8,7 +8,7 @@ lanes or pages.  Completion is immediate; nothing here is a timing.
 import numpy as np
 
 from ..device.backend import DONE
-from ..device.faults import ACCESS_READ, ACCESS_WRITE
+from ..device.faults import ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE
 from ..device.jobs import LANE_DONE, LANE_FAULTED, Zeros
 from ..device.pagetable import PTE_ACCESSED, PTE_ATOMIC, PTE_DIRTY, PTE_VALID, PTE_WRITE
 from .pagetable import pt_read, pt_walk
@@ -177,7 +177,6 @@ class NumpyLaneContext:
             self.mmu.store(pte[ok], vaddr[ok] & _U64(4095), values[ok], values.dtype)
 
     def atomic_add(self, vaddr, values, sel=None):
-        from ..device.faults import ACCESS_ATOMIC
         ok, pte, vaddr = self._xlate(vaddr, ACCESS_ATOMIC, sel)
         values = np.broadcast_to(np.asarray(values), ok.shape)
         old = np.zeros(ok.size, dtype=values.dtype)

@@ -1,0 +1,13 @@
+"""The CuPy backend: device code in real .cu/.cuh files and the Python that launches it.
+
+    hmm.cuh        the emulated MMU for jobs: page-table walk, fault records, hmm_lane with
+                   hmm_load / hmm_store / hmm_atomic_add / hmm_probe, HMM_DEFINE_JOB for user jobs
+    pagetable.cu   the page table's command processor and lookup
+    jobs.cu        built-in jobs: memset, copy, axpy, reduce, gather, list chase, tree search
+    dma.cu         the copy engine's page scatter/gather kernel
+    backend.py     CupyBackend, arenas (pinned mapped host memory, GPU memory), module cache, info
+    dma.py / pagetable.py / jobs.py   the engines that launch those kernels
+
+Nothing is imported from here at ``import hmmgpu`` time; CuPy is loaded only when the cupy
+backend is chosen.
+"""
