@@ -60,6 +60,7 @@ import threading
 import numpy as np
 
 from ..constants import PAGE_SIZE
+from ._trace import span
 from .backend import DONE
 from .faults import DEFAULT_FAULT_BATCH, DEFAULT_FAULT_BUFFER_ENTRIES, FAULT_COUNTERS, FaultBuffer
 from .jobs import DEFAULT_SLICE_LANES, JobEngine
@@ -89,7 +90,8 @@ class EmulatedDevice:
         self.dma = backend.dma_engine(self.gpu)
         self.pt = DevicePageTable(backend.pagetable_hw(self.gpu), nr_ram=self.nr_ram,
                                   pfn_base=self.pfn_base, nframes=self.nframes, lock=self.lock,
-                                  initial_nodes=pt_initial_nodes, inflight=self.inflight)
+                                  initial_nodes=pt_initial_nodes, inflight=self.inflight,
+                                  track=self.name)
         self.fault_buffer = FaultBuffer(backend.fault_buffer_hw(fault_buffer_entries, self.gpu),
                                         fault_buffer_entries, fault_batch_size, self.counters)
         self.jobs = JobEngine(self, backend.job_executor(self), slice_lanes)
@@ -149,7 +151,7 @@ class EmulatedDevice:
         if d.size != s.size:
             raise ValueError(f"{self.name}: copy of {s.size} source pages to {d.size} destinations")
         fence = DONE
-        with self.lock:
+        with span("dma copy", "migrate", self.name, npages=int(d.size)), self.lock:
             for dd in (False, True):              # at most four batches: RAM/device x RAM/device
                 for sd in (False, True):
                     m = (ddev == dd) & (sdev == sd)

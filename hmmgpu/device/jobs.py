@@ -27,6 +27,7 @@ import threading
 import numpy as np
 
 from ..constants import PAGE_SIZE
+from ._trace import span
 from .faults import ACCESS_NAMES, JobFault, fatal_errno
 
 DEFAULT_SLICE_LANES = 1 << 16
@@ -149,16 +150,17 @@ class JobEngine:
         last_key, stalled = None, 0
         try:
             while npending:
-                for lo in range(0, npending, self.slice_lanes):      # one iteration per slice
-                    n = min(self.slice_lanes, npending - lo)
-                    with dev.lock:                  # a preemption point between two slices
-                        fence = self.ex.launch(h, pending, lo, n, dev.pt.nodes)
-                        while dev.inflight and dev.inflight[0].done():
-                            dev.inflight.popleft()
-                        dev.inflight.append(fence)
-                self.lanes_launched += npending
-                rounds.append(npending)
-                self.ex.sync()
+                with span(f"{spec.name} #{job_id} round {len(rounds)}", "job", dev.name, lanes=npending):
+                    for lo in range(0, npending, self.slice_lanes):      # one iteration per slice
+                        n = min(self.slice_lanes, npending - lo)
+                        with dev.lock:              # a preemption point between two slices
+                            fence = self.ex.launch(h, pending, lo, n, dev.pt.nodes)
+                            while dev.inflight and dev.inflight[0].done():
+                                dev.inflight.popleft()
+                            dev.inflight.append(fence)
+                    self.lanes_launched += npending
+                    rounds.append(npending)
+                    self.ex.sync()
                 batches, overflow = dev.fault_buffer.drain()
                 if dev.fault_buffer.last_put == 0:       # no lane faulted: no lane scan needed
                     break
@@ -172,7 +174,8 @@ class JobEngine:
                 key = []
                 for batch in batches:                 # one iteration per batch of faults
                     nfaults += len(batch)
-                    errs = self._service(service, batch)
+                    with span("service", "fault", dev.name, faults=len(batch), job=job_id):
+                        errs = self._service(service, batch)
                     if errs is not None:
                         i = int(np.flatnonzero(errs)[0])
                         dev.counters["num_fatal_faults"] += int(np.count_nonzero(errs))

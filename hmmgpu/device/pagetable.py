@@ -39,6 +39,8 @@ import threading
 
 import numpy as np
 
+from ._trace import span
+
 PTE_VALID = 0x1
 PTE_WRITE = 0x2
 PTE_DIRTY = 0x4
@@ -105,8 +107,9 @@ class DevicePageTable:
     """
 
     def __init__(self, hw, *, nr_ram, pfn_base, nframes, lock=None, initial_nodes=64,
-                 inflight=None):
+                 inflight=None, track="device"):
         self.hw = hw
+        self.track = track                         # the trace track of this device
         self.lock = lock or threading.RLock()
         self.nr_ram = int(nr_ram)
         self.pfn_base = int(pfn_base)
@@ -272,16 +275,17 @@ class DevicePageTable:
         old pages.  Slices run in order with updates on one device queue; (2) is waited for
         explicitly all the same, so that the guarantee does not rest on that accident.
         """
-        with self.lock:
-            before = list(self._inflight)
-            if downgrade is None:
-                fence = self.unmap(vpns)
-            else:
-                fence = self.protect(vpns, clear=downgrade)
-            self.stats["pt_invalidations"] += 1
-        for f in before:
-            f.wait()
-        fence.wait()
+        with span("pt invalidate", "invalidate", self.track, npages=int(np.size(vpns))):
+            with self.lock:
+                before = list(self._inflight)
+                if downgrade is None:
+                    fence = self.unmap(vpns)
+                else:
+                    fence = self.protect(vpns, clear=downgrade)
+                self.stats["pt_invalidations"] += 1
+            for f in before:
+                f.wait()
+            fence.wait()
         with self.lock:
             self._retired.clear()
 
