@@ -499,3 +499,51 @@ def test_msync_on_anonymous_memory_is_fine(mm_system):
     p.write(a, b"x")
     p.msync(a, P)
     assert bytes(p.read(a, 1)) == b"x"
+
+
+@pytest.mark.parametrize("flags", [MAP_SHARED, MAP_PRIVATE])
+def test_map_fixed_over_the_last_mapping_of_the_same_file(mm_system, mm_file, flags):
+    # the old mapping is the file's last one; replacing it must not tear down the page cache the
+    # new mapping is about to use
+    data = content(2, 29)
+    fd = mm_file(data)
+    p = mm_system.spawn()
+    a = p.mmap(2 * P, PROT_READ, flags, fd=fd)
+    p.read(a, 2 * P)
+    b = p.mmap(2 * P, RW, flags | 0x10, fd=fd, addr=a)        # MAP_FIXED
+    assert b == a
+    assert bytes(p.read(a, 2 * P)) == data
+    p.write(a, b"again")
+    p.munmap(a, 2 * P)
+    expect = b"again" + data[5:] if flags == MAP_SHARED else data
+    assert mm_file.contents(fd) == expect
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_no_file_descriptor_leaks(mm_system, mm_file):
+    fd = mm_file(content(2, 30))
+    n0 = _open_fds()
+    p = mm_system.spawn()
+    a = p.mmap(2 * P, RW, MAP_SHARED, fd=fd)
+    p.write(a, b"x")
+    # a failed mmap of the same file (MAP_FIXED_NOREPLACE over a mapping) takes no reference
+    with pytest.raises(OSError):
+        p.mmap(P, PROT_READ, MAP_SHARED | 0x100000, fd=fd, addr=a)
+    p.munmap(a, 2 * P)
+    assert _open_fds() == n0, "the kernel kept a file open after its last mapping went"
+    # the same when the file is not mapped anywhere yet
+    anon = p.mmap(P, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+    with pytest.raises(OSError):
+        p.mmap(P, PROT_READ, MAP_SHARED | 0x100000, fd=fd, addr=anon)
+    mm_system.drop_caches()
+    assert _open_fds() == n0, "a failed mmap left the file open"
+    q = mm_system.spawn()
+    b = q.mmap(P, PROT_READ, MAP_SHARED, fd=fd)
+    q.mmap(P, PROT_READ, MAP_SHARED | 0x100000, fd=fd, addr=b + 4 * P)
+    q.exit()
+    mm_system.drop_caches()
+    assert _open_fds() == n0, "exit left the file open"

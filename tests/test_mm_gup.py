@@ -221,3 +221,21 @@ def test_readonly_pin_after_child_exit_then_store(mm_system, mmh):
     p.write(a, b"y")
     assert mmh.pfn(p, a) == pf, "the pinned page and the parent's mapping diverged"
     pin.unpin()
+
+
+@pytest.mark.parametrize("prot", [PROT_READ, 0])
+def test_fork_copy_of_pinned_page_respects_vma_protection(mm_system, mmh, prot):
+    # copy_present_page(): the child's copy is mapped with the VMA's protection (maybe_mkwrite),
+    # never writable in a read-only or PROT_NONE mapping (hmm_range_fault would hand a device a
+    # writable mapping of it)
+    p = mm_system.spawn()
+    a = p.mmap(P, RW, ANON)
+    p.write(a, b"pinned")
+    pin = p.pin_user_pages(a, 1, write=True)
+    p.mprotect(a, P, prot)
+    c = p.fork()
+    assert not mmh.writable(c, a), f"child PTE {mmh.pte(c, a):#x} is writable in a prot={prot} VMA"
+    assert not mmh.writable(p, a)
+    with pytest.raises(hmmgpu.SegmentationFault):
+        c.write(a, b"x")
+    pin.unpin()
