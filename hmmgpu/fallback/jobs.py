@@ -243,36 +243,53 @@ def _bulk_units(c, nu, per_op):
     return out, starts
 
 
+BULK_OPS = {"memset": ((0, ACCESS_WRITE),),
+            "copy": ((0, ACCESS_WRITE), (1, ACCESS_READ)),
+            "axpy": ((0, ACCESS_READ), (1, ACCESS_WRITE)),
+            "reduce": ((0, ACCESS_READ),)}
+BULK_CHUNK_LANES = 2048          # bounds the temporaries: 8 MiB of data per step
+
+
+def _bulk_apply(mmu, name, args, units, width, lanes_out, lane_starts=None):
+    """The data step of a bulk job over (pte, page offset) pieces of ``width`` uint32 words:
+    16-byte units (width 4), or whole pages (width 1024) when every operand is page-aligned."""
+    if name == "memset":
+        pte, off = units[0]
+        b = np.uint32(int(args[1]) * 0x01010101)
+        mmu.store(pte, off, np.full((pte.size, width), b, np.uint32), np.uint32, width)
+    elif name == "copy":
+        (dp, do), (sp, so) = units
+        mmu.store(dp, do, mmu.load(sp, so, np.uint32, width), np.uint32, width)
+    elif name == "axpy":
+        (xp, xo), (yp, yo) = units
+        a = np.array(int(args[3]), np.uint32).view(np.float32)
+        x = mmu.load(xp, xo, np.float32, width)
+        y = mmu.load(yp, yo, np.float32, width)
+        mmu.store(yp, yo, a * x + y, np.float32, width)   # two roundings, like __fmul_rn/__fadd_rn
+    else:
+        pte, off = units[0]
+        sums = mmu.load(pte, off, np.uint32, width).astype(np.uint64).sum(axis=1, dtype=np.uint64)
+        args[3][lanes_out] = sums if lane_starts is None else np.add.reduceat(sums, lane_starts)
+
+
 def bulk_job(mmu, state, lanes, name, args):
-    ops = {"memset": ((0, ACCESS_WRITE),),
-           "copy": ((0, ACCESS_WRITE), (1, ACCESS_READ)),
-           "axpy": ((0, ACCESS_READ), (1, ACCESS_WRITE)),
-           "reduce": ((0, ACCESS_READ),)}[name]
+    ops = BULK_OPS[name]
     ok, nu, per_op = _bulk_translate(mmu, lanes, args, ops)
     state[lanes[~ok]] = LANE_FAULTED
     c = np.flatnonzero(ok)
     if c.size == 0:
         return
-    units, starts = _bulk_units(c, nu, per_op)
-    if name == "memset":
-        pte, off = units[0]
-        b = np.uint32(int(args[1]) * 0x01010101)
-        mmu.store(pte, off, np.full((pte.size, 4), b, np.uint32), np.uint32, 4)
-    elif name == "copy":
-        (dp, do), (sp, so) = units
-        mmu.store(dp, do, mmu.load(sp, so, np.uint32, 4), np.uint32, 4)
-    elif name == "axpy":
-        (xp, xo), (yp, yo) = units
-        a = np.array(int(args[3]), np.uint32).view(np.float32)
-        x = mmu.load(xp, xo, np.float32, 4)
-        y = mmu.load(yp, yo, np.float32, 4)
-        mmu.store(yp, yo, a * x + y, np.float32, 4)       # two roundings, like __fmul_rn/__fadd_rn
-    else:
-        pte, off = units[0]
-        words = mmu.load(pte, off, np.uint32, 4).astype(np.uint64)
-        sums = words.sum(axis=1, dtype=np.uint64)
-        args[3][lanes[c]] = np.add.reduceat(sums, starts)
-    state[lanes[c]] = LANE_DONE
+    if all(int(args[ai]) % 4096 == 0 for ai, _ in ops):
+        # page-aligned operands: a full lane is exactly one page of each operand
+        full = c[nu[c] == BULK_UNITS]
+        if full.size:
+            zero = np.zeros(full.size, np.uint64)
+            _bulk_apply(mmu, name, args, [(eA[full], zero) for _, eA, _ in per_op], 1024, lanes[full])
+        c = c[nu[c] != BULK_UNITS]
+    if c.size:
+        units, starts = _bulk_units(c, nu, per_op)
+        _bulk_apply(mmu, name, args, units, 4, lanes[c], starts)
+    state[lanes[ok]] = LANE_DONE
 
 
 def gather_lane(ctx, lanes, args):
@@ -365,7 +382,8 @@ class NumpyJobExecutor:
         if spec.user is not None:
             run_lanes(self.mmu, h.state, lanes, spec.user.numpy_lane, h.args, True)
         elif spec.warp:
-            bulk_job(self.mmu, h.state, lanes, spec.name, h.args)
+            for lo in range(0, lanes.size, BULK_CHUNK_LANES):     # bounded temporaries
+                bulk_job(self.mmu, h.state, lanes[lo:lo + BULK_CHUNK_LANES], spec.name, h.args)
         else:
             run_lanes(self.mmu, h.state, lanes, LANE_JOBS[spec.name], h.args, False)
         return DONE
