@@ -333,3 +333,23 @@ def test_numpy_lane_context_api():
     r = dev.jobs.run(UserJob("np_lane", numpy_lane=lane), 4)
     assert r.rounds == [4, 2]
     assert int(drv.data(a, 1)[8:12].view(np.uint32)[0]) == 2 + 2 * 1024
+
+
+def test_dedupe_batches_semantics():
+    from hmmgpu.device.faults import dedupe_batches
+
+    def rec(page, acc, lane):
+        return [page * PAGE + 8, lane, acc, 1]
+    R = np.array([rec(5, ACCESS_READ, 0), rec(3, ACCESS_READ, 1), rec(5, ACCESS_WRITE, 2),   # batch 0
+                  rec(5, ACCESS_READ, 3), rec(3, ACCESS_WRITE, 4), rec(9, ACCESS_READ, 5),   # batch 1
+                  rec(3, ACCESS_WRITE, 6), rec(9, ACCESS_ATOMIC, 7)], np.uint64)             # batch 2
+    batches, dups = dedupe_batches(R, 3)
+    got = [(b.vpn.tolist(), b.access.tolist(), b.lane.tolist()) for b in batches]
+    assert got == [([3, 5], [ACCESS_READ, ACCESS_WRITE], [1, 2]),      # sorted by address
+                   ([3, 9], [ACCESS_WRITE, ACCESS_READ], [4, 5]),      # 5 read: covered by write
+                   ([9], [ACCESS_ATOMIC], [7])]                        # 3 write again: duplicate
+    assert dups == 3
+    big = np.zeros((1 << 16, 4), np.uint64)
+    big[:, 0] = (np.arange(1 << 16) % 1000) * PAGE
+    b, d = dedupe_batches(big, 256)
+    assert sum(len(x) for x in b) == 1000 and d == (1 << 16) - 1000

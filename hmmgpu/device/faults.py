@@ -69,32 +69,44 @@ class JobFault(OSError):
         self.job = int(job)
 
 
-def dedupe(records, seen_vpn=None, seen_access=None):
-    """One FaultBatch from raw records (n, 4); drops duplicates within it and against ``seen``.
+def dedupe_batches(records, batch_size):
+    """Split raw records (n, 4) into fetch batches of ``batch_size`` and drop duplicates.
 
-    Returns (batch, number of duplicates).  A fault is a duplicate when its page appears earlier
-    in the batch, or was serviced earlier in the same drain, with an access at least as strong.
+    A record is a duplicate when its page appears in the same batch with an access at least as
+    strong (the kept one is the strongest, then the earliest), or was already kept in an earlier
+    batch of the same drain with an access at least as strong: a read fault on a page whose
+    write fault was just serviced needs nothing more.  Each batch is sorted by address, as UVM
+    sorts a batch.  One vectorised pass over the whole drain.  Returns (list of FaultBatch,
+    number of duplicates).
     """
     n = len(records)
     if n == 0:
-        return FaultBatch([], [], [], []), 0
-    vaddr = records[:, 0]
-    vpn = (vaddr >> np.uint64(12)).astype(np.int64)
-    access = records[:, 2].astype(np.int64)
-    # per page: strongest access, then earliest record
-    order = np.lexsort((np.arange(n), -access, vpn))
-    vs = vpn[order]
-    head = np.concatenate(([True], vs[1:] != vs[:-1]))
-    keep = order[head]
-    if seen_vpn is not None and seen_vpn.size:
-        pos = np.searchsorted(seen_vpn, vpn[keep])
-        posc = np.minimum(pos, seen_vpn.size - 1)
-        covered = (seen_vpn[posc] == vpn[keep]) & (seen_access[posc] >= access[keep])
-        keep = keep[~covered]
-    keep = keep[np.argsort(vpn[keep], kind="stable")]   # by address, as UVM sorts a batch
-    batch = FaultBatch(vaddr[keep], access[keep], records[keep, 1].astype(np.int64),
-                       records[keep, 3].astype(np.int64))
-    return batch, n - keep.size
+        return [], 0
+    idx = np.arange(n)
+    vpn = (records[:, 0] >> np.uint64(12)).astype(np.int64)
+    acc = records[:, 2].astype(np.int64)
+    b = idx // batch_size
+    order = np.lexsort((idx, -acc, b, vpn))            # page, batch, strongest, earliest
+    vs, bs = vpn[order], b[order]
+    head = np.ones(n, bool)
+    head[1:] = (vs[1:] != vs[:-1]) | (bs[1:] != bs[:-1])
+    rep = order[head]                                  # one record per (page, batch)
+    m, rv = acc[rep], vpn[rep]
+    first = np.ones(rep.size, bool)
+    first[1:] = rv[1:] != rv[:-1]
+    seg = np.cumsum(first) - 1
+    upto = np.maximum.accumulate(seg * 4 + m) - seg * 4  # strongest access so far, per page
+    before = np.empty_like(upto)
+    before[1:] = upto[:-1]
+    before[first] = -1
+    keep = rep[m > before]
+    kb = b[keep]
+    o = np.lexsort((vpn[keep], kb))
+    keep, kb = keep[o], kb[o]
+    cuts = np.flatnonzero(np.diff(kb)) + 1
+    batches = [FaultBatch(records[k, 0], records[k, 2], records[k, 1].astype(np.int64),
+                          records[k, 3].astype(np.int64)) for k in np.split(keep, cuts)]
+    return batches, n - keep.size
 
 
 class FaultBuffer:
@@ -122,21 +134,9 @@ class FaultBuffer:
             c["num_read_faults"] += int(kinds[ACCESS_READ])
             c["num_write_faults"] += int(kinds[ACCESS_WRITE])
             c["num_atomic_faults"] += int(kinds[ACCESS_ATOMIC])
-        batches = []
-        seen_vpn = np.zeros(0, np.int64)
-        seen_acc = np.zeros(0, np.int64)
-        for lo in range(0, len(records), self.batch_size):   # one iteration per batch of 256
-            batch, dups = dedupe(records[lo:lo + self.batch_size], seen_vpn, seen_acc)
-            c["num_duplicate_faults"] += dups
-            c["num_fault_batches"] += 1
-            if len(batch):
-                batches.append(batch)
-                v = np.concatenate((seen_vpn, batch.vpn))
-                a = np.concatenate((seen_acc, batch.access.astype(np.int64)))
-                o = np.lexsort((-a, v))
-                v, a = v[o], a[o]
-                h = np.concatenate(([True], v[1:] != v[:-1]))
-                seen_vpn, seen_acc = v[h], a[h]
+        batches, dups = dedupe_batches(records, self.batch_size)
+        c["num_duplicate_faults"] += dups
+        c["num_fault_batches"] += -(-len(records) // self.batch_size)
         return batches, overflow
 
 
