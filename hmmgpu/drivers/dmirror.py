@@ -131,8 +131,12 @@ class MirrorPageTable:
         vpns = np.asarray(vpns, dtype=np.int64)
         if vpns.size == 0:
             return
-        blk = np.unique(vpns >> _LEAF_BITS)
-        new = np.setdiff1d(blk, self.keys, assume_unique=True)
+        blk = vpns >> _LEAF_BITS
+        if blk.size > 1 and (blk[1:] >= blk[:-1]).all():      # sorted: the common case
+            blk = blk[np.concatenate(([True], blk[1:] != blk[:-1]))]
+        else:
+            blk = np.unique(blk)
+        new = blk[~self._locate(blk << _LEAF_BITS)[1]] if self.keys.size else blk
         if new.size:
             keys = np.concatenate((self.keys, new))
             order = np.argsort(keys, kind="stable")
@@ -396,6 +400,13 @@ VM_FAULT_OOM = 0x1
 VM_FAULT_SIGBUS = 0x2
 
 
+def _bounce(parts):
+    """The pages read, as one flat uint8 array (no copy when one read covered them all)."""
+    if len(parts) == 1:
+        return parts[0].reshape(-1)
+    return np.concatenate(parts).reshape(-1) if parts else np.zeros(0, np.uint8)
+
+
 def _err(ret, what, start, end):
     """A negative kernel return as the OSError the contract promises."""
     return oserror(-ret, what, start, end)
@@ -478,15 +489,16 @@ class DMirror:
             raise oserror(errno.EINVAL, "the mirrored process has exited", start, end)
 
     # -- device reads and writes ---------------------------------------------------------
-    def _do_read(self, start, end, bounce, done):
-        """dmirror_do_read(): copy what the device page table maps; returns pages copied."""
+    def _do_read(self, start, end, parts):
+        """dmirror_do_read(): copy what the device page table maps (appended to ``parts``);
+        returns the number of pages copied."""
         vpns = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64)
         ent = self.pt.lookup(vpns)
         ok = (ent & _U(DPT_VALID)) != 0
         k = vpns.size if ok.all() else int(np.argmin(ok))
         if k:
             pfns = (ent[:k] >> _U(_DPT_SHIFT)).astype(np.int64)
-            bounce[done:done + k] = self.system.phys.read(pfns)
+            parts.append(self.system.phys.read(pfns))
         return k
 
     def _do_write(self, start, end, bounce, done):
@@ -505,18 +517,18 @@ class DMirror:
         start, end = self._cmd(addr, npages)
         self._mm_alive(start, end)
         n = (end - start) >> PAGE_SHIFT
-        bounce = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+        parts = []
         cpages = faults = 0
         cur = start
         while True:
             with self.mutex:
-                cpages += self._do_read(cur, end, bounce, cpages)
+                cpages += self._do_read(cur, end, parts)
             if cpages == n:
                 break
             cur = start + (cpages << PAGE_SHIFT)
             self._fault(cur, end, write=False)
             faults += 1
-        return DmirrorResult(bounce.reshape(-1), cpages, faults)
+        return DmirrorResult(_bounce(parts), cpages, faults)
 
     def write(self, addr, data):
         """HMM_DMIRROR_WRITE: the device writes ``data`` (whole pages) at ``addr``."""
@@ -611,13 +623,13 @@ class DMirror:
                 migrate_vma_finalize(args)
         # Return the migrated data for verification.
         n = (end - start) >> PAGE_SHIFT
-        bounce = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+        parts = []
         with self.mutex:
-            cpages = self._do_read(start, end, bounce, 0)
+            cpages = self._do_read(start, end, parts)
         if cpages < n:
             raise oserror(errno.ENOENT, f"{n - cpages} pages are not in device memory "
                           "(not migratable: shared, file-backed or on another device)", start, end)
-        return DmirrorResult(bounce.reshape(-1), cpages)
+        return DmirrorResult(_bounce(parts), cpages)
 
     def _migrate_alloc_and_copy(self, args):
         """dmirror_migrate_alloc_and_copy(): device pages for the collected ones, and the copy."""
@@ -766,12 +778,12 @@ class DMirror:
             phys.unlock(p)
             phys.put(p)
         n = (end - start) >> PAGE_SHIFT
-        bounce = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+        parts = []
         with self.mutex:
-            cpages = self._do_read(start, end, bounce, 0)
+            cpages = self._do_read(start, end, parts)
         if cpages < n:
             raise oserror(errno.ENOENT, "pages could not be made exclusive", start, end)
-        return DmirrorResult(bounce.reshape(-1), cpages)
+        return DmirrorResult(_bounce(parts), cpages)
 
     def check_exclusive(self, addr, npages):
         """HMM_DMIRROR_CHECK_EXCLUSIVE: EPERM while any page is still mapped for atomics."""

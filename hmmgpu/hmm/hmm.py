@@ -170,10 +170,47 @@ def _walk_hole(walk, start, end):
     return 0
 
 
-def _walk_vma(walk, vma, start, end):
-    from ..mm.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE, VM_MIXEDMAP
+from ..mm.vma import VM_IO, VM_MIXEDMAP, VM_PFNMAP, VM_READ, VM_WRITE  # noqa: E402
 
+_PRESENT_SPECIAL = pt.PTE_PRESENT | pt.PTE_SPECIAL
+_WRITE_TO_HMM = _U(62 - 1)        # PTE_WRITE (bit 1) -> HMM_PFN_WRITE (bit 62)
+_INOUT = _U(HMM_PFN_INOUT_FLAGS)
+_VALID = _U(HMM_PFN_VALID)
+_FAST_CHUNK = 1 << 16             # pages per pass of the fast path: temporaries stay in cache
+
+
+def _fast_present(walk, vma, start, end):
+    """The common case in one short pass: every entry a present, normal page, and the
+    request uniform (no per-page flags), so nothing needs a fault unless a write is
+    asked for a read-only entry.  Returns None when the general walk must run."""
+    r = walk.range
+    if r.pfn_flags_mask & (HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE):
+        return None
+    want_write = (r.default_flags & (HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)) == (
+        HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
+    v0 = (start - vma.start) >> PAGE_SHIFT
+    i0 = (start - r.start) >> PAGE_SHIFT
+    n = (end - start) >> PAGE_SHIFT
+    ptes, out = vma.pte, r.hmm_pfns
+    for k in range(0, n, _FAST_CHUNK):
+        m = min(_FAST_CHUNK, n - k)
+        pte = ptes[v0 + k:v0 + k + m]
+        if not ((pte & _PRESENT_SPECIAL) == pt.PTE_PRESENT).all():
+            return None
+        if want_write and not (pte & pt.PTE_WRITE).all():
+            return None
+        o = out[i0 + k:i0 + k + m]
+        o &= _INOUT
+        o |= (pte >> _U(pt.PFN_SHIFT)) | _VALID | ((pte & pt.PTE_WRITE) << _WRITE_TO_HMM)
+    return 0
+
+
+def _walk_vma(walk, vma, start, end):
     range = walk.range
+    if vma.vm_flags & VM_READ and not vma.vm_flags & (VM_IO | VM_PFNMAP):
+        ret = _fast_present(walk, vma, start, end)
+        if ret is not None:
+            return ret
     i0, i1 = _idx(range, start), _idx(range, end)
     req = range.hmm_pfns[i0:i1]
     if (vma.vm_flags & (VM_IO | VM_PFNMAP)) or not (vma.vm_flags & VM_READ):

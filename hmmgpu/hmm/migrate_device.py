@@ -38,7 +38,8 @@ import numpy as np
 
 from ..constants import PAGE_SHIFT, PAGE_SIZE
 from ..mm import pgtable as pt
-from ..mm.migrate import folio_migrate_flags, folio_migrate_mapping, migrate_expected_refs
+from ..mm.migrate import (folio_migrate_flags, folio_migrate_mapping, migrate_expected_refs, put_unique,
+                          trylock_unique)
 from ..mm.notifier import MMU_NOTIFY_MIGRATE, invalidation
 from ..mm.physmem import PG_ANON, PG_DIRTY, PG_LOCKED
 from ..mm.rmap import remove_migration_ptes, try_to_migrate, vmas_for_pages
@@ -183,7 +184,7 @@ def _migrate_vma_collect(args):
             idx = np.nonzero(cand)[0]
             if idx.size:
                 # folio_trylock(): a page someone else holds locked is simply skipped.
-                got = phys.trylock(pfn[idx])
+                got = trylock_unique(phys, pfn[idx])
                 idx = idx[got]
             if idx.size:
                 p = pfn[idx]
@@ -194,7 +195,7 @@ def _migrate_vma_collect(args):
                 pg.flags[d[(pg.flags[d] & PG_ANON) == 0]] |= PG_DIRTY
                 # The mapping's reference becomes ours; its mapcount goes with the PTE.
                 vma.pte[i0 + idx] = pt.mk_swp(p, np.where(write, pt.SWP_MIGRATION_WRITE, pt.SWP_MIGRATION_READ))
-                np.subtract.at(pg.mapcount, p, 1)
+                pg.mapcount[p] -= 1
                 cpages += int(idx.size)
             args.src[:n] = mpfn
             args.npages = n
@@ -239,9 +240,10 @@ def migrate_device_unmap(src, npages, fault_page=None, args=None):
             src[bad] &= ~_U(MIGRATE_PFN_MIGRATE)
             bp = pfn[bad]
             tg = _rmap_targets(system, args, bp)
-            remove_migration_ptes(system, bp, bp, tg["vmas"], region=tg["region"])
+            remove_migration_ptes(system, bp, bp, tg["vmas"], region=tg["region"],
+                                  positions=bad if tg["region"] is not None else None)
             phys.unlock(bp)
-            phys.put(bp)
+            put_unique(phys, bp)
             src[bad] = 0
     return int(((src & _U(MIGRATE_PFN_MIGRATE)) != 0).sum())
 
@@ -339,8 +341,8 @@ def _migrate_vma_insert_pages(args, holes, newp):
             ent[devp] = pt.mk_swp(newp[devp], pt.SWP_DEVICE_PRIVATE_WRITE if writable else pt.SWP_DEVICE_PRIVATE_READ)
         pg.flags[newp] |= PG_ANON
         pg.memcg[newp] = -1 if memcg is None else memcg.id
-        np.add.at(pg.refcount, newp, 1)
-        np.add.at(pg.mapcount, newp, 1)
+        pg.refcount[newp] += 1
+        pg.mapcount[newp] += 1
         vma.pte[i0 + holes] = ent
         mm.add_rss("anon", int(holes.size))
         src[holes] = _U(MIGRATE_PFN_MIGRATE)
@@ -370,7 +372,7 @@ def _migrate_device_finalize(system, src, dst, npages, args):
     if unused.any():
         u = dpfn[unused]
         phys.unlock(u)
-        phys.put(u)
+        put_unique(phys, u)
     have = np.nonzero(spfn >= 0)[0]
     if have.size == 0:
         return
@@ -378,13 +380,14 @@ def _migrate_device_finalize(system, src, dst, npages, args):
     moved = mig[have] & (dpfn[have] >= 0)
     target = np.where(moved, dpfn[have], s)
     tg = _rmap_targets(system, args, s)
-    remove_migration_ptes(system, s, target, tg["vmas"], region=tg["region"])
+    remove_migration_ptes(system, s, target, tg["vmas"], region=tg["region"],
+                          positions=have if tg["region"] is not None else None)
     phys.unlock(s)
-    phys.put(s)
+    put_unique(phys, s)
     if moved.any():
         d = target[moved]
         phys.unlock(d)
-        phys.put(d)
+        put_unique(phys, d)
 
 
 def migrate_device_range(system, src_pfns, start, npages):
@@ -400,10 +403,10 @@ def migrate_device_range(system, src_pfns, start, npages):
     with phys.lock:
         used = pg.refcount[pfns] > 0
         p = pfns[used]
-        np.add.at(pg.refcount, p, 1)           # folio_get_nontail_page()
-        got = phys.trylock(p)
+        pg.refcount[p] += 1                    # folio_get_nontail_page()
+        got = trylock_unique(phys, p)
         if (~got).any():
-            phys.put(p[~got])
+            put_unique(phys, p[~got])
         p = p[got]
     sel = p - start
     src_pfns[sel] = migrate_pfn(p) | _U(MIGRATE_PFN_MIGRATE)
@@ -449,7 +452,7 @@ def _unmap_by_pfn(system, src, npages):
         bp = pfn[bad]
         remove_migration_ptes(system, bp, bp, vmas)
         phys.unlock(bp)
-        phys.put(bp)
+        put_unique(phys, bp)
         src[bad] = 0
 
 

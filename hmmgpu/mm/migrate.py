@@ -66,3 +66,50 @@ def folio_migrate_flags(system, new, old):
 def migration_entry_wait(system, pfn):
     """migration_entry_wait(): sleep until the page under migration is unlocked."""
     system.phys.wait_unlocked(int(pfn))
+
+
+# -- reference and lock helpers for batches of distinct pages ------------------------------------
+# A migration batch never lists a page twice, so the duplicate-safe (and much slower:
+# np.unique / ufunc.at) paths of physmem are not needed on the hot path.
+
+def get_unique(phys, pfns):
+    """get_page() on distinct pfns."""
+    with phys.lock:
+        phys.pages.refcount[pfns] += 1
+
+
+def trylock_unique(phys, pfns):
+    """folio_trylock() on distinct pfns: mask of the ones now locked by the caller."""
+    from .physmem import PG_LOCKED
+    with phys.lock:
+        fl = phys.pages.flags
+        got = (fl[pfns] & PG_LOCKED) == 0
+        fl[pfns[got]] |= PG_LOCKED
+        return got
+
+
+def put_unique(phys, pfns):
+    """put_page() on distinct pfns; the ones reaching 0 are freed as physmem.put frees them."""
+    pfns = np.asarray(pfns, dtype=np.int64)
+    if pfns.size == 0:
+        return
+    with phys.lock:
+        rc = phys.pages.refcount[pfns] - 1
+        if (rc < 0).any():
+            raise AssertionError(f"refcount underflow on pfn(s) {pfns[rc < 0][:8].tolist()}")
+        phys.pages.refcount[pfns] = rc
+        dead = pfns[rc == 0]
+        if dead.size == 0:
+            return
+        free_ram = getattr(phys, "_free_ram", None)
+        free_dev = getattr(phys, "_free_device", None)
+        if free_ram is None or free_dev is None:
+            phys.pages.refcount[dead] = 1
+            phys.put(dead)
+            return
+        ram = dead[dead < phys.nr_ram]
+        if ram.size:
+            free_ram(ram)
+        dev = dead[dead >= phys.nr_ram]
+        if dev.size:
+            free_dev(dev)

@@ -20,6 +20,7 @@ import numpy as np
 from ..constants import PAGE_SHIFT
 from . import pgtable as pt
 from .notifier import MMU_NOTIFY_CLEAR, invalidation
+from .migrate import put_unique
 from .physmem import PG_ANON, PG_DIRTY
 
 _U = np.uint64
@@ -97,20 +98,22 @@ def try_to_migrate(system, pfns, vmas, skip=None):
                 d = cp[dirty]
                 pg.flags[d[(pg.flags[d] & PG_ANON) == 0]] |= PG_DIRTY
                 v.pte[idx] = pt.mk_swp(cp, np.where(write, pt.SWP_MIGRATION_WRITE, pt.SWP_MIGRATION_READ))
-                np.subtract.at(pg.mapcount, cp, 1)
-                phys.put(cp)
+                pg.mapcount[cp] -= 1          # a page appears once per VMA
+                put_unique(phys, cp)
                 done += int(idx.size)
     return done
 
 
-def remove_migration_ptes(system, src, dst, vmas, region=None):
+def remove_migration_ptes(system, src, dst, vmas, region=None, positions=None):
     """remove_migration_ptes(): every migration entry for src[i] now maps dst[i].
 
     ``dst[i] == src[i]`` restores the original page (an abandoned migration).
     A device-private destination becomes a device-private entry; anything else a
     present PTE.  Writability comes from the migration entry.  ``region`` =
     (vma, i0, i1) limits the search to one slice when the caller knows no other
-    mapping exists (nothing went through try_to_migrate).
+    mapping exists (nothing went through try_to_migrate); ``positions`` (indices
+    into that slice, one per src) says exactly where each src's entry is, so no
+    search is needed at all.
     """
     src = np.asarray(src, dtype=np.int64)
     dst = np.asarray(dst, dtype=np.int64)
@@ -118,9 +121,26 @@ def remove_migration_ptes(system, src, dst, vmas, region=None):
         return 0
     phys = system.phys
     pg = phys.pages
+    from ..hmm.memremap import is_device_private_page
+    if region is not None and positions is not None:
+        v, i0, i1 = region
+        idx = i0 + np.asarray(positions, dtype=np.int64)
+        with phys.lock:
+            pte = v.pte[idx]
+            hit = pt.is_migration(pte) & (pt.pte_pfn(pte) == src)
+            idx, pte, new = idx[hit], pte[hit], dst[hit]
+            writable = pt.swp_type(pte) == pt.SWP_MIGRATION_WRITE
+            devp = is_device_private_page(system, new)
+            out = pt.mk_pte(new, pt.PTE_YOUNG) | np.where(writable, pt.PTE_WRITE | pt.PTE_DIRTY, _U(0)).astype(_U)
+            if devp.any():
+                out[devp] = pt.mk_swp(new[devp], np.where(writable[devp], pt.SWP_DEVICE_PRIVATE_WRITE,
+                                                          pt.SWP_DEVICE_PRIVATE_READ))
+            v.pte[idx] = out
+            pg.refcount[new] += 1
+            pg.mapcount[new] += 1
+        return int(idx.size)
     order = np.argsort(src, kind="stable")
     ssrc, sdst = src[order], dst[order]
-    from ..hmm.memremap import is_device_private_page
     done = 0
     targets = [region] if region is not None else [(v, 0, v.npages) for v in vmas]
     with phys.lock:
@@ -145,7 +165,7 @@ def remove_migration_ptes(system, src, dst, vmas, region=None):
                 out[devp] = pt.mk_swp(new[devp], np.where(writable[devp], pt.SWP_DEVICE_PRIVATE_WRITE,
                                                           pt.SWP_DEVICE_PRIVATE_READ))
             v.pte[i0 + idx] = out
-            np.add.at(pg.refcount, new, 1)
-            np.add.at(pg.mapcount, new, 1)
+            pg.refcount[new] += 1             # once per VMA
+            pg.mapcount[new] += 1
             done += int(idx.size)
     return done
