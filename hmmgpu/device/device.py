@@ -37,6 +37,10 @@ Jobs (dev.jobs, a JobEngine; hmmgpu/device/jobs.py)
     dev.jobs.memset(addr, value, nbytes) / copy(dst, src, nbytes) / axpy(a, x, y, n) /
     reduce_sum(addr, nbytes) / gather(dst, src, idx, n) / list_chase(heads) /
     tree_search(root, keys) / run(UserJob, nlanes, args)      -> JobResult
+    A UserJob carries a CUDA lane (hmmgpu/kernels/hmm.cuh: hmm_load / hmm_store /
+    hmm_atomic_add over virtual addresses) and a NumPy lane with the same context API; array
+    arguments (NumPy arrays, or Zeros(n) made on the device) are lane-private scratch returned in
+    ``result.outputs``.  A job runs in slices of ``slice_lanes`` lanes (the preemption points).
     Each takes ``service=``; the default is ``dev.service``, the driver's fault handler:
     ``service(faults)`` gets a FaultBatch (NumPy arrays vaddr, access, lane, job; one entry per
     page, deduplicated), maps what it can through dev.pt, and returns None, or a bool/errno
@@ -48,11 +52,15 @@ Observability
                               num_atomic_faults, num_duplicate_faults, num_fatal_faults,
                               num_fault_batches, num_replays, num_buffer_overflows
     dev.stats()               counters + page-table, DMA and job-engine figures
+    dev.fault_buffer          capacity / batch_size (defaults 256 / 256, as UVM's batch)
+    Chrome-trace events (job rounds, fault services, invalidations, DMA) go to hmmgpu.trace
+    when tracing is on.
 
 Concurrency
     dev.lock (an RLock) orders page-table submissions against job slices: a job releases it
     between slices, so an invalidation from another thread gets in at the next slice boundary.
-    The device executes everything (updates, slices, copies) in order on one queue.
+    The device executes everything (updates, slices, copies) in order on one queue;
+    dev.synchronize() waits for all of it.  One job runs at a time per device.
 """
 import collections
 import threading
