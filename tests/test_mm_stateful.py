@@ -175,11 +175,14 @@ class MMStateMachine(RuleBasedStateMachine):
         self.pins = []           # Pin
         self.mirrors = {}        # pid -> Mirror
         self.pinned = {}         # (pid, vpn) -> [(Pin, pfn)]: pins that must stay the mapped page
+        self.memcg = self.system.memcg("stateful", None)     # every other process lives in it
+        self.nspawned = 0
         self.spawn()
 
     # -- helpers ---------------------------------------------------------------------------
     def spawn(self):
-        proc = self.system.spawn()
+        self.nspawned += 1
+        proc = self.system.spawn(memcg=self.memcg if self.nspawned % 2 == 0 else None)
         self.mirrors[proc.pid] = Mirror(proc)
         self.procs.append((proc, {}))
 
@@ -618,6 +621,16 @@ class MMStateMachine(RuleBasedStateMachine):
                         assert e.kind == "anon" and not w, f"zero page mapped at 0x{vpn * P:x} ({e.kind}, w={w})"
 
     @invariant()
+    def memcg_usage_is_what_its_pages_say(self):
+        pg = self.system.phys.pages
+        n = self.system.phys.nr_ram
+        live = pg.refcount[:n] > 0
+        charged = int((live & (pg.memcg[:n] == self.memcg.id)).sum())
+        assert self.memcg.usage == charged * P, (
+            f"memcg usage {self.memcg.usage // P} pages, but {charged} live pages are charged to it")
+        assert not (~live & (pg.memcg[:n] >= 0)).any(), "a free frame is still charged to a memcg"
+
+    @invariant()
     def pinned_pages_stay_mapped(self):
         """A pinned page stays the page the process sees until it unmaps, zaps or moves it (GUP
         breaks COW up front, fork copies pinned anonymous pages, a store reuses the pinned page)."""
@@ -697,6 +710,7 @@ class MMStateMachine(RuleBasedStateMachine):
                 proc.exit()
             self.procs = []
             self.system.drop_caches()
+            assert self.memcg.usage == 0, f"memcg still charged {self.memcg.usage} bytes after every exit"
             assert int(self.system.phys.nr_free()) == self.free0, (
                 f"{self.free0 - int(self.system.phys.nr_free())} frames leaked after every process exited")
             assert (self.system.phys.pages.refcount[1:self.system.phys.nr_ram] == 0).all()

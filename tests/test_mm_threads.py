@@ -100,3 +100,115 @@ def test_threads_share_shmem_counter_pages(mm_system):
     got = parent.read(a, 4 * P).reshape(4, P)
     for i in range(4):
         assert np.all(got[i, :20] == i + 1) and not got[i, 20:].any()
+
+
+def test_driver_mirror_stays_coherent_under_concurrent_changes(mm_system):
+    """The interval-notifier protocol under real concurrency.
+
+    A "driver" thread keeps mirroring the CPU page table of one process with
+    read_begin / snapshot / (driver lock) read_retry / install, while other threads munmap,
+    mmap, mprotect, madvise, fork and store (COW faults).  The invalidate callback drops mirrored
+    entries under the driver lock.  When everything has stopped, every mirrored entry must
+    still match the page table: a stale one means an invalidation was missed or the sequence
+    protocol let a stale snapshot through.
+    """
+    from hmmgpu import MADV_DONTNEED, MAP_FIXED
+    from hmmgpu.mm.notifier import (MmuIntervalNotifier, mmu_interval_notifier_insert,
+                                    mmu_interval_read_begin, mmu_interval_read_retry,
+                                    mmu_interval_set_seq)
+
+    p = mm_system.spawn()
+    base = p.mmap(64 * P, RW, ANON)
+    p.write(base, np.full(64 * P, 7, np.uint8))
+    lock = threading.Lock()
+    mirror = {}
+    stop = threading.Event()
+
+    class Ops:
+        def invalidate(self, mni, rng, cur_seq):
+            with lock:
+                mmu_interval_set_seq(mni, cur_seq)
+                for v in [v for v in mirror if rng.start <= v < rng.end]:
+                    del mirror[v]
+            return True
+
+    mni = MmuIntervalNotifier()
+    mmu_interval_notifier_insert(mni, p.mm, base, 64 * P, Ops())
+
+    def snapshot():
+        snap = {}
+        with p.mm.mmap_lock.read():
+            for v in p.mm.vmas:
+                if v.end <= base or v.start >= base + 64 * P:
+                    continue
+                pte = np.asarray(v.pte, np.uint64).copy()
+                for i in np.nonzero(pte & np.uint64(1))[0].tolist():
+                    snap[v.start + i * P] = int(pte[i]) & ~0xFFC   # pfn | write | present
+        return snap
+
+    installs = [0]
+    stale = []
+
+    def driver(_):
+        while not stop.is_set():
+            seq = mmu_interval_read_begin(mni)
+            snap = snapshot()
+            with lock:
+                if mmu_interval_read_retry(mni, seq):
+                    continue
+                # Entries that survived every invalidation since they were installed must match
+                # a snapshot the protocol just validated: a PTE changes only after its
+                # invalidate callback ran, and that callback drops the entry under this lock.
+                for a, e in mirror.items():
+                    if snap.get(a) != e:
+                        stale.append((hex(a), hex(e), snap.get(a) and hex(snap.get(a))))
+                mirror.clear()
+                mirror.update(snap)
+                installs[0] += 1
+
+    def mutator(i):
+        rng = np.random.default_rng(100 + i)
+        kids = []
+        for it in range(60):
+            pg = int(rng.integers(0, 60))
+            a = base + pg * P
+            op = int(rng.integers(0, 6))
+            if op == 0:
+                p.munmap(a, 2 * P)
+                p.mmap(2 * P, RW, ANON | MAP_FIXED, addr=a)
+            elif op == 1:
+                p.mprotect(a, 2 * P, PROT_READ)
+                p.mprotect(a, 2 * P, RW)
+            elif op == 2:
+                p.madvise(a, 2 * P, MADV_DONTNEED)
+            elif op == 3:
+                kids.append(p.fork())
+            else:
+                p.write(a, np.full(2 * P, it & 0xFF, np.uint8))
+        for k in kids:
+            k.exit()
+
+    remaining = [2]
+    mlock = threading.Lock()
+
+    def body2(i):
+        if i == 0:
+            return driver(i)
+        try:
+            mutator(i)
+        finally:
+            with mlock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    stop.set()
+
+    run_threads(3, body2)
+    # quiescent now: a final install must succeed at once, and every entry must be current
+    with lock:
+        now = snapshot()
+        stale.extend((hex(a), hex(e), now.get(a)) for a, e in mirror.items() if now.get(a) != e)
+    assert not stale, f"{len(stale)} stale mirrored PTEs (addr, mirrored, now), e.g. {stale[:3]}"
+    seq = mmu_interval_read_begin(mni)
+    with lock:
+        assert not mmu_interval_read_retry(mni, seq)
+    assert installs[0] > 0
