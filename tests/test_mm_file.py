@@ -547,3 +547,61 @@ def test_no_file_descriptor_leaks(mm_system, mm_file):
     q.exit()
     mm_system.drop_caches()
     assert _open_fds() == n0, "exit left the file open"
+
+
+# ---------------------------------------------------------------------------------------------
+# writeback write-protects (folio_mkclean), so writes after it dirty the page again
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["msync", "writeback"])
+def test_writeback_write_protects_and_notifies(mm_system, mm_file, mmh, how):
+    # folio_mkclean() -> page_vma_mkclean_one(): after writeback the shared PTE is clean and
+    # read-only, under an MMU_NOTIFY_PROTECTION_PAGE invalidation, so any later store (CPU or a
+    # device through hmm_range_fault) takes a write fault that dirties the page again.
+    from hmmgpu.mm.notifier import (MMU_NOTIFY_PROTECTION_PAGE, MmuIntervalNotifier,
+                                    mmu_interval_notifier_insert, mmu_interval_set_seq)
+    fd = mm_file(content(2, 31))
+    p = mm_system.spawn()
+    a = p.mmap(2 * P, RW, MAP_SHARED, fd=fd)
+    p.write(a, b"first")
+    assert mmh.writable(p, a)
+    events = []
+
+    class Ops:
+        def invalidate(self, mni, rng, cur_seq):
+            mmu_interval_set_seq(mni, cur_seq)
+            events.append((rng.event, rng.start, rng.end))
+            return True
+
+    mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, a, 2 * P, Ops())
+    if how == "msync":
+        p.msync(a, 2 * P)
+    else:
+        mm_system.writeback()
+    assert mm_file.contents(fd)[:5] == b"first"
+    assert not mmh.writable(p, a), "writeback left the shared PTE writable (no folio_mkclean)"
+    assert any(e == MMU_NOTIFY_PROTECTION_PAGE and s <= a and t >= a + P for e, s, t in events), events
+    p.write(a, b"again")
+    assert mmh.writable(p, a)
+    p.msync(a, 2 * P)
+    assert mm_file.contents(fd)[:5] == b"again"
+
+
+def test_device_write_after_msync_reaches_the_file(mm_system, mm_file):
+    # the consequence through the reference driver: a dmirror write after an msync must be
+    # written back by the next msync (and by munmap), not silently lost
+    dmirror = pytest.importorskip("hmmgpu.drivers.dmirror")
+    fd = mm_file(b"\0" * (2 * P))
+    p = mm_system.spawn()
+    a = p.mmap(2 * P, RW, MAP_SHARED, fd=fd)
+    p.write(a, b"cpu")
+    p.msync(a, 2 * P)
+    dev = dmirror.DMirrorDevice(mm_system, memory="private")
+    m = dev.open(p)
+    buf = np.zeros(2 * P, np.uint8)
+    buf[:6] = np.frombuffer(b"device", np.uint8)
+    m.write(a, buf)
+    assert bytes(p.read(a, 6)) == b"device"
+    p.msync(a, 2 * P)
+    assert mm_file.contents(fd)[:6] == b"device", "the device's store was never written back"
+    m.close()
