@@ -338,9 +338,9 @@ class DMirrorDevice:
         args.dst[sel] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
         return 0
 
-    def _erase_in_mirrors(self, mm, addrs):
+    def _erase_in_mirrors(self, mm, addrs, skip=None):
         with self.lock:
-            mirrors = [m for m in self.mirrors if m.mm is mm]
+            mirrors = [m for m in self.mirrors if m.mm is mm and m is not skip]
         if not mirrors or addrs.size == 0:
             return
         vpns = addrs >> PAGE_SHIFT
@@ -673,6 +673,10 @@ class DMirror:
             return
         w = (dst[sel] & _U(MIGRATE_PFN_WRITE)) != 0
         ent = (dpfn[sel].astype(_U) << _U(_DPT_SHIFT)) | _U(DPT_VALID) | np.where(w, _U(DPT_WRITE), _U(0))
+        # Other opens of this device on this mm ignored the MMU_NOTIFY_MIGRATE too (it
+        # carries our owner): their entries for these pages are stale now.  (The kernel's
+        # test driver leaves them; a real driver cannot.)
+        self.mdevice._erase_in_mirrors(self.mm, args.start + (sel << PAGE_SHIFT), skip=self)
         with self.mutex:
             self.pt.store((args.start >> PAGE_SHIFT) + sel, ent)
 

@@ -1,0 +1,161 @@
+"""dmirror beyond the selftests: ioctl argument checks, the device page table, chunks,
+eviction, several opens of one device, and that device memory always comes back."""
+import errno
+
+import numpy as np
+import pytest
+
+import hmmgpu
+from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
+from hmmgpu.drivers import dmirror
+from hmmgpu.drivers.dmirror import DPT_VALID, DPT_WRITE, MirrorPageTable
+from hmmgpu.mm import pgtable as pt
+
+RW = PROT_READ | PROT_WRITE
+ANON = MAP_PRIVATE | MAP_ANONYMOUS
+U = np.uint64
+
+
+@pytest.fixture(params=["private", "coherent"])
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def system():
+    return hmmgpu.System(backend="numpy", ram_bytes=32 << 20)
+
+
+def errno_of(fn, *a):
+    with pytest.raises(OSError) as ei:
+        fn(*a)
+    return ei.value.errno
+
+
+def entries_match_cpu(m, proc, addr, npages):
+    """No device entry may point anywhere the CPU page table does not."""
+    ent = m.pt.lookup(np.arange(addr >> 12, (addr >> 12) + npages))
+    live = (ent & U(DPT_VALID)) != 0
+    v = proc.mm.find_vma(addr)
+    cpu = np.asarray(v.pte[v.idx(addr):v.idx(addr) + npages], U)
+    return bool((pt.pte_pfn(cpu[live]) == (ent[live] >> U(12)).astype(np.int64)).all())
+
+
+def test_page_table_structure():
+    t = MirrorPageTable()
+    v = np.array([5, 600, 1 << 30, 7], dtype=np.int64)
+    t.store(v, np.array([1, 2, 3, 4], U))
+    assert t.lookup(v).tolist() == [1, 2, 3, 4]
+    assert t.lookup(np.array([6, 601])).tolist() == [0, 0]
+    t.erase_range(6 << 12, 601 << 12)
+    assert t.lookup(v).tolist() == [1, 0, 3, 0]
+    t.erase_pfns(np.array([0]))          # entries hold pfn << 12: 3 >> 12 == 0 but VALID is bit 0
+    assert t.lookup(v).tolist() == [0, 0, 0, 0]
+
+
+def test_ioctl_argument_checks(system, kind):
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=64)
+    p = system.spawn()
+    m = d.open(p)
+    a = p.mmap(4 * PAGE_SIZE, RW, ANON)
+    assert errno_of(m.read, a + 1, 1) == errno.EINVAL
+    assert errno_of(m.read, a, 0) == errno.EINVAL
+    assert errno_of(m.write, a, b"") == errno.EINVAL
+    assert errno_of(m.migrate_to_dev, a, 8) == errno.EINVAL       # runs past the mapping
+    assert errno_of(m.migrate_to_sys, a - PAGE_SIZE, 1) == errno.EINVAL
+    assert errno_of(m.read, a + 4 * PAGE_SIZE, 1) == errno.EFAULT  # no VMA
+    m.close()
+    assert errno_of(m.read, a, 1) == errno.EINVAL
+    p.exit()
+
+
+def test_chunks_grow_and_release_evicts(system, kind):
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=16)
+    p = system.spawn()
+    m = d.open(p)
+    n = 40
+    a = p.mmap(n * PAGE_SIZE, RW, ANON)
+    data = np.arange(n * PAGE_SIZE // 4, dtype=np.int32)
+    p.write(a, data)
+    r = m.migrate_to_dev(a, n)
+    assert r.cpages == n and len(d.chunks) == 3 and d.nr_allocated() == n
+    m.release()
+    assert d.chunks == [] and d.nr_allocated() == 0
+    v = p.mm.find_vma(a)
+    assert pt.pte_present(v.pte).all() and (pt.pte_pfn(v.pte) < system.phys.nr_ram).all()
+    assert (p.read(a, n * PAGE_SIZE).view(np.int32) == data).all()
+    # the device keeps working after a release: new chunks
+    assert m.migrate_to_dev(a, n).cpages == n and d.nr_allocated() == n
+    p.exit()
+    assert d.nr_allocated() == 0 and d.nr_free() == len(d.chunks) * d.chunk_pages
+
+
+def test_two_opens_of_one_device_stay_coherent(system, kind):
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=64)
+    p = system.spawn()
+    m1, m2 = d.open(p), d.open(p)
+    a = p.mmap(8 * PAGE_SIZE, RW, ANON)
+    p.write(a, b"\x11" * (8 * PAGE_SIZE))
+    assert m1.read(a, 8).cpages == 8                 # m1 maps the system pages
+    assert m2.migrate_to_dev(a, 8).cpages == 8        # m2 moves them (its owner's MIGRATE event)
+    assert entries_match_cpu(m1, p, a, 8)
+    assert (m1.read(a, 8).data == 0x11).all()
+    if kind == "private":
+        p.read(a, PAGE_SIZE)                          # CPU fault: migrate_to_ram
+        assert entries_match_cpu(m1, p, a, 8) and entries_match_cpu(m2, p, a, 8)
+    p.exit()
+    assert d.nr_allocated() == 0
+
+
+def test_mixed_map_pages_are_zeroed_and_freed(system):
+    d = dmirror.DMirrorDevice(system, memory="private", chunk_pages=16)
+    p = system.spawn()
+    m = d.open(p)
+    free0 = system.phys.nr_free()
+    a = p.mmap(3 * PAGE_SIZE, RW, MAP_PRIVATE, fd=m)
+    assert not p.read(a, 3 * PAGE_SIZE).any()
+    assert list(m.snapshot(a, 3).data) == [dmirror.PROT_READ] * 3
+    assert errno_of(m.migrate_to_dev, a, 1) == errno.EINVAL      # VM_MIXEDMAP is VM_SPECIAL
+    p.munmap(a, 3 * PAGE_SIZE)
+    assert system.phys.nr_free() == free0
+
+
+def test_fail_alloc_flag_is_consumed(system):
+    d = dmirror.DMirrorDevice(system, memory="private", chunk_pages=16)
+    p = system.spawn()
+    m = d.open(p)
+    a = p.mmap(4 * PAGE_SIZE, RW, ANON)
+    p.write(a, b"\x01" * (4 * PAGE_SIZE))
+    m.set_flags(dmirror.FLAG_FAIL_ALLOC)
+    # no THP here: the failed huge allocation falls back to small pages, like the kernel driver
+    assert m.migrate_to_dev(a, 4).cpages == 4
+    assert m.flags == 0
+
+
+def test_exclusive_needs_write_access_and_check(system):
+    d = dmirror.DMirrorDevice(system, memory="private", chunk_pages=16)
+    p = system.spawn()
+    m = d.open(p)
+    a = p.mmap(2 * PAGE_SIZE, PROT_READ, ANON)
+    assert errno_of(m.exclusive, a, 2) == errno.EFAULT
+    b = p.mmap(2 * PAGE_SIZE, RW, ANON)
+    p.write(b, b"\x03" * (2 * PAGE_SIZE))
+    m.exclusive(b, 2)
+    assert errno_of(m.check_exclusive, b, 2) == errno.EPERM
+    # a device write through an atomic entry first restores the CPU mapping
+    assert m.write(b, b"\x04" * (2 * PAGE_SIZE)).faults == 1
+    m.check_exclusive(b, 2)
+    assert (p.read(b, 2 * PAGE_SIZE) == 4).all()
+
+
+def test_exit_with_open_mirror_then_close(system, kind):
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=16)
+    p = system.spawn()
+    m = d.open(p)
+    a = p.mmap(4 * PAGE_SIZE, RW, ANON)
+    p.write(a, b"\x01" * (4 * PAGE_SIZE))
+    m.migrate_to_dev(a, 4)
+    p.exit()
+    assert d.nr_allocated() == 0
+    assert errno_of(m.read, a, 1) == errno.EINVAL
+    m.close()
