@@ -680,3 +680,30 @@ def test_processes_have_separate_address_spaces(mm_system):
     assert bytes(p.read(a, 4)) == b"mine"
     with pytest.raises(hmmgpu.SegmentationFault):
         mm_system.spawn().read(a, 1)
+
+
+def test_map_populate_faults_writable_private_memory_for_write(mm_system, mmh):
+    # populate_vma_page_range(): writable private mappings are touched with a write fault
+    # (breaking COW up front), so no page is left on the zero page
+    p = mm_system.spawn()
+    a = p.mmap(8 * P, RW, ANON | hmmgpu.MAP_POPULATE)
+    assert p.rss["anon"] == 8
+    assert all(mmh.writable(p, a + i * P) for i in range(8))
+    b = p.mmap(4 * P, PROT_READ, ANON | hmmgpu.MAP_POPULATE)
+    assert all(mmh.pfn(p, b + i * P) is not None for i in range(4))
+    assert p.rss["anon"] == 8
+
+
+def test_shared_anon_grown_by_mremap_is_sigbus_past_the_object(mm_system):
+    # shmem_fault(): the shmem object of a MAP_SHARED|MAP_ANONYMOUS mapping has the size given to
+    # mmap; growing the mapping does not grow the object, so the new part raises SIGBUS
+    p = mm_system.spawn()
+    a = p.mmap(2 * P, RW, MAP_SHARED | MAP_ANONYMOUS)
+    p.write(a, b"shm")
+    n = p.mremap(a, 2 * P, 4 * P, MREMAP_MAYMOVE)
+    assert bytes(p.read(n, 3)) == b"shm"
+    p.read(n + P, 1)
+    with pytest.raises(OSError) as ei:
+        p.read(n + 2 * P, 1)
+    assert ei.value.errno == errno.EFAULT
+    assert not isinstance(ei.value, hmmgpu.SegmentationFault)

@@ -239,3 +239,22 @@ def test_fork_copy_of_pinned_page_respects_vma_protection(mm_system, mmh, prot):
     with pytest.raises(hmmgpu.SegmentationFault):
         c.write(a, b"x")
     pin.unpin()
+
+
+def test_pinned_file_page_outliving_its_mapping_is_released(mm_system, mm_file, mmh):
+    import os
+    fd = mm_file(b"p" * (2 * P))
+    fds0 = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    free0 = mmh.nr_free(mm_system)
+    p = mm_system.spawn()
+    a = p.mmap(2 * P, RW, MAP_SHARED, fd=fd)
+    pin = p.pin_user_pages(a, 2, write=True)
+    p.write(a, b"pinned+dirty")
+    p.munmap(a, 2 * P)
+    assert mmh.nr_free(mm_system) == free0 - 2          # the pin holds the cached pages
+    pin.unpin()
+    mm_system.drop_caches()
+    assert mmh.nr_free(mm_system) == free0
+    assert mm_file.contents(fd)[:12] == b"pinned+dirty"
+    if fds0 is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds0, "the file stayed open after its cache was dropped"
