@@ -30,7 +30,10 @@ EMULATED_LABEL = "emulated (numpy fallback)"
 
 def _console(stderr=True):
     from rich.console import Console
-    return Console(stderr=stderr, highlight=False)
+    con = Console(stderr=stderr, highlight=False)
+    if not con.is_terminal:             # logs and pipes: wide enough for the results tables
+        con = Console(stderr=stderr, highlight=False, width=max(con.width, 150))
+    return con
 
 
 def _mib(nbytes):
@@ -287,56 +290,64 @@ class MirrorGpu:
                 self.invalidated_pages += (e - s) >> 12
         return True
 
-    def service(self, faults):
-        """Service one batch of device faults: HMM mirror them into the device page table."""
+    def fault_range(self, start, end, write):
+        """Mirror [start, end) into the device page table: 0 or a positive errno.
+
+        The HMM driver loop: mmu_interval_read_begin, hmm_range_fault (REQ_FAULT, +REQ_WRITE)
+        under mmap_lock, then under the driver lock mmu_interval_read_retry before the device
+        page table is written.  Device-private pages of the dmirror device map local.
+        """
         import errno as _errno
         from .device.pagetable import PTE_WRITE
         from .hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_WRITE,
                           HmmRange, hmm_pfn_to_pfn, hmm_range_fault, mmu_interval_read_begin,
                           mmu_interval_read_retry)
+        rng = HmmRange(notifier=self.mni, start=start, end=end,
+                       default_flags=HMM_PFN_REQ_FAULT | (HMM_PFN_REQ_WRITE if write else 0),
+                       dev_private_owner=self.dmdev)
+        for _ in range(1000):
+            rng.notifier_seq = mmu_interval_read_begin(self.mni)
+            with self.proc.mm.mmap_lock.read():
+                ret = hmm_range_fault(rng)
+            if ret == -_errno.EBUSY:
+                continue
+            if ret:
+                return -ret
+            with self.lock:
+                if mmu_interval_read_retry(self.mni, rng.notifier_seq):
+                    continue
+                e = rng.hmm_pfns
+                if ((e & np.uint64(HMM_PFN_ERROR)) != 0).any():
+                    return _errno.EFAULT
+                pfns = hmm_pfn_to_pfn(e)
+                flags = np.where((e & np.uint64(HMM_PFN_WRITE)) != 0, PTE_WRITE, 0)
+                local = int(np.count_nonzero(self.dev.owns(pfns)))
+                self.local_maps += local
+                self.remote_maps += int(pfns.size - local)
+                vpns = np.arange(start >> 12, end >> 12, dtype=np.int64)
+                self.dev.pt.map(vpns, pfns, flags).wait()
+                self.serviced_pages += int(vpns.size)
+            return 0
+        return _errno.EBUSY
+
+    def service(self, faults):
+        """Service one batch of device faults: one fault_range per run of consecutive pages."""
+        import errno as _errno
         vpn = faults.vpn
         write = faults.write
         errs = np.zeros(len(faults), dtype=np.int64)
         out_of_range = (vpn < (self.start >> 12)) | (vpn >= (self.end >> 12))
         errs[out_of_range] = _errno.EFAULT
         order = np.argsort(vpn, kind="stable")
-        v = vpn[order]
-        # runs of consecutive pages with the same access kind: one hmm_range_fault each
-        brk = np.flatnonzero((np.diff(v) != 1) | (write[order][1:] != write[order][:-1])) + 1
+        v, w = vpn[order], write[order]
+        brk = np.flatnonzero((np.diff(v) != 1) | (w[1:] != w[:-1])) + 1
         for lo, hi in zip(np.concatenate(([0], brk)), np.concatenate((brk, [v.size]))):
             idx = order[lo:hi]
             if out_of_range[idx[0]]:
                 continue
-            w = bool(write[idx[0]])
-            rng = HmmRange(notifier=self.mni, start=int(v[lo]) << 12, end=(int(v[hi - 1]) + 1) << 12,
-                           default_flags=HMM_PFN_REQ_FAULT | (HMM_PFN_REQ_WRITE if w else 0),
-                           dev_private_owner=self.dmdev)
-            for _ in range(1000):
-                rng.notifier_seq = mmu_interval_read_begin(self.mni)
-                with self.proc.mm.mmap_lock.read():
-                    ret = hmm_range_fault(rng)
-                if ret == -_errno.EBUSY:
-                    continue
-                if ret:
-                    errs[idx] = -ret
-                    break
-                with self.lock:
-                    if mmu_interval_read_retry(self.mni, rng.notifier_seq):
-                        continue
-                    e = rng.hmm_pfns
-                    if ((e & np.uint64(HMM_PFN_ERROR)) != 0).any():
-                        errs[idx] = _errno.EFAULT
-                        break
-                    pfns = hmm_pfn_to_pfn(e)
-                    flags = np.where((e & np.uint64(HMM_PFN_WRITE)) != 0, PTE_WRITE, 0)
-                    local = self.dev.owns(pfns)
-                    self.local_maps += int(np.count_nonzero(local))
-                    self.remote_maps += int(local.size - np.count_nonzero(local))
-                    self.dev.pt.map(v[lo:hi], pfns, flags).wait()
-                    self.serviced_pages += int(hi - lo)
-                break
-            else:
-                errs[idx] = _errno.EBUSY
+            err = self.fault_range(int(v[lo]) << 12, (int(v[hi - 1]) + 1) << 12, bool(w[lo]))
+            if err:
+                errs[idx] = err
         return errs if errs.any() else None
 
     def close(self):

@@ -1,0 +1,110 @@
+"""faults: a device job touching memory it has never mapped, every page a device fault.
+
+Two figures, both through a process's mirrored address space (fault buffer -> batches ->
+hmm_range_fault -> device page table -> replay):
+
+* host-resident: a reduce job over data the CPU wrote; faults map the system pages remotely
+  (zero-copy; nothing migrates);
+* untouched: a memset job over freshly mmap'ed anonymous memory; each write fault allocates
+  a zeroed page (demand-zero) and maps it.
+
+Baselines in the same run: CUDA managed memory with the same access pattern -- CPU-written
+then read by the same reduce kernel, and freshly allocated then first touched by a fill
+kernel (GPU); a NumPy gather + sum of the same frames, and a NumPy fill of a fresh array
+(fallback).
+"""
+import numpy as np
+
+from ._common import PAGE, PRIV_ANON, RW, Cuda, Unavailable, Workload, need, size_label
+
+NAME = "faults"
+DESCRIPTION = "a device job faulting on host-resident and untouched memory vs CUDA managed memory"
+
+
+def run(ctx):
+    need("hmmgpu.device", "the device layer (EmulatedDevice)")
+    from hmmgpu.cli import MirrorGpu
+    nbytes = (2 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (64 << 20))
+    npages = nbytes // PAGE
+    w = Workload(ctx.backend_name, npages, scattered=True, ram_extra_pages=npages + 16384)
+    st = {"gpu": None, "region": None}
+
+    def fresh_gpu(start):
+        if st["gpu"] is not None:
+            st["gpu"].close()
+        st["gpu"] = MirrorGpu(w.system, w.proc, w.dev, start, start + nbytes, name="bench-gpu")
+
+    try:
+        # host-resident data, a new device (empty page table) for each repeat
+        ctx.progress("job faulting on host-resident pages")
+        faults = {}
+
+        def reduce():
+            r = st["gpu"].dev.jobs.reduce_sum(w.addr, nbytes)
+            faults["n"] = r.faults
+        ours = ctx.time(reduce, setup=lambda: fresh_gpu(w.addr))
+        fstats = dict(st["gpu"].dev.counters)
+        # untouched anonymous memory, a new mapping and device each repeat
+        ctx.progress("job faulting on untouched pages")
+
+        def new_region():
+            if st["region"] is not None:
+                w.proc.munmap(st["region"], nbytes)
+            st["region"] = w.proc.mmap(nbytes, RW, PRIV_ANON)
+            fresh_gpu(st["region"])
+        ours_zero = ctx.time(lambda: st["gpu"].dev.jobs.memset(st["region"], 0x5A, nbytes), setup=new_region)
+        check = w.proc.read(st["region"], PAGE)
+        assert (check == 0x5A).all(), "memset job result not visible to the CPU"
+        if ctx.gpu:
+            cu = Cuda(ctx)
+            cp = cu.cp
+            kern = cu.reduce_kernel()
+            partials = cp.zeros(npages, dtype=cp.uint64)
+            try:
+                mem, view = cu.managed(nbytes)
+            except Unavailable as e:
+                raise Unavailable(f"managed-memory baseline: {e}")
+
+            def cpu_write():
+                view[::PAGE] = 1                   # the CPU touches every page: they live on the host
+            base = ctx.time(lambda: kern(int(mem.ptr), nbytes, partials), setup=cpu_write)
+            bname = "managed memory, CPU-written, same reduce kernel"
+            del view, mem
+            held = {}
+
+            def fresh_managed():
+                held.pop("m", None)
+                cp.get_default_memory_pool().free_all_blocks()
+                m, _ = cu.managed(nbytes)
+                held["m"] = m
+            base_zero = ctx.time(
+                lambda: cp.ndarray((nbytes,), cp.uint8, cp.cuda.MemoryPointer(held["m"], 0)).fill(0x5A),
+                setup=fresh_managed)
+            bname_zero = "fresh managed memory, first touch by a fill kernel"
+            held.clear()
+            targets = (">= 1.0", ">= 1.0")
+        else:
+            frames = w.system.phys.ram.frames
+            pfns = w.pfns()
+            out = np.empty((npages, PAGE), np.uint8)
+
+            def gather_sum():
+                np.take(frames, pfns, axis=0, out=out)
+                out.view(np.uint32).sum(dtype=np.uint64)
+            base = ctx.time(gather_sum)
+            bname = "NumPy gather + sum of the same frames"
+            base_zero = ctx.time(lambda: np.empty(nbytes, np.uint8).fill(0x5A))
+            bname_zero = "NumPy fill of a fresh array"
+            targets = (None, None)
+        note = (f"{faults.get('n', 0):,} faults per run; {fstats.get('num_fault_batches', 0)} batches, "
+                f"{fstats.get('num_duplicate_faults', 0)} duplicates (first device)")
+        ctx.row("reduce job faulting on host-resident pages (remote map)", ours=nbytes / ours.median / 1e9,
+                ours_unit="GB/s", baseline_name=bname, baseline=nbytes / base.median / 1e9,
+                ratio=base.median / ours.median, target=targets[0], size=size_label(nbytes), note=note)
+        ctx.row("memset job faulting on untouched pages (demand-zero)", ours=nbytes / ours_zero.median / 1e9,
+                ours_unit="GB/s", baseline_name=bname_zero, baseline=nbytes / base_zero.median / 1e9,
+                ratio=base_zero.median / ours_zero.median, target=targets[1], size=size_label(nbytes))
+    finally:
+        if st["gpu"] is not None:
+            st["gpu"].close()
+        w.close()

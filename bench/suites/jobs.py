@@ -1,0 +1,73 @@
+"""jobs: a device job walking the emulated device page table, on device-resident pages and on
+system pages mapped remotely (zero-copy), through a process's mirrored address space.
+
+Ours: ``reduce_sum`` (a streaming read of every 32-bit word) on an EmulatedDevice whose page
+table was filled by HMM (hmm_range_fault, after a warm-up job took the faults), so the timed
+runs translate every access through the page table and take no fault.  Baselines in the same
+run: the same reduce kernel on a flat device array, and on the mapped pinned host memory
+(zero-copy read) of the same bytes (GPU); a NumPy sum over a flat array of the same bytes
+(fallback).
+"""
+import numpy as np
+
+from ._common import PAGE, Cuda, Workload, need, size_label
+
+NAME = "jobs"
+DESCRIPTION = "page-table-walking device jobs (device-resident, remote system pages) vs a flat array"
+
+
+def run(ctx):
+    need("hmmgpu.device", "the device layer (EmulatedDevice)")
+    from hmmgpu.cli import MirrorGpu
+    nbytes = (4 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (64 << 20))
+    w = Workload(ctx.backend_name, nbytes // PAGE, scattered=True)
+    gpu = None
+    try:
+        gpu = MirrorGpu(w.system, w.proc, w.dev, w.addr, w.addr + w.nbytes, name="bench-gpu")
+        data = np.ascontiguousarray(w.proc.read(w.addr, nbytes))      # before anything migrates
+        expect = int(data.view(np.uint32).sum(dtype=np.uint64))
+        job = gpu.dev.jobs
+
+        def reduce():
+            r = job.reduce_sum(w.addr, nbytes)
+            return r
+
+        for where in ("device-resident", "remote system"):
+            ctx.progress(f"reduce over {where} pages")
+            if where == "device-resident":
+                w.to_dev()
+            else:
+                w.to_sys()
+            r = reduce()                       # warm-up: takes the faults, fills the page table
+            assert r.value == expect, (r.value, expect)
+            faults_before = gpu.dev.counters["num_read_faults"]
+            ours = ctx.time(reduce)
+            assert gpu.dev.counters["num_read_faults"] == faults_before, "timed jobs faulted"
+            if ctx.gpu:
+                cu = Cuda(ctx)
+                kern = cu.reduce_kernel()
+                cp = cu.cp
+                partials = cp.zeros(nbytes // PAGE, dtype=cp.uint64)
+                if where == "device-resident":
+                    flat = cp.ones(nbytes // 4, dtype=cp.uint32)
+                    base = ctx.time(lambda: kern(flat, nbytes, partials), device_only=True)
+                    bname = "same kernel, flat device array"
+                    target = ">= 0.8"
+                else:
+                    host = w.system.phys.ram
+                    base = ctx.time(lambda: kern(int(host.ptr), nbytes, partials), device_only=True)
+                    bname = "same kernel, zero-copy read of pinned host memory"
+                    target = ">= 0.85"
+            else:
+                flat = data.view(np.uint32)
+                base = ctx.time(lambda: flat.sum(dtype=np.uint64))
+                bname = "NumPy sum over a flat array"
+                target = ">= 0.8" if where == "device-resident" else ">= 0.85"
+            ctx.row(f"reduce job via page table, {where} pages", ours=nbytes / ours.median / 1e9,
+                    ours_unit="GB/s", baseline_name=bname, baseline=nbytes / base.median / 1e9,
+                    ratio=base.median / ours.median, target=target, size=size_label(nbytes),
+                    note="scattered frames; page table filled by hmm_range_fault beforehand")
+    finally:
+        if gpu is not None:
+            gpu.close()
+        w.close()

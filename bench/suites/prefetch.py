@@ -1,0 +1,65 @@
+"""prefetch: explicit migration of a range to the device and its mapping in the device page table.
+
+Ours: the HMM migration (migrate_vma_* through dmirror) of CPU-written anonymous pages, then
+hmm_range_fault + the device page-table map of the whole range (so a job runs with no fault).
+Baselines in the same run: cudaMemPrefetchAsync of the same bytes of CPU-touched managed memory
+(GPU; never more managed memory than half of what the GPU has free); a NumPy gather of the same
+frames (fallback).
+"""
+import numpy as np
+
+from ._common import PAGE, Cuda, Workload, need, numpy_gather, size_label
+
+NAME = "prefetch"
+DESCRIPTION = "explicit prefetch (migrate + map) vs cudaMemPrefetchAsync of managed memory"
+
+
+def run(ctx):
+    need("hmmgpu.device", "the device layer (EmulatedDevice)")
+    from hmmgpu.cli import MirrorGpu
+    nbytes = (4 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (256 << 20))
+    npages = nbytes // PAGE
+    w = Workload(ctx.backend_name, npages, scattered=True)
+    gpu = MirrorGpu(w.system, w.proc, w.dev, w.addr, w.addr + nbytes, name="bench-gpu")
+    st = {"on_dev": False}
+
+    def prefetch():
+        w.to_dev()
+        st["on_dev"] = True
+        err = gpu.fault_range(w.addr, w.addr + nbytes, write=False)
+        assert err == 0, err
+
+    def back():
+        if st["on_dev"]:
+            w.to_sys()
+            st["on_dev"] = False
+    try:
+        ctx.progress(f"prefetch {size_label(nbytes)}")
+        ours = ctx.time(prefetch, setup=back)
+        local = gpu.local_maps
+        if ctx.gpu:
+            cu = Cuda(ctx)
+            mem, view = cu.managed(nbytes)
+
+            def to_cpu():
+                view[::PAGE] = 1
+                cu.prefetch(mem.ptr, nbytes, -1)
+            base = ctx.time(lambda: cu.prefetch(mem.ptr, nbytes, 0), setup=to_cpu, device_only=True)
+            bname = "cudaMemPrefetchAsync of CPU-touched managed memory"
+            target = ">= 0.9"
+            del view, mem
+        else:
+            back()
+            frames = w.system.phys.ram.frames
+            pfns = w.pfns()
+            out = np.empty((npages, PAGE), np.uint8)
+            base = ctx.time(lambda: numpy_gather(frames, pfns, out))
+            bname = "NumPy gather of the same frames"
+            target = ">= 0.7"
+        ctx.row("explicit prefetch: migrate_vma + device PT map", ours=nbytes / ours.median / 1e9,
+                ours_unit="GB/s", baseline_name=bname, baseline=nbytes / base.median / 1e9,
+                ratio=base.median / ours.median, target=target, size=size_label(nbytes),
+                note=f"{local:,} pages mapped device-local over the runs")
+    finally:
+        gpu.close()
+        w.close()
