@@ -2,7 +2,10 @@
 
 Every check is deterministic (each thread owns its own data); only the interleaving varies.
 """
+import sys
 import threading
+import time
+import traceback
 
 import numpy as np
 
@@ -13,7 +16,7 @@ RW = PROT_READ | PROT_WRITE
 ANON = MAP_PRIVATE | MAP_ANONYMOUS
 
 
-def run_threads(n, fn):
+def run_threads(n, fn, timeout=60):
     errors = []
     barrier = threading.Barrier(n)
 
@@ -24,12 +27,18 @@ def run_threads(n, fn):
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append((i, repr(e)))
 
-    ts = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    # daemon threads and one overall deadline: a deadlock fails the test instead of hanging the run
+    ts = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
     for t in ts:
         t.start()
+    deadline = time.monotonic() + timeout
     for t in ts:
-        t.join(120)
-    assert not any(t.is_alive() for t in ts), "a thread hung (deadlock?)"
+        t.join(max(0.0, deadline - time.monotonic()))
+    hung = [t for t in ts if t.is_alive()]
+    if hung:
+        frames = sys._current_frames()
+        where = "".join("".join(traceback.format_stack(frames[t.ident])[-4:]) for t in hung if t.ident in frames)
+        raise AssertionError(f"{len(hung)} of {n} threads still running after {timeout} s (deadlock?):\n{where}")
     assert not errors, errors
 
 
@@ -212,3 +221,72 @@ def test_driver_mirror_stays_coherent_under_concurrent_changes(mm_system):
     with lock:
         assert not mmu_interval_read_retry(mni, seq)
     assert installs[0] > 0
+
+
+def test_oom_kill_of_a_process_busy_in_another_thread(mm_system_factory, mmh):
+    """The OOM killer picks a victim that is in the middle of a system call on another thread.
+
+    Deterministic schedule: B's thread is inside madvise(MADV_DONTNEED) (holding B's mmap_lock
+    for reading), parked in an mmu-notifier callback (callbacks may sleep).  A's thread then
+    runs the machine out of memory; B has the largest rss and is chosen.  Once the killer is
+    waiting for B, B's callback returns and B's madvise goes on to zap its page tables.
+    Linux never makes the allocating task wait for the victim's mmap_lock while it holds
+    allocator locks (the victim dies by itself; the OOM reaper only trylocks), so both threads
+    must finish: A's store succeeds, B ends up dead, and no frame is lost.
+    """
+    import hmmgpu
+    from hmmgpu import MADV_DONTNEED
+    from hmmgpu.mm.notifier import MmuIntervalNotifier, mmu_interval_notifier_insert, mmu_interval_set_seq
+
+    system = mm_system_factory(ram_bytes=256 * P)
+    free0 = mmh.nr_free(system)
+    a_proc, b_proc = system.spawn(), system.spawn()
+    b = b_proc.mmap(150 * P, RW, ANON)
+    b_proc.write(b, np.full(150 * P, 2, np.uint8))
+    entered, release = threading.Event(), threading.Event()
+
+    class Parked:
+        def invalidate(self, mni, rng, cur_seq):
+            mmu_interval_set_seq(mni, cur_seq)
+            if not entered.is_set():
+                entered.set()
+                release.wait(60)
+            return True
+
+    mmu_interval_notifier_insert(MmuIntervalNotifier(), b_proc.mm, b, P, Parked())
+    a = a_proc.mmap(120 * P, RW, ANON)
+    result = {}
+
+    def b_thread():
+        try:
+            b_proc.madvise(b, P, MADV_DONTNEED)
+            result["b"] = "returned"
+        except hmmgpu.ProcessKilled:
+            result["b"] = "killed"
+
+    def a_thread():
+        a_proc.write(a, np.full(120 * P, 1, np.uint8))
+        result["a"] = "stored"
+
+    tb = threading.Thread(target=b_thread, daemon=True)
+    tb.start()
+    assert entered.wait(30)
+    ta = threading.Thread(target=a_thread, daemon=True)
+    ta.start()
+    # let the killer reach B (waiting for B's mmap_lock, or done without it); then unpark B
+    lock = b_proc.mm.mmap_lock
+    for _ in range(300):
+        if not ta.is_alive() or getattr(lock, "_waiting_writers", 1):
+            break
+        ta.join(0.01)
+    release.set()
+    ta.join(15)
+    tb.join(15)
+    assert not ta.is_alive() and not tb.is_alive(), (
+        "deadlock: the OOM killer waits for the victim's mmap_lock while holding the allocator's "
+        "lock, and the victim waits for that lock to finish its madvise")
+    assert result.get("a") == "stored"
+    assert not b_proc.alive and a_proc.alive
+    assert np.all(a_proc.read(a, 120 * P) == 1)
+    a_proc.exit()
+    assert mmh.nr_free(system) == free0
