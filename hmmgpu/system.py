@@ -141,13 +141,20 @@ class System:
 
     def writeback(self):
         """Write every dirty page-cache page back to its file (the flusher threads' work)."""
+        return sum(self.writeback_range(c) for c in list(self.caches.values()) if not c.shmem)
+
+    def writeback_range(self, cache, lo=0, hi=None):
+        """folio_clear_dirty_for_io() + write: clean every mapping of pages [lo, hi), then write them."""
         for proc in list(self.processes):
             mm = proc.mm
-            with mm.mmap_lock.read():
-                for v in mm.vmas:
-                    if v.shared and v.file is not None and not v.file.shmem:
-                        mm._fold_dirty(v, 0, v.npages)
-        return sum(c.writeback() for c in list(self.caches.values()))
+            for v in list(mm.vmas):
+                if v.file is not cache or not v.shared:
+                    continue
+                a = max(lo, v.pgoff)
+                b = v.pgoff + v.npages if hi is None else min(hi, v.pgoff + v.npages)
+                if a < b:
+                    mm.mkclean(v, a - v.pgoff, b - v.pgoff)
+        return cache.writeback(lo, hi)
 
     def drop_caches(self):
         """echo 3 > /proc/sys/vm/drop_caches: write back, then free pages only the cache holds."""

@@ -34,7 +34,7 @@ def runs(sorted_idx):
 
 
 class PageCache:
-    def __init__(self, system, id, fd=None, key=None, name=None):
+    def __init__(self, system, id, fd=None, key=None, name=None, size_pages=None):
         self.system = system
         self.phys = system.phys
         self.id = id
@@ -45,14 +45,15 @@ class PageCache:
         self.name = name or ("shmem" if self.shmem else f"fd {fd}")
         self.pfn_of = np.full(0, -1, dtype=np.int64)
         self.nr_mappings = 0
+        self.size_pages = size_pages       # shmem: the object's size, fixed at creation
 
     def __repr__(self):
         return f"PageCache({self.name}, cached={int((self.pfn_of >= 0).sum())})"
 
     def file_pages(self):
-        """Pages the file covers (a partial last page counts); shmem: unbounded."""
+        """Pages the file covers (a partial last page counts); shmem: the object's size."""
         if self.shmem:
-            return 1 << 62
+            return self.size_pages if self.size_pages is not None else 1 << 62
         return -(-os.fstat(self.fd).st_size // PAGE_SIZE)
 
     def _grow(self, n):
@@ -67,8 +68,16 @@ class PageCache:
         with self.phys.lock:
             self._grow(int(index.max()) + 1 if index.size else 0)
             missing = np.unique(index[self.pfn_of[index] < 0])
+        if missing.size:
+            # allocate with the page-table lock released (the OOM killer may run), then
+            # insert only what nobody else inserted meanwhile
+            pfns = self.phys.alloc(missing.size, memcg, zero=True)
+        with self.phys.lock:
             if missing.size:
-                pfns = self.phys.alloc(missing.size, memcg, zero=True)
+                raced = self.pfn_of[missing] >= 0
+                if raced.any():
+                    self.phys.put(pfns[raced])
+                    missing, pfns = missing[~raced], pfns[~raced]
                 pg = self.phys.pages
                 pg.mapping[pfns] = self.id
                 pg.index[pfns] = missing
@@ -133,7 +142,16 @@ class PageCache:
             self.pfn_of[cached[only_cache]] = -1
             self.phys.pages.mapping[drop] = -1
             self.phys.put(drop)
-            return int(drop.size)
+        if self.nr_mappings == 0 and not (self.pfn_of >= 0).any():
+            self._release()
+        return int(drop.size)
+
+    def _release(self):
+        """Nothing maps or caches the file any more: let the file go."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.system._forget_cache(self)
 
     def forget(self, pfns):
         """The pages left the cache by other means (migration replaced them, say)."""
@@ -151,13 +169,7 @@ class PageCache:
 
     def unmapped(self):
         """The last mapping went away."""
-        self.drop_unused()
-        if (self.pfn_of >= 0).any():
-            return                      # pages still referenced elsewhere (pinned, say)
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        self.system._forget_cache(self)
+        self.drop_unused()               # releases the file too unless pages are still held (pinned)
 
 
 def open_file_cache(system, fd):

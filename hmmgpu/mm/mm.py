@@ -30,7 +30,7 @@ from .notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_PROTEC
                        MMU_NOTIFY_PROTECTION_VMA, MMU_NOTIFY_UNMAP, NotifierSubscriptions,
                        invalidation)
 from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_SWAPBACKED, PG_ZONE_DEVICE
-from .vma import (VM_ACCESS, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
+from .vma import (VM_ACCESS, VM_DONTEXPAND, VM_PFNMAP, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
                   VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, VMA, prot_to_vm,
                   vma_is_anonymous)
 
@@ -238,8 +238,16 @@ class MM:
             need_new |= present & ~pt.pte_write(snap)
         elif unshare and vma.cow:
             fl = pg.flags[pfns]
-            need_new |= (present & (pfns != phys.zero_pfn) & ((fl & PG_ANON) != 0)
-                         & ((fl & PG_ANON_EXCLUSIVE) == 0) & (pg.refcount[pfns] > 1))
+            shared = (present & (pfns != phys.zero_pfn) & ((fl & PG_ANON) != 0)
+                      & ((fl & PG_ANON_EXCLUSIVE) == 0))
+            solo = shared & (pg.refcount[pfns] == 1)
+            if solo.any():
+                # wp_can_reuse_anon_folio(): we are its only user again; claim it, no copy
+                with phys.lock:
+                    p = pfns[solo]
+                    p = p[pg.refcount[p] == 1]
+                    pg.flags[p] |= PG_ANON_EXCLUSIVE
+            need_new |= shared & ~solo
         if not need_new.any():
             if write:
                 self._mark_dirty(vma, i0, i1)
@@ -499,30 +507,40 @@ class MM:
             vm_flags |= VM_MAYSHARE
             if vm_flags & VM_MAYWRITE or anonymous:
                 vm_flags |= VM_SHARED
-        with self.mmap_lock.write():
-            if flags & MAP_FIXED_NOREPLACE and self.vmas_in(addr, addr + length):
-                raise oserror(errno.EEXIST, "MAP_FIXED_NOREPLACE over an existing mapping", addr, addr + length)
-            if flags & MAP_FIXED:
-                start = addr
-            else:
-                start = self.get_unmapped_area(length, addr)
-            if anonymous and mtype == MAP_SHARED:
-                cache = PageCache(self.system, self.system._new_cache_id(), name=f"shmem@0x{start:x}")
-                self.system._register_cache(cache)
-            if flags & MAP_FIXED:
-                self._munmap_locked(start, length)
-            vma = VMA(self, start, start + length, vm_flags, cache, offset >> PAGE_SHIFT, driver,
-                      anon_id=self.system._anon_family(self))
+        vma = None
+        try:
+            with self.mmap_lock.write():
+                if flags & MAP_FIXED_NOREPLACE and self.vmas_in(addr, addr + length):
+                    raise oserror(errno.EEXIST, "MAP_FIXED_NOREPLACE over an existing mapping",
+                                  addr, addr + length)
+                start = addr if flags & MAP_FIXED else self.get_unmapped_area(length, addr)
+                if anonymous and mtype == MAP_SHARED:
+                    # shmem_zero_setup(): an object of exactly the mapping's size
+                    cache = PageCache(self.system, self.system._new_cache_id(), name=f"shmem@0x{start:x}",
+                                      size_pages=length >> PAGE_SHIFT)
+                    self.system._register_cache(cache)
+                vma = VMA(self, start, start + length, vm_flags, cache, offset >> PAGE_SHIFT, driver,
+                          anon_id=self.system._anon_family(self))
+                if cache is not None:
+                    # taken before MAP_FIXED unmaps what is there, which may be this file's last mapping
+                    cache.nr_mappings += 1
+                if flags & MAP_FIXED:
+                    self._munmap_locked(start, length)
+                self._insert(vma)
+                if driver is not None:
+                    try:
+                        driver.mmap(vma)
+                    except BaseException:
+                        self._zap(vma, 0, vma.npages)
+                        self._remove(vma)
+                        raise
+        except BaseException:
             if cache is not None:
-                cache.nr_mappings += 1
-            self._insert(vma)
-            if driver is not None:
-                try:
-                    driver.mmap(vma)
-                except BaseException:
-                    self._zap(vma, 0, vma.npages)
-                    self._remove(vma)
-                    raise
+                if vma is not None:             # the mapping's reference was taken
+                    cache.nr_mappings -= 1
+                if cache.nr_mappings == 0:
+                    cache.unmapped()
+            raise
         if flags & MAP_POPULATE:
             self.populate(start, start + length, bool(prot & PROT_WRITE))
         return start
@@ -685,23 +703,36 @@ class MM:
             for v in self.vmas_in(addr, end):
                 if v.start > cur:
                     break
-                if v.shared and v.file is not None and flags & MS_SYNC:
+                if v.shared and v.file is not None and not v.file.shmem and flags & MS_SYNC:
                     s, e = max(v.start, addr), min(v.end, end)
-                    self._fold_dirty(v, v.idx(s), v.idx(e - 1) + 1)
-                    v.file.writeback(v.pgoff + v.idx(s), v.pgoff + v.idx(e - 1) + 1)
+                    self.system.writeback_range(v.file, v.pgoff + v.idx(s), v.pgoff + v.idx(e - 1) + 1)
                 cur = v.end
             if cur < end:
                 raise oserror(errno.ENOMEM, "msync: part of the range is not mapped", max(cur, addr), end)
 
-    def _fold_dirty(self, vma, i0, i1):
-        """Move PTE dirty bits into the pages (what page_mkclean's walk does)."""
-        with self.phys.lock:
-            ptes = vma.pte[i0:i1]
-            d = pt.pte_present(ptes) & ((ptes & pt.PTE_DIRTY) != 0)
-            p = pt.pte_pfn(ptes[d])
-            p = p[(self.phys.pages.flags[p] & PG_ANON) == 0]
-            self.phys.pages.flags[p] |= PG_DIRTY
-            vma.pte[i0:i1] = np.where(d, ptes & ~pt.PTE_DIRTY, ptes)
+    def mkclean(self, vma, i0, i1):
+        """page_vma_mkclean_one() over PTEs [i0, i1) of a shared file VMA.
+
+        Dirty bits move into the pages and the entries become clean and read-only
+        under an MMU_NOTIFY_PROTECTION_PAGE invalidation, so that any later store
+        (the CPU's, or a device's through hmm_range_fault) write-faults and dirties
+        the page again: nothing written after a writeback is ever lost.
+        """
+        ptes = vma.pte[i0:i1]
+        hit = np.nonzero(pt.pte_present(ptes) & ((ptes & (pt.PTE_WRITE | pt.PTE_DIRTY)) != 0))[0]
+        if hit.size == 0:
+            return
+        lo, hi = i0 + int(hit[0]), i0 + int(hit[-1]) + 1
+        with invalidation(self, vma.start + (lo << PAGE_SHIFT), vma.start + (hi << PAGE_SHIFT),
+                          MMU_NOTIFY_PROTECTION_PAGE):
+            with self.phys.lock:
+                ptes = vma.pte[lo:hi]
+                present = pt.pte_present(ptes)
+                d = present & ((ptes & pt.PTE_DIRTY) != 0)
+                p = pt.pte_pfn(ptes[d])
+                p = p[(self.phys.pages.flags[p] & PG_ANON) == 0]
+                self.phys.pages.flags[p] |= PG_DIRTY
+                vma.pte[lo:hi] = np.where(present, ptes & ~(pt.PTE_WRITE | pt.PTE_DIRTY), ptes)
 
     # -- mremap ----------------------------------------------------------------------------
     def mremap(self, old_addr, old_size, new_size, flags, new_addr=0):
@@ -726,8 +757,8 @@ class MM:
             vma = self.find_vma(old_addr)
             if vma is None or vma.end < old_addr + old_size:
                 raise oserror(errno.EFAULT, "mremap: old range is not one mapping", old_addr, old_addr + old_size)
-            if flags & MREMAP_DONTUNMAP and not vma_is_anonymous(vma):
-                raise oserror(errno.EINVAL, "mremap: MREMAP_DONTUNMAP needs private anonymous memory",
+            if flags & MREMAP_DONTUNMAP and vma.vm_flags & (VM_DONTEXPAND | VM_PFNMAP):
+                raise oserror(errno.EINVAL, "mremap: MREMAP_DONTUNMAP on a VM_DONTEXPAND/VM_PFNMAP mapping",
                               old_addr, old_addr + old_size)
             if not flags & (MREMAP_FIXED | MREMAP_DONTUNMAP):
                 if new_size <= old_size:
@@ -871,6 +902,14 @@ class MM:
     def _copy_ptes(self, v, child):
         phys = self.phys
         pg = phys.pages
+        spare = np.zeros(0, np.int64)
+        if v.cow:
+            # page_needs_cow_for_dma(): pinned anonymous pages are copied for the child at
+            # once; allocate the copies before taking the page-table lock (the OOM killer may
+            # run).  Our mmap_lock is held for writing, so no new pin can appear meanwhile.
+            p_all = pt.pte_pfn(v.pte)
+            maybe = pt.pte_present(v.pte) & (pg.pincount[p_all] > 0) & ((pg.flags[p_all] & PG_ANON) != 0)
+            spare = phys.alloc(int(maybe.sum()), child.memcg, zero=False)
         with phys.lock:
             src = v.pte.copy()
             cv = VMA(child, v.start, v.end, v.vm_flags, v.file, v.pgoff, v.driver, v.anon_id, src)
@@ -882,7 +921,6 @@ class MM:
             np.add.at(pg.refcount, counted, 1)
             np.add.at(pg.mapcount, counted, 1)
             if v.cow:
-                # pinned anonymous pages are copied for the child at once (page_needs_cow_for_dma)
                 p_all = pt.pte_pfn(src)
                 pinned = live & pt.pte_present(src) & (pg.pincount[p_all] > 0) & (
                     (pg.flags[p_all] & PG_ANON) != 0)
@@ -890,15 +928,18 @@ class MM:
                 pg.flags[p_all[shared_anon]] &= ~PG_ANON_EXCLUSIVE
                 v.pte[:] = np.where(pinned, v.pte, pt.pte_wrprotect(v.pte))
                 src = np.where(pinned, src, pt.pte_wrprotect(src))
-                if pinned.any():
-                    old = p_all[pinned]
-                    new = phys.alloc(old.size, child.memcg, zero=False)
+                old = p_all[pinned]
+                new, unused = spare[:old.size], spare[old.size:]
+                phys.put(unused)                 # pins released meanwhile need no copy
+                if old.size:
                     phys.copy(new, old)
                     pg.flags[new] |= PG_ANON | PG_ANON_EXCLUSIVE
                     pg.mapcount[new] = 1
                     np.subtract.at(pg.mapcount, old, 1)
                     phys.put(old)
-                    src[pinned] = pt.mk_pte(new, pt.PTE_WRITE | pt.PTE_DIRTY | pt.PTE_YOUNG)
+                    # copy_present_page(): the copy gets the VMA's protection (maybe_mkwrite)
+                    w = pt.PTE_WRITE if v.vm_flags & VM_WRITE else np.uint64(0)
+                    src[pinned] = pt.mk_pte(new, w | pt.PTE_DIRTY | pt.PTE_YOUNG)
                 cv.pte = src
             child._insert(cv)
 

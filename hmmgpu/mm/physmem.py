@@ -105,23 +105,29 @@ class PhysicalMemory:
         n = int(n)
         if n == 0:
             return np.zeros(0, np.int64)
-        with self.lock:
-            if memcg is not None:
-                while not memcg.try_charge(n):
-                    if not (self.oom and self.oom(n, memcg)):
-                        raise oserror(errno.ENOMEM, f"memory cgroup {memcg.name!r} is over its limit "
-                                      f"({memcg.usage} + {n * PAGE_SIZE} > {memcg.limit} bytes) "
-                                      "and the OOM killer found nothing to kill")
-            while self._nfree < n:
-                if not (self.oom and self.oom(n, None)):
-                    if memcg is not None:
-                        memcg.uncharge(n)
-                    raise oserror(errno.ENOMEM, f"out of system memory: {n} pages wanted, "
-                                  f"{self._nfree} free, and the OOM killer found nothing to kill")
-            pfns = self._free[self._nfree - n:self._nfree][::-1].copy()
-            self._nfree -= n
-            self.pages.refcount[pfns] = 1
-            self.pages.memcg[pfns] = -1 if memcg is None else memcg.id
+        # The OOM killer tears processes down, which takes their mmap_lock: it must run
+        # with the page-table lock released, or a victim busy in another thread that
+        # waits for this lock would never let go of its mmap_lock.
+        while True:
+            with self.lock:
+                charged = memcg is None or memcg.try_charge(n)
+                if charged and self._nfree >= n:
+                    pfns = self._free[self._nfree - n:self._nfree][::-1].copy()
+                    self._nfree -= n
+                    self.pages.refcount[pfns] = 1
+                    self.pages.memcg[pfns] = -1 if memcg is None else memcg.id
+                    break
+                if charged and memcg is not None:
+                    memcg.uncharge(n)
+                why = (None if charged else memcg)
+                free = self._nfree
+            if not (self.oom and self.oom(n, why)):
+                if why is not None:
+                    raise oserror(errno.ENOMEM, f"memory cgroup {memcg.name!r} is over its limit "
+                                  f"({memcg.usage} + {n * PAGE_SIZE} > {memcg.limit} bytes) "
+                                  "and the OOM killer found nothing to kill")
+                raise oserror(errno.ENOMEM, f"out of system memory: {n} pages wanted, {free} free, "
+                              "and the OOM killer found nothing to kill")
         if zero:
             self.ram.fill(pfns, 0)
         return pfns
