@@ -8,7 +8,7 @@ import pytest
 import hmmgpu
 from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
 from hmmgpu.drivers import dmirror
-from hmmgpu.drivers.dmirror import DPT_VALID, DPT_WRITE, MirrorPageTable
+from hmmgpu.drivers.dmirror import DPT_VALID, MirrorPageTable
 from hmmgpu.mm import pgtable as pt
 
 RW = PROT_READ | PROT_WRITE

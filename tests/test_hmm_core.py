@@ -21,7 +21,7 @@ from hmmgpu.hmm import (HMM_PFN_DMA_MAPPED, HMM_PFN_ERROR, HMM_PFN_FLAGS, HMM_PF
                         make_device_exclusive_range, memremap_pages, memunmap_pages,
                         migrate_device_finalize, migrate_device_pages, migrate_device_range,
                         migrate_pfn, migrate_pfn_to_pfn, migrate_vma_finalize, migrate_vma_pages,
-                        migrate_vma_setup, mmu_interval_notifier_insert, mmu_interval_notifier_remove,
+                        migrate_vma_setup, mmu_interval_notifier_insert,
                         mmu_interval_read_begin, mmu_interval_set_seq, page_node_allow,
                         zone_device_page_init)
 from hmmgpu.mm import pgtable as pt
@@ -563,3 +563,62 @@ def test_device_pages_freed_at_exit(system):
     p.exit()
     assert d.in_use() == 0
     assert system.phys.nr_free() >= free_before
+
+
+def test_range_fault_waits_for_a_migration_in_flight(system):
+    """A fault request on a migration entry waits for the page unlock (migration_entry_wait)."""
+    import threading
+    p = system.spawn()
+    a = p.mmap(2 * PAGE_SIZE, RW, ANON)
+    p.write(a, b"\x06" * (2 * PAGE_SIZE))
+    d = ToyDev(system)
+    args = MigrateVma(vma_of(p, a), a, a + 2 * PAGE_SIZE, pgmap_owner=d, flags=MIGRATE_VMA_SELECT_SYSTEM)
+    with p.mm.mmap_lock.read():
+        assert migrate_vma_setup(args) == 0 and args.cpages == 2
+    assert pt.is_migration(vma_of(p, a).pte).all()
+    mni, _ = notifier(p)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", rf(p, mni, a, 2, default=HMM_PFN_REQ_FAULT)))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive()                       # blocked on the locked pages
+    migrate_vma_finalize(args)                # nothing to copy: the migration is abandoned
+    t.join(10)
+    ret, e = out["r"]
+    assert ret == 0 and (e & U(HMM_PFN_VALID)).all()
+    assert (hmm_pfn_to_pfn(e) < system.phys.nr_ram).all() and d.in_use() == 0
+    assert (p.read(a, 2 * PAGE_SIZE) == 6).all()
+
+
+def test_migrating_back_ignores_the_memcg_limit(system):
+    """Device memory is charged like RAM, so coming back can never fail on the limit."""
+    cg = system.memcg("tight", limit_bytes=8 * PAGE_SIZE)
+    p = system.spawn(memcg=cg)
+    a = p.mmap(8 * PAGE_SIZE, RW, ANON)
+    p.write(a, b"\x08" * (8 * PAGE_SIZE))
+    assert cg.usage == 8 * PAGE_SIZE
+    d = ToyDev(system)
+    d.to_device(vma_of(p, a), a, a + 8 * PAGE_SIZE)
+    assert cg.usage == 8 * PAGE_SIZE          # the charge moved to the device pages
+    assert (p.read(a, 8 * PAGE_SIZE) == 8).all()
+    assert cg.usage == 8 * PAGE_SIZE and d.in_use() == 0 and not system.oom_kills
+
+
+def test_legacy_update_callback_form(system):
+    from hmmgpu.hmm import legacy
+    p = system.spawn()
+    a = p.mmap(2 * PAGE_SIZE, RW, ANON)
+    seen = []
+
+    class Ops:                     # the v25 document's form: update(mirror, action, start, end)
+        def update(self, mirror, action, start, end):
+            seen.append((action, start, end))
+
+        def release(self, mirror):
+            seen.append("release")
+
+    assert legacy.hmm_mirror_register(legacy.HmmMirror(Ops()), p.mm) == 0
+    p.munmap(a, PAGE_SIZE)
+    assert (legacy.HMM_UPDATE_INVALIDATE, a, a + PAGE_SIZE) in seen
+    p.exit()
+    assert "release" in seen

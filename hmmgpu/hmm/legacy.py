@@ -34,7 +34,7 @@ from .hmm import HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_RANGE_DEFAULT_TIMEOUT
 from .memremap import (ANY_OWNER, MEMORY_DEVICE_PRIVATE, DevPagemap, is_device_private_page,
                        memremap_pages, memunmap_pages)
 from .migrate_device import (MIGRATE_PFN_DEVICE, MIGRATE_PFN_LOCKED, MIGRATE_PFN_MIGRATE,
-                             MIGRATE_PFN_VALID, MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+                             MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
                              MIGRATE_VMA_SELECT_SYSTEM, VM_SPECIAL, MigrateVma, migrate_pfn_to_pfn,
                              migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup)
 

@@ -44,8 +44,7 @@ from ..mm.notifier import MMU_NOTIFY_MIGRATE, invalidation
 from ..mm.physmem import PG_ANON, PG_DIRTY, PG_LOCKED
 from ..mm.rmap import remove_migration_ptes, try_to_migrate, vmas_for_pages
 from ..mm.vma import VM_DONTEXPAND, VM_IO, VM_MIXEDMAP, VM_PFNMAP, VM_WRITE, vma_is_anonymous
-from .memremap import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE, is_device_coherent_page,
-                       is_device_private_page, pgmap_owner_is)
+from .memremap import is_device_coherent_page, is_device_private_page, pgmap_owner_is
 
 _U = np.uint64
 
