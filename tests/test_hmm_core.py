@@ -622,3 +622,27 @@ def test_legacy_update_callback_form(system):
     assert (legacy.HMM_UPDATE_INVALIDATE, a, a + PAGE_SIZE) in seen
     p.exit()
     assert "release" in seen
+
+
+def test_memremap_with_an_emulated_device_arena(system):
+    """A pgmap backed by an EmulatedDevice's own frames: the device MMU and struct pages agree."""
+    from hmmgpu.device.device import EmulatedDevice
+    phys = system.phys
+    n = 32
+    base = phys.request_free_mem_region(n)
+    dev = EmulatedDevice(system.backend, n, base, phys.ram)
+    toy = ToyDev.__new__(ToyDev)
+    toy.system, toy.freed, toy.faults = system, [], 0
+    toy.pgmap = DevPagemap(MEMORY_DEVICE_PRIVATE, toy, toy, n, arena=dev.arena, pfn_first=base)
+    toy.first = memremap_pages(toy.pgmap, system)
+    toy.free = list(range(base + n - 1, base - 1, -1))
+    assert toy.first == base
+    p = system.spawn()
+    a = p.mmap(4 * PAGE_SIZE, RW, ANON)
+    p.write(a, np.arange(4 * PAGE_SIZE, dtype=np.uint8) % 251)
+    ret, args = toy.to_device(vma_of(p, a), a, a + 4 * PAGE_SIZE)
+    dp = migrate_pfn_to_pfn(args.dst)
+    assert ret == 0 and dev.owns(dp).all()
+    assert (dev.read_pages(dp).reshape(-1) == np.arange(4 * PAGE_SIZE, dtype=np.uint8) % 251).all()
+    assert (p.read(a, 4 * PAGE_SIZE) == np.arange(4 * PAGE_SIZE, dtype=np.uint8) % 251).all()
+    assert toy.in_use() == 0

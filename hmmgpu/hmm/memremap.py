@@ -75,10 +75,12 @@ class DevPagemap:
     that hmm_range_fault and migrate_vma match against), ``nr_pages``, and for
     coherent memory ``caps`` (a NODE_ALLOW_* mask).  Filled by memremap_pages:
     ``pfn_first``, ``pfn_last`` (exclusive), ``arena``, ``index`` (in
-    ``phys.pgmaps``), ``node``.
+    ``phys.pgmaps``), ``node``.  A driver whose frames exist already (an
+    EmulatedDevice's arena, known to the device's MMU at its pfn_base) passes
+    ``arena`` and ``pfn_first`` (taken with ``phys.request_free_mem_region``).
     """
 
-    def __init__(self, type, ops, owner, nr_pages, caps=0, gpu=0):
+    def __init__(self, type, ops, owner, nr_pages, caps=0, gpu=0, arena=None, pfn_first=-1):
         self.type = type
         self.ops = ops
         self.owner = owner
@@ -86,8 +88,9 @@ class DevPagemap:
         self.caps = caps
         self.gpu = gpu
         self.system = None
-        self.pfn_first = self.pfn_last = -1
-        self.arena = None
+        self.pfn_first = int(pfn_first)
+        self.pfn_last = -1
+        self.arena = arena
         self.index = -1
         self.node = None
         self.live = False
@@ -120,8 +123,17 @@ def memremap_pages(pgmap, system):
         raise oserror(errno.EINVAL, f"memory type {pgmap.type} is not supported here")
 
     phys = system.phys
-    arena = system.backend.device_arena(pgmap.nr_pages, gpu=pgmap.gpu)
-    base = phys.request_free_mem_region(pgmap.nr_pages)
+    if pgmap.arena is not None:
+        # The driver brings its memory: e.g. an EmulatedDevice's arena, whose frames the
+        # device's MMU knows at pfn_first (taken earlier with request_free_mem_region).
+        arena = pgmap.arena
+        if arena.nframes != pgmap.nr_pages or pgmap.pfn_first < phys.nr_ram:
+            raise oserror(errno.EINVAL, f"preset arena of {arena.nframes} frames at pfn {pgmap.pfn_first} "
+                          f"does not fit a dev_pagemap of {pgmap.nr_pages} pages")
+        base = pgmap.pfn_first
+    else:
+        arena = system.backend.device_arena(pgmap.nr_pages, gpu=pgmap.gpu)
+        base = phys.request_free_mem_region(pgmap.nr_pages)
     pgmap.index = phys.add_segment(base, arena, pgmap)
     pgmap.system = system
     pgmap.arena = arena
