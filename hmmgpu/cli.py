@@ -167,6 +167,7 @@ def cmd_info(opt):
     if opt.json:
         _emit_json(info)
         return 0
+    from rich.markup import escape
     from rich.table import Table
     con = _console(stderr=False)
     t = Table(title="hmmgpu", show_header=False, title_justify="left")
@@ -181,8 +182,8 @@ def cmd_info(opt):
     t.add_row("versions", f"hmmgpu {info['hmmgpu']}, Python {info['python']}, NumPy {info['numpy']}, "
                           f"rich {info.get('rich')}")
     cu = info.get("cupy")
-    t.add_row("CuPy", cu if cu else f"not installed ({info.get('cupy_error', '')}); "
-                                    "pip install -e '.[cuda12]' or '.[cuda13]'")
+    t.add_row("CuPy", cu if cu else escape(f"not installed ({info.get('cupy_error', '')}); "
+                                           "pip install -e '.[cuda12]' or '.[cuda13]'"))
     if cu:
         t.add_row("CUDA runtime / driver", f"{_cuda_ver(info.get('cuda_runtime'))} / "
                                            f"{_cuda_ver(info.get('cuda_driver'))}"
@@ -392,8 +393,10 @@ def run_demo(mib=8, backend=None, quiet=False, seed=7, on_step=None):
                          "array_bytes": nbytes, "steps": steps, "checks": {}}
 
     def snap(tag):
+        dm = state.get("dmdev")
         return {"tag": tag, "rss_pages": proc.rss, "memcg_bytes": cg.usage,
-                "memcg_peak_bytes": cg.max_pages * PAGE_SIZE}
+                "memcg_peak_bytes": cg.max_pages * PAGE_SIZE,
+                "device_pages": dm.nr_allocated() if dm is not None else 0}
 
     def step(name, what, fn):
         t0 = time.perf_counter()
@@ -577,6 +580,7 @@ def cmd_demo(opt):
                 shown.append(s)
                 live.update(table(shown))
             res = run_demo(mib=opt.mib, backend=opt.backend, on_step=on_step)
+        con.print()
     finally:
         if tr is not None:
             trace.disable()
@@ -596,12 +600,13 @@ def _print_demo_summary(con, res):
     label = res["label"]
     con.print(f"backend: [bold]{res['backend']}[/] -- {label}")
     t = Table(title="memory accounting (pages; memcg in bytes)", title_justify="left")
-    for c in ("when", "rss anon", "rss file", "rss shmem", "memcg 'demo'", "memcg peak"):
+    for c in ("when", "rss anon", "rss file", "rss shmem", "memcg 'demo'", "memcg peak", "in device memory"):
         t.add_column(c, justify="right" if c != "when" else "left")
     for s in res["rss_memcg"]:
         r = s["rss_pages"]
         t.add_row(s["tag"], f"{r.get('anon', 0):,}", f"{r.get('file', 0):,}", f"{r.get('shmem', 0):,}",
-                  _fmt_bytes(s["memcg_bytes"]), _fmt_bytes(s["memcg_peak_bytes"]))
+                  _fmt_bytes(s["memcg_bytes"]), _fmt_bytes(s["memcg_peak_bytes"]),
+                  f"{s.get('device_pages', 0):,} pages")
     con.print(t)
     print_counters(con, res["counters"], res.get("notifier_events"))
     checks = ", ".join(f"{k}: {'ok' if v else '[red]FAILED[/]'}" for k, v in res["checks"].items())
@@ -675,8 +680,8 @@ def cmd_bench(opt):
         res["trace"] = {"path": opt.trace, "events": tr.write(opt.trace, {"command": "hmmgpu bench"})}
     b.print_results(res, con)
     if opt.plot:
-        msg = b.plot(res, opt.plot)
-        con.print(msg)
+        from rich.markup import escape
+        con.print(escape(b.plot(res, opt.plot)))
     if tr is not None:
         con.print(f"trace: {res['trace']['events']} events -> {opt.trace} (open in https://ui.perfetto.dev)")
     if opt.json:

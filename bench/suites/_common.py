@@ -104,8 +104,17 @@ class Workload:
 # -- NumPy baselines ------------------------------------------------------------------------------
 
 def numpy_gather(frames, pfns, out):
-    """The fallback's baseline: gather the same frames with NumPy (one pass)."""
+    """Gather the same frames with NumPy into a preallocated array (one pass)."""
     np.take(frames, pfns, axis=0, out=out)
+
+
+def gather_baseline(ctx, frames, pfns):
+    """The fallback's baseline: the faster of NumPy's two gathers of the same frames
+    (``np.take(out=)`` into a reused array, and fancy indexing ``frames[pfns]``)."""
+    out = np.empty((pfns.size, PAGE), np.uint8)
+    a = ctx.time(lambda: numpy_gather(frames, pfns, out))
+    b = ctx.time(lambda: frames[pfns])
+    return a if a.median <= b.median else b
 
 
 # -- CUDA baselines (CuPy backend only) ---------------------------------------------------------

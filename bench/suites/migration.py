@@ -9,7 +9,7 @@ frames; "contiguous": pages faulted in order into consecutive frames.
 """
 import numpy as np
 
-from ._common import PAGE, Cuda, Workload, numpy_gather, size_label
+from ._common import PAGE, Cuda, Workload, gather_baseline, size_label
 
 NAME = "migration"
 DESCRIPTION = "migrate anon pages to device and back (scattered vs contiguous) vs cudaMemcpy / NumPy gather"
@@ -75,8 +75,7 @@ def _measure(ctx, w, layout, gpu, target):
     else:
         frames = w.system.phys.ram.frames
         pfns = w.pfns()
-        out = np.empty((npages, PAGE), np.uint8)
-        b = ctx.time(lambda: numpy_gather(frames, pfns, out))
+        b = gather_baseline(ctx, frames, pfns)
         pairs = (("to device", t_dev, b, "NumPy gather of the same frames"),
                  ("to system", t_sys, b, "NumPy gather of the same frames"))
     for direction, ours, base, bname in pairs:

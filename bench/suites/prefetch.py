@@ -6,9 +6,8 @@ Baselines in the same run: cudaMemPrefetchAsync of the same bytes of CPU-touched
 (GPU; never more managed memory than half of what the GPU has free); a NumPy gather of the same
 frames (fallback).
 """
-import numpy as np
 
-from ._common import PAGE, Cuda, Workload, need, numpy_gather, size_label
+from ._common import PAGE, Cuda, Workload, gather_baseline, need, size_label
 
 NAME = "prefetch"
 DESCRIPTION = "explicit prefetch (migrate + map) vs cudaMemPrefetchAsync of managed memory"
@@ -52,8 +51,7 @@ def run(ctx):
             back()
             frames = w.system.phys.ram.frames
             pfns = w.pfns()
-            out = np.empty((npages, PAGE), np.uint8)
-            base = ctx.time(lambda: numpy_gather(frames, pfns, out))
+            base = gather_baseline(ctx, frames, pfns)
             bname = "NumPy gather of the same frames"
             target = ">= 0.7"
         ctx.row("explicit prefetch: migrate_vma + device PT map", ours=nbytes / ours.median / 1e9,
