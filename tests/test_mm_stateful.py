@@ -370,8 +370,6 @@ class MMStateMachine(RuleBasedStateMachine):
             new_n = n + delta
         else:
             new_n = n
-        if mode == "dontunmap" and kind != "anon":
-            return
         flags = {"shrink": 0, "grow": MREMAP_MAYMOVE, "fixed": MREMAP_MAYMOVE | MREMAP_FIXED,
                  "dontunmap": MREMAP_MAYMOVE | MREMAP_DONTUNMAP}[mode]
         kw = {}
@@ -394,8 +392,15 @@ class MMStateMachine(RuleBasedStateMachine):
         for k in range(n):
             del model[s + k]
         if mode == "dontunmap":
+            # the page tables moved; the old range stays mapped and refaults from what backs it:
+            # nothing for private anonymous memory, the shared object or the file otherwise
             for k, e in enumerate(old):
-                model[s + k] = Entry(e.prot, "anon", Box())
+                if e.kind == "anon":
+                    model[s + k] = Entry(e.prot, "anon", Box())
+                elif e.kind == "pvfile":
+                    model[s + k] = Entry(e.prot, "pvfile", None, e.fidx)
+                else:
+                    model[s + k] = Entry(e.prot, e.kind, e.ref, e.fidx)
         keep = min(n, new_n)
         for k in range(keep):
             assert g + k not in model, f"mremap moved onto a mapped page 0x{(g + k) * P:x}"
