@@ -159,3 +159,24 @@ def test_exit_with_open_mirror_then_close(system, kind):
     assert d.nr_allocated() == 0
     assert errno_of(m.read, a, 1) == errno.EINVAL
     m.close()
+
+
+def test_a_failing_copy_leaves_nothing_locked(system, monkeypatch):
+    """Nothing is lost on a failure path: the migration is abandoned, pages stay put."""
+    d = dmirror.DMirrorDevice(system, memory="private", chunk_pages=16)
+    p = system.spawn()
+    m = d.open(p)
+    a = p.mmap(4 * PAGE_SIZE, RW, ANON)
+    p.write(a, b"\x09" * (4 * PAGE_SIZE))
+
+    def boom(dst, src):
+        raise MemoryError("DMA engine lost")
+    monkeypatch.setattr(system.phys, "copy", boom)
+    with pytest.raises(MemoryError):
+        m.migrate_to_dev(a, 4)
+    monkeypatch.undo()
+    v = p.mm.find_vma(a)
+    assert pt.pte_present(v.pte).all() and not pt.is_migration(v.pte).any()
+    assert d.nr_allocated() == 0
+    assert (p.read(a, 4 * PAGE_SIZE) == 9).all()
+    assert m.migrate_to_dev(a, 4).cpages == 4

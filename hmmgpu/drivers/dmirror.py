@@ -304,14 +304,13 @@ class DMirrorDevice:
                           pgmap_owner=self, flags=self.select_device(), fault_page=vmf.page)
         if migrate_vma_setup(args):
             return VM_FAULT_SIGBUS
-        ret = self._fault_alloc_and_copy(args, vmf.mm)
-        if ret:
-            migrate_vma_finalize(args)
-            return ret
-        migrate_vma_pages(args)
-        # No device finalize step: _fault_alloc_and_copy already invalidated the
-        # device page tables.
-        migrate_vma_finalize(args)
+        with _migrating(args):
+            ret = self._fault_alloc_and_copy(args, vmf.mm)
+            if ret:
+                return ret
+            migrate_vma_pages(args)
+            # No device finalize step: _fault_alloc_and_copy already invalidated the
+            # device page tables.
         return 0
 
     def _fault_alloc_and_copy(self, args, mm):
@@ -333,7 +332,11 @@ class DMirrorDevice:
         addrs = args.start + (sel << PAGE_SHIFT)
         # xa_erase() of the device mappings, in every mirror of this device on that mm
         self._erase_in_mirrors(mm, addrs)
-        phys.copy(dpages, sp)
+        try:
+            phys.copy(dpages, sp)
+        except BaseException:
+            _release_new(phys, dpages)
+            raise
         wr = (src[sel] & _U(MIGRATE_PFN_WRITE)) != 0
         args.dst[sel] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
         return 0
@@ -360,8 +363,18 @@ class DMirrorDevice:
                     pgm = chunk.pgmap
                     f = self._free
                     self._free = f[(f < pgm.pfn_first) | (f >= pgm.pfn_last)]
-                self._evict_chunk(chunk)
-                memunmap_pages(chunk.pgmap)
+                try:
+                    self._evict_chunk(chunk)
+                    memunmap_pages(chunk.pgmap)
+                except OSError:
+                    # out of system memory (or a page still busy): keep the chunk in service
+                    with self.lock:
+                        chunk.remove = False
+                        pg = self.system.phys.pages
+                        f = np.arange(pgm.pfn_last - 1, pgm.pfn_first - 1, -1, dtype=np.int64)
+                        self._free = np.concatenate((f[pg.refcount[f] == 0], self._free))
+                    self.chunks = [c for c in self.chunks if c.remove is False or c is chunk]
+                    raise
             self.chunks = []
             with self.lock:
                 self._free = np.zeros(0, dtype=np.int64)
@@ -377,7 +390,13 @@ class DMirrorDevice:
         sel = np.nonzero((spfn >= 0) & ((src & _U(MIGRATE_PFN_MIGRATE)) != 0))[0]
         if sel.size:
             phys = self.system.phys
-            dpages = phys.alloc(sel.size, None, zero=False)
+            try:
+                dpages = phys.alloc(sel.size, None, zero=False)
+            except OSError:
+                # nothing to move to: every page stays on the device
+                migrate_device_pages(self.system, src, dst, n)
+                migrate_device_finalize(self.system, src, dst, n)
+                raise
             phys.pages.flags[dpages] |= PG_LOCKED
             phys.copy(dpages, spfn[sel])
             wr = (src[sel] & _U(MIGRATE_PFN_WRITE)) != 0
@@ -398,6 +417,37 @@ class DMirrorDevice:
 
 VM_FAULT_OOM = 0x1
 VM_FAULT_SIGBUS = 0x2
+
+
+def _release_new(phys, pfns):
+    """Give back destination pages that never made it into dst (unlock, drop the reference)."""
+    from ..mm.migrate import put_unique
+    phys.unlock(pfns)
+    put_unique(phys, pfns)
+
+
+class _migrating:
+    """``with _migrating(args):`` the driver's steps between migrate_vma_setup and
+    migrate_vma_finalize, which always runs: pages collected are never left locked
+    behind migration entries.  If a step fails before migrate_vma_pages has moved
+    anything, the migration is abandoned (every page stays where it was)."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        args = self.args
+        if typ is not None and not _pages_ran(args):
+            args.src[:args.npages] &= ~_U(MIGRATE_PFN_MIGRATE)
+        migrate_vma_finalize(args)
+        return False
+
+
+def _pages_ran(args):
+    return args._pages_started
 
 
 def _bounce(parts):
@@ -617,10 +667,10 @@ class DMirror:
                 ret = migrate_vma_setup(args)
                 if ret:
                     raise _err(ret, "migrate_vma_setup failed", s, e)
-                self._migrate_alloc_and_copy(args)
-                migrate_vma_pages(args)
-                self._migrate_finalize_and_map(args)
-                migrate_vma_finalize(args)
+                with _migrating(args):
+                    self._migrate_alloc_and_copy(args)
+                    migrate_vma_pages(args)
+                    self._migrate_finalize_and_map(args)
         # Return the migrated data for verification.
         n = (end - start) >> PAGE_SHIFT
         parts = []
@@ -655,10 +705,14 @@ class DMirror:
         sp = spfn[idx]
         phys = self.system.phys
         with_src = sp >= 0
-        if with_src.any():
-            phys.copy(dpages[with_src], sp[with_src])
-        if (~with_src).any():
-            phys.fill(dpages[~with_src], 0)
+        try:
+            if with_src.any():
+                phys.copy(dpages[with_src], sp[with_src])
+            if (~with_src).any():
+                phys.fill(dpages[~with_src], 0)
+        except BaseException:
+            _release_new(phys, dpages)
+            raise
         wr = ((src[idx] & _U(MIGRATE_PFN_WRITE)) != 0) | (~with_src & bool(args.vma.vm_flags & VM_WRITE))
         phys.pages.zone_device_data[dpages] = id(self)
         args.dst[idx] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
@@ -691,11 +745,12 @@ class DMirror:
                 ret = migrate_vma_setup(args)
                 if ret:
                     raise _err(ret, "migrate_vma_setup failed", s, e)
-                ret = self.mdevice._fault_alloc_and_copy(args, self.mm)
-                migrate_vma_pages(args)
-                src = args.src[:args.npages]
-                cpages += int((((src & _U(MIGRATE_PFN_VALID)) != 0) & ((src & _U(MIGRATE_PFN_MIGRATE)) != 0)).sum())
-                migrate_vma_finalize(args)
+                with _migrating(args):
+                    ret = self.mdevice._fault_alloc_and_copy(args, self.mm)
+                    migrate_vma_pages(args)
+                    src = args.src[:args.npages]
+                    cpages += int((((src & _U(MIGRATE_PFN_VALID)) != 0)
+                                   & ((src & _U(MIGRATE_PFN_MIGRATE)) != 0)).sum())
                 if ret:
                     raise oserror(errno.ENOMEM, "no system memory to migrate device pages back", s, e)
         return DmirrorResult(None, cpages)

@@ -90,6 +90,7 @@ class MigrateVma:
         self.npages = 0
         self.cpages = 0
         self._wide = False        # some page was mapped outside [start, end) of vma
+        self._pages_started = False
 
     def __repr__(self):
         return (f"MigrateVma([0x{self.start:x}, 0x{self.end:x}), npages={self.npages}, "
@@ -255,6 +256,7 @@ def migrate_vma_pages(args):
     """migrate_vma_pages(): move struct page state; insert the holes the driver filled."""
     if args.npages == 0:
         return
+    args._pages_started = True
     _migrate_device_pages(args.vma.mm.system, args.src, args.dst, args.npages, args)
 
 
