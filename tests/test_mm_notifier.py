@@ -350,3 +350,74 @@ def test_insert_returns_zero_and_remove(mm_system):
 
     assert mmu_interval_notifier_insert(mni, p.mm, 0x10000, P, Ops()) in (0, None)
     mmu_interval_notifier_remove(mni)
+
+
+def test_insert_during_an_invalidation_makes_read_begin_wait(mm_system):
+    # mmu_interval_notifier_insert() while an invalidation runs: the new subscription may have
+    # missed its start, so its first read_begin must wait for it to end (mm/mmu_notifier.c:
+    # __mmu_interval_notifier_insert sets invalidate_seq to the odd in-flight sequence)
+    p = mm_system.spawn()
+    a = p.mmap(4 * P, RW, ANON)
+    p.write(a, b"x" * (4 * P))
+    entered, release = threading.Event(), threading.Event()
+
+    class Parked(Recorder):
+        def invalidate(self, mni, range, cur_seq):
+            ok = super().invalidate(mni, range, cur_seq)
+            entered.set()
+            release.wait(30)
+            return ok
+
+    Parked(p, a, 4 * P)
+    t = threading.Thread(target=p.madvise, args=(a, P, MADV_DONTNEED), daemon=True)
+    t.start()
+    assert entered.wait(30)
+    late = Recorder(p, a, 4 * P)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(mmu_interval_read_begin(late.mni)), daemon=True)
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive(), "read_begin of a notifier inserted mid-invalidation did not wait for it"
+    release.set()
+    t.join(30)
+    reader.join(30)
+    assert got and not t.is_alive()
+    with late.lock:
+        assert not mmu_interval_read_retry(late.mni, got[0])
+    # and from now on it hears invalidations like any other subscriber
+    p.munmap(a, P)
+    assert [e for e, _, _ in late.take()] == [MMU_NOTIFY_UNMAP]
+
+
+def test_remove_waits_for_a_running_invalidation(mm_system):
+    # mmu_interval_notifier_remove(): once it returns, the callback is not running and will
+    # not be called again
+    p = mm_system.spawn()
+    a = p.mmap(2 * P, RW, ANON)
+    p.write(a, b"x" * (2 * P))
+    entered, release = threading.Event(), threading.Event()
+    calls = []
+
+    class Parked(Recorder):
+        def invalidate(self, mni, range, cur_seq):
+            calls.append("in")
+            entered.set()
+            release.wait(30)
+            ok = super().invalidate(mni, range, cur_seq)
+            calls.append("out")
+            return ok
+
+    r = Parked(p, a, 2 * P)
+    t = threading.Thread(target=p.madvise, args=(a, P, MADV_DONTNEED), daemon=True)
+    t.start()
+    assert entered.wait(30)
+    remover = threading.Thread(target=r.remove, daemon=True)
+    remover.start()
+    remover.join(0.3)
+    assert remover.is_alive(), "remove returned while its callback was still running"
+    release.set()
+    remover.join(30)
+    t.join(30)
+    assert calls == ["in", "out"]
+    p.munmap(a, 2 * P)
+    assert calls == ["in", "out"], "a removed notifier was called again"
