@@ -105,6 +105,29 @@ class Ctx:
         self.rows.append(r)
         return r
 
+    def figure(self, figure, *, nbytes, ours, base, baseline_name, target, size=None, note=""):
+        """A throughput row: ``ours`` and ``base`` are Timings of the same ``nbytes``.
+
+        ``base`` may be an exception (the baseline could not be measured here): the row then
+        shows our figure, no ratio, and why the baseline is missing.
+        """
+        if isinstance(base, BaseException):
+            return self.row(figure, ours=nbytes / ours.median / 1e9, ours_unit="GB/s",
+                            baseline_name=f"{baseline_name}: unavailable ({type(base).__name__}: {base})",
+                            baseline=None, ratio=None, target=target, size=size, note=note)
+        return self.row(figure, ours=nbytes / ours.median / 1e9, ours_unit="GB/s", baseline_name=baseline_name,
+                        baseline=nbytes / base.median / 1e9, ratio=base.median / ours.median, target=target,
+                        size=size, note=note)
+
+    def baseline(self, thunk):
+        """Run a baseline measurement; its exception is returned (and reported), not raised."""
+        try:
+            return thunk()
+        except Unavailable as e:
+            return e
+        except Exception as e:         # e.g. a CUDA API that differs across versions
+            return e
+
     # -- timing --------------------------------------------------------------------------------
     def sync(self):
         if self.gpu:
@@ -253,7 +276,8 @@ def print_results(res, console):
             ratio = f"[green]{ratio}[/]"
         elif r["meets_target"] is False:
             ratio = f"[red]{ratio}[/]"
-        base = f"{r['baseline_name']}: {fmt_value(r['baseline'], r['baseline_unit'])}"
+        base = (f"{r['baseline_name']}: {fmt_value(r['baseline'], r['baseline_unit'])}"
+                if r["baseline"] is not None else r["baseline_name"])
         t.add_row(r["suite"], r["figure"], ratio,
                   r["target"] or "", fmt_value(r["ours"], r["ours_unit"]), base, r["size"] or "")
     console.print(t)

@@ -107,3 +107,15 @@ def test_trace_of_a_bench_run(tmp_path, capsys):
                      "--trace", str(path)]) == 0
     doc = json.loads(path.read_text())
     assert any(e.get("cat") == "job" for e in doc["traceEvents"])
+
+
+def test_a_baseline_that_cannot_run_leaves_no_ratio(b):
+    ctx = b.Ctx("numpy", quick=True, repeat=1)
+    ctx.suite = "x"
+    ours = ctx.time(lambda: None)
+    base = ctx.baseline(lambda: (_ for _ in ()).throw(RuntimeError("no managed memory here")))
+    r = ctx.figure("fig", nbytes=4096, ours=ours, base=base, baseline_name="managed", target=">= 1.0")
+    assert r["ratio"] is None and r["baseline"] is None and r["meets_target"] is None
+    assert "unavailable" in r["baseline_name"] and "no managed memory here" in r["baseline_name"]
+    ok = ctx.figure("fig2", nbytes=4096, ours=ours, base=ours, baseline_name="itself", target=">= 1.0")
+    assert ok["ratio"] == 1.0 and ok["meets_target"] is True

@@ -15,7 +15,7 @@ kernel (GPU); a NumPy gather + sum of the same frames, and a NumPy fill of a fre
 """
 import numpy as np
 
-from ._common import PAGE, PRIV_ANON, RW, Cuda, Unavailable, Workload, need, size_label
+from ._common import PAGE, PRIV_ANON, RW, Cuda, Workload, need, size_label
 
 NAME = "faults"
 DESCRIPTION = "a device job faulting on host-resident and untouched memory vs CUDA managed memory"
@@ -58,30 +58,35 @@ def run(ctx):
         if ctx.gpu:
             cu = Cuda(ctx)
             cp = cu.cp
-            kern = cu.reduce_kernel()
-            partials = cp.zeros(npages, dtype=cp.uint64)
-            try:
+
+            def managed_read():
+                kern = cu.reduce_kernel()
+                partials = cp.zeros(npages, dtype=cp.uint64)
                 mem, view = cu.managed(nbytes)
-            except Unavailable as e:
-                raise Unavailable(f"managed-memory baseline: {e}")
 
-            def cpu_write():
-                view[::PAGE] = 1                   # the CPU touches every page: they live on the host
-            base = ctx.time(lambda: kern(int(mem.ptr), nbytes, partials), setup=cpu_write)
+                def cpu_write():
+                    view[::PAGE] = 1               # the CPU touches every page: they live on the host
+                try:
+                    return ctx.time(lambda: kern(int(mem.ptr), nbytes, partials), setup=cpu_write)
+                finally:
+                    del view, mem
+
+            def managed_first_touch():
+                held = {}
+
+                def fresh_managed():
+                    held.pop("m", None)
+                    cp.get_default_memory_pool().free_all_blocks()
+                    held["m"], _ = cu.managed(nbytes)
+                try:
+                    return ctx.time(lambda: cp.ndarray((nbytes,), cp.uint8, memptr=held["m"]).fill(0x5A),
+                                    setup=fresh_managed)
+                finally:
+                    held.clear()
+            base = ctx.baseline(managed_read)
             bname = "managed memory, CPU-written, same reduce kernel"
-            del view, mem
-            held = {}
-
-            def fresh_managed():
-                held.pop("m", None)
-                cp.get_default_memory_pool().free_all_blocks()
-                m, _ = cu.managed(nbytes)
-                held["m"] = m
-            base_zero = ctx.time(
-                lambda: cp.ndarray((nbytes,), cp.uint8, cp.cuda.MemoryPointer(held["m"], 0)).fill(0x5A),
-                setup=fresh_managed)
+            base_zero = ctx.baseline(managed_first_touch)
             bname_zero = "fresh managed memory, first touch by a fill kernel"
-            held.clear()
             targets = (">= 1.0", ">= 1.0")
         else:
             frames = w.system.phys.ram.frames
@@ -98,12 +103,10 @@ def run(ctx):
             targets = (None, None)
         note = (f"{faults.get('n', 0):,} faults per run; {fstats.get('num_fault_batches', 0)} batches, "
                 f"{fstats.get('num_duplicate_faults', 0)} duplicates (first device)")
-        ctx.row("reduce job faulting on host-resident pages (remote map)", ours=nbytes / ours.median / 1e9,
-                ours_unit="GB/s", baseline_name=bname, baseline=nbytes / base.median / 1e9,
-                ratio=base.median / ours.median, target=targets[0], size=size_label(nbytes), note=note)
-        ctx.row("memset job faulting on untouched pages (demand-zero)", ours=nbytes / ours_zero.median / 1e9,
-                ours_unit="GB/s", baseline_name=bname_zero, baseline=nbytes / base_zero.median / 1e9,
-                ratio=base_zero.median / ours_zero.median, target=targets[1], size=size_label(nbytes))
+        ctx.figure("reduce job faulting on host-resident pages (remote map)", nbytes=nbytes, ours=ours,
+                   base=base, baseline_name=bname, target=targets[0], size=size_label(nbytes), note=note)
+        ctx.figure("memset job faulting on untouched pages (demand-zero)", nbytes=nbytes, ours=ours_zero,
+                   base=base_zero, baseline_name=bname_zero, target=targets[1], size=size_label(nbytes))
     finally:
         if st["gpu"] is not None:
             st["gpu"].close()

@@ -45,28 +45,29 @@ def run(ctx):
             assert gpu.dev.counters["num_read_faults"] == faults_before, "timed jobs faulted"
             if ctx.gpu:
                 cu = Cuda(ctx)
-                kern = cu.reduce_kernel()
-                cp = cu.cp
-                partials = cp.zeros(nbytes // PAGE, dtype=cp.uint64)
                 if where == "device-resident":
-                    flat = cp.ones(nbytes // 4, dtype=cp.uint32)
-                    base = ctx.time(lambda: kern(flat, nbytes, partials), device_only=True)
-                    bname = "same kernel, flat device array"
-                    target = ">= 0.8"
+                    bname, target = "same kernel, flat device array", ">= 0.8"
                 else:
+                    bname, target = "same kernel, zero-copy read of pinned host memory", ">= 0.85"
+
+                def flat_kernel():
+                    cp = cu.cp
+                    kern = cu.reduce_kernel()
+                    partials = cp.zeros(nbytes // PAGE, dtype=cp.uint64)
+                    if where == "device-resident":
+                        flat = cp.ones(nbytes // 4, dtype=cp.uint32)
+                        return ctx.time(lambda: kern(flat, nbytes, partials), device_only=True)
                     host = w.system.phys.ram
-                    base = ctx.time(lambda: kern(int(host.ptr), nbytes, partials), device_only=True)
-                    bname = "same kernel, zero-copy read of pinned host memory"
-                    target = ">= 0.85"
+                    return ctx.time(lambda: kern(int(host.ptr), nbytes, partials), device_only=True)
+                base = ctx.baseline(flat_kernel)
             else:
                 flat = data.view(np.uint32)
                 base = ctx.time(lambda: flat.sum(dtype=np.uint64))
                 bname = "NumPy sum over a flat array"
                 target = ">= 0.8" if where == "device-resident" else ">= 0.85"
-            ctx.row(f"reduce job via page table, {where} pages", ours=nbytes / ours.median / 1e9,
-                    ours_unit="GB/s", baseline_name=bname, baseline=nbytes / base.median / 1e9,
-                    ratio=base.median / ours.median, target=target, size=size_label(nbytes),
-                    note="scattered frames; page table filled by hmm_range_fault beforehand")
+            ctx.figure(f"reduce job via page table, {where} pages", nbytes=nbytes, ours=ours, base=base,
+                       baseline_name=bname, target=target, size=size_label(nbytes),
+                       note="scattered frames; page table filled by hmm_range_fault beforehand")
     finally:
         if gpu is not None:
             gpu.close()

@@ -68,17 +68,14 @@ def _measure(ctx, w, layout, gpu, target):
         cu = Cuda(ctx)
         host = w.system.phys.ram
         dev_arena = w.dev.chunks[0].pgmap.arena
-        b_h2d = ctx.time(lambda: cu.memcpy(dev_arena.ptr, host.ptr, nbytes), device_only=True)
-        b_d2h = ctx.time(lambda: cu.memcpy(host.ptr, dev_arena.ptr, nbytes), device_only=True)
+        b_h2d = ctx.baseline(lambda: ctx.time(lambda: cu.memcpy(dev_arena.ptr, host.ptr, nbytes), device_only=True))
+        b_d2h = ctx.baseline(lambda: ctx.time(lambda: cu.memcpy(host.ptr, dev_arena.ptr, nbytes), device_only=True))
         pairs = (("to device", t_dev, b_h2d, "pinned cudaMemcpy H2D"),
                  ("to system", t_sys, b_d2h, "pinned cudaMemcpy D2H"))
     else:
-        frames = w.system.phys.ram.frames
-        pfns = w.pfns()
-        b = gather_baseline(ctx, frames, pfns)
+        b = gather_baseline(ctx, w.system.phys.ram.frames, w.pfns())
         pairs = (("to device", t_dev, b, "NumPy gather of the same frames"),
                  ("to system", t_sys, b, "NumPy gather of the same frames"))
     for direction, ours, base, bname in pairs:
-        ctx.row(f"migrate {layout} anon pages {direction}", ours=nbytes / ours.median / 1e9, ours_unit="GB/s",
-                baseline_name=bname, baseline=nbytes / base.median / 1e9, ratio=base.median / ours.median,
-                target=target if gpu else ">= 0.7", size=size_label(nbytes), note=note)
+        ctx.figure(f"migrate {layout} anon pages {direction}", nbytes=nbytes, ours=ours, base=base,
+                   baseline_name=bname, target=target if gpu else ">= 0.7", size=size_label(nbytes), note=note)

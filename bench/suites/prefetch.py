@@ -38,26 +38,28 @@ def run(ctx):
         local = gpu.local_maps
         if ctx.gpu:
             cu = Cuda(ctx)
-            mem, view = cu.managed(nbytes)
 
-            def to_cpu():
-                view[::PAGE] = 1
-                cu.prefetch(mem.ptr, nbytes, -1)
-            base = ctx.time(lambda: cu.prefetch(mem.ptr, nbytes, 0), setup=to_cpu, device_only=True)
+            def managed_prefetch():
+                mem, view = cu.managed(nbytes)
+
+                def to_cpu():
+                    view[::PAGE] = 1
+                    cu.prefetch(mem.ptr, nbytes, -1)
+                try:
+                    return ctx.time(lambda: cu.prefetch(mem.ptr, nbytes, 0), setup=to_cpu, device_only=True)
+                finally:
+                    del view, mem
+            base = ctx.baseline(managed_prefetch)
             bname = "cudaMemPrefetchAsync of CPU-touched managed memory"
             target = ">= 0.9"
-            del view, mem
         else:
             back()
-            frames = w.system.phys.ram.frames
-            pfns = w.pfns()
-            base = gather_baseline(ctx, frames, pfns)
+            base = gather_baseline(ctx, w.system.phys.ram.frames, w.pfns())
             bname = "NumPy gather of the same frames"
             target = ">= 0.7"
-        ctx.row("explicit prefetch: migrate_vma + device PT map", ours=nbytes / ours.median / 1e9,
-                ours_unit="GB/s", baseline_name=bname, baseline=nbytes / base.median / 1e9,
-                ratio=base.median / ours.median, target=target, size=size_label(nbytes),
-                note=f"{local:,} pages mapped device-local over the runs")
+        ctx.figure("explicit prefetch: migrate_vma + device PT map", nbytes=nbytes, ours=ours, base=base,
+                   baseline_name=bname, target=target, size=size_label(nbytes),
+                   note=f"{local:,} pages mapped device-local over the runs")
     finally:
         gpu.close()
         w.close()
