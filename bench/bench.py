@@ -267,8 +267,8 @@ def print_results(res, console):
     meta = res["meta"]
     t = Table(title=f"hmmgpu bench -- {meta['label']} -- {meta['date']}"
                     + (" -- quick" if meta["quick"] else ""), title_justify="left")
-    for c, j in (("suite", "left"), ("figure", "left"), ("ratio", "right"), ("target", "left"),
-                 ("ours", "right"), ("baseline (same run)", "left"), ("size", "left")):
+    for c, j in (("suite", "left"), ("figure", "left"), ("size", "left"), ("ratio", "right"),
+                 ("target", "left"), ("ours", "right"), ("baseline (same run)", "left"), ("baseline", "right")):
         t.add_column(c, justify=j)
     for r in res["rows"]:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
@@ -276,10 +276,9 @@ def print_results(res, console):
             ratio = f"[green]{ratio}[/]"
         elif r["meets_target"] is False:
             ratio = f"[red]{ratio}[/]"
-        base = (f"{r['baseline_name']}: {fmt_value(r['baseline'], r['baseline_unit'])}"
-                if r["baseline"] is not None else r["baseline_name"])
-        t.add_row(r["suite"], r["figure"], ratio,
-                  r["target"] or "", fmt_value(r["ours"], r["ours_unit"]), base, r["size"] or "")
+        t.add_row(r["suite"], r["figure"], r["size"] or "", ratio, r["target"] or "",
+                  fmt_value(r["ours"], r["ours_unit"]), r["baseline_name"],
+                  fmt_value(r["baseline"], r["baseline_unit"]))
     console.print(t)
     if meta["backend"] == "numpy":
         console.print(f"[yellow]every figure above is {EMULATED_LABEL}: device memory is host memory; "
