@@ -421,9 +421,8 @@ VM_FAULT_SIGBUS = 0x2
 
 def _release_new(phys, pfns):
     """Give back destination pages that never made it into dst (unlock, drop the reference)."""
-    from ..mm.migrate import put_unique
     phys.unlock(pfns)
-    put_unique(phys, pfns)
+    phys.put(pfns, unique=True)
 
 
 class _migrating:

@@ -38,8 +38,7 @@ import numpy as np
 
 from ..constants import PAGE_SHIFT, PAGE_SIZE
 from ..mm import pgtable as pt
-from ..mm.migrate import (folio_migrate_flags, folio_migrate_mapping, migrate_expected_refs, put_unique,
-                          trylock_unique)
+from ..mm.migrate import folio_migrate_flags, folio_migrate_mapping, migrate_expected_refs
 from ..mm.notifier import MMU_NOTIFY_MIGRATE, invalidation
 from ..mm.physmem import PG_ANON, PG_DIRTY, PG_LOCKED
 from ..mm.rmap import remove_migration_ptes, try_to_migrate, vmas_for_pages
@@ -184,7 +183,7 @@ def _migrate_vma_collect(args):
             idx = np.nonzero(cand)[0]
             if idx.size:
                 # folio_trylock(): a page someone else holds locked is simply skipped.
-                got = trylock_unique(phys, pfn[idx])
+                got = phys.trylock(pfn[idx], unique=True)
                 idx = idx[got]
             if idx.size:
                 p = pfn[idx]
@@ -243,7 +242,7 @@ def migrate_device_unmap(src, npages, fault_page=None, args=None):
             remove_migration_ptes(system, bp, bp, tg["vmas"], region=tg["region"],
                                   positions=bad if tg["region"] is not None else None)
             phys.unlock(bp)
-            put_unique(phys, bp)
+            phys.put(bp, unique=True)
             src[bad] = 0
     return int(((src & _U(MIGRATE_PFN_MIGRATE)) != 0).sum())
 
@@ -373,7 +372,7 @@ def _migrate_device_finalize(system, src, dst, npages, args):
     if unused.any():
         u = dpfn[unused]
         phys.unlock(u)
-        put_unique(phys, u)
+        phys.put(u, unique=True)
     have = np.nonzero(spfn >= 0)[0]
     if have.size == 0:
         return
@@ -384,11 +383,11 @@ def _migrate_device_finalize(system, src, dst, npages, args):
     remove_migration_ptes(system, s, target, tg["vmas"], region=tg["region"],
                           positions=have if tg["region"] is not None else None)
     phys.unlock(s)
-    put_unique(phys, s)
+    phys.put(s, unique=True)
     if moved.any():
         d = target[moved]
         phys.unlock(d)
-        put_unique(phys, d)
+        phys.put(d, unique=True)
 
 
 def migrate_device_range(system, src_pfns, start, npages):
@@ -405,9 +404,9 @@ def migrate_device_range(system, src_pfns, start, npages):
         used = pg.refcount[pfns] > 0
         p = pfns[used]
         pg.refcount[p] += 1                    # folio_get_nontail_page()
-        got = trylock_unique(phys, p)
+        got = phys.trylock(p, unique=True)
         if (~got).any():
-            put_unique(phys, p[~got])
+            phys.put(p[~got], unique=True)
         p = p[got]
     sel = p - start
     src_pfns[sel] = migrate_pfn(p) | _U(MIGRATE_PFN_MIGRATE)
@@ -453,7 +452,7 @@ def _unmap_by_pfn(system, src, npages):
         bp = pfn[bad]
         remove_migration_ptes(system, bp, bp, vmas)
         phys.unlock(bp)
-        put_unique(phys, bp)
+        phys.put(bp, unique=True)
         src[bad] = 0
 
 

@@ -106,7 +106,10 @@ def mk_swp(pfns, types):
 
 def pte_wrprotect(pte):
     """Clear WRITE on present entries; turn writable swap-like entries into their read form."""
-    p = np.asarray(pte, dtype=_U64).copy()
+    p = np.asarray(pte, dtype=_U64)
+    if not is_swap(p).any():
+        return p & ~PTE_WRITE                  # present and none entries only: one pass
+    p = p.copy()
     present = (p & PTE_PRESENT) != 0
     p[present] &= ~PTE_WRITE
     t = swp_type(p)

@@ -20,7 +20,6 @@ import numpy as np
 from ..constants import PAGE_SHIFT
 from . import pgtable as pt
 from .notifier import MMU_NOTIFY_CLEAR, invalidation
-from .migrate import put_unique
 from .physmem import PG_ANON, PG_DIRTY
 
 _U = np.uint64
@@ -99,7 +98,7 @@ def try_to_migrate(system, pfns, vmas, skip=None):
                 pg.flags[d[(pg.flags[d] & PG_ANON) == 0]] |= PG_DIRTY
                 v.pte[idx] = pt.mk_swp(cp, np.where(write, pt.SWP_MIGRATION_WRITE, pt.SWP_MIGRATION_READ))
                 pg.mapcount[cp] -= 1          # a page appears once per VMA
-                put_unique(phys, cp)
+                phys.put(cp, unique=True)
                 done += int(idx.size)
     return done
 
