@@ -336,6 +336,11 @@ class MirrorGpu:
         import errno as _errno
         vpn = faults.vpn
         write = faults.write
+        if trace.enabled:                     # one instant per faulting page, only while tracing
+            now = trace.now_us()
+            for a, acc in zip(faults.vaddr.tolist(), faults.access.tolist()):
+                trace.event("fault", trace.CAT_FAULT, now, None, track=f"{self.name}/faults",
+                            vaddr=hex(a), access=("read", "write", "atomic")[min(int(acc), 2)])
         errs = np.zeros(len(faults), dtype=np.int64)
         out_of_range = (vpn < (self.start >> 12)) | (vpn >= (self.end >> 12))
         errs[out_of_range] = _errno.EFAULT
@@ -458,6 +463,7 @@ def run_demo(mib=8, backend=None, quiet=False, seed=7, on_step=None):
     def attach():
         dmdev = dmirror.DMirrorDevice(system, memory="private", chunk_pages=chunk_pages, max_chunks=1)
         mirror = dmdev.open(proc)
+        trace.watch_pagemap_ops(dmdev.ops, track="gpu0/migrate")
         lo = min(state["hot"], state["heap"], state["other"])
         hi = max(state["hot"] + 2 * nbytes, state["heap"] + state["heap_bytes"],
                  state["other"] + nbytes)
@@ -490,7 +496,8 @@ def run_demo(mib=8, backend=None, quiet=False, seed=7, on_step=None):
 
     def migrate():
         m = state["mirror"]
-        r = m.migrate_to_dev(state["hot"], 2 * npages)
+        with trace.span("migrate_to_dev", trace.CAT_MIGRATE, track="gpu0/migrate", npages=2 * npages):
+            r = m.migrate_to_dev(state["hot"], 2 * npages)
         s = m.snapshot(state["hot"], 2 * npages)
         local = int(np.count_nonzero((s.data & 0xF0) == dmirror.PROT_DEV_PRIVATE_LOCAL))
         result["checks"]["hot data on device"] = local == 2 * npages
@@ -510,6 +517,7 @@ def run_demo(mib=8, backend=None, quiet=False, seed=7, on_step=None):
                           f"pages ({r.faults + r2.faults} faults, mapped local)"}
 
     step("device jobs", "axpy and reduce run on the device-resident pages", axpy)
+    state["middle"] = snap("hot data on the device")
 
     def cpu_work():
         data = np.arange(nbytes // 8, dtype=np.int64)
@@ -535,9 +543,22 @@ def run_demo(mib=8, backend=None, quiet=False, seed=7, on_step=None):
 
     step("cpu touches results", "results migrate back when the CPU touches them", touch)
 
+    def evict():
+        dm = state["dmdev"]
+        before = dm.nr_allocated()
+        with trace.span("release", trace.CAT_EVICT, track="gpu0/migrate", npages=before):
+            state["mirror"].release()
+        x = proc.read(state["hot"], nbytes).view(np.float32)
+        ok = bool(np.array_equal(x, state["x0"])) and dm.nr_allocated() == 0
+        result["checks"]["evicted data intact"] = ok
+        return {"detail": f"the driver gives its memory back: {before:,} device pages evicted to system "
+                          f"memory (migrate_device_range); x {'intact' if ok else 'WRONG'}"}
+
+    step("evict", "the device's memory is evicted back to the system", evict)
+
     state["after"] = snap("at the end")
     gpu.dev.synchronize()
-    result["rss_memcg"] = [state["before"], state["after"]]
+    result["rss_memcg"] = [state["before"], state["middle"], state["after"]]
     result["counters"] = trace.collect_counters(system, devices=[gpu], dmirror=_dmirror_counters(state["dmdev"]))
     result["notifier_events"] = trace.notifier_event_counts(proc.mm)
     result["ok"] = all(result["checks"].values())

@@ -286,6 +286,37 @@ def watch_notifiers(mm, track=None):
     return mm
 
 
+def watch_pagemap_ops(ops, track="device/pagemap"):
+    """Trace a driver's dev_pagemap ops: ``migrate_to_ram`` (CPU faults on device-private
+    pages) as ``migrate`` spans and ``page_free`` as ``evict``-category instants.
+
+    Wraps the two methods on this one ops object (the pgmap keeps a reference to the same
+    object, so the kernel side calls the wrappers).  Idempotent; returns ``ops``.
+    """
+    if ops is None or getattr(ops, "_hmmgpu_traced", False):
+        return ops
+    to_ram = getattr(ops, "migrate_to_ram", None)
+    free = getattr(ops, "page_free", None)
+    if to_ram is not None:
+        def migrate_to_ram(vmf):
+            if _tracer is None:
+                return to_ram(vmf)
+            n = int(getattr(getattr(vmf, "addresses", None), "size", 1) or 1)
+            with span("migrate_to_ram", CAT_MIGRATE, track=track, npages=n,
+                      address=hex(int(getattr(vmf, "address", 0) or 0))):
+                return to_ram(vmf)
+        ops.migrate_to_ram = migrate_to_ram
+    if free is not None:
+        def page_free(pfns):
+            if _tracer is not None:
+                _tracer.add("i", "page_free", CAT_EVICT, now_us(), 0.0, track,
+                            {"npages": int(getattr(pfns, "size", 1))})
+            return free(pfns)
+        ops.page_free = page_free
+    ops._hmmgpu_traced = True
+    return ops
+
+
 def notifier_event_counts(mm):
     """{MMU_NOTIFY_* name: count} of the invalidations ``mm`` recorded (bounded history)."""
     from .mm.notifier import EVENT_NAMES

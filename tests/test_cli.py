@@ -54,9 +54,10 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert rc == 0 and res["ok"], res["checks"]
     assert res["backend"] == "numpy" and res["label"] == cli.EMULATED_LABEL
     assert [s["step"] for s in res["steps"]] == ["build", "attach", "pointer chase", "migrate hot data",
-                                                 "device jobs", "cpu meanwhile", "cpu touches results"]
-    assert all(res["checks"].values()) and len(res["checks"]) == 6
-    before, after = res["rss_memcg"]
+                                                 "device jobs", "cpu meanwhile", "cpu touches results", "evict"]
+    assert all(res["checks"].values()) and len(res["checks"]) == 7
+    before, middle, after = res["rss_memcg"]
+    assert middle["device_pages"] == 2 * res["array_bytes"] // 4096
     assert before["memcg_bytes"] > 0 and after["memcg_bytes"] >= before["memcg_bytes"]
     gpu = res["counters"]["gpu0"]
     assert gpu["num_read_faults"] > 0 and gpu["num_write_faults"] > 0
@@ -64,9 +65,10 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert res["notifier_events"].get("MMU_NOTIFY_MIGRATE", 0) >= 1
     doc = json.loads(path.read_text())
     cats = {e.get("cat") for e in doc["traceEvents"]}
-    assert {"cpu", "invalidate"} <= cats
-    assert any(e.get("cat") == "fault" for e in doc["traceEvents"]) or any(
-        e.get("cat") == "job" for e in doc["traceEvents"])
+    assert {"cpu", "invalidate", "fault", "migrate", "evict", "job"} <= cats
+    names = {e["name"] for e in doc["traceEvents"]}
+    assert {"fault", "migrate_to_dev", "migrate_to_ram", "release", "page_free"} <= names
+    assert after["device_pages"] == 0
     assert trace.current() is None
 
 
