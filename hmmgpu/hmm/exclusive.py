@@ -19,7 +19,7 @@ import numpy as np
 from ..constants import PAGE_SHIFT, PAGE_SIZE
 from ..mm import pgtable as pt
 from ..mm.notifier import MMU_NOTIFY_EXCLUSIVE, invalidation
-from ..mm.physmem import PG_ANON, PG_DIRTY
+from ..mm.physmem import PG_ANON, PG_DIRTY, add_at
 from ..mm.vma import VM_IO, VM_PFNMAP, VM_WRITE
 
 
@@ -58,7 +58,7 @@ def make_device_exclusive_range(mm, start, end, owner=None):
             ok = pt.pte_present(pte) & ((pte & pt.PTE_SPECIAL) == 0) & (pt.pte_pfn(pte) != phys.zero_pfn)
             idx = np.nonzero(ok)[0]
             p = pt.pte_pfn(pte[idx])
-            np.add.at(pg.refcount, p, 1)
+            add_at(pg.refcount, p, 1)
             got = phys.trylock(p)
             if (~got).any():
                 phys.put(p[~got])

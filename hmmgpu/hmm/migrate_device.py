@@ -40,7 +40,7 @@ from ..constants import PAGE_SHIFT, PAGE_SIZE
 from ..mm import pgtable as pt
 from ..mm.migrate import folio_migrate_flags, folio_migrate_mapping, migrate_expected_refs
 from ..mm.notifier import MMU_NOTIFY_MIGRATE, invalidation
-from ..mm.physmem import PG_ANON, PG_DIRTY, PG_LOCKED
+from ..mm.physmem import PG_ANON, PG_DIRTY, PG_LOCKED, add_at
 from ..mm.rmap import remove_migration_ptes, try_to_migrate, vmas_for_pages
 from ..mm.vma import VM_DONTEXPAND, VM_IO, VM_MIXEDMAP, VM_PFNMAP, VM_WRITE, vma_is_anonymous
 from .memremap import is_device_coherent_page, is_device_private_page, pgmap_owner_is
@@ -423,7 +423,7 @@ def migrate_device_pfns(system, src_pfns, pfns):
     with phys.lock:
         used = np.nonzero(pg.refcount[pfns] > 0)[0]
         p = pfns[used]
-        np.add.at(pg.refcount, p, 1)
+        add_at(pg.refcount, p, 1)
         got = phys.trylock(p)
         if (~got).any():
             phys.put(p[~got])

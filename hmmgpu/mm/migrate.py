@@ -9,7 +9,7 @@ documentation, section 7) and nothing is charged twice.
 """
 import numpy as np
 
-from .physmem import PG_ANON, PG_DIRTY, PG_SWAPBACKED, PG_UPTODATE
+from .physmem import PG_ANON, PG_DIRTY, PG_SWAPBACKED, PG_UPTODATE, add_at
 
 # Flags that describe the data, not the frame (PG_LOCKED, PG_ZONE_DEVICE, PG_RESERVED stay).
 MIGRATE_FLAGS = PG_ANON | PG_DIRTY | PG_SWAPBACKED | PG_UPTODATE
@@ -44,8 +44,8 @@ def folio_migrate_mapping(system, new, old, extra=0):
                 continue
             cache.replace(old[sel], new[sel])
             # the cache's reference moves with the slot
-            np.add.at(pg.refcount, new[sel], 1)
-            np.subtract.at(pg.refcount, old[sel], 1)
+            add_at(pg.refcount, new[sel], 1)
+            add_at(pg.refcount, old[sel], -1)
     return ok
 
 

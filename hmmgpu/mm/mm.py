@@ -29,7 +29,7 @@ from .locks import RWLock
 from .notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_PROTECTION_PAGE,
                        MMU_NOTIFY_PROTECTION_VMA, MMU_NOTIFY_UNMAP, NotifierSubscriptions,
                        invalidation)
-from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_SWAPBACKED, PG_ZONE_DEVICE
+from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_SWAPBACKED, PG_ZONE_DEVICE, add_at
 from .vma import (VM_ACCESS, VM_DONTEXPAND, VM_PFNMAP, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
                   VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, VMA, prot_to_vm,
                   vma_is_anonymous)
@@ -157,8 +157,8 @@ class MM:
         pg = self.phys.pages
         counted = pfns != self.phys.zero_pfn
         if take_ref:
-            np.add.at(pg.refcount, pfns[counted], 1)
-        np.add.at(pg.mapcount, pfns[counted], 1)
+            add_at(pg.refcount, pfns[counted], 1)
+        add_at(pg.mapcount, pfns[counted], 1)
         self._account(pfns, +1)
         vma.pte[idx] = pt.mk_pte(pfns, flags)
 
@@ -185,7 +185,7 @@ class MM:
             d = d[(pg.flags[d] & PG_ANON) == 0]
             pg.flags[d] |= PG_DIRTY
             counted = held[held != self.phys.zero_pfn]
-            np.subtract.at(pg.mapcount, counted, 1)
+            add_at(pg.mapcount, counted, -1)
             vma.pte[i0:i1] = 0
             self.phys.put(counted)
 
@@ -332,7 +332,7 @@ class MM:
                 if gone.size:
                     counted = gone[gone != phys.zero_pfn]
                     self._account(gone, -1)
-                    np.subtract.at(pg.mapcount, counted, 1)
+                    add_at(pg.mapcount, counted, -1)
                     vma.pte[idx[replaced]] = 0
                     phys.put(counted)
                 pg.flags[new] |= PG_ANON | PG_ANON_EXCLUSIVE
@@ -918,8 +918,8 @@ class MM:
             live = (src != 0) & ~pt.is_migration(src)
             pfns = pt.pte_pfn(src[live])
             counted = pfns[pfns != phys.zero_pfn]
-            np.add.at(pg.refcount, counted, 1)
-            np.add.at(pg.mapcount, counted, 1)
+            add_at(pg.refcount, counted, 1)
+            add_at(pg.mapcount, counted, 1)
             if v.cow:
                 p_all = pt.pte_pfn(src)
                 pinned = live & pt.pte_present(src) & (pg.pincount[p_all] > 0) & (
@@ -935,7 +935,7 @@ class MM:
                     phys.copy(new, old)
                     pg.flags[new] |= PG_ANON | PG_ANON_EXCLUSIVE
                     pg.mapcount[new] = 1
-                    np.subtract.at(pg.mapcount, old, 1)
+                    add_at(pg.mapcount, old, -1)
                     phys.put(old)
                     # copy_present_page(): the copy gets the VMA's protection (maybe_mkwrite)
                     w = pt.PTE_WRITE if v.vm_flags & VM_WRITE else np.uint64(0)

@@ -12,6 +12,7 @@ import numpy as np
 from ..constants import MS_SYNC, PAGE_SIZE
 from ..errors import ProcessKilled, oserror
 from .mm import MM
+from .physmem import add_at
 
 
 def _alive(method):
@@ -50,7 +51,7 @@ class Pin:
             raise oserror(errno.EINVAL, "pin already released", self.addr)
         self.active = False
         with self.phys.lock:
-            np.subtract.at(self.phys.pages.pincount, self.pfns, 1)
+            add_at(self.phys.pages.pincount, self.pfns, -1)
             self.phys.put(self.pfns)
 
     @property
@@ -131,8 +132,8 @@ class Process:
         pfns = self.mm.get_user_pages(addr, npages, write, longterm)
         phys = self.system.phys
         with phys.lock:
-            np.add.at(phys.pages.refcount, pfns, 1)
-            np.add.at(phys.pages.pincount, pfns, 1)
+            add_at(phys.pages.refcount, pfns, 1)
+            add_at(phys.pages.pincount, pfns, 1)
         return Pin(phys, pfns, addr, longterm)
 
     @_alive
