@@ -61,8 +61,3 @@ def folio_migrate_flags(system, new, old):
     moved = pg.memcg[old] >= 0
     pg.memcg[new[moved]] = pg.memcg[old[moved]]
     pg.memcg[old[moved]] = -1
-
-
-def migration_entry_wait(system, pfn):
-    """migration_entry_wait(): sleep until the page under migration is unlocked."""
-    system.phys.wait_unlocked(int(pfn))
