@@ -12,8 +12,9 @@ made up).  Every row holds one figure of ours and its baseline *measured in the 
     ours, baseline   absolute figures (GB/s, ns/page, ms)
     label     "GPU (cupy)" or "emulated (numpy fallback)": on the fallback nothing is a GPU figure
 
-Timing: ``ctx.time(fn, setup=None)`` runs ``setup()`` untimed before each repeat, warms up
-first, and returns the median of the repeats.  On the CuPy backend it brackets the call with
+Timing: ``ctx.compare(ours, base, ...)`` times our figure and its baseline alternately, repeat
+by repeat, after a warm-up of each (``setup`` functions run untimed before each call), and
+returns the medians; ``ctx.time(fn, setup=None)`` times one function the same way.  On the CuPy backend it brackets the call with
 CUDA events on the current stream (with a device synchronize before the end event, so host
 work of the emulation is inside the bracket; ``device_only=True`` leaves it out for pure GPU
 baselines such as one cudaMemcpyAsync); on the NumPy backend it uses ``time.perf_counter``.
@@ -133,6 +134,26 @@ class Ctx:
         if self.gpu:
             self._cupy.cuda.Device().synchronize()
 
+    def _once(self, fn, setup=None, device_only=False):
+        """Seconds of one ``fn()`` (``setup()`` untimed before it)."""
+        if setup:
+            setup()
+            self.sync()
+        if self.gpu:
+            cp = self._cupy
+            stream = cp.cuda.get_current_stream()
+            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+            e0.record(stream)
+            fn()
+            if not device_only:
+                self.sync()
+            e1.record(stream)
+            e1.synchronize()
+            return cp.cuda.get_elapsed_time(e0, e1) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
     def time(self, fn, setup=None, repeat=None, warmup=None, device_only=False):
         """Median seconds of ``fn()`` over repeats after a warm-up (``setup()`` untimed, each time)."""
         repeat = self.repeat if repeat is None else repeat
@@ -142,27 +163,40 @@ class Ctx:
                 setup()
             fn()
         self.sync()
-        samples = []
+        return Timing([self._once(fn, setup, device_only) for _ in range(repeat)])
+
+    def compare(self, ours, base, ours_setup=None, base_setup=None, base_device_only=False, repeat=None):
+        """Time ``ours`` and ``base`` alternately, repeat by repeat, after a warm-up of each.
+
+        Interleaving puts both under the same conditions (a shared machine's load, clocks,
+        caches), so their ratio means something even where absolute figures drift.  ``base``
+        may be an exception (a baseline that could not be prepared here) or raise while
+        running: then ``ours`` is still measured and the exception is returned in its place.
+        Returns (Timing of ours, Timing of base or the exception).
+        """
+        repeat = self.repeat if repeat is None else repeat
+        err = base if isinstance(base, BaseException) else None
+        for _ in range(self.warmup):
+            if ours_setup:
+                ours_setup()
+            ours()
+            if err is None:
+                try:
+                    if base_setup:
+                        base_setup()
+                    base()
+                except Exception as e:
+                    err = e
+        self.sync()
+        a, b = [], []
         for _ in range(repeat):
-            if setup:
-                setup()
-                self.sync()
-            if self.gpu:
-                cp = self._cupy
-                stream = cp.cuda.get_current_stream()
-                e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-                e0.record(stream)
-                fn()
-                if not device_only:
-                    self.sync()
-                e1.record(stream)
-                e1.synchronize()
-                samples.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
-        return Timing(samples)
+            a.append(self._once(ours, ours_setup))
+            if err is None:
+                try:
+                    b.append(self._once(base, base_setup, base_device_only))
+                except Exception as e:
+                    err = e
+        return Timing(a), (err if err is not None else Timing(b))
 
 
 def _meets(ratio, target):

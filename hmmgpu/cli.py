@@ -31,7 +31,7 @@ EMULATED_LABEL = "emulated (numpy fallback)"
 def _console(stderr=True):
     from rich.console import Console
     con = Console(stderr=stderr, highlight=False)
-    if not con.is_terminal:             # logs and pipes: wide enough for the results tables
+    if not con.is_terminal and not os.environ.get("COLUMNS"):   # logs, pipes: room for the tables
         con = Console(stderr=stderr, highlight=False, width=max(con.width, 150))
     return con
 

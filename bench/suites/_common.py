@@ -108,13 +108,19 @@ def numpy_gather(frames, pfns, out):
     np.take(frames, pfns, axis=0, out=out)
 
 
-def gather_baseline(ctx, frames, pfns):
+def pick_gather(ctx, frames, pfns):
     """The fallback's baseline: the faster of NumPy's two gathers of the same frames
-    (``np.take(out=)`` into a reused array, and fancy indexing ``frames[pfns]``)."""
+    (``np.take(out=)`` into a reused array, and fancy indexing ``frames[pfns]``), chosen by
+    timing each once after a warm-up; returns that function."""
     out = np.empty((pfns.size, PAGE), np.uint8)
-    a = ctx.time(lambda: numpy_gather(frames, pfns, out))
-    b = ctx.time(lambda: frames[pfns])
-    return a if a.median <= b.median else b
+
+    def take():
+        numpy_gather(frames, pfns, out)
+
+    def fancy():
+        return frames[pfns]
+    t = {f: ctx.time(f, repeat=1).median for f in (take, fancy)}
+    return min(t, key=t.get)
 
 
 # -- CUDA baselines (CuPy backend only) ---------------------------------------------------------

@@ -35,57 +35,30 @@ def run(ctx):
         st["gpu"] = MirrorGpu(w.system, w.proc, w.dev, start, start + nbytes, name="bench-gpu")
 
     try:
-        # host-resident data, a new device (empty page table) for each repeat
-        ctx.progress("job faulting on host-resident pages")
-        faults = {}
-
-        def reduce():
-            r = st["gpu"].dev.jobs.reduce_sum(w.addr, nbytes)
-            faults["n"] = r.faults
-        ours = ctx.time(reduce, setup=lambda: fresh_gpu(w.addr))
-        fstats = dict(st["gpu"].dev.counters)
-        # untouched anonymous memory, a new mapping and device each repeat
-        ctx.progress("job faulting on untouched pages")
-
-        def new_region():
-            if st["region"] is not None:
-                w.proc.munmap(st["region"], nbytes)
-            st["region"] = w.proc.mmap(nbytes, RW, PRIV_ANON)
-            fresh_gpu(st["region"])
-        ours_zero = ctx.time(lambda: st["gpu"].dev.jobs.memset(st["region"], 0x5A, nbytes), setup=new_region)
-        check = w.proc.read(st["region"], PAGE)
-        assert (check == 0x5A).all(), "memset job result not visible to the CPU"
         if ctx.gpu:
             cu = Cuda(ctx)
             cp = cu.cp
+            held = {}
 
             def managed_read():
                 kern = cu.reduce_kernel()
                 partials = cp.zeros(npages, dtype=cp.uint64)
-                mem, view = cu.managed(nbytes)
+                held["mem"], held["view"] = cu.managed(nbytes)
 
                 def cpu_write():
-                    view[::PAGE] = 1               # the CPU touches every page: they live on the host
-                try:
-                    return ctx.time(lambda: kern(int(mem.ptr), nbytes, partials), setup=cpu_write)
-                finally:
-                    del view, mem
+                    held["view"][::PAGE] = 1       # the CPU touches every page: they live on the host
+                return lambda: kern(int(held["mem"].ptr), nbytes, partials), cpu_write
 
-            def managed_first_touch():
-                held = {}
+            def fresh_managed():
+                held.pop("m", None)
+                cp.get_default_memory_pool().free_all_blocks()
+                held["m"], _ = cu.managed(nbytes)
 
-                def fresh_managed():
-                    held.pop("m", None)
-                    cp.get_default_memory_pool().free_all_blocks()
-                    held["m"], _ = cu.managed(nbytes)
-                try:
-                    return ctx.time(lambda: cp.ndarray((nbytes,), cp.uint8, memptr=held["m"]).fill(0x5A),
-                                    setup=fresh_managed)
-                finally:
-                    held.clear()
-            base = ctx.baseline(managed_read)
+            def first_touch():
+                return cp.ndarray((nbytes,), cp.uint8, memptr=held["m"]).fill(0x5A)
+            read_base = ctx.baseline(managed_read)
+            zero_base = (first_touch, fresh_managed)
             bname = "managed memory, CPU-written, same reduce kernel"
-            base_zero = ctx.baseline(managed_first_touch)
             bname_zero = "fresh managed memory, first touch by a fill kernel"
             targets = (">= 1.0", ">= 1.0")
         else:
@@ -96,11 +69,40 @@ def run(ctx):
             def gather_sum():
                 np.take(frames, pfns, axis=0, out=out)
                 out.view(np.uint32).sum(dtype=np.uint64)
-            base = ctx.time(gather_sum)
+            read_base = (gather_sum, None)
+            zero_base = (lambda: np.empty(nbytes, np.uint8).fill(0x5A), None)
             bname = "NumPy gather + sum of the same frames"
-            base_zero = ctx.time(lambda: np.empty(nbytes, np.uint8).fill(0x5A))
             bname_zero = "NumPy fill of a fresh array"
             targets = (None, None)
+
+        # host-resident data, a new device (empty page table) for each repeat
+        ctx.progress("job faulting on host-resident pages")
+        faults = {}
+
+        def reduce():
+            r = st["gpu"].dev.jobs.reduce_sum(w.addr, nbytes)
+            faults["n"] = r.faults
+
+        def unpack(b):
+            return (b, None) if isinstance(b, BaseException) else b
+        fn, setup = unpack(read_base)
+        ours, base = ctx.compare(reduce, fn, ours_setup=lambda: fresh_gpu(w.addr), base_setup=setup)
+        fstats = dict(st["gpu"].dev.counters)
+        # untouched anonymous memory, a new mapping and device each repeat
+        ctx.progress("job faulting on untouched pages")
+
+        def new_region():
+            if st["region"] is not None:
+                w.proc.munmap(st["region"], nbytes)
+            st["region"] = w.proc.mmap(nbytes, RW, PRIV_ANON)
+            fresh_gpu(st["region"])
+        fn, setup = unpack(zero_base)
+        ours_zero, base_zero = ctx.compare(lambda: st["gpu"].dev.jobs.memset(st["region"], 0x5A, nbytes), fn,
+                                           ours_setup=new_region, base_setup=setup)
+        check = w.proc.read(st["region"], PAGE)
+        assert (check == 0x5A).all(), "memset job result not visible to the CPU"
+        if ctx.gpu:
+            held.clear()
         note = (f"{faults.get('n', 0):,} faults per run; {fstats.get('num_fault_batches', 0)} batches, "
                 f"{fstats.get('num_duplicate_faults', 0)} duplicates (first device)")
         ctx.figure("reduce job faulting on host-resident pages (remote map)", nbytes=nbytes, ours=ours,

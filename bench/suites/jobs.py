@@ -41,8 +41,6 @@ def run(ctx):
             r = reduce()                       # warm-up: takes the faults, fills the page table
             assert r.value == expect, (r.value, expect)
             faults_before = gpu.dev.counters["num_read_faults"]
-            ours = ctx.time(reduce)
-            assert gpu.dev.counters["num_read_faults"] == faults_before, "timed jobs faulted"
             if ctx.gpu:
                 cu = Cuda(ctx)
                 if where == "device-resident":
@@ -56,15 +54,17 @@ def run(ctx):
                     partials = cp.zeros(nbytes // PAGE, dtype=cp.uint64)
                     if where == "device-resident":
                         flat = cp.ones(nbytes // 4, dtype=cp.uint32)
-                        return ctx.time(lambda: kern(flat, nbytes, partials), device_only=True)
+                        return lambda: kern(flat, nbytes, partials)
                     host = w.system.phys.ram
-                    return ctx.time(lambda: kern(int(host.ptr), nbytes, partials), device_only=True)
-                base = ctx.baseline(flat_kernel)
+                    return lambda: kern(int(host.ptr), nbytes, partials)
+                base_fn = ctx.baseline(flat_kernel)
             else:
                 flat = data.view(np.uint32)
-                base = ctx.time(lambda: flat.sum(dtype=np.uint64))
+                base_fn = lambda: flat.sum(dtype=np.uint64)      # noqa: E731
                 bname = "NumPy sum over a flat array"
                 target = ">= 0.8" if where == "device-resident" else ">= 0.85"
+            ours, base = ctx.compare(reduce, base_fn, base_device_only=ctx.gpu)
+            assert gpu.dev.counters["num_read_faults"] == faults_before, "timed jobs faulted"
             ctx.figure(f"reduce job via page table, {where} pages", nbytes=nbytes, ours=ours, base=base,
                        baseline_name=bname, target=target, size=size_label(nbytes),
                        note="scattered frames; page table filled by hmm_range_fault beforehand")

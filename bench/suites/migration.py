@@ -9,7 +9,7 @@ frames; "contiguous": pages faulted in order into consecutive frames.
 """
 import numpy as np
 
-from ._common import PAGE, Cuda, Workload, gather_baseline, size_label
+from ._common import PAGE, Cuda, Workload, pick_gather, size_label
 
 NAME = "migration"
 DESCRIPTION = "migrate anon pages to device and back (scattered vs contiguous) vs cudaMemcpy / NumPy gather"
@@ -57,25 +57,24 @@ def _measure(ctx, w, layout, gpu, target):
         w.to_sys()
         state["on_dev"] = False
 
-    t_dev = ctx.time(to_dev, setup=back_to_sys)
-    t_sys = ctx.time(to_sys, setup=ensure_dev)
-    back_to_sys()
-    # the data survived the round trips
-    first = w.proc.read(w.addr, PAGE).view(np.uint64)
-    assert first[1] == np.uint64(0x0123456789ABCDEF), "migration corrupted the data"
     note = f"{runs:,} run(s) of contiguous frames in {npages:,} pages"
     if gpu:
         cu = Cuda(ctx)
         host = w.system.phys.ram
         dev_arena = w.dev.chunks[0].pgmap.arena
-        b_h2d = ctx.baseline(lambda: ctx.time(lambda: cu.memcpy(dev_arena.ptr, host.ptr, nbytes), device_only=True))
-        b_d2h = ctx.baseline(lambda: ctx.time(lambda: cu.memcpy(host.ptr, dev_arena.ptr, nbytes), device_only=True))
-        pairs = (("to device", t_dev, b_h2d, "pinned cudaMemcpy H2D"),
-                 ("to system", t_sys, b_d2h, "pinned cudaMemcpy D2H"))
+        base_dev = lambda: cu.memcpy(dev_arena.ptr, host.ptr, nbytes)      # noqa: E731
+        base_sys = lambda: cu.memcpy(host.ptr, dev_arena.ptr, nbytes)      # noqa: E731
+        names = ("pinned cudaMemcpy H2D", "pinned cudaMemcpy D2H")
     else:
-        b = gather_baseline(ctx, w.system.phys.ram.frames, w.pfns())
-        pairs = (("to device", t_dev, b, "NumPy gather of the same frames"),
-                 ("to system", t_sys, b, "NumPy gather of the same frames"))
+        base_dev = base_sys = pick_gather(ctx, w.system.phys.ram.frames, w.pfns())
+        names = ("NumPy gather of the same frames",) * 2
+    t_dev, b_dev = ctx.compare(to_dev, base_dev, ours_setup=back_to_sys, base_device_only=gpu)
+    t_sys, b_sys = ctx.compare(to_sys, base_sys, ours_setup=ensure_dev, base_device_only=gpu)
+    back_to_sys()
+    # the data survived the round trips
+    first = w.proc.read(w.addr, PAGE).view(np.uint64)
+    assert first[1] == np.uint64(0x0123456789ABCDEF), "migration corrupted the data"
+    pairs = (("to device", t_dev, b_dev, names[0]), ("to system", t_sys, b_sys, names[1]))
     for direction, ours, base, bname in pairs:
         ctx.figure(f"migrate {layout} anon pages {direction}", nbytes=nbytes, ours=ours, base=base,
                    baseline_name=bname, target=target if gpu else ">= 0.7", size=size_label(nbytes), note=note)

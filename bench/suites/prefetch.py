@@ -7,7 +7,7 @@ Baselines in the same run: cudaMemPrefetchAsync of the same bytes of CPU-touched
 frames (fallback).
 """
 
-from ._common import PAGE, Cuda, Workload, gather_baseline, need, size_label
+from ._common import PAGE, Cuda, Workload, need, pick_gather, size_label
 
 NAME = "prefetch"
 DESCRIPTION = "explicit prefetch (migrate + map) vs cudaMemPrefetchAsync of managed memory"
@@ -33,30 +33,31 @@ def run(ctx):
             w.to_sys()
             st["on_dev"] = False
     try:
-        ctx.progress(f"prefetch {size_label(nbytes)}")
-        ours = ctx.time(prefetch, setup=back)
-        local = gpu.local_maps
         if ctx.gpu:
             cu = Cuda(ctx)
+            held = {}
 
             def managed_prefetch():
-                mem, view = cu.managed(nbytes)
+                held["mem"], held["view"] = cu.managed(nbytes)
 
                 def to_cpu():
-                    view[::PAGE] = 1
-                    cu.prefetch(mem.ptr, nbytes, -1)
-                try:
-                    return ctx.time(lambda: cu.prefetch(mem.ptr, nbytes, 0), setup=to_cpu, device_only=True)
-                finally:
-                    del view, mem
-            base = ctx.baseline(managed_prefetch)
+                    held["view"][::PAGE] = 1
+                    cu.prefetch(held["mem"].ptr, nbytes, -1)
+                return lambda: cu.prefetch(held["mem"].ptr, nbytes, 0), to_cpu
+            prep = ctx.baseline(managed_prefetch)
+            fn, setup = (prep, None) if isinstance(prep, BaseException) else prep
             bname = "cudaMemPrefetchAsync of CPU-touched managed memory"
             target = ">= 0.9"
         else:
-            back()
-            base = gather_baseline(ctx, w.system.phys.ram.frames, w.pfns())
+            fn, setup = pick_gather(ctx, w.system.phys.ram.frames, w.pfns()), None
             bname = "NumPy gather of the same frames"
             target = ">= 0.7"
+        ctx.progress(f"prefetch {size_label(nbytes)}")
+        ours, base = ctx.compare(prefetch, fn, ours_setup=back, base_setup=setup, base_device_only=ctx.gpu)
+        back()
+        local = gpu.local_maps
+        if ctx.gpu:
+            held.clear()
         ctx.figure("explicit prefetch: migrate_vma + device PT map", nbytes=nbytes, ours=ours, base=base,
                    baseline_name=bname, target=target, size=size_label(nbytes),
                    note=f"{local:,} pages mapped device-local over the runs")
