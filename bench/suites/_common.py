@@ -109,18 +109,13 @@ def numpy_gather(frames, pfns, out):
 
 
 def pick_gather(ctx, frames, pfns):
-    """The fallback's baseline: the faster of NumPy's two gathers of the same frames
-    (``np.take(out=)`` into a reused array, and fancy indexing ``frames[pfns]``), chosen by
-    timing each once after a warm-up; returns that function."""
+    """The fallback's baseline: a NumPy gather of the same frames into a preallocated array
+    (``np.take(out=)``: one pass, no allocation, like ours writing into existing frames)."""
     out = np.empty((pfns.size, PAGE), np.uint8)
 
-    def take():
+    def gather():
         numpy_gather(frames, pfns, out)
-
-    def fancy():
-        return frames[pfns]
-    t = {f: ctx.time(f, repeat=1).median for f in (take, fancy)}
-    return min(t, key=t.get)
+    return gather
 
 
 # -- CUDA baselines (CuPy backend only) ---------------------------------------------------------
