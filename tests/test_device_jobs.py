@@ -353,3 +353,34 @@ def test_dedupe_batches_semantics():
     big[:, 0] = (np.arange(1 << 16) % 1000) * PAGE
     b, d = dedupe_batches(big, 256)
     assert sum(len(x) for x in b) == 1000 and d == (1 << 16) - 1000
+
+
+def test_jobs_in_two_contexts_translate_through_their_own_tables(backend):
+    """The same virtual addresses in two address spaces of one device: each context's job reads
+    and writes its own pages and faults to its own service; the default space is untouched."""
+    rng = np.random.default_rng(3)
+    host = backend.host_arena(512)
+    dev = EmulatedDevice(backend, 512, BASE_PFN, host)
+    ca, cb = dev.create_context(), dev.create_context()
+    da = ToyDriver(dev, 64, migrate="odd", space=ca)
+    db = ToyDriver(dev, 64, migrate="none", space=cb, ram_start=200)
+    db.next_dev = BASE_PFN + 256                       # the two drivers share the device's frames
+    ca.service, cb.service = da.service, db.service
+    n = 8
+    xa, xb = rand_bytes(rng, n), rand_bytes(rng, n)
+    va, vb = da.region(n, xa, rng), db.region(n, xb, rng)
+    assert va == vb                                    # same addresses, different spaces
+    ya, yb = da.region(n, None, rng), db.region(n, None, rng)
+    ra = ca.jobs.copy(ya, va, n * PAGE)
+    rb = cb.jobs.copy(yb, vb, n * PAGE)
+    assert np.array_equal(da.data(ya, n), xa) and np.array_equal(db.data(yb, n), xb)
+    assert ra.faults == 2 * n and rb.faults == 2 * n and da.calls >= 1 and db.calls >= 1
+    assert ra.job_id != rb.job_id and dev.jobs.next_job_id == 3      # one queue per device
+    assert not dev.pt.lookup(da.vpns(va, n)).any()
+    with pytest.raises(JobFault) as ei:                # the default space has no service
+        dev.jobs.reduce_sum(va, PAGE)
+    assert ei.value.errno == errno.EFAULT
+    # an invalidation in one context: its next job faults again, the other's does not
+    ca.pt.invalidate(da.vpns(va, n))
+    assert ca.jobs.reduce_sum(va, n * PAGE).faults == n
+    assert cb.jobs.reduce_sum(vb, n * PAGE).faults == 0

@@ -151,3 +151,42 @@ def test_command_semantics_against_a_model(backend):
     got = dev.pt.lookup(universe)
     assert np.array_equal(got, model)
     assert ((got & np.uint64(PTE_FLAGS_MASK)) != 0).sum() == (model != 0).sum()
+
+
+def test_range_updates_touch_only_existing_tables(backend):
+    """invalidate_range / protect_range over huge ranges (a whole address space) cost one command
+    per run of existing leaf tables, and change exactly the entries inside the range."""
+    dev = make_dev(backend)
+    vpns = np.concatenate((np.arange(100, 1500), np.arange(1 << 30, (1 << 30) + 10),
+                           [(1 << 36) - 1]))
+    pfns = np.arange(vpns.size) % 256
+    dev.pt.map(vpns, pfns, PTE_WRITE).wait()
+    before = dev.pt.stats["pt_commands"]
+    dev.pt.protect_range(0, 1 << 40).wait()                    # clipped to the 36-bit space
+    assert not (dev.pt.lookup(vpns) & np.uint64(PTE_WRITE)).any()
+    assert dev.pt.stats["pt_commands"] - before == 3           # three runs of tables
+    dev.pt.invalidate_range(300, 1000)                         # [300, 1300)
+    e = dev.pt.lookup(vpns)
+    inside = (vpns >= 300) & (vpns < 1300)
+    assert not e[inside].any() and (e[~inside] & np.uint64(PTE_VALID)).all()
+    dev.pt.invalidate_range(0, 1 << 52)                        # ULONG_MAX-sized: no arange
+    assert not dev.pt.lookup(vpns).any()
+    dev.pt.map(vpns[:5], pfns[:5]).wait()                      # the tables are still there
+    assert (dev.pt.lookup(vpns[:5]) & np.uint64(PTE_VALID)).all()
+
+
+def test_contexts_have_their_own_page_tables(backend):
+    dev = make_dev(backend)
+    a, b = dev.create_context(), dev.create_context()
+    assert dev.contexts == [a, b] and a.pt is not b.pt is not dev.pt
+    v = np.arange(40, 60)
+    a.pt.map(v, np.arange(20), PTE_WRITE).wait()
+    b.pt.map(v, BASE_PFN + np.arange(20), 0).wait()
+    assert np.array_equal(pte_pfn(a.pt.lookup(v)), np.arange(20))
+    assert np.array_equal(pte_pfn(b.pt.lookup(v)), BASE_PFN + np.arange(20))
+    assert not dev.pt.lookup(v).any()
+    a.pt.invalidate_range(40, 10)
+    assert not a.pt.lookup(v[:10]).any() and (b.pt.lookup(v) & np.uint64(PTE_VALID)).all()
+    b.destroy()
+    assert dev.contexts == [a] and not b.pt.lookup(v).any() and b.pt.nr_nodes == 1
+    assert (a.pt.lookup(v[10:]) & np.uint64(PTE_VALID)).all()

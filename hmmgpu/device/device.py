@@ -29,9 +29,22 @@ MMU (dev.pt, a DevicePageTable; hmmgpu/device/pagetable.py has the entry encodin
     dev.pt.invalidate(vpns, downgrade=None)   unmap (or clear ``downgrade`` bits) and return
                               only when the device executed it AND every job slice queued
                               before it retired: call this from an mmu notifier
+    dev.pt.invalidate_range(start_vpn, npages, downgrade=None) / unmap_range / protect_range
+                              the same over a range, costing one command per run of existing
+                              tables whatever its size (a notifier may cover the address space)
+    dev.pt.release()          drop every entry and table (the address space goes away)
     dev.pt.flush() -> Fence
     dev.pt.lookup(vpns) -> uint64 entries     (tests, snapshot)
     A pfn in an entry must be system RAM or this device's own memory.
+
+Address spaces (contexts)
+    ctx = dev.create_context(service=None, name=None)
+                              one more address space, as a GPU has one page table per VA
+                              space: ``ctx.pt`` (a DevicePageTable, as dev.pt) and ``ctx.jobs``
+                              (a JobEngine, as dev.jobs) translating through it, faults going to
+                              ``ctx.service``; ``ctx.destroy()``.  dev.pt / dev.jobs / dev.service
+                              are the default address space.  Memory, DMA, fault buffer, counters
+                              and the queue are the device's: one job at a time per device.
 
 Jobs (dev.jobs, a JobEngine; hmmgpu/device/jobs.py)
     dev.jobs.memset(addr, value, nbytes) / copy(dst, src, nbytes) / axpy(a, x, y, n) /
@@ -96,13 +109,31 @@ class EmulatedDevice:
         self.service = service
         self.arena = backend.device_arena(self.nframes, self.gpu)
         self.dma = backend.dma_engine(self.gpu)
-        self.pt = DevicePageTable(backend.pagetable_hw(self.gpu), nr_ram=self.nr_ram,
-                                  pfn_base=self.pfn_base, nframes=self.nframes, lock=self.lock,
-                                  initial_nodes=pt_initial_nodes, inflight=self.inflight,
-                                  track=self.name)
+        self._pt_initial_nodes = pt_initial_nodes
+        self.pt = self._new_pagetable(self.name)
         self.fault_buffer = FaultBuffer(backend.fault_buffer_hw(fault_buffer_entries, self.gpu),
                                         fault_buffer_entries, fault_batch_size, self.counters)
         self.jobs = JobEngine(self, backend.job_executor(self), slice_lanes)
+        self.contexts = []                       # live DeviceContexts besides the default one
+        self._next_context = 1
+
+    def _new_pagetable(self, track):
+        # Every page table of the device shares its lock and in-flight slices: the device has one
+        # queue, so an invalidation in any address space waits for the slices queued before it.
+        return DevicePageTable(self.backend.pagetable_hw(self.gpu), nr_ram=self.nr_ram,
+                               pfn_base=self.pfn_base, nframes=self.nframes, lock=self.lock,
+                               initial_nodes=self._pt_initial_nodes, inflight=self.inflight,
+                               track=track)
+
+    def create_context(self, service=None, name=None):
+        """A new address space of this device (a GPU VA space / channel): a DeviceContext with
+        its own page table ``ctx.pt`` and a job engine ``ctx.jobs`` that translates through it."""
+        with self.lock:
+            cid = self._next_context
+            self._next_context += 1
+            ctx = DeviceContext(self, cid, service, name or f"{self.name}/ctx{cid}")
+            self.contexts.append(ctx)
+        return ctx
 
     def __repr__(self):
         return (f"EmulatedDevice({self.name}, {self.nframes} frames at pfn 0x{self.pfn_base:x}, "
@@ -185,3 +216,38 @@ class EmulatedDevice:
             if hasattr(self.dma, k):
                 s["dma_" + k] = getattr(self.dma, k)
         return s
+
+
+class DeviceContext:
+    """One address space of an EmulatedDevice (``dev.create_context()``), as a GPU runs one page
+    table per VA space (a channel's instance block points at it).
+
+    ``ctx.pt`` is a DevicePageTable of its own (same API and encoding as ``dev.pt``);
+    ``ctx.jobs`` is a JobEngine (same API as ``dev.jobs``) whose lanes translate through
+    ``ctx.pt`` and whose faults go to ``ctx.service`` unless a job names its own.  Everything
+    else is the device's: memory, DMA engine, fault buffer, counters, lock and queue (one job
+    at a time per device; an invalidation in any context waits for the slices queued before it).
+    ``ctx.destroy()`` drops the page table (waiting for queued work first) and the context.
+    """
+
+    def __init__(self, device, cid, service, name):
+        self.device = device
+        self.id = cid
+        self.name = name
+        self.service = service
+        self.pt = device._new_pagetable(name)
+        self.jobs = JobEngine(device, device.jobs.ex, device.jobs.slice_lanes, space=self,
+                              queue=device.jobs.queue)
+        self.live = True
+
+    def __repr__(self):
+        return f"DeviceContext({self.name}, {'live' if self.live else 'destroyed'})"
+
+    def destroy(self):
+        if not self.live:
+            return
+        self.live = False
+        self.pt.release()
+        with self.device.lock:
+            if self in self.device.contexts:
+                self.device.contexts.remove(self)

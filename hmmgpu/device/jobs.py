@@ -11,9 +11,9 @@ effects.  The engine runs a job in rounds:
    is released, so a page-table invalidation from another thread slips in there -- slices are
    the preemption points;
 2. wait, drain the fault buffer in batches (256 by default), drop duplicates, and hand each batch
-   to ``service(faults)``: the driver maps pages through ``device.pt`` and returns None (all
-   serviced), or a bool / errno array marking fatal faults (no VMA, PROT_NONE), which cancel the
-   job with ``JobFault`` naming the address;
+   to ``service(faults)``: the driver maps pages through the job's page table (``device.pt``,
+   or a context's ``ctx.pt``) and returns None (all serviced), or a bool / errno array marking
+   fatal faults (no VMA, PROT_NONE), which cancel the job with ``JobFault`` naming the address;
 3. replay only the lanes that faulted (including those whose record did not fit in the buffer).
 
 Built-in jobs (memset, copy, axpy, reduce_sum, gather, list_chase, tree_search) have a CUDA
@@ -120,30 +120,48 @@ def _check_bulk(what, addrs, nbytes):
         raise ValueError(f"{what}: length {nbytes} is not a multiple of 16 bytes")
 
 
-class JobEngine:
-    """Runs jobs on one EmulatedDevice (``device.jobs``)."""
+class JobQueue:
+    """What every job engine of one device shares: the device runs one job at a time (the fault
+    buffer is shared, and a job must never be cancelled by a fatal fault of another), and job
+    ids and lane counts are the device's.  Invalidations still interleave (dev.lock)."""
 
-    def __init__(self, device, executor, slice_lanes=DEFAULT_SLICE_LANES):
-        self.device = device
-        self.ex = executor
-        self.slice_lanes = int(slice_lanes)
+    def __init__(self):
+        self.lock = threading.Lock()
         self.next_job_id = 1
         self.lanes_launched = 0
-        # One job at a time per device: the fault buffer is shared, and a job must never be
-        # cancelled by a fatal fault of another.  Invalidations still interleave (dev.lock).
-        self._job_lock = threading.Lock()
+
+
+class JobEngine:
+    """Runs jobs on one EmulatedDevice in one address space: ``device.jobs`` translates through
+    ``device.pt``, a context's ``ctx.jobs`` through ``ctx.pt``.  ``space`` is the object whose
+    ``pt`` and ``service`` the jobs use (read at each launch / job, so they may be replaced)."""
+
+    def __init__(self, device, executor, slice_lanes=DEFAULT_SLICE_LANES, *, space=None, queue=None):
+        self.device = device
+        self.space = space if space is not None else device
+        self.ex = executor
+        self.slice_lanes = int(slice_lanes)
+        self.queue = queue if queue is not None else JobQueue()
+
+    @property
+    def next_job_id(self):
+        return self.queue.next_job_id
+
+    @property
+    def lanes_launched(self):
+        return self.queue.lanes_launched
 
     # -- the fault/replay loop ---------------------------------------------------------------
     def submit(self, spec, service=None):
-        with self._job_lock:
+        with self.queue.lock:
             return self._submit(spec, service)
 
     def _submit(self, spec, service):
-        dev = self.device
-        service = service if service is not None else dev.service
+        dev, space, q = self.device, self.space, self.queue
+        service = service if service is not None else space.service
         with dev.lock:
-            job_id = self.next_job_id
-            self.next_job_id += 1
+            job_id = q.next_job_id
+            q.next_job_id += 1
             h = self.ex.prepare(spec, job_id)
         rounds, nfaults = [], 0
         pending, npending = None, spec.nlanes        # None: all lanes, by index
@@ -154,11 +172,11 @@ class JobEngine:
                     for lo in range(0, npending, self.slice_lanes):      # one iteration per slice
                         n = min(self.slice_lanes, npending - lo)
                         with dev.lock:              # a preemption point between two slices
-                            fence = self.ex.launch(h, pending, lo, n, dev.pt.nodes)
+                            fence = self.ex.launch(h, pending, lo, n, space.pt.nodes)
                             while dev.inflight and dev.inflight[0].done():
                                 dev.inflight.popleft()
                             dev.inflight.append(fence)
-                    self.lanes_launched += npending
+                    q.lanes_launched += npending
                     rounds.append(npending)
                     self.ex.sync()
                 batches, overflow = dev.fault_buffer.drain()

@@ -266,22 +266,53 @@ class DevicePageTable:
         with self.lock:
             return self.hw.fence()
 
-    def invalidate(self, vpns, *, downgrade=None):
-        """Unmap (or, with ``downgrade=bits``, write-protect) ``vpns`` and return only when it is safe.
+    def _range_runs(self, start_vpn, end_vpn):
+        """The parts of vpns [start_vpn, end_vpn) that have leaf tables, as (starts, lengths) runs.
 
-        This is what an mmu-notifier callback calls: it returns after (1) the device executed the
-        update (its fence) and (2) every job slice that was queued before it has retired, since a
-        slice may have translated through the old entries.  After it returns no lane touches the
-        old pages.  Slices run in order with updates on one device queue; (2) is waited for
+        Only those can hold entries, so a range update costs one command per run of existing
+        tables, however large the range: an mmu notifier may invalidate the whole address space.
+        """
+        v0 = max(int(start_vpn), 0)
+        v1 = min(int(end_vpn), 1 << VPN_BITS)
+        keys = self._keys[PT_LEVELS - 1]
+        if v1 <= v0 or keys.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        i0 = int(np.searchsorted(keys, v0 >> PT_BITS))
+        i1 = int(np.searchsorted(keys, (v1 - 1) >> PT_BITS, side="right"))
+        k = keys[i0:i1]
+        lo = np.maximum(k << PT_BITS, v0)
+        hi = np.minimum((k + 1) << PT_BITS, v1)
+        first = np.concatenate(([True], lo[1:] != hi[:-1]))       # adjacent tables: one run
+        last = np.concatenate((first[1:], [True]))
+        return lo[first], hi[last] - lo[first]
+
+    def _range_op(self, op, start_vpn, npages, value):
+        with self.lock:
+            starts, lengths = self._range_runs(start_vpn, int(start_vpn) + int(npages))
+            if starts.size:
+                self._submit(make_commands(op, starts, lengths, np.full(starts.size, value, np.uint64)))
+            return self.hw.fence()
+
+    def unmap_range(self, start_vpn, npages):
+        """``unmap`` of every vpn in [start_vpn, start_vpn + npages), at a cost set by the tables present."""
+        return self._range_op(PT_OP_UNMAP, start_vpn, npages, 0)
+
+    def protect_range(self, start_vpn, npages, clear=PTE_WRITE | PTE_ATOMIC):
+        """``protect`` of every vpn in [start_vpn, start_vpn + npages)."""
+        return self._range_op(PT_OP_CLEAR, start_vpn, npages, int(clear) & PTE_FLAGS_MASK)
+
+    def _invalidated(self, submit, npages):
+        """Run ``submit`` (which queues the update and returns its Fence) and wait until it is safe.
+
+        Safe means (1) the device executed the update (its fence) and (2) every job slice that
+        was queued before it has retired, since a slice may have translated through the old
+        entries.  Slices run in order with updates on one device queue; (2) is waited for
         explicitly all the same, so that the guarantee does not rest on that accident.
         """
-        with span("pt invalidate", "invalidate", self.track, npages=int(np.size(vpns))):
+        with span("pt invalidate", "invalidate", self.track, npages=int(npages)):
             with self.lock:
                 before = list(self._inflight)
-                if downgrade is None:
-                    fence = self.unmap(vpns)
-                else:
-                    fence = self.protect(vpns, clear=downgrade)
+                fence = submit()
                 self.stats["pt_invalidations"] += 1
             for f in before:
                 f.wait()
@@ -289,8 +320,39 @@ class DevicePageTable:
         with self.lock:
             self._retired.clear()
 
-    def invalidate_range(self, start_vpn, npages):
-        self.invalidate(np.arange(int(start_vpn), int(start_vpn) + int(npages), dtype=np.int64))
+    def invalidate(self, vpns, *, downgrade=None):
+        """Unmap (or, with ``downgrade=bits``, write-protect) ``vpns`` and return only when it is safe.
+
+        This is what an mmu-notifier callback calls: after it returns no lane touches the old
+        pages (see ``_invalidated``).
+        """
+        if downgrade is None:
+            self._invalidated(lambda: self.unmap(vpns), np.size(vpns))
+        else:
+            self._invalidated(lambda: self.protect(vpns, clear=downgrade), np.size(vpns))
+
+    def invalidate_range(self, start_vpn, npages, *, downgrade=None):
+        """``invalidate`` of [start_vpn, start_vpn + npages), for any size (see ``_range_runs``)."""
+        if downgrade is None:
+            self._invalidated(lambda: self.unmap_range(start_vpn, npages), npages)
+        else:
+            self._invalidated(lambda: self.protect_range(start_vpn, npages, downgrade), npages)
+
+    def release(self):
+        """Drop every entry and table (the address space is being destroyed): waits like
+        ``invalidate``, then starts over with an empty root in a fresh minimal pool, so the
+        device memory of the old tables goes back."""
+        with self.lock:                            # no slice can be queued meanwhile
+            for f in list(self._inflight):
+                f.wait()
+            self.hw.fence().wait()                 # nor walk the old pool any more
+            self._retired.clear()
+            self.capacity = 4
+            self.nodes = self.hw.alloc(self.capacity)
+            self.nr_nodes = 1
+            self._keys = [None] + [np.zeros(0, np.int64) for _ in range(PT_LEVELS - 1)]
+            self._ids = [None] + [np.zeros(0, np.int64) for _ in range(PT_LEVELS - 1)]
+            self.stats["pt_nodes"] = 1
 
     # -- reading (tests, snapshot) ----------------------------------------------------------
     def lookup(self, vpns):

@@ -17,8 +17,9 @@ WINDOW_BASE = 0x7F0000000000
 
 
 class ToyDriver:
-    def __init__(self, dev, npages, *, migrate="odd", block_pages=1, ram_start=1):
+    def __init__(self, dev, npages, *, migrate="odd", block_pages=1, ram_start=1, space=None):
         self.dev = dev
+        self.pt = (space if space is not None else dev).pt   # a context's page table, or the device's
         self.base = WINDOW_BASE
         self.vpn0 = self.base >> 12
         self.npages = int(npages)
@@ -69,7 +70,7 @@ class ToyDriver:
     def map(self, vpns, flags=PTE_WRITE | PTE_ATOMIC):
         """Map ``vpns`` to their backing frames now (no fault needed)."""
         i = np.asarray(vpns, np.int64) - self.vpn0
-        return self.dev.pt.map(vpns, self.backing[i], flags)
+        return self.pt.map(vpns, self.backing[i], flags)
 
     def data(self, vaddr, npages):
         """The current bytes of a virtual range, wherever its pages live."""
@@ -106,5 +107,5 @@ class ToyDriver:
                 pf = pf.copy()
                 pf[move] = new
                 self.backing[i[move]] = new
-        self.dev.pt.map(i + self.vpn0, pf, PTE_WRITE | PTE_ATOMIC)
+        self.pt.map(i + self.vpn0, pf, PTE_WRITE | PTE_ATOMIC)
         return fatal
