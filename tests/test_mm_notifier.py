@@ -421,3 +421,15 @@ def test_remove_waits_for_a_running_invalidation(mm_system):
     assert calls == ["in", "out"]
     p.munmap(a, 2 * P)
     assert calls == ["in", "out"], "a removed notifier was called again"
+
+
+def test_child_does_not_inherit_the_parents_subscriptions(mm_system):
+    p = mm_system.spawn()
+    a = p.mmap(2 * P, RW, ANON)
+    p.write(a, b"x" * (2 * P))
+    c = p.fork()
+    r = everything(p)
+    c.write(a, b"child")          # COW in the child: its own page table changes
+    c.munmap(a, 2 * P)
+    c.exit()
+    assert r.take() == [], "the parent's notifier heard its child's address space"
