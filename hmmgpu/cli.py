@@ -50,11 +50,6 @@ def _fmt_bytes(n):
         n /= 1024
 
 
-def _set_backend_env(backend):
-    if backend and backend != "auto":
-        os.environ["HMMGPU_BACKEND"] = backend
-
-
 def _emit_json(obj):
     sys.stdout.write(json.dumps(trace._jsonable(obj), indent=1) + "\n")
     sys.stdout.flush()
@@ -579,7 +574,6 @@ def _dmirror_counters(dmdev):
 
 
 def cmd_demo(opt):
-    _set_backend_env(opt.backend)
     con = _console()
     from rich.live import Live
     from rich.table import Table
@@ -677,7 +671,6 @@ def _import_bench():
 
 
 def cmd_bench(opt):
-    _set_backend_env(opt.backend)
     b = _import_bench()
     if opt.list:
         con = _console(stderr=False)

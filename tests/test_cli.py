@@ -92,3 +92,11 @@ def test_mirror_gpu_refuses_faults_outside_its_interval():
     proc.munmap(a, 8 * 4096)
     assert gpu.invalidated_pages >= 4
     gpu.close()
+
+
+def test_backend_option_does_not_leak_into_the_environment(monkeypatch, capsys):
+    import os
+    monkeypatch.delenv("HMMGPU_BACKEND", raising=False)
+    assert cli.main(["info", "--json", "--backend", "numpy"]) == 0
+    capsys.readouterr()
+    assert "HMMGPU_BACKEND" not in os.environ
