@@ -256,9 +256,16 @@ class MirrorGpu:
     remotely (zero-copy); device-private pages of the dmirror device are mapped locally.  The mmu
     interval notifier unmaps the device page table on every invalidation, and returns only after
     the device has executed the unmap.
+
+    ``migrate_on_fault=True`` makes it a fault-driven migrating driver (as UVM is): each faulted
+    run of pages, widened to its 2 MiB blocks within the mirrored range, is first migrated to
+    device memory with migrate_vma_* (pages that cannot migrate -- shared, file-backed -- stay
+    where they are and are mapped remotely), then mapped locally.
     """
 
-    def __init__(self, system, proc, dmdev, start, end, name="gpu0"):
+    BLOCK_PAGES = 512            # 2 MiB, UVM's va_block
+
+    def __init__(self, system, proc, dmdev, start, end, name="gpu0", migrate_on_fault=False):
         from .device import EmulatedDevice
         from .mm.notifier import MmuIntervalNotifier, mmu_interval_notifier_insert
         self.system, self.proc, self.dmdev = system, proc, dmdev
@@ -272,6 +279,11 @@ class MirrorGpu:
         self.local_maps = 0
         self.remote_maps = 0
         self.invalidated_pages = 0
+        self.migrated_pages = 0
+        self.migrate_on_fault = bool(migrate_on_fault)
+        self._mirror = None
+        self._resident = set()       # 2 MiB blocks this driver migrated and nothing moved since
+        self._migrating = False
         self.mni = MmuIntervalNotifier()
         mmu_interval_notifier_insert(self.mni, proc.mm, self.start, self.end - self.start, self)
 
@@ -281,8 +293,15 @@ class MirrorGpu:
         s, e = max(range.start, self.start), min(range.end, self.end)
         with self.lock:
             mmu_interval_set_seq(mni, cur_seq)
+            if s < e and not self._migrating and self._resident:
+                b0, b1 = (s >> 12) // self.BLOCK_PAGES, ((e >> 12) - 1) // self.BLOCK_PAGES
+                if b1 - b0 < 4096:
+                    self._resident.difference_update(np.arange(b0, b1 + 1).tolist())
+                else:
+                    self._resident.clear()
             if s < e:
-                self.dev.pt.invalidate_range(s >> 12, (e - s) >> 12)
+                # clipped to the mirrored interval, so the vpn array stays bounded
+                self.dev.pt.invalidate(np.arange(s >> 12, e >> 12, dtype=np.int64))
                 self.invalidated_pages += (e - s) >> 12
         return True
 
@@ -326,6 +345,31 @@ class MirrorGpu:
             return 0
         return _errno.EBUSY
 
+    def migrate(self, start, end):
+        """migrate_vma_* of [start, end) to this device's memory, VMA by VMA; pages migrated."""
+        from . import hmm
+        if self._mirror is None:
+            self._mirror = self.dmdev.open(self.proc)      # dmirror's allocator and copy steps
+        m = self._mirror
+        done = 0
+        with self.proc.mm.mmap_lock.read():
+            addr = start
+            while addr < end:
+                vma = self.proc.mm.find_vma(addr)
+                if vma is None or vma.start >= end:
+                    break
+                s, e = max(addr, vma.start), min(end, vma.end)
+                args = hmm.MigrateVma(vma, s, e, pgmap_owner=self.dmdev, flags=hmm.MIGRATE_VMA_SELECT_SYSTEM)
+                if hmm.migrate_vma_setup(args) == 0:
+                    m._migrate_alloc_and_copy(args)
+                    hmm.migrate_vma_pages(args)
+                    m._migrate_finalize_and_map(args)
+                    hmm.migrate_vma_finalize(args)
+                    done += int(getattr(args, "cpages", 0) or 0)
+                addr = e
+        self.migrated_pages += done
+        return done
+
     def service(self, faults):
         """Service one batch of device faults: one fault_range per run of consecutive pages."""
         import errno as _errno
@@ -342,6 +386,24 @@ class MirrorGpu:
         order = np.argsort(vpn, kind="stable")
         v, w = vpn[order], write[order]
         brk = np.flatnonzero((np.diff(v) != 1) | (w[1:] != w[:-1])) + 1
+        if self.migrate_on_fault:
+            ok = v[~out_of_range[order]]
+            if ok.size:
+                # whole 2 MiB blocks of the faulted pages, clipped to the mirrored range
+                blocks = np.unique(ok // self.BLOCK_PAGES)
+                blocks = blocks[[int(b) not in self._resident for b in blocks]]
+                bbrk = np.flatnonzero(np.diff(blocks) != 1) + 1
+                for grp in (np.split(blocks, bbrk) if blocks.size else ()):
+                    s = max(int(grp[0]) * self.BLOCK_PAGES << 12, self.start)
+                    e = min((int(grp[-1]) + 1) * self.BLOCK_PAGES << 12, self.end)
+                    with trace.span("migrate on fault", trace.CAT_MIGRATE, track=f"{self.name}/migrate",
+                                    npages=(e - s) >> 12):
+                        self._migrating = True
+                        try:
+                            self.migrate(s, e)
+                        finally:
+                            self._migrating = False
+                    self._resident.update(int(b) for b in grp)
         for lo, hi in zip(np.concatenate(([0], brk)), np.concatenate((brk, [v.size]))):
             idx = order[lo:hi]
             if out_of_range[idx[0]]:
@@ -354,12 +416,16 @@ class MirrorGpu:
     def close(self):
         from .mm.notifier import mmu_interval_notifier_remove
         mmu_interval_notifier_remove(self.mni)
+        if self._mirror is not None:
+            self._mirror.close()
+            self._mirror = None
         self.dev.synchronize()
 
     def stats(self):
         s = dict(self.dev.stats())
         s.update({"hmm_serviced_pages": self.serviced_pages, "num_local_maps": self.local_maps,
-                  "num_remote_maps": self.remote_maps, "invalidated_pages": self.invalidated_pages})
+                  "num_remote_maps": self.remote_maps, "invalidated_pages": self.invalidated_pages,
+                  "num_pages_in": self.migrated_pages})
         return s
 
 

@@ -100,3 +100,32 @@ def test_backend_option_does_not_leak_into_the_environment(monkeypatch, capsys):
     assert cli.main(["info", "--json", "--backend", "numpy"]) == 0
     capsys.readouterr()
     assert "HMMGPU_BACKEND" not in os.environ
+
+
+def test_mirror_gpu_migrate_on_fault():
+    import numpy as np
+
+    import hmmgpu
+    from hmmgpu.drivers import dmirror
+    system = hmmgpu.System(backend="numpy", ram_bytes=32 << 20)
+    proc = system.spawn()
+    n = 1024
+    a = proc.mmap(n * 4096, hmmgpu.PROT_READ | hmmgpu.PROT_WRITE, hmmgpu.MAP_PRIVATE | hmmgpu.MAP_ANONYMOUS)
+    data = np.arange(n * 1024, dtype=np.uint32)
+    proc.write(a, data)
+    dev = dmirror.DMirrorDevice(system, chunk_pages=n, max_chunks=1)
+    gpu = cli.MirrorGpu(system, proc, dev, a, a + n * 4096, migrate_on_fault=True)
+    expect = int(data.sum(dtype=np.uint64))
+    assert gpu.dev.jobs.reduce_sum(a, n * 4096).value == expect
+    st = gpu.stats()
+    assert st["num_pages_in"] == n and st["num_local_maps"] == n and st["num_remote_maps"] == 0
+    m = dev.open(proc)
+    snap = m.snapshot(a, n).data
+    assert ((snap & 0xF0) == dmirror.PROT_DEV_PRIVATE_LOCAL).all()
+    assert gpu.dev.jobs.reduce_sum(a, n * 4096).faults == 0      # resident blocks are not migrated again
+    # the CPU takes the pages back; the next job faults and migrates them again
+    assert (proc.read(a, n * 4096).view(np.uint32) == data).all()
+    r = gpu.dev.jobs.reduce_sum(a, n * 4096)
+    assert r.value == expect and r.faults > 0 and gpu.stats()["num_pages_in"] == 2 * n
+    m.close()
+    gpu.close()

@@ -51,7 +51,7 @@ class Workload:
         if scattered:
             shuffle_free_list(self.system.phys)
         chunk = max(512, ((self.npages + 511) // 512) * 512)
-        self.dev = dmirror.DMirrorDevice(self.system, memory=memory, chunk_pages=chunk, max_chunks=2)
+        self.dev = dmirror.DMirrorDevice(self.system, memory=memory, chunk_pages=chunk, max_chunks=1)
         self.proc = self.system.spawn()
         self.mirror = self.dev.open(self.proc)
         self.addr = self.proc.mmap(self.nbytes, RW, PRIV_ANON)
