@@ -787,6 +787,31 @@ host memory and timings are those of NumPy, not of a GPU.
 """
 
 
+_SUITES_HELP = """\
+suites:
+  migration  migrate anonymous pages to device memory and back, scattered and contiguous frames
+             (baseline: one pinned cudaMemcpy of the same bytes; fallback: a NumPy gather)
+  jobs       a reduce job walking the device page table over device-resident and remote system
+             pages (baseline: the same kernel on a flat array / a zero-copy read)
+  faults     a job faulting on host-resident memory (remote map, or migrate on fault) and on
+             untouched memory (baseline: CUDA managed memory, same access pattern)
+  prefetch   explicit migrate + map of a range (baseline: cudaMemPrefetchAsync of managed memory)
+  scaling    per-page cost of fault-in, fork, munmap, hmm_range_fault, migrate, 2^10..2^20 pages
+             (baseline: itself at the largest size; target: flat within 1.5x)
+  fallback   the NumPy backend's migration of scattered pages vs a NumPy gather (target >= 0.7)
+
+examples:
+  hmmgpu bench --quick --json > quick.json
+  hmmgpu bench migration faults --repeat 9 --plot ratios.png
+  hmmgpu bench scaling --trace scaling.json     (open in https://ui.perfetto.dev)
+"""
+
+
+def _wrap(text, width=92):
+    import textwrap
+    return textwrap.fill(" ".join(text.split()), width)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="hmmgpu", description="Linux HMM (Heterogeneous Memory Management) emulated with a real "
@@ -801,20 +826,21 @@ def build_parser():
         sp.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
 
     sp = sub.add_parser("info", help="backend in use and why, CUDA/driver versions, GPUs, emulated devices",
-                        description="Which backend runs here and why (hmmgpu.backend_info()), CuPy/CUDA/"
+                        description=_wrap("Which backend runs here and why (hmmgpu.backend_info()), CuPy/CUDA/"
                                     "driver versions, each GPU's name, memory and PCIe link (via pynvml "
-                                    "when installed) and the emulated devices.")
+                                    "when installed) and the emulated devices."))
     common(sp)
     sp.set_defaults(func=cmd_info)
 
     sp = sub.add_parser("demo", help="the main job, end to end",
-                        description=(
+                        description=_wrap(
                             "A process builds arrays, a linked list and a tree with ordinary pointers "
                             "in its memory; a device mirrors the address space (HMM: mmu interval "
                             "notifier + hmm_range_fault) and runs jobs on it with no copy; hot data "
                             "migrates to device memory (migrate_vma); the CPU works on other data, then "
-                            "reads the results, which migrate back on CPU fault.  Prints each step, "
-                            "rss and memcg before and after, and the device counters."),
+                            "reads the results, which migrate back on CPU fault; the driver then evicts what "
+                            "is left.  Prints each step, rss and memcg along the way, and the device "
+                            "counters; every result is checked against NumPy (exit status 1 if one is wrong)."),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     common(sp)
     sp.add_argument("--mib", type=float, default=8, help="size of each hot array in MiB (default 8)")
@@ -822,13 +848,13 @@ def build_parser():
     sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("bench", help="benchmark suites, each figure beside its same-run baseline",
-                        description=(
+                        description=_wrap(
                             "Run benchmark suites (all when none is named).  Every figure is printed as a "
                             "ratio to a baseline measured in the same run (pinned cudaMemcpy, the same "
                             "kernel on a flat array, zero-copy read, CUDA managed memory; a NumPy gather on "
                             "the fallback), ratio first, absolute figures second; medians of repeats after "
                             "a warm-up.  Suites whose pieces are missing say so instead of printing numbers."),
-                        epilog="suites: migration jobs faults prefetch scaling fallback (hmmgpu bench --list)",
+                        epilog=_SUITES_HELP,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     common(sp)
     sp.add_argument("suites", nargs="*", metavar="SUITE", help="suites to run (default: all)")
