@@ -138,12 +138,6 @@ class Cuda:
         s = self.cp.cuda.get_current_stream()
         self.rt.memcpyAsync(int(dst_ptr), int(src_ptr), int(nbytes), cudaMemcpyDefault, s.ptr)
 
-    def pinned(self, nbytes):
-        """Pinned host memory (cudaHostAlloc, mapped under UVA) and a NumPy view of it."""
-        mem = self.cp.cuda.alloc_pinned_memory(nbytes)
-        view = np.frombuffer(mem, dtype=np.uint8, count=nbytes)
-        return mem, view
-
     def reduce_kernel(self):
         """The jobs' own flat reduce kernel (the same code the page-table job runs, minus the walk)."""
         try:
