@@ -36,7 +36,7 @@ def _time(fn):
 def measure(npages, backend="numpy", tmpdir=None):
     """One round over ``npages``: seconds for each operation."""
     out = {}
-    system = hmmgpu.System(backend=backend, ram_bytes=(2 * npages + 64) * PAGE_SIZE)
+    system = hmmgpu.System(backend=backend, ram_bytes=(npages + 64) * PAGE_SIZE)
     proc = system.spawn()
     length = npages * PAGE_SIZE
     a = proc.mmap(length, RW, MAP_PRIVATE | MAP_ANONYMOUS)

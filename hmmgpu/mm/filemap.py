@@ -23,6 +23,9 @@ from ..errors import oserror
 from .physmem import PG_DIRTY, PG_SWAPBACKED, PG_UPTODATE
 
 
+IO_CHUNK_PAGES = 4096                 # 16 MiB per pread/pwrite
+
+
 def runs(sorted_idx):
     """Split a sorted int array into (start, length) runs of consecutive values."""
     if sorted_idx.size == 0:
@@ -93,11 +96,14 @@ class PageCache:
         starts, lengths = runs(missing)
         pos = 0
         for s, n in zip(starts.tolist(), lengths.tolist()):
-            want = min(n * PAGE_SIZE, max(0, size - s * PAGE_SIZE))
-            data = os.pread(self.fd, want, s * PAGE_SIZE) if want else b""
-            buf = np.zeros(n * PAGE_SIZE, np.uint8)
-            buf[:len(data)] = np.frombuffer(data, np.uint8)
-            ram[pfns[pos:pos + n]] = buf.reshape(n, PAGE_SIZE)
+            for k in range(0, n, IO_CHUNK_PAGES):      # bounded pieces, one pread each
+                m = min(IO_CHUNK_PAGES, n - k)
+                buf = np.zeros(m * PAGE_SIZE, np.uint8)      # past EOF reads as zeros
+                want = min(m * PAGE_SIZE, max(0, size - (s + k) * PAGE_SIZE))
+                if want:
+                    got = os.preadv(self.fd, [memoryview(buf)[:want]], (s + k) * PAGE_SIZE)
+                    buf[got:want] = 0
+                ram[pfns[pos + k:pos + k + m]] = buf.reshape(m, PAGE_SIZE)
             pos += n
 
     def writeback(self, lo=0, hi=None):
@@ -116,14 +122,18 @@ class PageCache:
             idx, pfns = idx[dirty], pfns[dirty]
             if idx.size == 0:
                 return 0
-            data = self.phys.read(pfns).reshape(-1)
             size = os.fstat(self.fd).st_size
             starts, lengths = runs(idx)
             pos = 0
             for s, n in zip(starts.tolist(), lengths.tolist()):
-                nbytes = min(n * PAGE_SIZE, max(0, size - s * PAGE_SIZE))
-                if nbytes:
-                    os.pwrite(self.fd, data[pos * PAGE_SIZE:pos * PAGE_SIZE + nbytes].tobytes(), s * PAGE_SIZE)
+                # one pwrite per contiguous run, in bounded pieces so that writing back a
+                # huge file never gathers it all into memory at once
+                for k in range(0, n, IO_CHUNK_PAGES):
+                    m = min(IO_CHUNK_PAGES, n - k)
+                    nbytes = min(m * PAGE_SIZE, max(0, size - (s + k) * PAGE_SIZE))
+                    if nbytes:
+                        data = self.phys.read(pfns[pos + k:pos + k + m]).reshape(-1)
+                        os.pwrite(self.fd, memoryview(data[:nbytes]), (s + k) * PAGE_SIZE)
                 pos += n
             self.phys.pages.flags[pfns] &= ~PG_DIRTY
             return int(idx.size)
