@@ -173,7 +173,7 @@ def cmd_info(opt):
         be += f"  [yellow]{EMULATED_LABEL}: device memory is host memory, timings are not GPU timings[/]"
     t.add_row("backend in use", be)
     t.add_row("auto would pick", f"{info['auto_backend']}: {info['auto_reason']}")
-    t.add_row("HMMGPU_BACKEND", str(info.get("HMMGPU_BACKEND")))
+    t.add_row("HMMGPU_BACKEND", info.get("HMMGPU_BACKEND") or "unset")
     t.add_row("versions", f"hmmgpu {info['hmmgpu']}, Python {info['python']}, NumPy {info['numpy']}, "
                           f"rich {info.get('rich')}")
     cu = info.get("cupy")
