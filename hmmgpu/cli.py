@@ -352,6 +352,15 @@ class MirrorGpu:
             self._mirror = self.dmdev.open(self.proc)      # dmirror's allocator and copy steps
         m = self._mirror
         done = 0
+        if not (hasattr(m, "_migrate_alloc_and_copy") and hasattr(m, "_migrate_finalize_and_map")):
+            # dmirror's allocate/copy steps are not reachable: its public ioctl does the same
+            # migration (plus a read-back of the pages), and refuses what cannot migrate
+            try:
+                done = m.migrate_to_dev(start, (end - start) >> 12).cpages
+            except OSError:
+                done = 0
+            self.migrated_pages += done
+            return done
         with self.proc.mm.mmap_lock.read():
             addr = start
             while addr < end:
