@@ -8,8 +8,14 @@
 
 Every command takes ``--backend auto|cupy|numpy`` (default: the HMMGPU_BACKEND variable, else
 auto) and ``--json``.  ``demo`` and ``bench`` take ``--trace FILE.json`` (a Chrome trace that
-https://ui.perfetto.dev opens).  Progress and tables go to stderr, JSON to stdout, so
-``hmmgpu bench --json > out.json`` works.
+https://ui.perfetto.dev opens).  ``demo`` and ``bench`` print their live tables and progress
+on stderr and JSON on stdout, so ``hmmgpu bench --json > out.json`` works; ``info`` prints its
+table (or JSON) on stdout.
+
+``MirrorGpu`` (below) is the demo's device driver and a compact example of the HMM driver loop:
+an ``EmulatedDevice`` over a dmirror device's ZONE_DEVICE frames, an mmu interval notifier
+that shoots down the device page table, and a fault handler that mirrors pages with
+``hmm_range_fault`` (optionally migrating 2 MiB blocks first).  The bench suites use it too.
 """
 import argparse
 import json
