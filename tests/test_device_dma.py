@@ -80,3 +80,25 @@ def test_read_write_pages_by_pfn(backend):
     assert np.array_equal(dev.read_pages(pf), data)
     dev.fill_pages(pf[:2], 9)
     assert (dev.read_pages(pf[:2]) == 9).all()
+
+
+def test_sub_arenas_are_views(backend):
+    """Arena.sub: a slice of an arena's frames as an arena (a driver hotplugs its device memory
+    in chunks): reads, writes, fills and DMA copies through it land in the parent's frames."""
+    rng = np.random.default_rng(4)
+    host = backend.host_arena(64)
+    dev = EmulatedDevice(backend, 64, BASE_PFN, host)
+    sub = dev.arena.sub(16, 32)
+    assert sub.nframes == 32 and sub.kind == "device"
+    data = rng.integers(0, 256, (8, PAGE), dtype=np.uint8)
+    sub.write(np.arange(8), data)
+    assert np.array_equal(dev.arena.read(np.arange(16, 24)), data)
+    sub.fill(np.array([31]), 7)
+    assert (dev.arena.read(np.array([47])) == 7).all()
+    host.write(np.arange(4), data[:4])
+    dev.dma.copy(sub, np.array([10, 11, 12, 20]), host, np.arange(4)).wait()
+    assert np.array_equal(dev.arena.read(np.array([26, 27, 28, 36])), data[:4])
+    assert np.array_equal(sub.read(np.array([20])), data[3:4])
+    hsub = host.sub(2, 4)
+    assert np.array_equal(hsub.read(np.arange(2)), data[2:4])
+    assert hsub.host is not None and np.array_equal(hsub.host[0], data[2])

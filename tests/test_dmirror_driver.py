@@ -8,7 +8,7 @@ import pytest
 import hmmgpu
 from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
 from hmmgpu.drivers import dmirror
-from hmmgpu.drivers.dmirror import DPT_VALID, MirrorPageTable
+from hmmgpu.drivers.dmirror import DPT_ATOMIC, DPT_VALID, DPT_WRITE
 from hmmgpu.mm import pgtable as pt
 
 RW = PROT_READ | PROT_WRITE
@@ -41,16 +41,53 @@ def entries_match_cpu(m, proc, addr, npages):
     return bool((pt.pte_pfn(cpu[live]) == (ent[live] >> U(12)).astype(np.int64)).all())
 
 
-def test_page_table_structure():
-    t = MirrorPageTable()
-    v = np.array([5, 600, 1 << 30, 7], dtype=np.int64)
-    t.store(v, np.array([1, 2, 3, 4], U))
-    assert t.lookup(v).tolist() == [1, 2, 3, 4]
-    assert t.lookup(np.array([6, 601])).tolist() == [0, 0]
-    t.erase_range(6 << 12, 601 << 12)
-    assert t.lookup(v).tolist() == [1, 0, 3, 0]
-    t.erase_pfns(np.array([0]))          # entries hold pfn << 12: 3 >> 12 == 0 but VALID is bit 0
-    assert t.lookup(v).tolist() == [0, 0, 0, 0]
+def test_each_open_is_an_address_space_of_the_device(system):
+    """The mirror's page table is its own context's DevicePageTable on the device; read and
+    write run as device jobs that fault through the fault buffer, and a close gives it back."""
+    d = dmirror.DMirrorDevice(system, memory="private", chunk_pages=16)
+    p, q = system.spawn(), system.spawn()
+    m1, m2 = d.open(p), d.open(q)
+    assert m1.pt is m1.ctx.pt and m1.pt is not m2.pt and d.device.contexts == [m1.ctx, m2.ctx]
+    a = p.mmap(4 * PAGE_SIZE, RW, ANON)
+    p.write(a, b"\x05" * (4 * PAGE_SIZE))
+    jobs0 = d.device.jobs.next_job_id
+    c0 = dict(d.device.counters)
+    r = m1.read(a, 4)
+    assert (r.cpages, r.faults) == (4, 1) and (r.data == 5).all()
+    assert d.device.jobs.next_job_id == jobs0 + 1                   # one copy job
+    assert d.device.counters["num_read_faults"] - c0["num_read_faults"] == 4
+    assert d.device.counters["num_replays"] - c0["num_replays"] == 1
+    vpns = np.arange(a >> 12, (a >> 12) + 4)
+    e = m1.pt.lookup(vpns)
+    assert (e & U(DPT_VALID | DPT_WRITE)).all()          # the CPU PTEs are writable: so is the mirror
+    assert entries_match_cpu(m1, p, a, 4)
+    assert not m2.pt.lookup(vpns).any()                                  # q's space is separate
+    assert m1.read(a, 4).faults == 0                                     # mapped: no fault
+    assert m1.write(a, b"\x06" * (4 * PAGE_SIZE)).faults == 0
+    assert (p.read(a, 4 * PAGE_SIZE) == 6).all()
+    m1.exclusive(a, 4)
+    assert (m1.pt.lookup(vpns) & U(DPT_ATOMIC)).all()
+    p.munmap(a, 4 * PAGE_SIZE)                                           # the notifier unmaps
+    assert not m1.pt.lookup(vpns).any()
+    m1.close()
+    assert d.device.contexts == [m2.ctx] and m1.pt.nr_nodes == 1
+
+
+def test_reads_and_writes_longer_than_the_bounce_buffer(system, monkeypatch):
+    """Longer requests go a bounce-buffer piece at a time; a fault brings in the rest of the
+    request, as dmirror_fault does, so a whole request still counts one fault."""
+    monkeypatch.setattr(dmirror, "BOUNCE_PAGES", 3)
+    d = dmirror.DMirrorDevice(system, memory="private", chunk_pages=16)
+    p = system.spawn()
+    m = d.open(p)
+    n = 10
+    a = p.mmap(n * PAGE_SIZE, RW, ANON)
+    data = np.random.default_rng(1).integers(0, 256, n * PAGE_SIZE, dtype=np.uint8)
+    assert (m.write(a, data).cpages, m.write(a, data).faults) == (n, 0)
+    r = m.read(a, n)
+    assert r.faults == 0 and (r.data == data).all() and (p.read(a, n * PAGE_SIZE) == data).all()
+    p.mprotect(a + 7 * PAGE_SIZE, PAGE_SIZE, 0)
+    assert errno_of(m.read, a, n) == errno.EFAULT                        # the 3rd piece faults
 
 
 def test_ioctl_argument_checks(system, kind):
@@ -171,7 +208,7 @@ def test_a_failing_copy_leaves_nothing_locked(system, monkeypatch):
 
     def boom(dst, src):
         raise MemoryError("DMA engine lost")
-    monkeypatch.setattr(system.phys, "copy", boom)
+    monkeypatch.setattr(d.device, "copy_pages", boom)
     with pytest.raises(MemoryError):
         m.migrate_to_dev(a, 4)
     monkeypatch.undo()

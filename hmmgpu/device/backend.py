@@ -61,6 +61,11 @@ class Arena:
         """Set every byte of frames ``idx`` to ``value`` (zeroing new pages)."""
         raise NotImplementedError
 
+    def sub(self, first, nframes):
+        """Frames [first, first + nframes) as an Arena of their own: a view, no copy.  A driver
+        whose device owns one arena hotplugs it in chunks (one memremap_pages each)."""
+        raise NotImplementedError
+
     def read_bytes(self, idx, offsets, lengths):
         """Gather byte spans (frame idx[i], offsets[i] .. +lengths[i]) into one flat array."""
         pages = self.read(idx)

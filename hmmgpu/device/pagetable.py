@@ -280,6 +280,8 @@ class DevicePageTable:
         i0 = int(np.searchsorted(keys, v0 >> PT_BITS))
         i1 = int(np.searchsorted(keys, (v1 - 1) >> PT_BITS, side="right"))
         k = keys[i0:i1]
+        if k.size == 0:
+            return k, k
         lo = np.maximum(k << PT_BITS, v0)
         hi = np.minimum((k + 1) << PT_BITS, v1)
         first = np.concatenate(([True], lo[1:] != hi[:-1]))       # adjacent tables: one run

@@ -1,28 +1,38 @@
 """dmirror: the kernel's HMM test driver (lib/test_hmm.c), as a Python device driver.
 
-A ``DMirrorDevice`` is one /dev/hmm_dmirrorN: a device with its own memory,
-either device-private (the CPU cannot address it: pages migrated there are
-mapped by device-private swap entries and fault back on CPU access) or
+A ``DMirrorDevice`` is one /dev/hmm_dmirrorN, and it drives real (emulated)
+hardware: one ``EmulatedDevice`` (hmmgpu/device) whose arena is the device's
+memory, either device-private (the CPU cannot address it: pages migrated there
+are mapped by device-private swap entries and fault back on CPU access) or
 device-coherent (CPU-addressable, mapped by ordinary PTEs).  ``dev.open(proc)``
 is open(): a ``DMirror`` bound to that process's address space, with
 
-* a device page table of its own (``MirrorPageTable``), which holds no page
-  references: the mmu interval notifier registered over the whole address
-  space clears entries when they become stale (and ignores the driver's own
-  MMU_NOTIFY_MIGRATE events, which the migration code handles itself);
-* the fault/retry loop of ``dmirror_range_fault``: ``mmu_interval_read_begin``,
-  ``hmm_range_fault`` under mmap_lock, then under the driver lock
-  ``mmu_interval_read_retry`` before the device page table is updated;
-* the ioctls as methods: read, write, migrate_to_dev, migrate_to_sys, snapshot,
+* an address space of the device of its own (``dev.device.create_context()``),
+  as lib/test_hmm.c keeps one page table per open: ``m.pt`` IS that context's
+  DevicePageTable, which holds no page references.  The mmu interval notifier
+  registered over the whole address space invalidates it (``pt.invalidate_range``
+  waits for the device to execute the unmap and for the job slices queued before
+  it) and ignores the driver's own MMU_NOTIFY_MIGRATE events, which the
+  migration code handles itself;
+* read and write as device jobs: the built-in copy job between the mirrored range
+  and a device-side bounce buffer, translating through ``m.pt``.  Lanes that miss
+  (or write a page mapped read-only) stop and land in the fault buffer; the job's
+  service callback is ``dmirror_fault``: the fault/retry loop of
+  ``dmirror_range_fault`` (``mmu_interval_read_begin``, ``hmm_range_fault`` under
+  mmap_lock, then under the driver lock ``mmu_interval_read_retry`` before the
+  device page table is written), whose EFAULT / EPERM cancel the job;
+* the other ioctls as methods: migrate_to_dev, migrate_to_sys, snapshot,
   exclusive, check_exclusive, release, set_flags; each returns a
   ``DmirrorResult`` with ``data``, ``cpages`` and ``faults`` (the kernel's
   counters) or raises OSError with the kernel's errno;
 * mmap(): a mixed map of zeroed driver pages when the handle is passed as ``fd``.
 
-Device memory comes in chunks of DEVMEM_CHUNK_PAGES, each a ``memremap_pages``
-of its own, with a free list of pages (``page_free`` pushes freed pages back).
-Data moves through ``phys.copy``: one DMA-engine batch per migration step.
-The loops here are over VMAs and chunks; every page-level step is vectorised.
+Device memory is hotplugged in chunks of ``chunk_pages``, each a
+``memremap_pages`` of the device's own frames (a slice of its arena, at its pfns),
+with a free list of pages (``page_free`` pushes freed pages back).  Migrations
+copy on the device's DMA engine (``device.copy_pages``), one batch per step.
+The loops here are over VMAs, chunks and bounce-buffer pieces; every page-level
+step is vectorised.
 """
 import errno
 import itertools
@@ -30,7 +40,9 @@ import threading
 
 import numpy as np
 
-from ..constants import PAGE_SHIFT, PAGE_SIZE
+from ..constants import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
+from ..device import EmulatedDevice, JobFault
+from ..device.pagetable import PTE_ATOMIC, PTE_VALID, PTE_WRITE
 from ..errors import oserror
 from ..hmm.exclusive import make_device_exclusive_range
 from ..hmm.hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID,
@@ -42,7 +54,8 @@ from ..hmm.memremap import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE, DevPa
 from ..hmm.migrate_device import (MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
                                   MIGRATE_VMA_SELECT_DEVICE_COHERENT,
                                   MIGRATE_VMA_SELECT_DEVICE_PRIVATE, MIGRATE_VMA_SELECT_SYSTEM,
-                                  MigrateVma, migrate_device_finalize, migrate_device_pages,
+                                  MigrateVma, migrate_device_coherent_pages,
+                                  migrate_device_finalize, migrate_device_pages,
                                   migrate_device_range, migrate_pfn, migrate_pfn_to_pfn,
                                   migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup)
 from ..mm.notifier import (MMU_NOTIFY_MIGRATE, MmuIntervalNotifier, mmu_interval_notifier_insert,
@@ -74,16 +87,25 @@ HMM_DMIRROR_MEMORY_DEVICE_PRIVATE = 1
 HMM_DMIRROR_MEMORY_DEVICE_COHERENT = 2
 
 DEVMEM_CHUNK_PAGES = (256 << 20) >> PAGE_SHIFT      # DEVMEM_CHUNK_SIZE, 256 MiB
+# The device's memory is fixed when it is built (GPU memory is): max_chunks chunks, 8 unless
+# given.  The kernel driver's chunk array starts at DEVMEM_CHUNKS_RESERVE (16) and grows.
+DEVMEM_DEFAULT_CHUNKS = 8
 FAULT_CHUNK_PAGES = 1 << 14                          # pages per hmm_range_fault (the C driver: 64)
 ULONG_MAX_PAGE = (1 << 64) - PAGE_SIZE
+USER_VA_END = TASK_SIZE + PAGE_SIZE                  # every user address is below this
 
-# Device page table entries (the C driver's xarray tags, as bits).
-DPT_VALID = 1
-DPT_WRITE = 2
-DPT_ATOMIC = 4
-_DPT_SHIFT = 12
-_LEAF_BITS = 9
-_LEAF = 1 << _LEAF_BITS
+# The bounce buffer of read/write (struct dmirror_bounce), in device memory past the chunks.
+# Every open maps it at BOUNCE_VA of its address space: above every user address, so no mmu
+# notifier range (they are clipped to USER_VA_END) ever unmaps it.
+BOUNCE_PAGES = 4096                                  # 16 MiB: longer ranges go a piece at a time
+BOUNCE_VA = 1 << 47
+
+# Device page table entry bits (the C driver's xarray tags), as the hardware's PTE bits.  An
+# exclusive (atomic) entry is VALID | ATOMIC without WRITE: dmirror_do_write stores only through
+# WRITE-tagged entries, so a device write there faults and restores the CPU mapping first.
+DPT_VALID = PTE_VALID
+DPT_WRITE = PTE_WRITE
+DPT_ATOMIC = PTE_ATOMIC
 
 
 class DmirrorResult:
@@ -99,83 +121,12 @@ class DmirrorResult:
         return f"DmirrorResult(cpages={self.cpages}, faults={self.faults}, data={n} bytes)"
 
 
-class MirrorPageTable:
-    """The mirror's device page table: sorted leaf keys + a (nleaves, 512) uint64 array.
-
-    Every lookup, store and range erase is a vectorised searchsorted over the
-    leaf keys; no per-page Python objects, no dict.  Like the C driver's
-    xarray it holds no page references.
-    """
-
-    def __init__(self):
-        self.keys = np.zeros(0, dtype=np.int64)
-        self.leaves = np.zeros((0, _LEAF), dtype=_U)
-
-    def _locate(self, vpns):
-        blk = vpns >> _LEAF_BITS
-        pos = np.searchsorted(self.keys, blk)
-        ok = pos < self.keys.size
-        ok[ok] = self.keys[pos[ok]] == blk[ok]
-        return pos, ok
-
-    def lookup(self, vpns):
-        vpns = np.asarray(vpns, dtype=np.int64)
-        out = np.zeros(vpns.size, dtype=_U)
-        if self.keys.size == 0 or vpns.size == 0:
-            return out
-        pos, ok = self._locate(vpns)
-        out[ok] = self.leaves[pos[ok], vpns[ok] & (_LEAF - 1)]
-        return out
-
-    def store(self, vpns, entries):
-        vpns = np.asarray(vpns, dtype=np.int64)
-        if vpns.size == 0:
-            return
-        blk = vpns >> _LEAF_BITS
-        if blk.size > 1 and (blk[1:] >= blk[:-1]).all():      # sorted: the common case
-            blk = blk[np.concatenate(([True], blk[1:] != blk[:-1]))]
-        else:
-            blk = np.unique(blk)
-        new = blk[~self._locate(blk << _LEAF_BITS)[1]] if self.keys.size else blk
-        if new.size:
-            keys = np.concatenate((self.keys, new))
-            order = np.argsort(keys, kind="stable")
-            leaves = np.concatenate((self.leaves, np.zeros((new.size, _LEAF), dtype=_U)))
-            self.keys, self.leaves = keys[order], leaves[order]
-        pos, _ = self._locate(vpns)
-        self.leaves[pos, vpns & (_LEAF - 1)] = entries
-
-    def erase_range(self, start, end):
-        """Clear every entry for addresses in [start, end)."""
-        if self.keys.size == 0 or end <= start:
-            return
-        v0, v1 = start >> PAGE_SHIFT, -(-end // PAGE_SIZE)
-        b0, b1 = v0 >> _LEAF_BITS, (v1 - 1) >> _LEAF_BITS
-        i0 = int(np.searchsorted(self.keys, b0))
-        i1 = int(np.searchsorted(self.keys, b1, side="right"))
-        if i0 >= i1:
-            return
-        vpn = (self.keys[i0:i1, None] << _LEAF_BITS) + np.arange(_LEAF, dtype=np.int64)
-        rows = self.leaves[i0:i1]
-        rows[(vpn >= v0) & (vpn < v1)] = 0
-
-    def erase_pfns(self, pfns):
-        """Clear every entry that points at one of ``pfns``."""
-        if self.keys.size == 0:
-            return
-        ent = self.leaves
-        hit = ((ent & _U(DPT_VALID)) != 0) & np.isin((ent >> _U(_DPT_SHIFT)).astype(np.int64), pfns)
-        ent[hit] = 0
-
-    def count(self):
-        return int(((self.leaves & _U(DPT_VALID)) != 0).sum())
-
-
 class _Chunk:
-    """struct dmirror_chunk: one memremap_pages of device memory."""
+    """struct dmirror_chunk: one memremap_pages of device memory (frames of slot ``slot``)."""
 
-    def __init__(self, pgmap):
+    def __init__(self, pgmap, slot):
         self.pgmap = pgmap
+        self.slot = slot
         self.remove = False
 
 
@@ -207,8 +158,17 @@ class DMirrorDevice:
                                  else HMM_DMIRROR_MEMORY_DEVICE_COHERENT)
         self.id = next(_device_ids)
         self.chunk_pages = int(chunk_pages)
-        self.max_chunks = max_chunks
+        self.max_chunks = DEVMEM_DEFAULT_CHUNKS if max_chunks is None else int(max_chunks)
         self.gpu = gpu
+        # The hardware: its arena holds max_chunks chunk slots, then the bounce buffer; its pfns
+        # are taken now so that every chunk hotplugs at the pfns its MMU knows.
+        phys = system.phys
+        nslots = self.max_chunks * self.chunk_pages
+        base = phys.request_free_mem_region(nslots + BOUNCE_PAGES)
+        self.device = EmulatedDevice(system.backend, nslots + BOUNCE_PAGES, base, phys.ram, gpu=gpu,
+                                     name=f"dmirror{self.id}")
+        self.bounce_pfns = base + nslots + np.arange(BOUNCE_PAGES, dtype=np.int64)
+        self.bounce_lock = threading.Lock()     # one read/write at a time uses the bounce buffer
         self.chunks = []
         self.devmem_lock = threading.Lock()     # protects chunks
         self.lock = threading.Lock()            # protects the free list and counters
@@ -249,15 +209,20 @@ class DMirrorDevice:
 
     def _allocate_chunk(self):
         """dmirror_allocate_chunk(): one more memremap_pages; False when out of device memory."""
-        if self.max_chunks is not None and len(self.chunks) >= self.max_chunks:
+        used = {c.slot for c in self.chunks}
+        slot = next((k for k in range(self.max_chunks) if k not in used), None)
+        if slot is None:
             return False
+        frame = slot * self.chunk_pages
         pgmap = DevPagemap(MEMORY_DEVICE_PRIVATE if self.is_private else MEMORY_DEVICE_COHERENT,
-                           self.ops, self, self.chunk_pages, gpu=self.gpu)
+                           self.ops, self, self.chunk_pages, gpu=self.gpu,
+                           arena=self.device.arena.sub(frame, self.chunk_pages),
+                           pfn_first=self.device.pfn_base + frame)
         try:
             first = memremap_pages(pgmap, self.system)
         except (OSError, MemoryError):
             return False
-        self.chunks.append(_Chunk(pgmap))
+        self.chunks.append(_Chunk(pgmap, slot))
         with self.lock:
             # pages come off the end of the stack: keep low pfns first
             self._free = np.concatenate((np.arange(first + self.chunk_pages - 1, first - 1, -1,
@@ -333,7 +298,8 @@ class DMirrorDevice:
         # xa_erase() of the device mappings, in every mirror of this device on that mm
         self._erase_in_mirrors(mm, addrs)
         try:
-            phys.copy(dpages, sp)
+            # the CPU may touch the new pages as soon as migrate_vma_pages maps them: wait
+            self.device.copy_pages(dpages, sp).wait()
         except BaseException:
             _release_new(phys, dpages)
             raise
@@ -342,6 +308,8 @@ class DMirrorDevice:
         return 0
 
     def _erase_in_mirrors(self, mm, addrs, skip=None):
+        """Invalidate ``addrs`` in every open of this device on ``mm`` (but ``skip``): they all
+        ignored the MMU_NOTIFY_MIGRATE that carried this device as owner."""
         with self.lock:
             mirrors = [m for m in self.mirrors if m.mm is mm and m is not skip]
         if not mirrors or addrs.size == 0:
@@ -349,10 +317,7 @@ class DMirrorDevice:
         vpns = addrs >> PAGE_SHIFT
         for m in mirrors:
             with m.mutex:
-                ent = m.pt.lookup(vpns)
-                live = ent != 0
-                if live.any():
-                    m.pt.store(vpns[live], _U(0))
+                m.pt.invalidate(vpns)
 
     def remove_chunks(self):
         """dmirror_device_remove_chunks(): evict every device page to system memory, drop the chunks."""
@@ -398,14 +363,12 @@ class DMirrorDevice:
                 migrate_device_finalize(self.system, src, dst, n)
                 raise
             phys.pages.flags[dpages] |= PG_LOCKED
-            phys.copy(dpages, spfn[sel])
+            self.device.copy_pages(dpages, spfn[sel]).wait()
             wr = (src[sel] & _U(MIGRATE_PFN_WRITE)) != 0
             dst[sel] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
-            with self.lock:
-                mirrors = list(self.mirrors)
-            for m in mirrors:
-                with m.mutex:
-                    m.pt.erase_pfns(spfn[sel])
+            # No device page table needs fixing here: migrate_device_range unmapped every CPU
+            # mapping of these pages under MMU_NOTIFY_CLEAR, which every mirror's notifier
+            # applied, and a mirror maps nothing the CPU does not.
         migrate_device_pages(self.system, src, dst, n)
         migrate_device_finalize(self.system, src, dst, n)
 
@@ -473,6 +436,35 @@ class _SnapshotOps:
         return True
 
 
+class _DeviceFault:
+    """The service callback of one read or write job: dmirror_fault() for its faults.
+
+    Like dmirror_read/dmirror_write, a fault brings in everything from the first page missing
+    to the end of the request, and ``count`` counts those fault-ins (``r.faults``): a batch
+    whose pages an earlier batch of the same drain brought in needs nothing more.  A fault-in
+    that fails cancels the job with its errno (EFAULT: no VMA or PROT_NONE, EPERM: a write to
+    a read-only mapping, EBUSY: it kept racing with invalidations).
+    """
+
+    def __init__(self, mirror, end, write):
+        self.mirror = mirror
+        self.end = end
+        self.write = write
+        self.need = _U(DPT_VALID | (DPT_WRITE if write else 0))
+        self.count = 0
+
+    def service(self, faults):
+        vpn = faults.vpn
+        missing = (self.mirror.pt.lookup(vpn) & self.need) != self.need
+        if not missing.any():
+            return None
+        ret = self.mirror._fault(int(vpn[missing].min()) << PAGE_SHIFT, self.end, self.write)
+        if ret:
+            return np.full(len(faults), -ret, np.int64)
+        self.count += 1
+        return None
+
+
 class DMirror:
     """struct dmirror: an open dmirror device, bound to one process's address space."""
 
@@ -481,7 +473,12 @@ class DMirror:
         self.proc = proc
         self.mm = proc.mm
         self.system = mdevice.system
-        self.pt = MirrorPageTable()
+        # One address space of the device per open; its page table is the mirror's.
+        self.ctx = mdevice.device.create_context(
+            name=f"{mdevice.device.name}/pid{getattr(proc, 'pid', '?')}")
+        self.pt = self.ctx.pt
+        self.pt.map(np.arange(BOUNCE_PAGES, dtype=np.int64) + (BOUNCE_VA >> PAGE_SHIFT),
+                    mdevice.bounce_pfns, PTE_WRITE)
         self.mutex = threading.RLock()
         self.flags = 0
         self.closed = False
@@ -499,7 +496,13 @@ class DMirror:
             return True
         with self.mutex:
             mmu_interval_set_seq(mni, cur_seq)
-            self.pt.erase_range(range.start, range.end)
+            # dmirror_do_update(); returns once the device can no longer use the old entries.
+            # Clipped to user addresses: the range may be the whole address space, and the
+            # bounce buffer sits above it.
+            end = min(range.end, USER_VA_END)
+            if range.start < end:
+                v0 = range.start >> PAGE_SHIFT
+                self.pt.invalidate_range(v0, ((end + PAGE_SIZE - 1) >> PAGE_SHIFT) - v0)
         return True
 
     # -- file operations ------------------------------------------------------------------
@@ -509,7 +512,7 @@ class DMirror:
             return
         self.closed = True
         mmu_interval_notifier_remove(self.notifier)
-        self.pt = MirrorPageTable()
+        self.ctx.destroy()                  # empties self.pt and gives its tables back
         self.mdevice._forget(self)
 
     def mmap(self, vma):
@@ -538,46 +541,51 @@ class DMirror:
             raise oserror(errno.EINVAL, "the mirrored process has exited", start, end)
 
     # -- device reads and writes ---------------------------------------------------------
-    def _do_read(self, start, end, parts):
-        """dmirror_do_read(): copy what the device page table maps (appended to ``parts``);
-        returns the number of pages copied."""
-        vpns = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64)
-        ent = self.pt.lookup(vpns)
-        ok = (ent & _U(DPT_VALID)) != 0
-        k = vpns.size if ok.all() else int(np.argmin(ok))
-        if k:
-            pfns = (ent[:k] >> _U(_DPT_SHIFT)).astype(np.int64)
-            parts.append(self.system.phys.read(pfns))
-        return k
+    def _device_copy(self, start, end, write, service, data=None):
+        """The device copies [start, end) to (read) or from (``write``) its bounce buffer: copy
+        jobs in this open's address space, one bounce-buffer piece at a time, faults going to
+        ``service``.  Returns the bytes read (a read) or None."""
+        mdev = self.mdevice
+        dev = mdev.device
+        piece = BOUNCE_PAGES << PAGE_SHIFT
+        parts = []
+        try:
+            with mdev.bounce_lock:
+                for s in range(start, end, piece):         # one iteration per bounce-full
+                    e = min(end, s + piece)
+                    bounce = mdev.bounce_pfns[:(e - s) >> PAGE_SHIFT]
+                    if write:
+                        i = (s - start) >> PAGE_SHIFT
+                        dev.write_pages(bounce, data[i:i + bounce.size])
+                        self.ctx.jobs.copy(s, BOUNCE_VA, e - s, service=service)
+                    else:
+                        self.ctx.jobs.copy(BOUNCE_VA, s, e - s, service=service)
+                        parts.append(dev.read_pages(bounce))
+        except JobFault as ex:
+            what = "write" if write else "read"
+            raise oserror(ex.errno, f"device {what} fault at 0x{ex.address:x} could not be serviced",
+                          start, end) from ex
+        return None if write else _bounce(parts)
 
-    def _do_write(self, start, end, bounce, done):
-        """dmirror_do_write(): store through entries tagged writable; returns pages written."""
-        vpns = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64)
-        ent = self.pt.lookup(vpns)
-        ok = (ent & _U(DPT_VALID | DPT_WRITE | DPT_ATOMIC)) == _U(DPT_VALID | DPT_WRITE)
-        k = vpns.size if ok.all() else int(np.argmin(ok))
-        if k:
-            pfns = (ent[:k] >> _U(_DPT_SHIFT)).astype(np.int64)
-            self.system.phys.write(pfns, bounce[done:done + k])
-        return k
+    def _read_mapped(self, start, end, why):
+        """dmirror_do_read() without faulting: the device reads what its page table maps
+        already; a miss is ENOENT (the readback of migrate_to_dev and exclusive)."""
+        def no_fault(faults):
+            return np.full(len(faults), errno.ENOENT, np.int64)
+        try:
+            return self._device_copy(start, end, False, no_fault)
+        except OSError as ex:
+            if ex.errno != errno.ENOENT:
+                raise
+            raise oserror(errno.ENOENT, f"{why} ({ex.__cause__})", start, end) from None
 
     def read(self, addr, npages):
         """HMM_DMIRROR_READ: the device reads ``npages`` at ``addr`` through its page table."""
         start, end = self._cmd(addr, npages)
         self._mm_alive(start, end)
-        n = (end - start) >> PAGE_SHIFT
-        parts = []
-        cpages = faults = 0
-        cur = start
-        while True:
-            with self.mutex:
-                cpages += self._do_read(cur, end, parts)
-            if cpages == n:
-                break
-            cur = start + (cpages << PAGE_SHIFT)
-            self._fault(cur, end, write=False)
-            faults += 1
-        return DmirrorResult(_bounce(parts), cpages, faults)
+        f = _DeviceFault(self, end, write=False)
+        data = self._device_copy(start, end, False, f.service)
+        return DmirrorResult(data, (end - start) >> PAGE_SHIFT, f.count)
 
     def write(self, addr, data):
         """HMM_DMIRROR_WRITE: the device writes ``data`` (whole pages) at ``addr``."""
@@ -586,22 +594,14 @@ class DMirror:
         npages = buf.size // PAGE_SIZE
         start, end = self._cmd(addr, npages)
         self._mm_alive(start, end)
-        bounce = buf[:npages * PAGE_SIZE].reshape(npages, PAGE_SIZE)
-        cpages = faults = 0
-        cur = start
-        while True:
-            with self.mutex:
-                cpages += self._do_write(cur, end, bounce, cpages)
-            if cpages == npages:
-                break
-            cur = start + (cpages << PAGE_SHIFT)
-            self._fault(cur, end, write=True)
-            faults += 1
-        return DmirrorResult(None, cpages, faults)
+        f = _DeviceFault(self, end, write=True)
+        self._device_copy(start, end, True, f.service, buf[:npages * PAGE_SIZE].reshape(npages, PAGE_SIZE))
+        return DmirrorResult(None, npages, f.count)
 
     # -- the fault path ---------------------------------------------------------------------
     def _fault(self, start, end, write):
-        """dmirror_fault(): hmm_range_fault the range in chunks into the device page table."""
+        """dmirror_fault(): hmm_range_fault the range in chunks into the device page table;
+        0 or a negative errno."""
         rng = HmmRange(notifier=self.notifier, default_flags=HMM_PFN_REQ_FAULT | (
             HMM_PFN_REQ_WRITE if write else 0), pfn_flags_mask=0, dev_private_owner=self.mdevice)
         addr = start
@@ -611,8 +611,9 @@ class DMirror:
             rng.hmm_pfns = np.zeros((nxt - addr) >> PAGE_SHIFT, dtype=_U)
             ret = self._range_fault(rng)
             if ret:
-                raise _err(ret, "device %s fault" % ("write" if write else "read"), addr, nxt)
+                return ret
             addr = nxt
+        return 0
 
     def _range_fault(self, rng):
         """dmirror_range_fault(): the notifier sequence protocol around hmm_range_fault()."""
@@ -625,11 +626,26 @@ class DMirror:
                 if ret == -errno.EBUSY:
                     continue
                 return ret
+            if self._move_unreachable(rng):
+                continue                    # the pages moved: the sequence did too
             with self.mutex:
                 if mmu_interval_read_retry(rng.notifier, rng.notifier_seq):
                     continue
                 return self._do_fault(rng)
         return -errno.EBUSY
+
+    def _move_unreachable(self, rng):
+        """Pages the device cannot address -- another device's coherent memory, which the
+        kernel driver reads with the CPU -- move to system memory first, as long-term GUP
+        moves coherent pages it cannot pin.  True when some did."""
+        e = rng.hmm_pfns
+        ok = (e & _U(HMM_PFN_VALID)) != 0
+        pfns = hmm_pfn_to_pfn(e[ok])
+        far = pfns[(pfns >= self.system.phys.nr_ram) & ~self.mdevice.device.owns(pfns)]
+        if far.size == 0:
+            return False
+        migrate_device_coherent_pages(self.system, np.unique(far))
+        return True
 
     def _do_fault(self, rng):
         """dmirror_do_fault(): install what hmm_range_fault returned (driver mutex held)."""
@@ -639,9 +655,9 @@ class DMirror:
             return -errno.EFAULT
         if ((e & _U(HMM_PFN_ERROR)) != 0).any() or ((e & _U(HMM_PFN_VALID)) == 0).any():
             return -errno.EFAULT
-        pfns = hmm_pfn_to_pfn(e)
-        ent = (pfns.astype(_U) << _U(_DPT_SHIFT)) | _U(DPT_VALID) | np.where(w, _U(DPT_WRITE), _U(0))
-        self.pt.store(np.arange(rng.start >> PAGE_SHIFT, rng.end >> PAGE_SHIFT, dtype=np.int64), ent)
+        # queued on the device's in-order queue: the replay that follows translates through it
+        self.pt.map(np.arange(rng.start >> PAGE_SHIFT, rng.end >> PAGE_SHIFT, dtype=np.int64),
+                    hmm_pfn_to_pfn(e), np.where(w, DPT_WRITE, 0))
         return 0
 
     # -- migration ----------------------------------------------------------------------------
@@ -670,15 +686,10 @@ class DMirror:
                     self._migrate_alloc_and_copy(args)
                     migrate_vma_pages(args)
                     self._migrate_finalize_and_map(args)
-        # Return the migrated data for verification.
-        n = (end - start) >> PAGE_SHIFT
-        parts = []
-        with self.mutex:
-            cpages = self._do_read(start, end, parts)
-        if cpages < n:
-            raise oserror(errno.ENOENT, f"{n - cpages} pages are not in device memory "
-                          "(not migratable: shared, file-backed or on another device)", start, end)
-        return DmirrorResult(_bounce(parts), cpages)
+        # Return the migrated data for verification, read by the device through its page table.
+        data = self._read_mapped(start, end, "pages are not in device memory (not migratable: "
+                                 "shared, file-backed or on another device)")
+        return DmirrorResult(data, (end - start) >> PAGE_SHIFT)
 
     def _migrate_alloc_and_copy(self, args):
         """dmirror_migrate_alloc_and_copy(): device pages for the collected ones, and the copy."""
@@ -703,12 +714,15 @@ class DMirror:
             return
         sp = spfn[idx]
         phys = self.system.phys
+        dev = self.mdevice.device
         with_src = sp >= 0
         try:
             if with_src.any():
-                phys.copy(dpages[with_src], sp[with_src])
+                # waited for: migrate_vma_finalize frees the source pages, which the CPU may
+                # reuse at once
+                dev.copy_pages(dpages[with_src], sp[with_src]).wait()
             if (~with_src).any():
-                phys.fill(dpages[~with_src], 0)
+                dev.fill_pages(dpages[~with_src], 0)
         except BaseException:
             _release_new(phys, dpages)
             raise
@@ -725,13 +739,12 @@ class DMirror:
         if sel.size == 0:
             return
         w = (dst[sel] & _U(MIGRATE_PFN_WRITE)) != 0
-        ent = (dpfn[sel].astype(_U) << _U(_DPT_SHIFT)) | _U(DPT_VALID) | np.where(w, _U(DPT_WRITE), _U(0))
         # Other opens of this device on this mm ignored the MMU_NOTIFY_MIGRATE too (it
         # carries our owner): their entries for these pages are stale now.  (The kernel's
         # test driver leaves them; a real driver cannot.)
         self.mdevice._erase_in_mirrors(self.mm, args.start + (sel << PAGE_SHIFT), skip=self)
         with self.mutex:
-            self.pt.store((args.start >> PAGE_SHIFT) + sel, ent)
+            self.pt.map((args.start >> PAGE_SHIFT) + sel, dpfn[sel], np.where(w, DPT_WRITE, 0))
 
     def migrate_to_sys(self, addr, npages):
         """HMM_DMIRROR_MIGRATE_TO_SYS: bring this device's pages in the range back to system memory."""
@@ -829,19 +842,13 @@ class DMirror:
                 raise _err(pfns, "make_device_exclusive failed", start, end)
             got = np.nonzero(pfns >= 0)[0]
             p = pfns[got]
-            ent = (p.astype(_U) << _U(_DPT_SHIFT)) | _U(DPT_VALID | DPT_ATOMIC)
             with self.mutex:
-                self.pt.store((start >> PAGE_SHIFT) + got, ent)
+                self.pt.map((start >> PAGE_SHIFT) + got, p, DPT_ATOMIC)
             phys = self.system.phys
             phys.unlock(p)
             phys.put(p)
-        n = (end - start) >> PAGE_SHIFT
-        parts = []
-        with self.mutex:
-            cpages = self._do_read(start, end, parts)
-        if cpages < n:
-            raise oserror(errno.ENOENT, "pages could not be made exclusive", start, end)
-        return DmirrorResult(_bounce(parts), cpages)
+        data = self._read_mapped(start, end, "pages could not be made exclusive")
+        return DmirrorResult(data, (end - start) >> PAGE_SHIFT)
 
     def check_exclusive(self, addr, npages):
         """HMM_DMIRROR_CHECK_EXCLUSIVE: EPERM while any page is still mapped for atomics."""

@@ -21,6 +21,14 @@ class NumpyArena(Arena):
         # exactly as on the CuPy backend, so no code path can depend on a shortcut.
         self.host = self.frames if kind == "host" else None
 
+    def sub(self, first, nframes):
+        view = NumpyArena.__new__(NumpyArena)
+        Arena.__init__(view, self.backend, nframes)
+        view.kind = self.kind
+        view.frames = self.frames[int(first):int(first) + int(nframes)]
+        view.host = view.frames if self.kind == "host" else None
+        return view
+
     def read(self, idx):
         return self.frames[np.asarray(idx, dtype=np.int64)]
 

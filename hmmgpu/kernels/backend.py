@@ -100,6 +100,17 @@ class CupyArena(Arena):
                 self.ptr = int(self.frames.data.ptr)
                 self.host = None
 
+    def sub(self, first, nframes):
+        first, nframes = int(first), int(nframes)
+        view = CupyArena.__new__(CupyArena)
+        Arena.__init__(view, self.backend, nframes)
+        view.kind, view.gpu, view.stream = self.kind, self.gpu, self.stream
+        view.ptr = self.ptr + first * PAGE_SIZE       # kernels and copies address it directly
+        view.frames = None if self.frames is None else self.frames[first:first + nframes]
+        view.host = None if self.host is None else self.host[first:first + nframes]
+        view._parent = self                           # the allocation outlives every view
+        return view
+
     def _dev_idx(self, idx):
         return cupy.asarray(np.asarray(idx, dtype=np.int64))
 
