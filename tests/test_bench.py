@@ -119,3 +119,11 @@ def test_a_baseline_that_cannot_run_leaves_no_ratio(b):
     assert "unavailable" in r["baseline_name"] and "no managed memory here" in r["baseline_name"]
     ok = ctx.figure("fig2", nbytes=4096, ours=ours, base=ours, baseline_name="itself", target=">= 1.0")
     assert ok["ratio"] == 1.0 and ok["meets_target"] is True
+
+
+def test_plot_with_matplotlib(b, quick_results, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "ratios.png"
+    msg = b.plot(quick_results, str(path))
+    assert str(path) in msg
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
