@@ -147,7 +147,12 @@ _device_ids = itertools.count()
 
 
 class DMirrorDevice:
-    """struct dmirror_device: /dev/hmm_dmirrorN."""
+    """struct dmirror_device: /dev/hmm_dmirrorN.
+
+    ``self.device`` is its EmulatedDevice: ``max_chunks`` (default DEVMEM_DEFAULT_CHUNKS) slots
+    of ``chunk_pages`` frames, hotplugged one chunk at a time as pages are needed, then the
+    bounce buffer.  ``gpu`` picks the GPU on the CuPy backend.
+    """
 
     def __init__(self, system, memory="private", chunk_pages=DEVMEM_CHUNK_PAGES, max_chunks=None, gpu=0):
         if memory not in ("private", "coherent"):
