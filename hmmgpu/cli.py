@@ -13,7 +13,7 @@ on stderr and JSON on stdout, so ``hmmgpu bench --json > out.json`` works; ``inf
 table (or JSON) on stdout.
 
 ``MirrorGpu`` (below) is the demo's device driver and a compact example of the HMM driver loop:
-an ``EmulatedDevice`` over a dmirror device's ZONE_DEVICE frames, an mmu interval notifier
+an address space (device context) on the dmirror device's ``EmulatedDevice``, an mmu interval notifier
 that shoots down the device page table, and a fault handler that mirrors pages with
 ``hmm_range_fault`` (optionally migrating 2 MiB blocks first).  The bench suites use it too.
 """
@@ -254,14 +254,15 @@ class _ArenaBackend:
 class MirrorGpu:
     """A GPU-like device that mirrors ``[start, end)`` of a process, built on the HMM core.
 
-    Its memory is the first chunk of a dmirror device's ZONE_DEVICE memory (so pages that
-    ``DMirror.migrate_to_dev`` moves there are device-local for its jobs), its MMU is an
-    ``EmulatedDevice`` page table, and its fault handler is the textbook HMM driver loop:
-    ``mmu_interval_read_begin``, ``hmm_range_fault`` under mmap_lock, then under the driver lock
-    ``mmu_interval_read_retry`` before the device page table is written.  System pages are mapped
-    remotely (zero-copy); device-private pages of the dmirror device are mapped locally.  The mmu
-    interval notifier unmaps the device page table on every invalidation, and returns only after
-    the device has executed the unmap.
+    Its hardware is the dmirror device's ``EmulatedDevice`` (whose memory holds the pages that
+    dmirror migrates there): MirrorGpu opens an address space of its own on it (a device
+    context: its own page table and job engine).  Its fault handler is the textbook HMM driver
+    loop: ``mmu_interval_read_begin``, ``hmm_range_fault`` under mmap_lock, then under the driver
+    lock ``mmu_interval_read_retry`` before the device page table is written.  System pages are
+    mapped remotely (zero-copy); device-private pages of the dmirror device are mapped locally.
+    The mmu interval notifier unmaps the device page table on every invalidation, and returns
+    only after the device has executed the unmap.  (With a dmirror that has no EmulatedDevice of
+    its own, one is built over its first chunk's frames.)
 
     ``migrate_on_fault=True`` makes it a fault-driven migrating driver (as UVM is): each faulted
     run of pages, widened to its 2 MiB blocks within the mirrored range, is first migrated to
@@ -272,14 +273,25 @@ class MirrorGpu:
     BLOCK_PAGES = 512            # 2 MiB, UVM's va_block
 
     def __init__(self, system, proc, dmdev, start, end, name="gpu0", migrate_on_fault=False):
-        from .device import EmulatedDevice
         from .mm.notifier import MmuIntervalNotifier, mmu_interval_notifier_insert
         self.system, self.proc, self.dmdev = system, proc, dmdev
         self.start, self.end = int(start), int(end)
-        pgmap = dmdev.chunks[0].pgmap
-        self.dev = EmulatedDevice(_ArenaBackend(system.backend, pgmap.arena), pgmap.nr_pages,
-                                  pgmap.pfn_first, system.phys.ram, service=self.service, name=name)
         self.name = name
+        device = getattr(dmdev, "device", None)
+        if device is not None and hasattr(device, "create_context"):
+            # dmirror drives an EmulatedDevice: use it, in an address space (context) of our own
+            self.device = device
+            self.ctx = device.create_context(service=self.service, name=name)
+            self.jobs, self.pt = self.ctx.jobs, self.ctx.pt
+        else:
+            # a dmirror without hardware of its own: an EmulatedDevice over its first chunk
+            from .device import EmulatedDevice
+            pgmap = dmdev.chunks[0].pgmap
+            self.device = EmulatedDevice(_ArenaBackend(system.backend, pgmap.arena), pgmap.nr_pages,
+                                         pgmap.pfn_first, system.phys.ram, service=self.service, name=name)
+            self.ctx = None
+            self.jobs, self.pt = self.device.jobs, self.device.pt
+        self.counters = self.device.counters      # the device's UVM fault_stats (all its contexts)
         self.lock = threading.RLock()
         self.serviced_pages = 0
         self.local_maps = 0
@@ -307,7 +319,7 @@ class MirrorGpu:
                     self._resident.clear()
             if s < e:
                 # clipped to the mirrored interval, so the vpn array stays bounded
-                self.dev.pt.invalidate(np.arange(s >> 12, e >> 12, dtype=np.int64))
+                self.pt.invalidate(np.arange(s >> 12, e >> 12, dtype=np.int64))
                 self.invalidated_pages += (e - s) >> 12
         return True
 
@@ -342,11 +354,11 @@ class MirrorGpu:
                     return _errno.EFAULT
                 pfns = hmm_pfn_to_pfn(e)
                 flags = np.where((e & np.uint64(HMM_PFN_WRITE)) != 0, PTE_WRITE, 0)
-                local = int(np.count_nonzero(self.dev.owns(pfns)))
+                local = int(np.count_nonzero(self.device.owns(pfns)))
                 self.local_maps += local
                 self.remote_maps += int(pfns.size - local)
                 vpns = np.arange(start >> 12, end >> 12, dtype=np.int64)
-                self.dev.pt.map(vpns, pfns, flags).wait()
+                self.pt.map(vpns, pfns, flags).wait()
                 self.serviced_pages += int(vpns.size)
             return 0
         return _errno.EBUSY
@@ -434,10 +446,14 @@ class MirrorGpu:
         if self._mirror is not None:
             self._mirror.close()
             self._mirror = None
-        self.dev.synchronize()
+        if self.ctx is not None:
+            self.ctx.destroy()
+            self.ctx = None
+        self.device.synchronize()
 
     def stats(self):
-        s = dict(self.dev.stats())
+        s = dict(self.device.stats())
+        s.update(getattr(self.pt, "stats", {}) or {})     # this address space's page table
         s.update({"hmm_serviced_pages": self.serviced_pages, "num_local_maps": self.local_maps,
                   "num_remote_maps": self.remote_maps, "invalidated_pages": self.invalidated_pages,
                   "num_pages_in": self.migrated_pages})
@@ -554,12 +570,12 @@ def run_demo(mib=8, backend=None, quiet=False, seed=7, on_step=None):
     gpu = state["gpu"]
 
     def chase():
-        r = gpu.dev.jobs.list_chase([state["head"]], max_steps=n_nodes + 1)
+        r = gpu.jobs.list_chase([state["head"]], max_steps=n_nodes + 1)
         total, visited = int(r.value[0][0]), int(r.value[1][0])
         expect = int(state["vals"].sum(dtype=np.uint64))
         ok = total == expect and visited == n_nodes
         result["checks"]["linked list sum"] = ok
-        t = gpu.dev.jobs.tree_search(state["root"], state["keys"][::7])
+        t = gpu.jobs.tree_search(state["root"], state["keys"][::7])
         found = np.asarray(t.value[0], dtype=np.uint64)
         ok2 = bool((found == state["keys"][::7] * np.uint64(3) + np.uint64(1)).all())
         result["checks"]["tree lookups"] = ok2
@@ -585,8 +601,8 @@ def run_demo(mib=8, backend=None, quiet=False, seed=7, on_step=None):
     a = np.float32(2.5)
 
     def axpy():
-        r = gpu.dev.jobs.axpy(a, state["hot"], state["hot"] + nbytes, n)
-        r2 = gpu.dev.jobs.reduce_sum(state["hot"], nbytes)
+        r = gpu.jobs.axpy(a, state["hot"], state["hot"] + nbytes, n)
+        r2 = gpu.jobs.reduce_sum(state["hot"], nbytes)
         expect = int(state["x0"].view(np.uint32).astype(np.uint64).sum(dtype=np.uint64))
         result["checks"]["reduce over device pages"] = r2.value == expect
         return {"detail": f"y = {a}*x + y over {n:,} floats and a reduce over x, on device-local "
@@ -633,7 +649,7 @@ def run_demo(mib=8, backend=None, quiet=False, seed=7, on_step=None):
     step("evict", "the device's memory is evicted back to the system", evict)
 
     state["after"] = snap("at the end")
-    gpu.dev.synchronize()
+    gpu.device.synchronize()
     result["rss_memcg"] = [state["before"], state["middle"], state["after"]]
     result["counters"] = trace.collect_counters(system, devices=[gpu], dmirror=_dmirror_counters(state["dmdev"]))
     result["notifier_events"] = trace.notifier_event_counts(proc.mm)

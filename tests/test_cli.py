@@ -84,9 +84,9 @@ def test_mirror_gpu_refuses_faults_outside_its_interval():
     proc.write(a, bytes(range(256)) * 128)
     dev = dmirror.DMirrorDevice(system, chunk_pages=512, max_chunks=1)
     gpu = cli.MirrorGpu(system, proc, dev, a, a + 4 * 4096)
-    assert gpu.dev.jobs.reduce_sum(a, 4 * 4096).value > 0
+    assert gpu.jobs.reduce_sum(a, 4 * 4096).value > 0
     with pytest.raises(JobFault) as e:
-        gpu.dev.jobs.reduce_sum(a, 8 * 4096)
+        gpu.jobs.reduce_sum(a, 8 * 4096)
     assert e.value.errno == errno.EFAULT
     # an munmap invalidates the device page table through the interval notifier
     proc.munmap(a, 8 * 4096)
@@ -116,16 +116,16 @@ def test_mirror_gpu_migrate_on_fault():
     dev = dmirror.DMirrorDevice(system, chunk_pages=n, max_chunks=1)
     gpu = cli.MirrorGpu(system, proc, dev, a, a + n * 4096, migrate_on_fault=True)
     expect = int(data.sum(dtype=np.uint64))
-    assert gpu.dev.jobs.reduce_sum(a, n * 4096).value == expect
+    assert gpu.jobs.reduce_sum(a, n * 4096).value == expect
     st = gpu.stats()
     assert st["num_pages_in"] == n and st["num_local_maps"] == n and st["num_remote_maps"] == 0
     m = dev.open(proc)
     snap = m.snapshot(a, n).data
     assert ((snap & 0xF0) == dmirror.PROT_DEV_PRIVATE_LOCAL).all()
-    assert gpu.dev.jobs.reduce_sum(a, n * 4096).faults == 0      # resident blocks are not migrated again
+    assert gpu.jobs.reduce_sum(a, n * 4096).faults == 0      # resident blocks are not migrated again
     # the CPU takes the pages back; the next job faults and migrates them again
     assert (proc.read(a, n * 4096).view(np.uint32) == data).all()
-    r = gpu.dev.jobs.reduce_sum(a, n * 4096)
+    r = gpu.jobs.reduce_sum(a, n * 4096)
     assert r.value == expect and r.faults > 0 and gpu.stats()["num_pages_in"] == 2 * n
     m.close()
     gpu.close()

@@ -88,7 +88,7 @@ def run(ctx):
         faults = {}
 
         def reduce():
-            r = st["gpu"].dev.jobs.reduce_sum(w.addr, nbytes)
+            r = st["gpu"].jobs.reduce_sum(w.addr, nbytes)
             assert r.value == expect, "reduce over faulted pages computed a wrong sum"
             faults["n"] = r.faults
 
@@ -96,7 +96,7 @@ def run(ctx):
             return (b, None) if isinstance(b, BaseException) else b
         fn, setup = unpack(read_base)
         ours, base = ctx.compare(reduce, fn, ours_setup=lambda: fresh_gpu(w.addr), base_setup=setup)
-        fstats = dict(st["gpu"].dev.counters)
+        fstats = dict(st["gpu"].counters)
         # the same, with a driver that migrates each faulted 2 MiB block to device memory first
         ctx.progress("job faulting with migration on fault")
         fn, setup = unpack(read_base)
@@ -111,7 +111,7 @@ def run(ctx):
             st["region"] = w.proc.mmap(nbytes, RW, PRIV_ANON)
             fresh_gpu(st["region"])
         fn, setup = unpack(zero_base)
-        ours_zero, base_zero = ctx.compare(lambda: st["gpu"].dev.jobs.memset(st["region"], 0x5A, nbytes), fn,
+        ours_zero, base_zero = ctx.compare(lambda: st["gpu"].jobs.memset(st["region"], 0x5A, nbytes), fn,
                                            ours_setup=new_region, base_setup=setup)
         check = w.proc.read(st["region"], PAGE)
         assert (check == 0x5A).all(), "memset job result not visible to the CPU"

@@ -26,7 +26,7 @@ def run(ctx):
         gpu = MirrorGpu(w.system, w.proc, w.dev, w.addr, w.addr + w.nbytes, name="bench-gpu")
         data = np.ascontiguousarray(w.proc.read(w.addr, nbytes))      # before anything migrates
         expect = int(data.view(np.uint32).sum(dtype=np.uint64))
-        job = gpu.dev.jobs
+        job = gpu.jobs
 
         def reduce():
             r = job.reduce_sum(w.addr, nbytes)
@@ -40,7 +40,7 @@ def run(ctx):
                 w.to_sys()
             r = reduce()                       # warm-up: takes the faults, fills the page table
             assert r.value == expect, (r.value, expect)
-            faults_before = gpu.dev.counters["num_read_faults"]
+            faults_before = gpu.counters["num_read_faults"]
             if ctx.gpu:
                 cu = Cuda(ctx)
                 if where == "device-resident":
@@ -64,7 +64,7 @@ def run(ctx):
                 bname = "NumPy sum over a flat array"
                 target = ">= 0.8" if where == "device-resident" else ">= 0.85"
             ours, base = ctx.compare(reduce, base_fn, base_device_only=ctx.gpu)
-            assert gpu.dev.counters["num_read_faults"] == faults_before, "timed jobs faulted"
+            assert gpu.counters["num_read_faults"] == faults_before, "timed jobs faulted"
             ctx.figure(f"reduce job via page table, {where} pages", nbytes=nbytes, ours=ours, base=base,
                        baseline_name=bname, target=target, size=size_label(nbytes),
                        note="scattered frames; page table filled by hmm_range_fault beforehand")
