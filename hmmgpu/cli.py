@@ -318,8 +318,7 @@ class MirrorGpu:
                 else:
                     self._resident.clear()
             if s < e:
-                # clipped to the mirrored interval, so the vpn array stays bounded
-                self.pt.invalidate(np.arange(s >> 12, e >> 12, dtype=np.int64))
+                self.pt.invalidate_range(s >> 12, (e - s) >> 12)
                 self.invalidated_pages += (e - s) >> 12
         return True
 
