@@ -660,3 +660,36 @@ def test_concurrent_stores_and_writeback_lose_nothing(mm_system, mm_file):
         pg = it % 8
         expect[pg * P:(pg + 1) * P] = bytes([it & 0xFF]) * P
     assert final == bytes(expect)
+
+
+def test_one_store_over_shared_and_private_views_of_a_file_page_is_sequential(mm_system, mm_file):
+    # A CPU store is a sequence of byte stores in address order, each faulting when it gets
+    # there: when one write() first lands in a MAP_SHARED view of a file page and then in a
+    # MAP_PRIVATE view of the same page, the private copy is taken after the earlier bytes
+    # reached the page cache, so it contains them.
+    data = content(1, 33)
+    fd = mm_file(data)
+    p = mm_system.spawn()
+    shared = p.mmap(2 * P, RW, MAP_SHARED, fd=fd)
+    p.munmap(shared + P, P)
+    priv = p.mmap(P, RW, MAP_PRIVATE | 0x10, fd=fd, addr=shared + P)     # MAP_FIXED right after it
+    p.write(shared + P - 1, b"AB")             # 'A' into the shared view, 'B' into the private one
+    got = p.read(priv, P)
+    assert got[0] == ord("B")
+    assert got[P - 1] == ord("A"), "the private copy was taken before the same store's earlier byte"
+    assert bytes(p.read(shared + P - 1, 1)) == b"A"
+
+
+def test_one_store_through_two_views_of_the_same_page_keeps_every_byte(mm_system, mm_file):
+    # two adjacent MAP_SHARED views of the same file page: one store "AB" across them puts 'A'
+    # at the end and 'B' at the start of the same physical page; both must be there
+    fd = mm_file(content(1, 34))
+    p = mm_system.spawn()
+    a = p.mmap(2 * P, RW, MAP_SHARED, fd=fd)
+    p.munmap(a + P, P)
+    b = p.mmap(P, RW, MAP_SHARED | 0x10, fd=fd, addr=a + P)          # MAP_FIXED: same page again
+    p.write(b - 1, b"AB")
+    page = bytes(p.read(a, P))
+    assert page[0:1] == b"B" and page[P - 1:] == b"A", (page[:1], page[-1:])
+    p.msync(a, P)
+    assert mm_file.contents(fd)[0:1] == b"B" and mm_file.contents(fd)[P - 1:P] == b"A"

@@ -17,6 +17,7 @@ every frame against what the page tables, the page caches and the pins reference
 process exits and every frame must be free again.
 """
 import errno
+import functools
 import os
 import shutil
 import tempfile
@@ -159,10 +160,28 @@ class Mirror:
         raise AssertionError("mirror refresh kept retrying with nothing else running")
 
 
+def _oom_tolerant(rule_fn):
+    """In the OOM variant a rule's own process may be killed under it (ProcessKilled)."""
+    @functools.wraps(rule_fn)
+    def call(self, *args, **kwargs):
+        self.reap_dead()
+        try:
+            return rule_fn(self, *args, **kwargs)
+        except hmmgpu.ProcessKilled:
+            if not self.oom:
+                raise
+        finally:
+            self.reap_dead()
+    return call
+
+
 class MMStateMachine(RuleBasedStateMachine):
+    ram_pages = RAM_PAGES
+    oom = False           # the OOM variant: processes may be killed at any allocation
+
     def __init__(self):
         super().__init__()
-        self.system = hmmgpu.System(backend="numpy", ram_bytes=RAM_PAGES * P)
+        self.system = hmmgpu.System(backend="numpy", ram_bytes=self.ram_pages * P)
         self.free0 = int(self.system.phys.nr_free())
         self.dir = tempfile.mkdtemp(prefix="hmmgpu-stateful-")
         self.path = os.path.join(self.dir, "file")
@@ -185,6 +204,19 @@ class MMStateMachine(RuleBasedStateMachine):
         proc = self.system.spawn(memcg=self.memcg if self.nspawned % 2 == 0 else None)
         self.mirrors[proc.pid] = Mirror(proc)
         self.procs.append((proc, {}))
+
+    def reap_dead(self):
+        """Forget processes the OOM killer took; they must be torn down completely."""
+        for proc, model in list(self.procs):
+            if proc.alive:
+                continue
+            assert self.oom, f"pid {proc.pid} died unexpectedly: {proc.killed_reason}"
+            self.procs.remove((proc, model))
+            self.untrack(proc, 0, 1 << 40)
+            m = self.mirrors.pop(proc.pid)
+            assert not m.entries, f"killed pid {proc.pid} left mirrored entries: {list(m.entries)[:3]}"
+            assert not proc.mm.vmas, f"killed pid {proc.pid} still has VMAs"
+            assert proc.rss == {"anon": 0, "file": 0, "shmem": 0}, proc.rss
 
     def untrack(self, proc, lo, hi):
         """The pages [lo, hi) of ``proc`` were unmapped, zapped or moved: their pins may diverge."""
@@ -250,12 +282,14 @@ class MMStateMachine(RuleBasedStateMachine):
     # -- rules ---------------------------------------------------------------------------------
     @precondition(lambda self: len(self.procs) < MAX_PROCS)
     @rule()
+    @_oom_tolerant
     def spawn_process(self):
         self.spawn()
 
     @precondition(lambda self: self.procs)
     @rule(i=st.integers(0, 63), kind=st.sampled_from(KINDS), npages=st.integers(1, 4),
           prot=st.sampled_from(PROTS), off=st.integers(0, FILE_PAGES), fixed=st.integers(-1, FIXED_PAGES - 1))
+    @_oom_tolerant
     def mmap(self, i, kind, npages, prot, off, fixed):
         proc, model = self.pick(i)
         flags = (MAP_SHARED if kind in ("shanon", "shfile") else MAP_PRIVATE)
@@ -282,12 +316,14 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.procs)
     @rule(i=st.integers(0, 63), kind=st.sampled_from(KINDS), npages=st.integers(1, 4), off=st.integers(0, FILE_PAGES))
+    @_oom_tolerant
     def mmap_rw(self, i, kind, npages, off):
         """A second mmap rule (readable-writable, kernel-placed): keeps the address spaces populated."""
         self.mmap(i, kind, npages, RW, off, -1)
 
     @precondition(lambda self: self.any_mapped())
     @rule(i=st.integers(0, 63), j=st.integers(0, 1023), extra=st.integers(-1, 2))
+    @_oom_tolerant
     def munmap(self, i, j, extra):
         proc, model = self.pick_mapped(i)
         r = self.pick_range(model, i // 4, j)
@@ -303,6 +339,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.any_mapped())
     @rule(i=st.integers(0, 63), j=st.integers(0, 1023), prot=st.sampled_from(PROTS))
+    @_oom_tolerant
     def mprotect(self, i, j, prot):
         proc, model = self.pick_mapped(i)
         r = self.pick_range(model, i // 4, j)
@@ -315,6 +352,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.procs)
     @rule(i=st.integers(0, 63))
+    @_oom_tolerant
     def mprotect_unmapped_fails_cleanly(self, i):
         proc, model = self.pick(i)
         before = [(v.start, v.end, v.vm_flags, v.pte.tobytes()) for v in proc.mm.vmas]
@@ -329,6 +367,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.any_mapped())
     @rule(i=st.integers(0, 63), j=st.integers(0, 1023))
+    @_oom_tolerant
     def madvise_dontneed(self, i, j):
         proc, model = self.pick_mapped(i)
         r = self.pick_range(model, i // 4, j)
@@ -347,6 +386,7 @@ class MMStateMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.any_mapped())
     @rule(i=st.integers(0, 63), j=st.integers(0, 1023), mode=st.sampled_from(("shrink", "grow", "fixed", "dontunmap")),
           delta=st.integers(1, 3), dest=st.integers(0, FIXED_PAGES - 8))
+    @_oom_tolerant
     def mremap(self, i, j, mode, delta, dest):
         proc, model = self.pick_mapped(i)
         vmas = list(proc.mm.vmas)
@@ -413,6 +453,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.any_mapped())
     @rule(i=st.integers(0, 63), j=st.integers(0, 1023), off=st.integers(0, P - 1), extra=st.integers(0, 2 * P))
+    @_oom_tolerant
     def read(self, i, j, off, extra):
         proc, model = self.pick_mapped(i)
         r = self.pick_range(model, i // 4, j, maxlen=3)
@@ -436,6 +477,7 @@ class MMStateMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.any_mapped())
     @rule(i=st.integers(0, 63), j=st.integers(0, 1023), off=st.integers(0, P - 1), extra=st.integers(1, 2 * P),
           seed=st.integers(0, 1 << 16))
+    @_oom_tolerant
     def write(self, i, j, off, extra, seed):
         self._write(*self.pick_mapped(i), i, j, off, extra, seed)
 
@@ -468,6 +510,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.any_mapped())
     @rule(i=st.integers(0, 63), j=st.integers(0, 1023), off=st.integers(0, P - 1), seed=st.integers(0, 1 << 16))
+    @_oom_tolerant
     def write_small(self, i, j, off, seed):
         """A second, short store rule: stores are what COW, sharing and writeback are about."""
         self.write(i, j, off, 1 + seed % 64, seed)
@@ -475,6 +518,7 @@ class MMStateMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.any_mapped() and len(self.procs) < MAX_PROCS)
     @rule(i=st.integers(0, 63), j=st.integers(0, 1023), off=st.integers(0, P - 1), seed=st.integers(0, 1 << 16),
           who=st.sampled_from(("parent", "child", "both")))
+    @_oom_tolerant
     def fork_then_write(self, i, j, off, seed, who):
         """COW in one step: fork a process that has memory, then store in the parent and/or child."""
         parent = self.pick_mapped(i)
@@ -486,6 +530,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: 0 < len(self.procs) < MAX_PROCS)
     @rule(i=st.integers(0, 63))
+    @_oom_tolerant
     def fork(self, i):
         self._fork(*(self.pick_mapped(i) if self.any_mapped() else self.pick(i)))
 
@@ -497,6 +542,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.procs)
     @rule(i=st.integers(0, 63))
+    @_oom_tolerant
     def exit(self, i):
         proc, model = self.pick(i)
         proc.exit()
@@ -515,6 +561,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.any_mapped() and len(self.pins) < 4)
     @rule(i=st.integers(0, 63), j=st.integers(0, 1023), write=st.booleans())
+    @_oom_tolerant
     def pin(self, i, j, write):
         proc, model = self.pick_mapped(i)
         r = self.pick_range(model, i // 4, j, maxlen=2)
@@ -525,6 +572,8 @@ class MMStateMachine(RuleBasedStateMachine):
         ok = all(model[v].prot & need for v in range(start, start + n))
         try:
             pin = proc.pin_user_pages(start * P, n, write=write)
+        except hmmgpu.ProcessKilled:
+            raise
         except OSError as e:
             assert not ok and e.errno == errno.EFAULT, (ok, e)
             return
@@ -548,6 +597,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.pins)
     @rule(k=st.integers(0, 63))
+    @_oom_tolerant
     def unpin(self, k):
         pin = self.pins.pop(k % len(self.pins))
         pin.unpin()
@@ -558,6 +608,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.procs)
     @rule(i=st.integers(0, 63))
+    @_oom_tolerant
     def msync_all(self, i):
         proc, model = self.pick(i)
         synced = set()
@@ -570,6 +621,7 @@ class MMStateMachine(RuleBasedStateMachine):
             assert np.array_equal(disk[fi * P:(fi + 1) * P], self.file[fi]), f"file page {fi} not synced"
 
     @rule()
+    @_oom_tolerant
     def writeback(self):
         self.system.writeback()
         with open(self.path, "rb") as f:
@@ -580,6 +632,7 @@ class MMStateMachine(RuleBasedStateMachine):
     # -- invariants ------------------------------------------------------------------------------
     @invariant()
     def layout_matches_model(self):
+        self.reap_dead()
         for proc, model in self.procs:
             seen = {}
             for v in proc.mm.vmas:
@@ -597,6 +650,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @invariant()
     def present_ptes_hold_model_data_and_respect_cow(self):
+        self.reap_dead()
         phys = self.system.phys
         pg = phys.pages
         for proc, model in self.procs:
@@ -627,6 +681,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @invariant()
     def memcg_usage_is_what_its_pages_say(self):
+        self.reap_dead()
         pg = self.system.phys.pages
         n = self.system.phys.nr_ram
         live = pg.refcount[:n] > 0
@@ -639,6 +694,7 @@ class MMStateMachine(RuleBasedStateMachine):
     def pinned_pages_stay_mapped(self):
         """A pinned page stays the page the process sees until it unmaps, zaps or moves it (GUP
         breaks COW up front, fork copies pinned anonymous pages, a store reuses the pinned page)."""
+        self.reap_dead()
         procs = {p.pid: p for p, _ in self.procs}
         for (pid, vpn), lst in self.pinned.items():
             v = procs[pid].mm.find_vma(vpn * P)
@@ -649,11 +705,13 @@ class MMStateMachine(RuleBasedStateMachine):
 
     @invariant()
     def device_mirrors_are_never_stale(self):
+        self.reap_dead()
         for proc, _ in self.procs:
             self.mirrors[proc.pid].check_and_refresh()
 
     @invariant()
     def page_counts_agree_with_references(self):
+        self.reap_dead()
         phys = self.system.phys
         pg = phys.pages
         n = phys.nr_ram
@@ -708,6 +766,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     def teardown(self):
         try:
+            self.reap_dead()
             for pin in self.pins:
                 pin.unpin()
             self.pins = []
@@ -739,3 +798,34 @@ MMStateMachine.TestCase.settings = settings(
             else [Phase.explicit, Phase.reuse, Phase.generate]),
 )
 TestMMStateful = MMStateMachine.TestCase
+
+
+class MMStateMachineOOM(MMStateMachine):
+    """The same machine on a 24-page computer: the OOM killer runs all the time."""
+
+    ram_pages = 24
+    oom = True
+
+    @precondition(lambda self: self.procs)
+    @rule(i=st.integers(0, 63), npages=st.integers(4, 12), seed=st.integers(0, 255),
+          kind=st.sampled_from(("anon", "shanon")))
+    @_oom_tolerant
+    def hog(self, i, npages, seed, kind):
+        """Map and fill a big region: memory runs out and somebody gets killed."""
+        proc, model = self.pick(i)
+        flags = MAP_ANONYMOUS | (MAP_PRIVATE if kind == "anon" else MAP_SHARED)
+        a = proc.mmap(npages * P, RW, flags)
+        for k, e in enumerate(self.new_entries(kind, RW, npages, None)):
+            assert a // P + k not in model
+            model[a // P + k] = e
+        data = np.full(npages * P, seed, np.uint8)
+        proc.write(a, data)
+        for k in range(npages):
+            self.store(model[a // P + k], 0, data[k * P:(k + 1) * P])
+
+
+MMStateMachineOOM.TestCase.settings = settings(
+    MMStateMachine.TestCase.settings,
+    max_examples=int(os.environ.get("HMMGPU_STATEFUL_OOM_EXAMPLES", "100")),
+)
+TestMMStatefulOOM = MMStateMachineOOM.TestCase
