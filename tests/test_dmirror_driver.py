@@ -217,3 +217,25 @@ def test_a_failing_copy_leaves_nothing_locked(system, monkeypatch):
     assert d.nr_allocated() == 0
     assert (p.read(a, 4 * PAGE_SIZE) == 9).all()
     assert m.migrate_to_dev(a, 4).cpages == 4
+
+
+def test_fault_count_does_not_depend_on_the_order_faults_arrive(system, monkeypatch):
+    """A GPU records faults in no promised order: with the fault buffer handing them back last
+    page first, in batches of 2, a read still faults once (from its first page), like
+    dmirror_read."""
+    d = dmirror.DMirrorDevice(system, memory="private", chunk_pages=16)
+    p = system.spawn()
+    m = d.open(p)
+    a = p.mmap(8 * PAGE_SIZE, RW, ANON)
+    p.write(a, b"\x07" * (8 * PAGE_SIZE))
+    fb = d.device.fault_buffer
+    fb.batch_size = 2
+    drain = fb.hw.drain
+
+    def reversed_drain():
+        recs, put = drain()
+        return recs[::-1].copy(), put
+    monkeypatch.setattr(fb.hw, "drain", reversed_drain)
+    r = m.read(a, 8)
+    assert (r.cpages, r.faults) == (8, 1) and (r.data == 7).all()
+    assert d.device.counters["num_fault_batches"] >= 4

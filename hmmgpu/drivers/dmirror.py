@@ -442,32 +442,54 @@ class _SnapshotOps:
 
 
 class _DeviceFault:
-    """The service callback of one read or write job: dmirror_fault() for its faults.
+    """The fault handler of one read or write: dmirror_fault() for its copy jobs' faults.
 
-    Like dmirror_read/dmirror_write, a fault brings in everything from the first page missing
-    to the end of the request, and ``count`` counts those fault-ins (``r.faults``): a batch
-    whose pages an earlier batch of the same drain brought in needs nothing more.  A fault-in
-    that fails cancels the job with its errno (EFAULT: no VMA or PROT_NONE, EPERM: a write to
-    a read-only mapping, EBUSY: it kept racing with invalidations).
+    Like dmirror_read/dmirror_write, a fault brings in everything from the first page the
+    device cannot use to the end of the request, and ``count`` counts those fault-ins
+    (``r.faults``).  The first such page is looked for from the start of the running job
+    (``start``), not just in the batch: the device records faults in no promised order.  A
+    batch whose pages an earlier batch of the same drain brought in needs nothing more.  A
+    fault-in that fails cancels the job with its errno (EFAULT: no VMA or PROT_NONE, EPERM: a
+    write to a read-only mapping, EBUSY: it kept racing with invalidations).
     """
 
     def __init__(self, mirror, end, write):
         self.mirror = mirror
+        self.start = 0
         self.end = end
         self.write = write
         self.need = _U(DPT_VALID | (DPT_WRITE if write else 0))
         self.count = 0
 
+    def _usable(self, vpns):
+        return (self.mirror.pt.lookup(vpns) & self.need) == self.need
+
     def service(self, faults):
         vpn = faults.vpn
-        missing = (self.mirror.pt.lookup(vpn) & self.need) != self.need
-        if not missing.any():
+        ok = self._usable(vpn)
+        if ok.all():
             return None
-        ret = self.mirror._fault(int(vpn[missing].min()) << PAGE_SHIFT, self.end, self.write)
+        first = int(vpn[~ok].min())
+        before = np.arange(self.start >> PAGE_SHIFT, first, dtype=np.int64)
+        if before.size:
+            ok = self._usable(before)
+            if not ok.all():
+                first = int(before[np.argmin(ok)])
+        ret = self.mirror._fault(first << PAGE_SHIFT, self.end, self.write)
         if ret:
             return np.full(len(faults), -ret, np.int64)
         self.count += 1
         return None
+
+
+class _NoFault:
+    """The handler of dmirror_do_read() alone: every miss is ENOENT."""
+
+    start = 0
+
+    @staticmethod
+    def service(faults):
+        return np.full(len(faults), errno.ENOENT, np.int64)
 
 
 class DMirror:
@@ -546,10 +568,11 @@ class DMirror:
             raise oserror(errno.EINVAL, "the mirrored process has exited", start, end)
 
     # -- device reads and writes ---------------------------------------------------------
-    def _device_copy(self, start, end, write, service, data=None):
+    def _device_copy(self, start, end, write, handler, data=None):
         """The device copies [start, end) to (read) or from (``write``) its bounce buffer: copy
         jobs in this open's address space, one bounce-buffer piece at a time, faults going to
-        ``service``.  Returns the bytes read (a read) or None."""
+        ``handler.service`` (``handler.start`` is the piece's start).  Returns the bytes read
+        (a read) or None."""
         mdev = self.mdevice
         dev = mdev.device
         piece = BOUNCE_PAGES << PAGE_SHIFT
@@ -559,12 +582,13 @@ class DMirror:
                 for s in range(start, end, piece):         # one iteration per bounce-full
                     e = min(end, s + piece)
                     bounce = mdev.bounce_pfns[:(e - s) >> PAGE_SHIFT]
+                    handler.start = s
                     if write:
                         i = (s - start) >> PAGE_SHIFT
                         dev.write_pages(bounce, data[i:i + bounce.size])
-                        self.ctx.jobs.copy(s, BOUNCE_VA, e - s, service=service)
+                        self.ctx.jobs.copy(s, BOUNCE_VA, e - s, service=handler.service)
                     else:
-                        self.ctx.jobs.copy(BOUNCE_VA, s, e - s, service=service)
+                        self.ctx.jobs.copy(BOUNCE_VA, s, e - s, service=handler.service)
                         parts.append(dev.read_pages(bounce))
         except JobFault as ex:
             what = "write" if write else "read"
@@ -575,10 +599,8 @@ class DMirror:
     def _read_mapped(self, start, end, why):
         """dmirror_do_read() without faulting: the device reads what its page table maps
         already; a miss is ENOENT (the readback of migrate_to_dev and exclusive)."""
-        def no_fault(faults):
-            return np.full(len(faults), errno.ENOENT, np.int64)
         try:
-            return self._device_copy(start, end, False, no_fault)
+            return self._device_copy(start, end, False, _NoFault())
         except OSError as ex:
             if ex.errno != errno.ENOENT:
                 raise
@@ -589,7 +611,7 @@ class DMirror:
         start, end = self._cmd(addr, npages)
         self._mm_alive(start, end)
         f = _DeviceFault(self, end, write=False)
-        data = self._device_copy(start, end, False, f.service)
+        data = self._device_copy(start, end, False, f)
         return DmirrorResult(data, (end - start) >> PAGE_SHIFT, f.count)
 
     def write(self, addr, data):
@@ -600,7 +622,7 @@ class DMirror:
         start, end = self._cmd(addr, npages)
         self._mm_alive(start, end)
         f = _DeviceFault(self, end, write=True)
-        self._device_copy(start, end, True, f.service, buf[:npages * PAGE_SIZE].reshape(npages, PAGE_SIZE))
+        self._device_copy(start, end, True, f, buf[:npages * PAGE_SIZE].reshape(npages, PAGE_SIZE))
         return DmirrorResult(None, npages, f.count)
 
     # -- the fault path ---------------------------------------------------------------------
