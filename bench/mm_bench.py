@@ -11,6 +11,7 @@ target is flat within 1.5x across sizes (the max/min ratio is printed).
 Timings are host (CPU) timings of the emulation itself, whatever the backend.
 """
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -65,7 +66,10 @@ def run(min_exp=10, max_exp=20, repeat=3, backend="numpy", progress=None):
     rows = []
     for e in range(min_exp, max_exp + 1):
         n = 1 << e
-        samples = [measure(n, backend) for _ in range(repeat)]
+        samples = []
+        for _ in range(repeat):
+            samples.append(measure(n, backend))
+            gc.collect()     # a System and its processes form cycles: free the arena now
         row = {"pages": n}
         for op in OPS:
             row[op] = statistics.median(s[op] for s in samples) / n
