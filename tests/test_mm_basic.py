@@ -413,6 +413,13 @@ def test_read_returns_a_copy(mm_system):
     r = p.read(a, 5)
     r[:] = 0
     assert bytes(p.read(a, 5)) == b"hello"
+    whole = p.read(a, P)                   # the page-aligned fast path too
+    whole[:] = 0
+    assert bytes(p.read(a, 5)) == b"hello"
+    src = np.full(P, 9, np.uint8)
+    p.write(a, src)                        # and a store does not keep the caller's buffer
+    src[:] = 1
+    assert np.all(p.read(a, P) == 9)
 
 
 # ---------------------------------------------------------------------------------------------
