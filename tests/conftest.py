@@ -2,7 +2,8 @@
 
 The host-kernel tests (tests/test_mm_*.py) use:
 
-* ``mm_system``  a fresh ``hmmgpu.System`` on the NumPy backend with 64 MiB of RAM
+* ``mm_system``  a fresh ``hmmgpu.System`` (NumPy backend unless HMMGPU_BACKEND says otherwise)
+                 with 64 MiB of RAM
                  (``mm_system_factory(ram_bytes=...)`` for another size);
 * ``mm_file``    a factory for real files: ``fd = mm_file(data, flags=os.O_RDWR)``
                  writes ``data`` to a new temp file and returns an open OS fd (closed at teardown;
@@ -32,7 +33,9 @@ def mm_system_factory():
     made = []
 
     def make(ram_bytes=64 << 20, **kw):
-        s = hmmgpu.System(backend="numpy", ram_bytes=ram_bytes, **kw)
+        # NumPy unless HMMGPU_BACKEND asks for another (the same tests then run on CuPy's
+        # pinned, mapped host RAM)
+        s = hmmgpu.System(backend=os.environ.get("HMMGPU_BACKEND", "numpy"), ram_bytes=ram_bytes, **kw)
         made.append(s)
         return s
 

@@ -181,7 +181,7 @@ class MMStateMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.system = hmmgpu.System(backend="numpy", ram_bytes=self.ram_pages * P)
+        self.system = hmmgpu.System(backend=os.environ.get("HMMGPU_BACKEND", "numpy"), ram_bytes=self.ram_pages * P)
         self.free0 = int(self.system.phys.nr_free())
         self.dir = tempfile.mkdtemp(prefix="hmmgpu-stateful-")
         self.path = os.path.join(self.dir, "file")
