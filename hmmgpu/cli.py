@@ -702,7 +702,7 @@ def cmd_demo(opt):
         _emit_json(res)
     _print_demo_summary(con, res)
     if tr is not None:
-        con.print(f"trace: {res['trace']['events']} events -> {opt.trace} (open in https://ui.perfetto.dev)")
+        _print_trace_summary(con, tr, opt.trace)
     return 0 if res["ok"] else 1
 
 
@@ -722,6 +722,26 @@ def _print_demo_summary(con, res):
     print_counters(con, res["counters"], res.get("notifier_events"))
     checks = ", ".join(f"{k}: {'ok' if v else '[red]FAILED[/]'}" for k, v in res["checks"].items())
     con.print(f"checks: {checks}")
+
+
+def _print_trace_summary(con, tracer, path):
+    """What the trace holds, by category and event name (the busiest first)."""
+    from rich.table import Table
+    summary = tracer.summary()
+    t = Table(title=f"trace: {len(tracer)} events -> {path} (open in https://ui.perfetto.dev)",
+              title_justify="left")
+    for c, j in (("category", "left"), ("event", "left"), ("count", "right"), ("total time", "right")):
+        t.add_column(c, justify=j)
+    groups = {}
+    for (cat, name), (n, dur) in summary.items():
+        key = (cat, name.split(" #")[0])          # job rounds: "axpy #3 round 1" -> "axpy"
+        a, b = groups.get(key, (0, 0.0))
+        groups[key] = (a + n, b + dur)
+    for (cat, name), (n, dur) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:15]:
+        t.add_row(cat, name, f"{n:,}", f"{dur / 1e3:,.1f} ms" if dur else "-")
+    if tracer.dropped:
+        t.caption = f"{tracer.dropped:,} events did not fit and were dropped"
+    con.print(t)
 
 
 def print_counters(con, counters, notifier_events=None):
@@ -793,7 +813,7 @@ def cmd_bench(opt):
         from rich.markup import escape
         con.print(escape(b.plot(res, opt.plot)))
     if tr is not None:
-        con.print(f"trace: {res['trace']['events']} events -> {opt.trace} (open in https://ui.perfetto.dev)")
+        _print_trace_summary(con, tr, opt.trace)
     if opt.json:
         _emit_json(res)
     return 0
