@@ -417,23 +417,33 @@ class MM:
         if n == 0:
             return np.zeros(0, np.uint8)
         with self.mmap_lock.read():
+            # Permissions of the whole range are checked first: a store that would SIGSEGV
+            # part-way changes nothing.  Then each VMA's piece is faulted and copied in
+            # address order, as a CPU's store sequence would: two views of one page (a
+            # shared and a private mapping of a file, say) see the earlier bytes.
             pieces = self._access_pieces(addr, n, write)
-            for _ in range(_MAX_FAULT_ROUNDS):
-                for v, s, e in pieces:
-                    self.handle_mm_fault(v, s, e, write)
-                with self.phys.lock:
-                    # the entries may have moved (a migration, an invalidation) between
-                    # the fault and the copy: check under the page-table lock and retry
-                    parts = []
-                    for v, s, e in pieces:
-                        ptes = v.pte[v.idx(s):v.idx(e - 1) + 1]
-                        if not (pt.pte_write(ptes) if write else pt.pte_present(ptes)).all():
-                            break
-                        parts.append(pt.pte_pfn(ptes))
-                    else:
-                        pfns = np.concatenate(parts)
-                        return self._copy_bytes(pfns, addr - (addr & PAGE_MASK), n, data)
-            raise oserror(errno.EAGAIN, "CPU access kept racing with page-table changes", addr, addr + n)
+            out = [] if data is None else None
+            for v, s, e in pieces:
+                lo, hi = max(s, addr), min(e, addr + n)
+                chunk = None if data is None else data[lo - addr:hi - addr]
+                got = self._access_piece(v, s, e, lo, hi, write, chunk)
+                if out is not None:
+                    out.append(got)
+            if out is None:
+                return None
+            return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def _access_piece(self, v, s, e, lo, hi, write, data):
+        """Fault [s, e) of ``v`` in and copy the bytes [lo, hi) under the page-table lock."""
+        for _ in range(_MAX_FAULT_ROUNDS):
+            self.handle_mm_fault(v, s, e, write)
+            with self.phys.lock:
+                # the entries may have moved (a migration, an invalidation) between the
+                # fault and the copy: check under the page-table lock and retry
+                ptes = v.pte[v.idx(s):v.idx(e - 1) + 1]
+                if (pt.pte_write(ptes) if write else pt.pte_present(ptes)).all():
+                    return self._copy_bytes(pt.pte_pfn(ptes), lo - s, hi - lo, data)
+        raise oserror(errno.EAGAIN, "CPU access kept racing with page-table changes", lo, hi)
 
     def _copy_bytes(self, pfns, off, n, data):
         phys = self.phys
