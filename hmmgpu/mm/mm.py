@@ -820,9 +820,11 @@ class MM:
     # -- GUP ----------------------------------------------------------------------------------
     def get_user_pages(self, addr, npages, write, longterm=False, pin=True):
         """__get_user_pages(): fault in and return the pfns (NumPy) of [addr, +npages)."""
-        addr, npages = int(addr), int(npages)
-        if addr % PAGE_SIZE or npages <= 0:
-            raise oserror(errno.EINVAL, "GUP: unaligned address or no pages", addr)
+        addr, npages = int(addr) & PAGE_MASK, int(npages)     # start is rounded down, as in Linux
+        if npages < 0:
+            raise oserror(errno.EINVAL, f"GUP of {npages} pages", addr)
+        if npages == 0:
+            return np.zeros(0, np.int64)
         end = addr + npages * PAGE_SIZE
         kind = "write" if write else "read"
         with self.mmap_lock.read():
