@@ -1,6 +1,7 @@
 """Pieces the suites share: a process with data and a dmirror device, the migration itself,
 and the baselines (CUDA ones on the CuPy backend, NumPy ones on the fallback)."""
 import ctypes
+import gc
 
 import numpy as np
 
@@ -99,6 +100,9 @@ class Workload:
             self.proc.exit()
         except Exception:
             pass
+        # a System's reference cycles would keep its arenas (GiBs of pinned memory) alive
+        self.mirror = self.proc = self.vma = self.dev = self.system = None
+        gc.collect()
 
 
 # -- NumPy baselines ------------------------------------------------------------------------------

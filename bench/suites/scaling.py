@@ -7,6 +7,8 @@ the device (migrate_vma_* through dmirror).  The ratio is the per-page cost at N
 per-page cost at the largest N of the same run (the baseline).  Quick mode: 2^10 .. 2^13;
 full: up to 2^20 on a GPU machine, 2^18 on the fallback (1 GiB).
 """
+import gc
+
 import numpy as np
 
 from ._common import PAGE, PRIV_ANON, RW, Workload, need
@@ -62,6 +64,8 @@ def _measure(ctx, n, have_hmm):
     out["munmap"] = ctx.time(lambda: (proc.munmap(st["a"], nbytes), st.__setitem__("a", None)),
                              setup=populate_fresh)
     proc.exit()
+    del proc, system
+    gc.collect()            # its reference cycles would keep the RAM arena alive
     return out
 
 
