@@ -64,8 +64,6 @@ def _measure(ctx, n, have_hmm):
     out["munmap"] = ctx.time(lambda: (proc.munmap(st["a"], nbytes), st.__setitem__("a", None)),
                              setup=populate_fresh)
     proc.exit()
-    del proc, system
-    gc.collect()            # its reference cycles would keep the RAM arena alive
     return out
 
 
@@ -107,6 +105,7 @@ def run(ctx):
         n = 1 << k
         ctx.progress(f"2^{k} pages")
         t = _measure(ctx, n, have_hmm)
+        gc.collect()        # the System's reference cycles would keep its RAM arena alive
         if have_dm:
             t["migrate"] = _migrate(ctx, n)
         per[n] = {op: tm.median / n for op, tm in t.items()}
