@@ -155,10 +155,12 @@ class MM:
     def _map(self, vma, idx, pfns, flags, take_ref=True):
         """Install present PTEs for counted pages (refcount/mapcount/rss)."""
         pg = self.phys.pages
-        counted = pfns != self.phys.zero_pfn
+        counted = pfns[pfns != self.phys.zero_pfn]
+        # one VMA maps a page at most once, except a driver's mixed map (vm_insert_page)
+        unique = vma.driver is None
         if take_ref:
-            add_at(pg.refcount, pfns[counted], 1)
-        add_at(pg.mapcount, pfns[counted], 1)
+            add_at(pg.refcount, counted, 1, unique)
+        add_at(pg.mapcount, counted, 1, unique)
         self._account(pfns, +1)
         vma.pte[idx] = pt.mk_pte(pfns, flags)
 
@@ -185,9 +187,10 @@ class MM:
             d = d[(pg.flags[d] & PG_ANON) == 0]
             pg.flags[d] |= PG_DIRTY
             counted = held[held != self.phys.zero_pfn]
-            add_at(pg.mapcount, counted, -1)
+            unique = vma.driver is None          # see _map
+            add_at(pg.mapcount, counted, -1, unique)
             vma.pte[i0:i1] = 0
-            self.phys.put(counted)
+            self.phys.put(counted, unique=unique)
 
     def vm_insert_pages(self, vma, addrs, pfns):
         """vm_insert_page() for many pages: a driver fills its mixed mapping."""
@@ -930,8 +933,8 @@ class MM:
             live = (src != 0) & ~pt.is_migration(src)
             pfns = pt.pte_pfn(src[live])
             counted = pfns[pfns != phys.zero_pfn]
-            add_at(pg.refcount, counted, 1)
-            add_at(pg.mapcount, counted, 1)
+            add_at(pg.refcount, counted, 1, v.driver is None)
+            add_at(pg.mapcount, counted, 1, v.driver is None)
             if v.cow:
                 p_all = pt.pte_pfn(src)
                 pinned = live & pt.pte_present(src) & (pg.pincount[p_all] > 0) & (
