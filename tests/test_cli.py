@@ -4,6 +4,7 @@ import json
 import pytest
 
 from hmmgpu import cli, trace
+from hmmgpu.drivers.mirrorgpu import MirrorGpu
 
 
 def _json_out(capsys):
@@ -83,7 +84,7 @@ def test_mirror_gpu_refuses_faults_outside_its_interval():
     a = proc.mmap(8 * 4096, hmmgpu.PROT_READ | hmmgpu.PROT_WRITE, hmmgpu.MAP_PRIVATE | hmmgpu.MAP_ANONYMOUS)
     proc.write(a, bytes(range(256)) * 128)
     dev = dmirror.DMirrorDevice(system, chunk_pages=512, max_chunks=1)
-    gpu = cli.MirrorGpu(system, proc, dev, a, a + 4 * 4096)
+    gpu = MirrorGpu(system, proc, dev, a, a + 4 * 4096)
     assert gpu.jobs.reduce_sum(a, 4 * 4096).value > 0
     with pytest.raises(JobFault) as e:
         gpu.jobs.reduce_sum(a, 8 * 4096)
@@ -114,7 +115,7 @@ def test_mirror_gpu_migrate_on_fault():
     data = np.arange(n * 1024, dtype=np.uint32)
     proc.write(a, data)
     dev = dmirror.DMirrorDevice(system, chunk_pages=n, max_chunks=1)
-    gpu = cli.MirrorGpu(system, proc, dev, a, a + n * 4096, migrate_on_fault=True)
+    gpu = MirrorGpu(system, proc, dev, a, a + n * 4096, migrate_on_fault=True)
     expect = int(data.sum(dtype=np.uint64))
     assert gpu.jobs.reduce_sum(a, n * 4096).value == expect
     st = gpu.stats()

@@ -73,10 +73,6 @@ class Workload:
     def to_dev(self):
         hmm = need("hmmgpu.hmm", "the HMM core")
         m = self.mirror
-        if not hasattr(m, "_migrate_alloc_and_copy"):
-            r = m.migrate_to_dev(self.addr, self.npages)
-            assert r.cpages == self.npages
-            return
         with self.proc.mm.mmap_lock.read():
             self.vma = self.proc.mm.find_vma(self.addr)
             args = hmm.MigrateVma(self.vma, self.addr, self.addr + self.nbytes, pgmap_owner=self.dev,
@@ -88,7 +84,6 @@ class Workload:
             hmm.migrate_vma_pages(args)
             m._migrate_finalize_and_map(args)
             hmm.migrate_vma_finalize(args)
-        self.system.phys.backend  # noqa: B018  (copies complete before the timer's sync)
 
     def to_sys(self):
         r = self.mirror.migrate_to_sys(self.addr, self.npages)

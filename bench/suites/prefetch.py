@@ -15,7 +15,7 @@ DESCRIPTION = "explicit prefetch (migrate + map) vs cudaMemPrefetchAsync of mana
 
 def run(ctx):
     need("hmmgpu.device", "the device layer (EmulatedDevice)")
-    from hmmgpu.cli import MirrorGpu
+    from hmmgpu.drivers.mirrorgpu import MirrorGpu
     nbytes = (4 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (256 << 20))
     npages = nbytes // PAGE
     w = Workload(ctx.backend_name, npages, scattered=True)
