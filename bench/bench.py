@@ -20,7 +20,6 @@ work of the emulation is inside the bracket; ``device_only=True`` leaves it out 
 baselines such as one cudaMemcpyAsync); on the NumPy backend it uses ``time.perf_counter``.
 """
 import importlib
-import os
 import statistics
 import sys
 import time

@@ -180,7 +180,6 @@ class tracing:
         self._prev = None
 
     def __enter__(self):
-        global _tracer, enabled
         self._prev = _tracer
         self.tracer = enable(self.limit)
         return self.tracer
