@@ -345,9 +345,15 @@ class MM:
 
     def _mark_dirty(self, vma, i0, i1):
         with self.phys.lock:
-            vma.pte[i0:i1] |= pt.PTE_DIRTY | pt.PTE_YOUNG
+            # Only entries still present: a zap (MADV_DONTNEED holds mmap_lock for reading
+            # too) may have cleared some since the fault looked, and a bit OR-ed into an empty
+            # entry would make a non-present entry of no known type.  The caller re-checks
+            # under this lock and faults again.
+            ptes = vma.pte[i0:i1]
+            present = pt.pte_present(ptes)
+            vma.pte[i0:i1] = np.where(present, ptes | (pt.PTE_DIRTY | pt.PTE_YOUNG), ptes)
             if vma.file is not None or vma.driver is not None:
-                p = pt.pte_pfn(vma.pte[i0:i1])
+                p = pt.pte_pfn(ptes[present])
                 p = p[(self.phys.pages.flags[p] & PG_ANON) == 0]
                 self.phys.pages.flags[p] |= PG_DIRTY
 
