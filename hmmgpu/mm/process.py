@@ -13,6 +13,7 @@ from ..constants import MS_SYNC, PAGE_SIZE
 from ..errors import ProcessKilled, oserror
 from .mm import MM
 from .physmem import add_at
+from .validate import check_no_wrap, ulong
 
 
 def _alive(method):
@@ -30,10 +31,17 @@ def _alive(method):
     return call
 
 
-def _as_bytes(data):
+def _as_bytes(data, addr):
+    """The raw bytes of a store: a bytes-like object or a NumPy array of plain numbers."""
     if isinstance(data, np.ndarray):
-        return np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-    return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        if data.dtype.hasobject:
+            raise oserror(errno.EINVAL, f"cannot store an array of {data.dtype}: it holds no raw bytes", addr)
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    try:
+        return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+    except (TypeError, ValueError):
+        raise oserror(errno.EINVAL, f"cannot store a {type(data).__name__}: it is not bytes-like",
+                      addr) from None
 
 
 class Pin:
@@ -114,7 +122,7 @@ class Process:
     @_alive
     def write(self, addr, data):
         """A CPU store of bytes-like or ndarray ``data`` at ``addr``."""
-        b = _as_bytes(data)
+        b = _as_bytes(data, addr if isinstance(addr, int) else None)
         self.mm.access(addr, b.size, write=True, data=b)
 
     @_alive
@@ -138,7 +146,9 @@ class Process:
 
     @_alive
     def populate(self, addr, length, write=False):
-        self.mm.populate(int(addr), int(addr) + length, write)
+        addr = ulong(addr, "populate address")
+        end = check_no_wrap(addr, ulong(length, "populate length", addr), "populate")
+        self.mm.populate(addr, end, write)
 
     def pages(self, addr, npages):
         """Debug view: the raw PTEs of [addr, +npages) (0 where unmapped)."""
