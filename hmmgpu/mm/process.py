@@ -13,7 +13,7 @@ from ..constants import MS_SYNC, PAGE_SIZE
 from ..errors import ProcessKilled, oserror
 from .mm import MM
 from .physmem import add_at
-from .validate import check_no_wrap, ulong
+from .validate import check_no_wrap, raw_bytes, ulong
 
 
 def _alive(method):
@@ -29,19 +29,6 @@ def _alive(method):
                 self.system._reap(self, "killed by the OOM killer")
             raise
     return call
-
-
-def _as_bytes(data, addr):
-    """The raw bytes of a store: a bytes-like object or a NumPy array of plain numbers."""
-    if isinstance(data, np.ndarray):
-        if data.dtype.hasobject:
-            raise oserror(errno.EINVAL, f"cannot store an array of {data.dtype}: it holds no raw bytes", addr)
-        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    try:
-        return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-    except (TypeError, ValueError):
-        raise oserror(errno.EINVAL, f"cannot store a {type(data).__name__}: it is not bytes-like",
-                      addr) from None
 
 
 class Pin:
@@ -122,7 +109,7 @@ class Process:
     @_alive
     def write(self, addr, data):
         """A CPU store of bytes-like or ndarray ``data`` at ``addr``."""
-        b = _as_bytes(data, addr if isinstance(addr, int) else None)
+        b = raw_bytes(data, addr if isinstance(addr, int) else None)
         self.mm.access(addr, b.size, write=True, data=b)
 
     @_alive

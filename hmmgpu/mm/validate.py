@@ -106,3 +106,17 @@ def pfn_array(a, npages, what, start=None, end=None):
     if not a.flags.writeable:
         raise oserror(errno.EINVAL, f"{what} is read-only", start, end)
     return a
+
+
+def raw_bytes(data, start=None):
+    """The bytes a store writes: a bytes-like object, or a NumPy array of plain numbers (its raw
+    bytes, C order), as one flat uint8 array; EINVAL for anything else."""
+    if isinstance(data, np.ndarray):
+        if data.dtype.hasobject:
+            raise oserror(errno.EINVAL, f"an array of {data.dtype} holds no raw bytes to store", start)
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    try:
+        return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+    except (TypeError, ValueError):
+        raise oserror(errno.EINVAL, f"cannot store a {type(data).__name__}: it is not bytes-like",
+                      start) from None
