@@ -52,13 +52,20 @@ def test_another_process_cannot_read_what_a_device_read_left_behind(system, kind
     A.write(a, secret)
     free0 = system.phys.nr_free()
     assert bytes(mA.read(a, 1).data) == secret
-    assert system.phys.nr_free() == free0              # the call's bounce buffer went back
     for addr in (1 << 47, TASK_SIZE, TASK_SIZE - P, (1 << 64) - 2 * P):
         assert errno_of(mB.read, addr, 1) in (errno.EFAULT, errno.EINVAL)
         assert errno_of(mB.write, addr, secret) in (errno.EFAULT, errno.EINVAL)
-    # nothing of any call stays mapped in either open's device page table
-    top = np.arange(dmirror.BOUNCE_VA >> 12, (dmirror.BOUNCE_VA >> 12) + 4)
-    assert not mA.pt.lookup(top).any() and not mB.pt.lookup(top).any()
+    b = B.mmap(P, RW, ANON)
+    assert not mB.read(b, 1).data.any()
+    # each open has a bounce buffer of its own, mapped in its own device page table only
+    assert mA.bounce.size and mB.bounce.size and not np.intersect1d(mA.bounce, mB.bounce).size
+    top = np.arange(dmirror.BOUNCE_VA >> 12, (dmirror.BOUNCE_VA >> 12) + 1)
+    assert (mA.pt.lookup(top) >> U(12)).astype(np.int64)[0] == mA.bounce[0]
+    assert (mB.pt.lookup(top) >> U(12)).astype(np.int64)[0] == mB.bounce[0]
+    mA.close()
+    mB.close()
+    B.munmap(b, P)
+    assert system.phys.nr_free() == free0              # the buffers went back at close
 
 
 def test_concurrent_reads_of_two_processes_get_their_own_bytes(system):

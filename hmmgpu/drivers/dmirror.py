@@ -15,9 +15,10 @@ is open(): a ``DMirror`` bound to that process's address space, with
   it) and ignores the driver's own MMU_NOTIFY_MIGRATE events, which the
   migration code handles itself;
 * read and write as device jobs: the built-in copy job between the mirrored range
-  and a bounce buffer of the call's own (system RAM taken for the call and given
-  back after it, as dmirror_bounce_init vmallocs one, mapped above every user
-  address in this open's page table only), translating through ``m.pt``.  Lanes that miss
+  and this open's own bounce buffer (system RAM, as dmirror_bounce_init vmallocs
+  one; mapped above every user address in this open's page table only, kept from
+  one call to the next and given back at close), translating through ``m.pt``.
+  Lanes that miss
   (or write a page mapped read-only) stop and land in the fault buffer; the job's
   service callback is ``dmirror_fault``: the fault/retry loop of
   ``dmirror_range_fault`` (``mmu_interval_read_begin``, ``hmm_range_fault`` under
@@ -99,10 +100,10 @@ FAULT_CHUNK_PAGES = 1 << 14                          # pages per hmm_range_fault
 ULONG_MAX_PAGE = (1 << 64) - PAGE_SIZE
 USER_VA_END = TASK_SIZE + PAGE_SIZE                  # every user address is below this
 
-# The bounce buffer of read/write (struct dmirror_bounce): system RAM of the call's own, mapped
-# at BOUNCE_VA of the open's address space for the call: above every user address, so no mmu
-# notifier range (they are clipped to USER_VA_END) ever unmaps it, and no ioctl can name it
-# (their ranges must lie below TASK_SIZE).
+# The bounce buffer of read/write (struct dmirror_bounce): system RAM of the open's own, mapped
+# at BOUNCE_VA of its address space: above every user address, so no mmu notifier range (they
+# are clipped to USER_VA_END) ever unmaps it, and no ioctl can name it (their ranges must lie
+# below TASK_SIZE).
 BOUNCE_PAGES = 4096                                  # 16 MiB: longer ranges go a piece at a time
 BOUNCE_VA = USER_VA_END
 
@@ -515,7 +516,8 @@ class DMirror:
         self.ctx = mdevice.device.create_context(
             name=f"{mdevice.device.name}/pid{getattr(proc, 'pid', '?')}")
         self.pt = self.ctx.pt
-        self.bounce_lock = threading.Lock()     # one read/write of this open at a time at BOUNCE_VA
+        self.bounce_lock = threading.Lock()     # one read/write of this open at a time uses it
+        self.bounce = np.zeros(0, np.int64)     # pfns of this open's bounce buffer (driver references)
         self.mutex = threading.RLock()
         self.flags = 0
         self.closed = False
@@ -550,6 +552,9 @@ class DMirror:
         self.closed = True
         mmu_interval_notifier_remove(self.notifier)
         self.ctx.destroy()                  # empties self.pt and gives its tables back
+        with self.bounce_lock:
+            self.system.phys.put(self.bounce)
+            self.bounce = np.zeros(0, np.int64)
         self.mdevice._forget(self)
 
     def mmap(self, vma):
@@ -588,28 +593,16 @@ class DMirror:
 
     # -- device reads and writes ---------------------------------------------------------
     def _device_copy(self, start, end, write, handler, data=None):
-        """The device copies [start, end) to (read) or from (``write``) a bounce buffer: copy jobs
-        in this open's address space, one bounce-buffer piece at a time, faults going to
-        ``handler.service`` (``handler.start`` is the piece's start).  Returns the bytes read
-        (a read) or None.
-
-        The bounce buffer is this call's own, as dmirror_bounce_init vmallocs one per ioctl:
-        system RAM taken here and given back at the end, mapped at BOUNCE_VA of this open's
-        page table only while the call runs, so nothing it held can reach another call."""
+        """The device copies [start, end) to (read) or from (``write``) this open's bounce
+        buffer: copy jobs in this open's address space, one bounce-buffer piece at a time, faults
+        going to ``handler.service`` (``handler.start`` is the piece's start).  Returns the bytes
+        read (a read) or None."""
         dev = self.mdevice.device
-        phys = self.system.phys
         piece = BOUNCE_PAGES << PAGE_SHIFT
-        nb = min((end - start) >> PAGE_SHIFT, BOUNCE_PAGES)
-        bvpn = np.arange(nb, dtype=np.int64) + (BOUNCE_VA >> PAGE_SHIFT)
         parts = []
         with self.bounce_lock:
+            bounce = self._bounce_pages(min((end - start) >> PAGE_SHIFT, BOUNCE_PAGES), start, end)
             try:
-                bounce = phys.alloc(nb, None, zero=False)
-            except OSError as ex:
-                raise oserror(errno.ENOMEM, f"no system memory for a bounce buffer of {nb} pages",
-                              start, end) from ex
-            try:
-                self.pt.map(bvpn, bounce, PTE_WRITE)
                 for s in range(start, end, piece):         # one iteration per bounce-full
                     e = min(end, s + piece)
                     b = bounce[:(e - s) >> PAGE_SHIFT]
@@ -625,11 +618,26 @@ class DMirror:
                 what = "write" if write else "read"
                 raise oserror(ex.errno, f"device {what} fault at 0x{ex.address:x} could not be serviced",
                               start, end) from ex
-            finally:
-                # dmirror_bounce_fini(): the device lets go of the frames before they are freed
-                self.pt.invalidate(bvpn)
-                phys.put(bounce)
         return None if write else _bounce(parts)
+
+    def _bounce_pages(self, n, start, end):
+        """This open's bounce buffer, at least ``n`` pages (dmirror_bounce_init); bounce_lock held.
+
+        System RAM the open keeps (the driver's references) and maps at BOUNCE_VA of its own
+        page table only, so nothing in it ever reaches another open or process."""
+        if self.bounce.size >= n:
+            return self.bounce
+        phys = self.system.phys
+        try:
+            new = phys.alloc(n, None, zero=False)
+        except OSError as ex:
+            raise oserror(errno.ENOMEM, f"no system memory for a bounce buffer of {n} pages",
+                          start, end) from ex
+        # the device lets go of the old frames before they are freed
+        self.pt.map(np.arange(n, dtype=np.int64) + (BOUNCE_VA >> PAGE_SHIFT), new, PTE_WRITE).wait()
+        phys.put(self.bounce)
+        self.bounce = new
+        return new
 
     def _read_mapped(self, start, end, why):
         """dmirror_do_read() without faulting: the device reads what its page table maps
