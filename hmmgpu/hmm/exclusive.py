@@ -17,22 +17,29 @@ import errno
 import numpy as np
 
 from ..constants import PAGE_SHIFT, PAGE_SIZE
+from ..errors import oserror
 from ..mm import pgtable as pt
+from ..mm.mm import MM
 from ..mm.notifier import MMU_NOTIFY_EXCLUSIVE, invalidation
 from ..mm.physmem import PG_ANON, PG_DIRTY, add_at
+from ..mm.validate import ulong
 from ..mm.vma import VM_IO, VM_PFNMAP, VM_WRITE
 
 
 def make_device_exclusive_range(mm, start, end, owner=None):
     """Exclusive access to [start, end): a pfn per page (int64 array, -1 where it failed),
     or a negative errno when the range cannot be faulted in for writing (-EFAULT)."""
-    start, end = int(start), int(end)
+    try:
+        if not isinstance(mm, MM):
+            raise oserror(errno.EINVAL, "make_device_exclusive needs an address space")
+        start = ulong(start, "start")
+        end = ulong(end, "end", start)
+    except OSError as ex:
+        return -ex.errno
     if start & (PAGE_SIZE - 1) or end & (PAGE_SIZE - 1) or end <= start:
         return -errno.EINVAL
     phys = mm.system.phys
     pg = phys.pages
-    n = (end - start) >> PAGE_SHIFT
-    out = np.full(n, -1, dtype=np.int64)
     cur = start
     pieces = []
     for v in mm.vmas_in(start, end):
@@ -47,6 +54,8 @@ def make_device_exclusive_range(mm, start, end, owner=None):
             break
     if cur < end:
         return -errno.EFAULT
+    # the range is mapped: the output is no larger than the page tables that exist
+    out = np.full((end - start) >> PAGE_SHIFT, -1, dtype=np.int64)
     for v, s, e in pieces:
         try:
             mm.handle_mm_fault(v, s, e, True)          # get_user_pages(FOLL_WRITE)
@@ -85,6 +94,10 @@ def make_device_exclusive_range(mm, start, end, owner=None):
 
 def make_device_exclusive(mm, addr, owner=None):
     """make_device_exclusive() for one page: its pfn (locked, referenced) or a negative errno."""
+    try:
+        addr = ulong(addr, "address")
+    except OSError as ex:
+        return -ex.errno
     r = make_device_exclusive_range(mm, addr, addr + PAGE_SIZE, owner)
     if isinstance(r, int):
         return r

@@ -31,8 +31,10 @@ import errno
 import numpy as np
 
 from ..constants import PAGE_SHIFT, PAGE_SIZE
+from ..errors import oserror
 from ..mm import pgtable as pt
-from ..mm.notifier import mmu_interval_check_retry
+from ..mm.notifier import MmuIntervalNotifier, mmu_interval_check_retry
+from ..mm.validate import check_buffer, pfn_array, ulong
 from . import mmcompat
 
 _U = np.uint64
@@ -57,7 +59,8 @@ _HMM_NEED_WRITE_FAULT = 2
 
 
 class HmmRange:
-    """struct hmm_range."""
+    """struct hmm_range.  Fields are the caller's, as in C: hmm_range_fault() checks them.
+    ``hmm_pfns`` may be left None: hmm_range_fault() then allocates one (zeroed) for the range."""
 
     __slots__ = ("notifier", "notifier_seq", "start", "end", "hmm_pfns", "default_flags",
                  "pfn_flags_mask", "dev_private_owner")
@@ -66,14 +69,38 @@ class HmmRange:
                  pfn_flags_mask=0, dev_private_owner=None, notifier_seq=0):
         self.notifier = notifier
         self.notifier_seq = notifier_seq
-        self.start = int(start)
-        self.end = int(end)
-        if hmm_pfns is None:
-            hmm_pfns = np.zeros(max(0, (self.end - self.start) >> PAGE_SHIFT), dtype=np.uint64)
+        self.start = start
+        self.end = end
         self.hmm_pfns = hmm_pfns
-        self.default_flags = int(default_flags)
-        self.pfn_flags_mask = int(pfn_flags_mask)
+        self.default_flags = default_flags
+        self.pfn_flags_mask = pfn_flags_mask
         self.dev_private_owner = dev_private_owner
+
+
+def _check_range(range):
+    """The caller's struct hmm_range, checked before anything happens (OSError on a bad field).
+
+    Addresses and flags are unsigned longs (a negative flag word is its two's complement, as
+    in C); the range is page aligned and not reversed; ``hmm_pfns`` is a writable uint64 array
+    of at least one entry per page (allocated here when None, if RAM could hold it).  Returns
+    the notifier's mm (None once it was removed)."""
+    if not isinstance(range, HmmRange) or not isinstance(range.notifier, MmuIntervalNotifier):
+        raise oserror(errno.EINVAL, "hmm_range_fault needs an HmmRange with an interval notifier")
+    start = ulong(range.start, "hmm_range.start")
+    end = ulong(range.end, "hmm_range.end", start)
+    range.default_flags = ulong(range.default_flags, "hmm_range.default_flags", start)
+    range.pfn_flags_mask = ulong(range.pfn_flags_mask, "hmm_range.pfn_flags_mask", start)
+    if start & (PAGE_SIZE - 1) or end & (PAGE_SIZE - 1) or end < start:
+        raise oserror(errno.EINVAL, "hmm_range: unaligned or reversed range", start, end)
+    range.start, range.end = start, end
+    npages = (end - start) >> PAGE_SHIFT
+    mm = range.notifier.mm
+    if range.hmm_pfns is None:
+        if mm is not None:
+            check_buffer(npages * 8, mm.system.phys, "hmm_pfns", start, end)
+        range.hmm_pfns = np.zeros(npages, dtype=np.uint64)
+    pfn_array(range.hmm_pfns, npages, "hmm_range.hmm_pfns", start, end)
+    return mm
 
 
 def hmm_pfn_to_pfn(hmm_pfns):
@@ -112,19 +139,17 @@ class _Walk:
 
 
 def hmm_range_fault(range):
-    """hmm_range_fault(): 0, or -EBUSY / -EFAULT / -EPERM / -ENOMEM.  mmap_lock held for read."""
-    notifier = range.notifier
-    mm = notifier.mm
+    """hmm_range_fault(): 0, or -EBUSY / -EFAULT / -EPERM / -ENOMEM / -EINVAL.  mmap_lock held
+    for read."""
+    try:
+        mm = _check_range(range)
+    except OSError as ex:
+        return -ex.errno
     if mm is None:
         return -errno.EFAULT
-    npages = (range.end - range.start) >> PAGE_SHIFT
-    if range.start & (PAGE_SIZE - 1) or range.end & (PAGE_SIZE - 1) or npages < 0:
-        return -errno.EINVAL
-    if range.hmm_pfns.size < npages:
-        return -errno.EINVAL
     walk = _Walk(range)
     while True:
-        if mmu_interval_check_retry(notifier, range.notifier_seq):
+        if mmu_interval_check_retry(range.notifier, range.notifier_seq):
             return -errno.EBUSY
         ret = _walk_page_range(mm, walk)
         # On -EBUSY the walk restarts at walk.last: entries below it hold their

@@ -46,6 +46,10 @@ NODE_ALLOW_HUGETLB = 1 << 3
 NODE_ALLOW_FALLBACK_ALLOC = 1 << 4   # may the page allocator hand these pages to anyone
 NODE_ALLOW_ALL = (1 << 5) - 1
 
+# x86-64 with 4-level paging: 46 bits of physical address, the pfns every segment must fit in
+MAX_PHYSMEM_BITS = 46
+MAX_PHYSMEM_PFNS = 1 << (MAX_PHYSMEM_BITS - 12)
+
 
 class DevPagemapOps:
     """struct dev_pagemap_ops.  ``page_free(pfns)``; ``migrate_to_ram(vmf) -> 0 or VM_FAULT_*``."""
@@ -84,7 +88,7 @@ class DevPagemap:
         self.type = type
         self.ops = ops
         self.owner = owner
-        self.nr_pages = int(nr_pages)
+        self.nr_pages = nr_pages            # checked by memremap_pages
         self.caps = caps
         self.gpu = gpu
         self.system = None
@@ -102,10 +106,18 @@ class DevPagemap:
 
 def memremap_pages(pgmap, system):
     """memremap_pages(): hotplug ``pgmap.nr_pages`` device frames; returns the first pfn."""
+    if not isinstance(pgmap, DevPagemap):
+        raise oserror(errno.EINVAL, f"memremap_pages needs a DevPagemap, not {type(pgmap).__name__}")
     if pgmap.live:
         raise oserror(errno.EBUSY, f"{pgmap!r} is already mapped")
-    if pgmap.nr_pages <= 0:
-        raise oserror(errno.EINVAL, f"a dev_pagemap of {pgmap.nr_pages} pages")
+    if not isinstance(pgmap.nr_pages, (int, np.integer)) or pgmap.nr_pages <= 0:
+        raise oserror(errno.EINVAL, f"a dev_pagemap of {pgmap.nr_pages!r:.40} pages")
+    pgmap.nr_pages = int(pgmap.nr_pages)
+    phys = system.phys
+    if phys.pages.n + pgmap.nr_pages > MAX_PHYSMEM_PFNS:
+        # request_free_mem_region(): no free range that large in the physical address space
+        raise oserror(errno.ERANGE, f"a dev_pagemap of {pgmap.nr_pages} pages does not fit in the "
+                      f"{MAX_PHYSMEM_BITS}-bit physical address space")
     ops = pgmap.ops
     if pgmap.type == MEMORY_DEVICE_PRIVATE:
         if ops is None or getattr(ops, "migrate_to_ram", None) is None:
@@ -122,7 +134,6 @@ def memremap_pages(pgmap, system):
     else:
         raise oserror(errno.EINVAL, f"memory type {pgmap.type} is not supported here")
 
-    phys = system.phys
     if pgmap.arena is not None:
         # The driver brings its memory: e.g. an EmulatedDevice's arena, whose frames the
         # device's MMU knows at pfn_first (taken earlier with request_free_mem_region).
@@ -132,7 +143,10 @@ def memremap_pages(pgmap, system):
                           f"does not fit a dev_pagemap of {pgmap.nr_pages} pages")
         base = pgmap.pfn_first
     else:
-        arena = system.backend.device_arena(pgmap.nr_pages, gpu=pgmap.gpu)
+        try:
+            arena = system.backend.device_arena(pgmap.nr_pages, gpu=pgmap.gpu)
+        except MemoryError:
+            raise oserror(errno.ENOMEM, f"no memory for {pgmap.nr_pages} device frames") from None
         base = phys.request_free_mem_region(pgmap.nr_pages)
     pgmap.index = phys.add_segment(base, arena, pgmap)
     pgmap.system = system

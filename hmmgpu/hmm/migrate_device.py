@@ -37,12 +37,14 @@ import errno
 import numpy as np
 
 from ..constants import PAGE_SHIFT, PAGE_SIZE
+from ..errors import oserror
 from ..mm import pgtable as pt
 from ..mm.migrate import folio_migrate_flags, folio_migrate_mapping, migrate_expected_refs
 from ..mm.notifier import MMU_NOTIFY_MIGRATE, invalidation
 from ..mm.physmem import PG_ANON, PG_DIRTY, PG_LOCKED, add_at
 from ..mm.rmap import remove_migration_ptes, try_to_migrate, vmas_for_pages
-from ..mm.vma import VM_DONTEXPAND, VM_IO, VM_MIXEDMAP, VM_PFNMAP, VM_WRITE, vma_is_anonymous
+from ..mm.validate import pfn_array, ulong
+from ..mm.vma import VM_DONTEXPAND, VM_IO, VM_MIXEDMAP, VM_PFNMAP, VM_WRITE, VMA, vma_is_anonymous
 from .memremap import is_device_coherent_page, is_device_private_page, pgmap_owner_is
 
 _U = np.uint64
@@ -74,13 +76,14 @@ def migrate_pfn_to_pfn(mpfns):
 
 
 class MigrateVma:
-    """struct migrate_vma.  ``src``/``dst`` are uint64 arrays of npages (allocated if None)."""
+    """struct migrate_vma.  ``src``/``dst`` are uint64 arrays of npages (allocated if None).
+    Fields are the caller's, as in C: migrate_vma_setup() checks them."""
 
     def __init__(self, vma=None, start=0, end=0, src=None, dst=None, pgmap_owner=None, flags=0,
                  fault_page=None):
         self.vma = vma
-        self.start = int(start)
-        self.end = int(end)
+        self.start = start
+        self.end = end
         self.src = src
         self.dst = dst
         self.pgmap_owner = pgmap_owner
@@ -107,24 +110,17 @@ def _rmap_targets(system, args, pfns):
 
 def migrate_vma_setup(args):
     """migrate_vma_setup(): 0, or -EINVAL for a bad range, VMA or array."""
+    try:
+        nr = _check_migrate_vma(args)
+    except OSError as ex:
+        return -ex.errno
     vma = args.vma
-    args.start &= ~(PAGE_SIZE - 1)
-    args.end &= ~(PAGE_SIZE - 1)
-    nr = (args.end - args.start) >> PAGE_SHIFT
-    if vma is None or (vma.vm_flags & VM_SPECIAL):
-        return -errno.EINVAL
-    if nr <= 0:
-        return -errno.EINVAL
-    if args.start < vma.start or args.start >= vma.end:
-        return -errno.EINVAL
-    if args.end <= vma.start or args.end > vma.end:
+    if vma.vm_flags & VM_SPECIAL:
         return -errno.EINVAL
     if args.src is None:
         args.src = np.zeros(nr, dtype=_U)
     if args.dst is None:
         args.dst = np.zeros(nr, dtype=_U)
-    if args.src.size < nr or args.dst.size < nr:
-        return -errno.EINVAL
     system = vma.mm.system
     if args.fault_page is not None and not is_device_private_page(system, [args.fault_page])[0]:
         return -errno.EINVAL
@@ -138,6 +134,42 @@ def migrate_vma_setup(args):
         args.cpages = migrate_device_unmap(args.src, args.npages, args.fault_page, args=args)
     # Pages are locked and unmapped: their contents are stable for the driver's copy.
     return 0
+
+
+def _check_migrate_vma(args):
+    """The caller's struct migrate_vma, checked before anything happens (OSError on a bad
+    field): a VMA still in its address space, [start, end) inside it once rounded to pages,
+    unsigned-long fields, uint64 src/dst arrays of one entry per page, and a fault page that
+    exists.  Returns the page count; start and end are stored rounded, as the kernel does."""
+    if not isinstance(args, MigrateVma):
+        raise oserror(errno.EINVAL, "migrate_vma_setup needs a MigrateVma")
+    vma = args.vma
+    if not isinstance(vma, VMA) or vma.mm.find_vma(vma.start) is not vma:
+        raise oserror(errno.EINVAL, "migrate_vma: not a VMA of a live address space")
+    start = ulong(args.start, "migrate_vma.start") & ~(PAGE_SIZE - 1)
+    end = ulong(args.end, "migrate_vma.end", start) & ~(PAGE_SIZE - 1)
+    args.flags = ulong(args.flags, "migrate_vma.flags", start)
+    if end <= start or start < vma.start or end > vma.end:
+        raise oserror(errno.EINVAL, f"migrate_vma: range is empty or leaves {vma!r}", start, end)
+    args.start, args.end = start, end
+    nr = (end - start) >> PAGE_SHIFT
+    for name in ("src", "dst"):
+        if getattr(args, name) is not None:
+            pfn_array(getattr(args, name), nr, f"migrate_vma.{name}", start, end)
+    if args.fault_page is not None:
+        fp = ulong(args.fault_page, "migrate_vma.fault_page", start)
+        if fp >= vma.mm.system.phys.pages.n:
+            raise oserror(errno.EINVAL, f"migrate_vma.fault_page: no pfn {fp:#x}", start, end)
+        args.fault_page = fp
+    return nr
+
+
+def _check_pfn_arrays(system, npages, *arrays):
+    """migrate_device_*(): ``npages`` an unsigned long, each array a uint64 array that long."""
+    npages = ulong(npages, "npages")
+    for i, a in enumerate(arrays):
+        pfn_array(a, npages, ("src_pfns", "dst_pfns")[i])
+    return npages
 
 
 def _migrate_vma_collect(args):
@@ -253,15 +285,20 @@ def _system_of(src):
 
 def migrate_vma_pages(args):
     """migrate_vma_pages(): move struct page state; insert the holes the driver filled."""
-    if args.npages == 0:
+    if not isinstance(args, MigrateVma) or args.npages == 0:
         return
     args._pages_started = True
     _migrate_device_pages(args.vma.mm.system, args.src, args.dst, args.npages, args)
 
 
 def migrate_device_pages(system, src_pfns, dst_pfns, npages):
-    """migrate_device_pages(): the second step of migrate_device_range()."""
+    """migrate_device_pages(): the second step of migrate_device_range().  0 or -EINVAL."""
+    try:
+        npages = _check_pfn_arrays(system, npages, src_pfns, dst_pfns)
+    except OSError as ex:
+        return -ex.errno
     _migrate_device_pages(system, src_pfns, dst_pfns, npages, None)
+    return 0
 
 
 def _migrate_device_pages(system, src, dst, npages, args):
@@ -350,13 +387,19 @@ def _migrate_vma_insert_pages(args, holes, newp):
 
 def migrate_vma_finalize(args):
     """migrate_vma_finalize(): restore or replace the migration entries, unlock, drop references."""
-    if args.npages == 0:
+    if not isinstance(args, MigrateVma) or args.npages == 0:
         return
     _migrate_device_finalize(args.vma.mm.system, args.src, args.dst, args.npages, args)
 
 
 def migrate_device_finalize(system, src_pfns, dst_pfns, npages):
+    """migrate_device_finalize(): the last step of migrate_device_range().  0 or -EINVAL."""
+    try:
+        npages = _check_pfn_arrays(system, npages, src_pfns, dst_pfns)
+    except OSError as ex:
+        return -ex.errno
     _migrate_device_finalize(system, src_pfns, dst_pfns, npages, None)
+    return 0
 
 
 def _migrate_device_finalize(system, src, dst, npages, args):
@@ -394,10 +437,19 @@ def migrate_device_range(system, src_pfns, start, npages):
     """migrate_device_range(): select ``npages`` device pages from pfn ``start`` for eviction.
 
     Fills ``src_pfns`` (uint64) with migrate_pfn(pfn) | MIGRATE for every page in
-    use that could be locked, and unmaps them everywhere.  Returns 0.
+    use that could be locked, and unmaps them everywhere.  Returns 0, or -EINVAL when the
+    pfns do not exist or the array is not a uint64 array of ``npages``.
     """
     phys = system.phys
     pg = phys.pages
+    try:
+        npages = _check_pfn_arrays(system, npages, src_pfns)
+        start = ulong(start, "start pfn")
+        if start + npages > pg.n:
+            raise oserror(errno.EINVAL, f"pfns [{start:#x}, {start + npages:#x}) do not exist "
+                          f"(the pfn space ends at {pg.n:#x})")
+    except OSError as ex:
+        return -ex.errno
     pfns = np.arange(start, start + npages, dtype=np.int64)
     src_pfns[:npages] = 0
     with phys.lock:
@@ -415,10 +467,15 @@ def migrate_device_range(system, src_pfns, start, npages):
 
 
 def migrate_device_pfns(system, src_pfns, pfns):
-    """migrate_device_pfns(): like migrate_device_range for an arbitrary list of pfns."""
+    """migrate_device_pfns(): like migrate_device_range for an arbitrary list of pfns.
+    0, or -EINVAL for pfns that do not exist or a bad array."""
     phys = system.phys
     pg = phys.pages
-    pfns = np.asarray(pfns, dtype=np.int64)
+    try:
+        pfns = _existing_pfns(system, pfns)
+        _check_pfn_arrays(system, pfns.size, src_pfns)
+    except OSError as ex:
+        return -ex.errno
     src_pfns[:pfns.size] = 0
     with phys.lock:
         used = np.nonzero(pg.refcount[pfns] > 0)[0]
@@ -430,6 +487,19 @@ def migrate_device_pfns(system, src_pfns, pfns):
     src_pfns[used[got]] = migrate_pfn(p[got]) | _U(MIGRATE_PFN_MIGRATE)
     _unmap_by_pfn(system, src_pfns, pfns.size)
     return 0
+
+
+def _existing_pfns(system, pfns):
+    """``pfns`` as an int64 array of pfns that exist, or EINVAL."""
+    try:
+        p = np.asarray(pfns)
+    except (TypeError, ValueError):
+        p = np.zeros((), object)
+    if p.ndim != 1 or (p.size and p.dtype.kind not in "iu"):
+        raise oserror(errno.EINVAL, "pfns must be a 1-D integer array")
+    if p.size and (int(p.min()) < 0 or int(p.max()) >= system.phys.pages.n):
+        raise oserror(errno.EINVAL, f"pfn outside the pfn space [0, {system.phys.pages.n:#x})")
+    return p.astype(np.int64)
 
 
 def _unmap_by_pfn(system, src, npages):
@@ -461,7 +531,7 @@ def migrate_device_coherent_pages(system, pfns):
 
     Returns a mask of the pages that moved.
     """
-    pfns = np.asarray(pfns, dtype=np.int64)
+    pfns = _existing_pfns(system, pfns)
     src = np.zeros(pfns.size, dtype=_U)
     dst = np.zeros(pfns.size, dtype=_U)
     migrate_device_pfns(system, src, pfns)

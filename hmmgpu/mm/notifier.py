@@ -15,7 +15,10 @@ Two kinds of subscribers hear it:
 * full notifiers (``mmu_notifier_register``) with ``invalidate_range_start``,
   ``invalidate_range_end`` and ``release`` ops: the 2017 ``hmm_mirror`` sits here.
 """
+import errno
 import threading
+
+from .validate import ULONG_MAX, ulong
 
 MMU_NOTIFY_UNMAP = 0
 MMU_NOTIFY_CLEAR = 1
@@ -89,10 +92,17 @@ class NotifierSubscriptions:
 
 
 def mmu_interval_notifier_insert(mni, mm, start, length, ops):
-    subs = mm.notifiers
-    if length <= 0 or start + length < start:
-        raise ValueError(f"bad interval [0x{start:x}, +{length})")
-    mni.mm, mni.start, mni.last, mni.ops = mm, int(start), int(start + length - 1), ops
+    """0, -EINVAL (bad arguments) or -EOVERFLOW (an empty interval, or one past 2**64)."""
+    try:
+        start, length = ulong(start, "start"), ulong(length, "length")
+        subs = mm.notifiers
+        if not isinstance(mni, MmuIntervalNotifier) or not callable(getattr(ops, "invalidate", None)):
+            return -errno.EINVAL
+    except (OSError, AttributeError):
+        return -errno.EINVAL
+    if length == 0 or start + length - 1 > ULONG_MAX:
+        return -errno.EOVERFLOW
+    mni.mm, mni.start, mni.last, mni.ops = mm, start, start + length - 1, ops
     with subs.lock:
         if subs.active_invalidate_ranges:
             # An invalidation is running: the new subscription may miss part of it, so
