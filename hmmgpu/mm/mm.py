@@ -219,13 +219,25 @@ class MM:
         with no page.
         """
         i0, i1 = vma.idx(start), vma.idx(end - 1) + 1
-        for _ in range(_MAX_FAULT_ROUNDS):
-            if self._fault_round(vma, i0, i1, write, unshare):
+        # Linux takes a fault per page and retries a fault until it succeeds.  Rounds that
+        # leave fewer entries to fault in (a driver bringing back one page per migrate_to_ram)
+        # are progress; only rounds that make none count towards the bound, a livelock guard.
+        best, stalled = None, 0
+        while True:
+            left = self._fault_round(vma, i0, i1, write, unshare)
+            if not left:
                 return
-        raise oserror(errno.EAGAIN, f"fault did not settle after {_MAX_FAULT_ROUNDS} rounds", start, end)
+            if best is None or left < best:
+                best, stalled = left, 0
+            else:
+                stalled += 1
+                if stalled >= _MAX_FAULT_ROUNDS:
+                    raise oserror(errno.EAGAIN, f"fault made no progress in {_MAX_FAULT_ROUNDS} rounds",
+                                  start, end)
 
     def _fault_round(self, vma, i0, i1, write, unshare=False):
-        """One pass; returns True when every entry is present (and writable for a write).
+        """One pass; returns how many entries needed work when it started (0: every entry is
+        present, and writable for a write).
 
         ``unshare`` (FOLL_PIN for reading, Linux 5.19+ gup_must_unshare): an anonymous
         page that another process may still share is copied first, so that the pin
@@ -237,7 +249,7 @@ class MM:
         swp = pt.is_swap(snap)
         if swp.any():
             self._fault_nonpresent(vma, i0, snap, swp, write)
-            return False
+            return int(swp.sum())
         present = pt.pte_present(snap)
         pfns = pt.pte_pfn(snap)
         pg = phys.pages
@@ -256,10 +268,11 @@ class MM:
                     p = p[pg.refcount[p] == 1]
                     pg.flags[p] |= PG_ANON_EXCLUSIVE
             need_new |= shared & ~solo
-        if not need_new.any():
+        pending = int(need_new.sum())
+        if not pending:
             if write:
                 self._mark_dirty(vma, i0, i1)
-            return True
+            return 0
         # Decide, per entry, what the fault does (pages are allocated before the
         # page-table lock is taken; the entries are re-checked afterwards).
         none = snap == 0
@@ -314,7 +327,7 @@ class MM:
         with guard, phys.lock:
             if not np.array_equal(vma.pte[i0:i1], snap):
                 phys.put(new)              # raced with another fault or a migration: retry
-                return False
+                return pending
             idx = i0 + rel
             young = pt.PTE_YOUNG
             wflags = pt.PTE_WRITE | pt.PTE_DIRTY | young
@@ -346,7 +359,7 @@ class MM:
                 pg.flags[new] |= PG_ANON | PG_ANON_EXCLUSIVE
                 self._map(vma, idx[copy_new], new, wflags if write else young | pt.PTE_DIRTY,
                           take_ref=False)
-        return False
+        return pending
 
     def _mark_dirty(self, vma, i0, i1):
         with self.phys.lock:
