@@ -281,6 +281,29 @@ def test_coherent_node_capabilities(system):
     assert page_node_allow(system, pfns, NODE_ALLOW_LONGTERM_PIN).tolist() == [True, False, False]
 
 
+@pytest.mark.parametrize("caps", [0, NODE_ALLOW_LONGTERM_PIN])
+def test_longterm_pin_honours_the_coherent_node_mask(system, caps):
+    """Issue 10, defect 9: FOLL_LONGTERM moved every coherent page off its node, whatever the
+    node allowed.  folio_is_longterm_pinnable() is the node's NODE_ALLOW_LONGTERM_PIN bit:
+    without it the page moves to system RAM first (today's kernel), with it the pin stays put."""
+    d = ToyDev(system, npages=8, kind=MEMORY_DEVICE_COHERENT, caps=caps)
+    p = system.spawn()
+    a = p.mmap(2 * PAGE_SIZE, RW, ANON)
+    p.write(a, b"\x09" * (2 * PAGE_SIZE))
+    assert d.to_device(vma_of(p, a), a, a + 2 * PAGE_SIZE)[0] == 0
+    on_node = pt.pte_pfn(vma_of(p, a).pte)
+    assert (on_node >= d.first).all()
+    pin = p.pin_user_pages(a, 2, write=True, longterm=True)
+    stays = bool(caps & NODE_ALLOW_LONGTERM_PIN)
+    assert (pin.pfns == on_node).all() == stays
+    assert ((pin.pfns >= d.first).all() if stays else (pin.pfns < system.phys.nr_ram).all())
+    assert (pt.pte_pfn(vma_of(p, a).pte) == pin.pfns).all()
+    assert (p.read(a, 2 * PAGE_SIZE) == 9).all()
+    pin.unpin()
+    p.exit()
+    assert d.in_use() == 0
+
+
 # -- migrate_vma ----------------------------------------------------------------------------------------
 
 def test_migrate_holes_zero_page_and_accounting(system):

@@ -29,7 +29,9 @@ import errno
 import numpy as np
 
 from ..errors import oserror
-from ..mm.physmem import PG_LOCKED, PG_ZONE_DEVICE
+from ..mm.physmem import (NODE_ALLOW_ALL, NODE_ALLOW_FALLBACK_ALLOC, NODE_ALLOW_HUGETLB,  # noqa: F401
+                          NODE_ALLOW_KSM, NODE_ALLOW_LONGTERM_PIN, NODE_ALLOW_NUMA_BALANCING,
+                          PG_LOCKED, PG_ZONE_DEVICE)
 
 # enum memory_type (include/linux/memremap.h)
 MEMORY_DEVICE_PRIVATE = 1
@@ -37,14 +39,6 @@ MEMORY_DEVICE_COHERENT = 2
 MEMORY_DEVICE_FS_DAX = 3
 MEMORY_DEVICE_GENERIC = 4
 MEMORY_DEVICE_PCI_P2PDMA = 5
-
-# Capability mask of a coherent-memory node: what the kernel may do with its pages.
-NODE_ALLOW_NUMA_BALANCING = 1 << 0
-NODE_ALLOW_KSM = 1 << 1
-NODE_ALLOW_LONGTERM_PIN = 1 << 2
-NODE_ALLOW_HUGETLB = 1 << 3
-NODE_ALLOW_FALLBACK_ALLOC = 1 << 4   # may the page allocator hand these pages to anyone
-NODE_ALLOW_ALL = (1 << 5) - 1
 
 # x86-64 with 4-level paging: 46 bits of physical address, the pfns every segment must fit in
 MAX_PHYSMEM_BITS = 46
@@ -254,23 +248,11 @@ def pgmap_owner_is(system, pfns, owner):
 
 
 def page_node_allow(system, pfns, feature):
-    """May ``feature`` (a NODE_ALLOW_* bit) use these pages?  A mask, one per pfn.
-
-    System RAM allows everything; device-private memory nothing (the CPU cannot
-    even address it); coherent memory what its driver allowed at registration.
-    """
-    phys = system.phys
-    pfns = np.asarray(pfns, dtype=np.int64)
-    out = np.ones(pfns.shape, dtype=bool)
-    dev = pfns >= phys.nr_ram
-    if not dev.any():
-        return out
-    caps = np.array([(p.node.caps if getattr(p, "node", None) is not None else 0) if p is not None else 0
-                     for p in phys.pgmaps] + [0], dtype=np.int64)
-    out[dev] = (caps[phys.pages.pgmap[pfns[dev]]] & int(feature)) != 0
-    return out
+    """May ``feature`` (a NODE_ALLOW_* bit) use these pages?  A mask, one per pfn (the node
+    masks live with struct page, in mm/physmem.py, where GUP consults them too)."""
+    return system.phys.node_allows(pfns, feature)
 
 
 def folio_is_longterm_pinnable(system, pfns):
     """folio_is_longterm_pinnable(): device pages are not, unless their node allows it."""
-    return page_node_allow(system, pfns, NODE_ALLOW_LONGTERM_PIN)
+    return system.phys.longterm_pinnable(pfns)

@@ -936,18 +936,19 @@ class MM:
                         parts.append(pt.pte_pfn(ptes))
                     else:
                         pfns = np.concatenate(parts)
-                        if longterm and (pfns >= self.phys.nr_ram).any():
+                        if longterm and not self.phys.longterm_pinnable(pfns).all():
                             continue
                         return pfns
             raise oserror(errno.EAGAIN, "GUP kept racing with page-table changes", addr, end)
 
     def _migrate_longterm(self, vma, s, e):
-        """check_and_migrate_movable_pages(): no long-term pin may stay on device memory."""
+        """check_and_migrate_movable_pages(): no long-term pin may stay on device memory whose
+        node does not allow it (folio_is_longterm_pinnable)."""
         with self.phys.lock:
             i0, i1 = vma.idx(s), vma.idx(e - 1) + 1
             ptes = vma.pte[i0:i1]
             p = pt.pte_pfn(ptes)
-            dev = pt.pte_present(ptes) & (p >= self.phys.nr_ram)
+            dev = pt.pte_present(ptes) & ~self.phys.longterm_pinnable(p)
             if not dev.any():
                 return
             idx = i0 + np.nonzero(dev)[0]

@@ -27,6 +27,15 @@ PG_SWAPBACKED = np.uint32(1 << 5)
 PG_RESERVED = np.uint32(1 << 6)
 PG_ANON_EXCLUSIVE = np.uint32(1 << 7)   # PageAnonExclusive: only this mapping may see the page
 
+# Capability mask of a coherent-memory node (the CDM thread in reference/): what the kernel may
+# do with its pages.  memremap_pages gives each coherent pgmap a node with the driver's mask.
+NODE_ALLOW_NUMA_BALANCING = 1 << 0
+NODE_ALLOW_KSM = 1 << 1
+NODE_ALLOW_LONGTERM_PIN = 1 << 2
+NODE_ALLOW_HUGETLB = 1 << 3
+NODE_ALLOW_FALLBACK_ALLOC = 1 << 4   # may the page allocator hand these pages to anyone
+NODE_ALLOW_ALL = (1 << 5) - 1
+
 
 def add_at(counts, pfns, delta, unique=False):
     """counts[pfns] += delta with repeated pfns counted each time (np.add.at, but fast).
@@ -344,6 +353,25 @@ class PhysicalMemory:
         if not hasattr(self, "_dma"):
             self._dma = self.backend.dma_engine()
         return self._dma
+
+    def node_allows(self, pfns, feature):
+        """page_node_allow(): may ``feature`` (a NODE_ALLOW_* bit) use these pages?  A mask.
+
+        System RAM allows everything; device-private memory nothing (the CPU cannot even
+        address it); coherent memory what its driver allowed at registration."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        out = np.ones(pfns.shape, dtype=bool)
+        dev = pfns >= self.nr_ram
+        if not dev.any():
+            return out
+        caps = np.array([(p.node.caps if getattr(p, "node", None) is not None else 0) if p is not None
+                         else 0 for p in self.pgmaps] + [0], dtype=np.int64)
+        out[dev] = (caps[self.pages.pgmap[pfns[dev]]] & int(feature)) != 0
+        return out
+
+    def longterm_pinnable(self, pfns):
+        """folio_is_longterm_pinnable(): RAM, or device memory whose node allows long-term pins."""
+        return self.node_allows(pfns, NODE_ALLOW_LONGTERM_PIN)
 
     def is_device(self, pfns):
         return np.asarray(pfns, dtype=np.int64) >= self.nr_ram
