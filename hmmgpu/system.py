@@ -64,10 +64,11 @@ class System:
 
     def _reap(self, proc, reason):
         """Tear a process down: exit_mmap(), then forget it."""
-        if not proc.alive:
-            return
-        proc.alive = False
-        proc.killed_reason = reason
+        with self.lock:
+            if not proc.alive:
+                return
+            proc.alive = False
+            proc.killed_reason = reason
         proc.mm.teardown()
         with self.lock:
             if proc in self.processes:

@@ -4,13 +4,18 @@ Writers (mmap, munmap, mprotect, mremap, fork, exit) exclude everyone; readers
 (faults, hmm_range_fault, GUP, migrate_vma_setup) share.  Re-entrant for the
 thread that holds it for writing, so a fault taken inside a write-locked
 operation does not deadlock against itself.
+
+``on_idle`` is called (by the releasing thread, outside the lock) whenever the lock
+becomes entirely free: an OOM victim that was busy in its own system call dies there,
+as a task the OOM killer signalled dies on its way back to user space.
 """
 import threading
 from contextlib import contextmanager
 
 
 class RWLock:
-    def __init__(self):
+    def __init__(self, on_idle=None):
+        self.on_idle = on_idle
         self._cond = threading.Condition(threading.Lock())
         self._readers = {}            # thread id -> depth
         self._writer = None
@@ -37,6 +42,9 @@ class RWLock:
                 if not self._readers[me]:
                     del self._readers[me]
                 self._cond.notify_all()
+                idle = self._writer is None and not self._readers
+            if idle and self.on_idle is not None:
+                self.on_idle()
 
     @contextmanager
     def write(self):
@@ -58,3 +66,6 @@ class RWLock:
                 if not self._wdepth:
                     self._writer = None
                 self._cond.notify_all()
+                idle = self._writer is None and not self._readers
+            if idle and self.on_idle is not None:
+                self.on_idle()

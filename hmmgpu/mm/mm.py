@@ -78,7 +78,7 @@ class MM:
         self.owner = owner
         self.vmas = []
         self._starts = []
-        self.mmap_lock = RWLock()
+        self.mmap_lock = RWLock(on_idle=self._reap_if_oom_victim)
         self.notifiers = NotifierSubscriptions()
         self.rss = {k: 0 for k in _RSS_KINDS}
         self.memcg = None
@@ -87,6 +87,14 @@ class MM:
 
     def __repr__(self):
         return f"MM(pid={getattr(self.owner, 'pid', '?')}, {len(self.vmas)} vmas)"
+
+    def _reap_if_oom_victim(self):
+        """The OOM killer chose this process while one of its own threads held mmap_lock: it
+        is torn down as soon as nobody holds the lock, whichever call it was in (a system
+        call, a device fault serviced for a driver), so its memory really comes back."""
+        owner = self.owner
+        if self.oom_victim and owner is not None and owner.alive:
+            self.system._reap(owner, owner.killed_reason or "killed by the OOM killer")
 
     # -- the VMA tree ---------------------------------------------------------------
     def _insert(self, vma):

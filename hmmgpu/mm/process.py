@@ -17,17 +17,13 @@ from .validate import check_no_wrap, raw_bytes, ulong
 
 
 def _alive(method):
+    # An OOM victim busy in its own call is torn down when it lets go of its mmap_lock
+    # (MM._reap_if_oom_victim), so the ProcessKilled that reaches the caller is final.
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         if not self.alive:
             raise ProcessKilled(self.pid, self.killed_reason or "exited")
-        try:
-            return method(self, *args, **kwargs)
-        except ProcessKilled:
-            if self.mm.oom_victim and self.alive:
-                # the OOM killer chose us while we held our own mmap_lock: die now
-                self.system._reap(self, "killed by the OOM killer")
-            raise
+        return method(self, *args, **kwargs)
     return call
 
 
