@@ -135,3 +135,153 @@ def test_open_needs_a_live_process(system):
     assert errno_of(d.open, p) == errno.ESRCH
     assert errno_of(dmirror.DMirrorDevice, system, "gpu") == errno.EINVAL
     assert errno_of(lambda: dmirror.DMirrorDevice(system, chunk_pages=-1)) == errno.EINVAL
+
+
+# -- defect 4: nothing left locked ----------------------------------------------------------------
+
+def test_exclusive_over_another_devices_coherent_page(system):
+    """A private device asking for atomics on pages that live in another device's coherent
+    memory raised ValueError from its page table and left both pages PG_locked with an extra
+    reference.  The device cannot address that memory: the pages come to system RAM first
+    (as for a read), then become exclusive; nothing stays locked, every frame comes back."""
+    coh = dmirror.DMirrorDevice(system, memory="coherent", chunk_pages=16)
+    prv = dmirror.DMirrorDevice(system, memory="private", chunk_pages=16)
+    p = system.spawn()
+    free0 = system.phys.nr_free()
+    a = p.mmap(2 * P, RW, ANON)
+    p.write(a, b"\x05" * (2 * P))
+    mc, mp = coh.open(p), prv.open(p)
+    mc.migrate_to_dev(a, 2)
+    r = mp.exclusive(a, 2)
+    assert r.cpages == 2 and (r.data == 5).all()
+    assert no_locked_pages(system)
+    assert (p.pages(a, 2) >> U(12) < U(system.phys.nr_ram)).all()   # in system RAM now
+    with pytest.raises(OSError) as ei:
+        mp.check_exclusive(a, 2)
+    assert ei.value.errno == errno.EPERM
+    assert (p.read(a, 2 * P) == 5).all()
+    mp.check_exclusive(a, 2)
+    assert (mp.snapshot(a, 2).data == dmirror.PROT_WRITE).all()     # RAM, writable again
+    mc.close()
+    mp.close()
+    p.exit()
+    assert system.phys.nr_free() == free0 and coh.nr_allocated() == 0 and no_locked_pages(system)
+
+
+def _rmap_lock_observed(system, blocked):
+    """Report (``blocked``) when another thread waits for the rmap lock, if there is one."""
+    phys = system.phys
+    inner = getattr(phys, "rmap_lock", None)
+    if inner is None:
+        return
+
+    class Observed:
+        def __enter__(self):
+            if not inner.acquire(blocking=False):
+                blocked.set()
+                inner.acquire()
+            return self
+
+        def __exit__(self, *exc):
+            inner.release()
+            return False
+
+        def acquire(self, blocking=True, timeout=-1):
+            return inner.acquire(blocking, timeout)
+
+        def release(self):
+            inner.release()
+
+    phys.rmap_lock = Observed()
+
+
+def test_release_racing_an_mprotect_that_splits_the_vma(system, kind, monkeypatch):
+    """dmirror release() evicts device pages through the reverse map, holding no mmap_lock;
+    an mprotect splitting the VMA between the rmap walk's look at the PTEs and its update left
+    pages locked behind migration entries (IndexError mid-walk): memory the CPU could no longer
+    read.  The split now waits for the walk (the rmap lock: anon_vma / i_mmap locks in Linux)."""
+    from hmmgpu.mm import rmap
+
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=16)
+    p = system.spawn()
+    a = p.mmap(8 * P, RW, ANON)
+    p.write(a, np.arange(8 * P, dtype=np.uint32).view(np.uint8)[:8 * P])
+    c = p.fork()                                  # the pages are mapped by two processes
+    m = d.open(p)
+    m.migrate_to_dev(a, 8)
+    real = rmap.invalidation
+    done, blocked = threading.Event(), threading.Event()
+    _rmap_lock_observed(system, blocked)
+    started = []
+
+    def split_now(mm, lo, hi, event, owner=None):
+        if not started and mm is p.mm:
+            started.append(True)
+
+            def split():
+                p.mprotect(a + 4 * P, P, PROT_READ)
+                done.set()
+
+            threading.Thread(target=split, daemon=True).start()
+            while not (done.is_set() or blocked.is_set()):
+                done.wait(0.01)
+        return real(mm, lo, hi, event, owner)
+
+    monkeypatch.setattr(rmap, "invalidation", split_now)
+    m.release()
+    assert started and done.wait(30)
+    assert no_locked_pages(system)
+    want = np.arange(8 * P, dtype=np.uint32).view(np.uint8)[:8 * P]
+    assert (p.read(a, 8 * P) == want).all() and (c.read(a, 8 * P) == want).all()
+    assert d.nr_allocated() == 0
+    m.close()
+    c.exit()
+    p.exit()
+
+
+# -- defect 2: no acknowledged write is lost --------------------------------------------------------
+
+def test_device_write_during_its_own_devices_migration_is_not_lost(system, kind, monkeypatch):
+    """A device write acknowledged (cpages=1) between migrate_to_dev's copy and its finalize
+    went to the old system page through the still-valid device mapping and was lost.  The
+    migration now drops every mapping of the pages it moves before copying them, so the writer
+    faults, waits for the migration entry to go, and writes the page where it now lives."""
+    from hmmgpu.mm.physmem import PhysicalMemory
+
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=16)
+    p = system.spawn()
+    a = p.mmap(P, RW, ANON)
+    p.write(a, b"\x01" * P)
+    m = d.open(p)
+    assert (m.read(a, 1).data == 1).all()               # the device maps the page, writable
+    acked, waiting = threading.Event(), threading.Event()
+    real_wait = PhysicalMemory.wait_unlocked
+
+    def wait_unlocked(self, pfn, timeout=10.0):
+        waiting.set()
+        return real_wait(self, pfn, timeout)
+
+    monkeypatch.setattr(PhysicalMemory, "wait_unlocked", wait_unlocked)
+    real_map = dmirror.DMirror._migrate_finalize_and_map
+    writer = []
+
+    def write_meanwhile(self, args):
+        if not writer:
+            def write():
+                assert m.write(a, b"\x02" * P).cpages == 1
+                acked.set()
+
+            writer.append(threading.Thread(target=write, daemon=True))
+            writer[0].start()
+            while not (acked.is_set() or waiting.is_set()):
+                acked.wait(0.01)
+        return real_map(self, args)
+
+    monkeypatch.setattr(dmirror.DMirror, "_migrate_finalize_and_map", write_meanwhile)
+    m.migrate_to_dev(a, 1)
+    writer[0].join(30)
+    assert acked.is_set()
+    assert (p.read(a, P) == 2).all(), "an acknowledged device write was lost"
+    assert no_locked_pages(system)
+    m.close()
+    p.exit()

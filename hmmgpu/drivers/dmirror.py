@@ -65,6 +65,7 @@ from ..mm.notifier import (MMU_NOTIFY_MIGRATE, MmuIntervalNotifier, mmu_interval
                            mmu_interval_notifier_remove, mmu_interval_read_begin,
                            mmu_interval_read_retry, mmu_interval_set_seq)
 from ..mm.mm import MM
+from ..mm import pgtable as pt
 from ..mm.physmem import PG_LOCKED
 from ..mm.validate import ULONG_MAX, check_buffer, check_user_range, raw_bytes, ulong
 from ..mm.vma import VM_READ, VM_WRITE
@@ -530,11 +531,14 @@ class DMirror:
     # -- the mmu interval notifier (dmirror_min_ops) --------------------------------------
     def invalidate(self, mni, range, cur_seq):
         """dmirror_interval_invalidate()."""
-        # Our own migrations handle the device page table themselves.
-        if range.event == MMU_NOTIFY_MIGRATE and range.owner is self.mdevice:
-            return True
         with self.mutex:
+            # The sequence moves for every change, our own migrations' too: a fault-in that
+            # read the PTEs before one began must not install what it read.
             mmu_interval_set_seq(mni, cur_seq)
+            # Our own migrations drop the device entries of the pages they move (before
+            # copying them) and keep the others'.
+            if range.event == MMU_NOTIFY_MIGRATE and range.owner is self.mdevice:
+                return True
             # dmirror_do_update(); returns once the device can no longer use the old entries.
             # Clipped to user addresses: the range may be the whole address space, and the
             # bounce buffer sits above it.
@@ -786,6 +790,10 @@ class DMirror:
         idx = idx[:dpages.size]
         if idx.size == 0:
             return
+        # The pages are about to move: no device may go on using the old ones meanwhile (a store
+        # there after the copy would be lost).  A device that faults on them waits for the
+        # migration entries to go and finds the pages where they now are.
+        self.mdevice._erase_in_mirrors(self.mm, args.start + (idx << PAGE_SHIFT))
         sp = spfn[idx]
         phys = self.system.phys
         dev = self.mdevice.device
@@ -805,20 +813,44 @@ class DMirror:
         args.dst[idx] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
 
     def _migrate_finalize_and_map(self, args):
-        """dmirror_migrate_finalize_and_map(): map the new device pages in the device page table."""
+        """dmirror_migrate_finalize_and_map(): map the new device pages in the device page table.
+
+        Other opens of this device dropped their entries for the pages before the copy (they
+        ignored the MMU_NOTIFY_MIGRATE that carried this device as owner) and fault them in
+        again when they need them."""
         src = args.src[:args.npages]
         dst = args.dst[:args.npages]
         dpfn = migrate_pfn_to_pfn(dst)
         sel = np.nonzero(((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (dpfn >= 0))[0]
         if sel.size == 0:
             return
-        w = (dst[sel] & _U(MIGRATE_PFN_WRITE)) != 0
-        # Other opens of this device on this mm ignored the MMU_NOTIFY_MIGRATE too (it
-        # carries our owner): their entries for these pages are stale now.  (The kernel's
-        # test driver leaves them; a real driver cannot.)
-        self.mdevice._erase_in_mirrors(self.mm, args.start + (sel << PAGE_SHIFT), skip=self)
-        with self.mutex:
-            self.pt.map((args.start >> PAGE_SHIFT) + sel, dpfn[sel], np.where(w, DPT_WRITE, 0))
+        vma, spfn = args.vma, migrate_pfn_to_pfn(src[sel])
+        i0 = vma.idx(args.start)
+
+        def still(cur):
+            # behind our migration entries still, or a hole migrate_vma_pages filled with the page
+            moving = pt.is_migration(cur) & (pt.pte_pfn(cur) == spfn)
+            return moving | ((spfn < 0) & (cur != 0) & (pt.pte_pfn(cur) == dpfn[sel]))
+
+        self._map_checked(lambda: still(vma.pte[i0 + sel]), (args.start >> PAGE_SHIFT) + sel,
+                          dpfn[sel], np.where((dst[sel] & _U(MIGRATE_PFN_WRITE)) != 0, DPT_WRITE, 0))
+
+    def _map_checked(self, check, vpns, pfns, flags):
+        """Map what a migration or make_device_exclusive just set up, with the interval
+        notifier's protocol (the C driver maps under its mutex and trusts the page locks, which
+        a zap does not take): after read_begin, under the mutex, a sequence that did not move
+        means every invalidation that touched the range has finished, so ``check()`` (the CPU
+        entries are still what was set up) tells the truth.  True when every page was mapped."""
+        for _ in range(HMM_RANGE_DEFAULT_TIMEOUT):
+            seq = mmu_interval_read_begin(self.notifier)
+            with self.mutex:
+                if mmu_interval_read_retry(self.notifier, seq):
+                    continue
+                with self.system.phys.lock:
+                    ok = check()
+                self.pt.map(vpns[ok], pfns[ok], flags[ok] if np.ndim(flags) else flags)
+                return bool(ok.all())
+        return False
 
     def migrate_to_sys(self, addr, npages):
         """HMM_DMIRROR_MIGRATE_TO_SYS: bring this device's pages in the range back to system memory."""
@@ -914,19 +946,45 @@ class DMirror:
         check_buffer(end - start, self.system.phys, "exclusive readback", start, end)
         self._user(start, end, errno.EFAULT)
         self._mm_alive(start, end)
-        with self.mm.mmap_lock.read():
-            pfns = make_device_exclusive_range(self.mm, start, end, None)
-            if isinstance(pfns, int):
-                raise _err(pfns, "make_device_exclusive failed", start, end)
-            got = np.nonzero(pfns >= 0)[0]
-            p = pfns[got]
-            with self.mutex:
-                self.pt.map((start >> PAGE_SHIFT) + got, p, DPT_ATOMIC)
-            phys = self.system.phys
-            phys.unlock(p)
-            phys.put(p)
+        phys = self.system.phys
+        for _ in range(HMM_RANGE_DEFAULT_TIMEOUT):
+            far, mapped = None, False
+            with self.mm.mmap_lock.read():
+                pfns = make_device_exclusive_range(self.mm, start, end, None)
+                if isinstance(pfns, int):
+                    raise _err(pfns, "make_device_exclusive failed", start, end)
+                got = np.nonzero(pfns >= 0)[0]
+                p = pfns[got]
+                try:
+                    far = p[(p >= phys.nr_ram) & ~self.mdevice.device.owns(p)]
+                    if far.size == 0:
+                        mapped = self._map_checked(
+                            lambda: self._still_exclusive(start, got, p),
+                            (start >> PAGE_SHIFT) + got, p, DPT_ATOMIC)
+                finally:
+                    # the caller's part of make_device_exclusive(): unlock, drop the references
+                    phys.unlock(p)
+                    phys.put(p)
+            if far.size:
+                # Another device's coherent memory, which this device cannot address (the C
+                # driver would kmap it): to system RAM first, as a fault-in moves it.
+                migrate_device_coherent_pages(self.system, np.unique(far))
+            elif mapped:
+                break
+        else:
+            raise oserror(errno.EBUSY, "exclusive kept racing with invalidations", start, end)
         data = self._read_mapped(start, end, "pages could not be made exclusive")
         return DmirrorResult(data, (end - start) >> PAGE_SHIFT)
+
+    def _still_exclusive(self, start, idx, pfns):
+        """Which of the pages at ``start + idx`` pages are still the device-exclusive entries of
+        ``pfns`` (mmap_lock and the page-table lock held)."""
+        addrs = start + (idx << PAGE_SHIFT)
+        cur = np.zeros(idx.size, np.uint64)
+        for v in self.mm.vmas_in(start, int(addrs[-1]) + PAGE_SIZE) if idx.size else ():
+            sel = (addrs >= v.start) & (addrs < v.end)
+            cur[sel] = v.pte[(addrs[sel] - v.start) >> PAGE_SHIFT]
+        return pt.is_device_exclusive(cur) & (pt.pte_pfn(cur) == pfns)
 
     def check_exclusive(self, addr, npages):
         """HMM_DMIRROR_CHECK_EXCLUSIVE: EPERM while any page is still mapped for atomics."""

@@ -42,7 +42,7 @@ from ..mm import pgtable as pt
 from ..mm.migrate import folio_migrate_flags, folio_migrate_mapping, migrate_expected_refs
 from ..mm.notifier import MMU_NOTIFY_MIGRATE, invalidation
 from ..mm.physmem import PG_ANON, PG_DIRTY, PG_LOCKED, add_at
-from ..mm.rmap import remove_migration_ptes, try_to_migrate, vmas_for_pages
+from ..mm.rmap import remove_migration_ptes, rmap_locked, try_to_migrate, vmas_for_pages
 from ..mm.validate import pfn_array, ulong
 from ..mm.vma import VM_DONTEXPAND, VM_IO, VM_MIXEDMAP, VM_PFNMAP, VM_WRITE, VMA, vma_is_anonymous
 from .memremap import is_device_coherent_page, is_device_private_page, pgmap_owner_is
@@ -245,6 +245,11 @@ def migrate_device_unmap(src, npages, fault_page=None, args=None):
         system = _system_of(src)
     if system is None:
         return int(((src & _U(MIGRATE_PFN_MIGRATE)) != 0).sum())
+    return _migrate_device_unmap(system, src, fault_page, args)
+
+
+@rmap_locked
+def _migrate_device_unmap(system, src, fault_page, args):
     phys = system.phys
     pg = phys.pages
     pfn = migrate_pfn_to_pfn(src)
@@ -402,6 +407,7 @@ def migrate_device_finalize(system, src_pfns, dst_pfns, npages):
     return 0
 
 
+@rmap_locked
 def _migrate_device_finalize(system, src, dst, npages, args):
     phys = system.phys
     src = src[:npages]
@@ -502,6 +508,7 @@ def _existing_pfns(system, pfns):
     return p.astype(np.int64)
 
 
+@rmap_locked
 def _unmap_by_pfn(system, src, npages):
     """migrate_device_unmap() without a VMA: the rmap walk covers every address space."""
     phys = system.phys

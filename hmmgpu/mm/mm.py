@@ -13,6 +13,7 @@ lock and re-checks that the entries did not move meanwhile (``pte_same``).
 import bisect
 import contextlib
 import errno
+import functools
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from .locks import RWLock
 from .notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_PROTECTION_PAGE,
                        MMU_NOTIFY_PROTECTION_VMA, MMU_NOTIFY_UNMAP, NotifierSubscriptions,
                        invalidation)
-from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_SWAPBACKED, PG_ZONE_DEVICE, add_at
+from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_LOCKED, PG_SWAPBACKED, PG_ZONE_DEVICE, add_at
 from .validate import (ULONG_MAX, check_aligned, check_buffer, check_flags, check_map_budget,
                        check_no_wrap, check_user_range, ulong)
 from .vma import (VM_ACCESS, VM_DONTEXPAND, VM_PFNMAP, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
@@ -50,6 +51,17 @@ def page_align(n):
 
 
 _PROT_BITS = PROT_READ | PROT_WRITE | PROT_EXEC
+
+
+def _vma_change(method):
+    """Run an MM method that changes VMA bounds, PTE arrays or the VMA set under the rmap lock
+    (physmem's ``rmap_lock``), so that a reverse-map walk of another process never sees a VMA
+    half split.  Taken before the page-table lock: methods that hold both start here."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self.phys.rmap_lock:
+            return method(self, *args, **kwargs)
+    return call
 
 
 class VmFault:
@@ -97,11 +109,13 @@ class MM:
             self.system._reap(owner, owner.killed_reason or "killed by the OOM killer")
 
     # -- the VMA tree ---------------------------------------------------------------
+    @_vma_change
     def _insert(self, vma):
         i = bisect.bisect_left(self._starts, vma.start)
         self.vmas.insert(i, vma)
         self._starts.insert(i, vma.start)
 
+    @_vma_change
     def _remove(self, vma):
         i = self.vmas.index(vma)
         del self.vmas[i]
@@ -125,12 +139,14 @@ class MM:
                 out.append(v)
         return out
 
+    @_vma_change
     def _split_at(self, addr):
         """Make ``addr`` a VMA boundary if it falls inside one."""
         v = self.find_vma(addr)
         if v is not None and v.start < addr:
             self._insert(v.split(addr))
 
+    @_vma_change
     def _try_merge(self, addr):
         """vma_merge(): join the VMAs meeting at ``addr`` when nothing tells them apart."""
         nxt = self.find_vma(addr)
@@ -397,6 +413,12 @@ class MM:
             return
         excl = (t == pt.SWP_DEVICE_EXCLUSIVE_READ) | (t == pt.SWP_DEVICE_EXCLUSIVE_WRITE)
         if excl.any():
+            # remove_device_exclusive_entry(): folio_lock_or_retry first -- a driver holds the
+            # page locked from make_device_exclusive until its device maps it
+            locked = p[excl][(self.phys.pages.flags[p[excl]] & PG_LOCKED) != 0]
+            if locked.size:
+                self.phys.wait_unlocked(int(locked[0]))
+                return
             self.remove_device_exclusive_entries(vma, addrs[excl])
             return
         owners = self.phys.pages.pgmap[p]
@@ -861,8 +883,9 @@ class MM:
                         and old_addr + new_size <= TASK_SIZE:
                     self._check_budget(vma.end, old_addr + new_size, (new_size - old_size) >> PAGE_SHIFT)
                     extra = (old_addr + new_size - vma.end) >> PAGE_SHIFT
-                    vma.pte = np.concatenate((vma.pte, np.zeros(extra, np.uint64)))
-                    vma.end = old_addr + new_size
+                    with self.phys.rmap_lock:
+                        vma.pte = np.concatenate((vma.pte, np.zeros(extra, np.uint64)))
+                        vma.end = old_addr + new_size
                     return old_addr
                 if not flags & MREMAP_MAYMOVE:
                     raise oserror(errno.ENOMEM, "mremap: cannot grow in place and MREMAP_MAYMOVE not given",
@@ -878,6 +901,7 @@ class MM:
                 self._munmap_locked(dest, new_size)
             return self._move_vma(vma, old_addr, old_size, dest, new_size, bool(flags & MREMAP_DONTUNMAP))
 
+    @_vma_change
     def _move_vma(self, vma, old_addr, old_size, dest, new_size, dontunmap):
         """move_vma(): the PTEs of [old_addr, +old_size) move to ``dest`` without copying pages."""
         self._split_at(old_addr)
@@ -998,6 +1022,7 @@ class MM:
         for v in child.vmas:
             child._account(pt.pte_pfn(v.pte[v.pte != 0]), +1)
 
+    @_vma_change
     def _copy_ptes(self, v, child):
         phys = self.phys
         pg = phys.pages

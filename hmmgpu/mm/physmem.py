@@ -101,6 +101,11 @@ class PhysicalMemory:
         self.backend = backend
         self.lock = threading.RLock()
         self.unlocked = threading.Condition(self.lock)  # page-lock waiters (folio_wait_locked)
+        # The reverse-map lock (anon_vma / i_mmap locks in Linux): a walk that finds pages'
+        # mappings through the VMAs of every process (rmap.py) holds it while it lists and
+        # updates them, and every change to a VMA's bounds or PTE array takes it, so a split
+        # never happens under a walk.  Taken before ``lock``, never inside it.
+        self.rmap_lock = threading.RLock()
         self.nr_ram = int(nr_ram)
         self.ram = backend.host_arena(self.nr_ram)
         self.segments = [Segment(0, self.ram, -1)]

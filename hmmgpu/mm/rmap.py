@@ -15,6 +15,8 @@ neither.  try_to_migrate turns mappings into migration entries and drops both;
 remove_migration_ptes installs the new page (or the old one, when a migration
 is abandoned) and takes them again.
 """
+import functools
+
 import numpy as np
 
 from ..constants import PAGE_SHIFT
@@ -23,6 +25,16 @@ from .notifier import MMU_NOTIFY_CLEAR, invalidation
 from .physmem import PG_ANON, PG_DIRTY
 
 _U = np.uint64
+
+
+def rmap_locked(fn):
+    """Run ``fn(system, ...)`` holding the rmap lock (physmem's ``rmap_lock``): no VMA is
+    split, merged, moved, added or removed while the walk lists and updates mappings."""
+    @functools.wraps(fn)
+    def call(system, *args, **kwargs):
+        with system.phys.rmap_lock:
+            return fn(system, *args, **kwargs)
+    return call
 
 
 def rmap_vmas(system, anon_ids=None, mappings=None, everything=False):
@@ -54,6 +66,7 @@ def vmas_for_pages(system, pfns, family=None):
     return rmap_vmas(system, anon_ids=[family], mappings=maps.tolist())
 
 
+@rmap_locked
 def try_to_migrate(system, pfns, vmas, skip=None):
     """try_to_migrate(): replace every other mapping of ``pfns`` by a migration entry.
 
@@ -103,6 +116,7 @@ def try_to_migrate(system, pfns, vmas, skip=None):
     return done
 
 
+@rmap_locked
 def remove_migration_ptes(system, src, dst, vmas, region=None, positions=None):
     """remove_migration_ptes(): every migration entry for src[i] now maps dst[i].
 
