@@ -1,0 +1,27 @@
+"""The UVM-class driver: NVIDIA's nvidia-uvm rebuilt on the HMM core, one module per part.
+
+=================  ==============================  ============================================
+module             nvidia-uvm file                 what it holds
+=================  ==============================  ============================================
+pmm.py             uvm_pmm_gpu.c                   device memory in 2 MiB root chunks, split to
+                                                   64 KiB and 4 KiB; eviction lists
+eviction.py        uvm_pmm_gpu.c                   which root chunk to evict (LRU, LFU, FIFO,
+                   (pick_root_chunk_to_evict)      random)
+va_block.py        uvm_va_block.c                  2 MiB VA blocks: per-page residency and
+                                                   mappings per processor, read duplication
+perf_prefetch.py   uvm_perf_prefetch.c             the density (tree) prefetcher and alternatives
+perf_thrashing.py  uvm_perf_thrashing.c            thrashing detection, throttling and pinning
+access_counters.py uvm_gpu_access_counters.c       remote-access counters and their migrations
+counters.py        procfs fault_stats, tools       the counters, with UVM's names
+policy.py          uvm_perf_module.c               the hooks a replacement policy implements
+=================  ==============================  ============================================
+
+Every knob is a module constant named as nvidia-uvm's module parameter, with its default; a
+policy object takes the same names as keyword arguments.  Policies decide on the emulated clock
+(hmmgpu/device/clock.py), so their decisions are deterministic and the same on both backends.
+"""
+from . import counters, va_block
+from .policy import Knob, Policy
+from .va_block import UVM_ID_CPU, Topology, VaBlocks, uvm_gpu_id
+
+__all__ = ["VaBlocks", "Topology", "UVM_ID_CPU", "uvm_gpu_id", "Policy", "Knob", "counters", "va_block"]
