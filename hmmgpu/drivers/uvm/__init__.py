@@ -20,8 +20,12 @@ Every knob is a module constant named as nvidia-uvm's module parameter, with its
 policy object takes the same names as keyword arguments.  Policies decide on the emulated clock
 (hmmgpu/device/clock.py), so their decisions are deterministic and the same on both backends.
 """
-from . import counters, va_block
+from . import counters, eviction, pmm, va_block
+from .eviction import EvictionPolicy, Fifo, Lfu, RandomEviction, UvmLru
+from .pmm import Pmm, PmmError
 from .policy import Knob, Policy
 from .va_block import UVM_ID_CPU, Topology, VaBlocks, uvm_gpu_id
 
-__all__ = ["VaBlocks", "Topology", "UVM_ID_CPU", "uvm_gpu_id", "Policy", "Knob", "counters", "va_block"]
+__all__ = ["Pmm", "PmmError", "VaBlocks", "Topology", "UVM_ID_CPU", "uvm_gpu_id", "Policy", "Knob",
+           "EvictionPolicy", "UvmLru", "Lfu", "Fifo", "RandomEviction", "counters", "eviction", "pmm",
+           "va_block"]
