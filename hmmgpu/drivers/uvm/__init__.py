@@ -20,7 +20,8 @@ Every knob is a module constant named as nvidia-uvm's module parameter, with its
 policy object takes the same names as keyword arguments.  Policies decide on the emulated clock
 (hmmgpu/device/clock.py), so their decisions are deterministic and the same on both backends.
 """
-from . import counters, eviction, perf_prefetch, perf_thrashing, pmm, va_block
+from . import access_counters, counters, eviction, perf_prefetch, perf_thrashing, pmm, va_block
+from .access_counters import AccessCounterPolicy, AccessCounterUnit, Notifications, UvmAccessCounters
 from .eviction import EvictionPolicy, Fifo, Lfu, RandomEviction, UvmLru
 from .perf_prefetch import (DensityPrefetcher, NoPrefetch, PrefetchContext, PrefetchPolicy, SequentialPrefetch,
                             WholeBlockPrefetch)
@@ -32,5 +33,6 @@ from .va_block import UVM_ID_CPU, Topology, VaBlocks, uvm_gpu_id
 __all__ = ["Pmm", "PmmError", "VaBlocks", "Topology", "UVM_ID_CPU", "uvm_gpu_id", "Policy", "Knob",
            "EvictionPolicy", "UvmLru", "Lfu", "Fifo", "RandomEviction", "PrefetchPolicy", "PrefetchContext",
            "DensityPrefetcher", "NoPrefetch", "SequentialPrefetch", "WholeBlockPrefetch", "ThrashingPolicy",
-           "ThrashingHints", "UvmThrashing", "NoThrashingMitigation", "counters", "eviction", "perf_prefetch",
-           "perf_thrashing", "pmm", "va_block"]
+           "ThrashingHints", "UvmThrashing", "NoThrashingMitigation", "AccessCounterPolicy",
+           "AccessCounterUnit", "Notifications", "UvmAccessCounters", "access_counters", "counters", "eviction",
+           "perf_prefetch", "perf_thrashing", "pmm", "va_block"]
