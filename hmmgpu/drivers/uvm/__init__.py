@@ -36,3 +36,14 @@ __all__ = ["Pmm", "PmmError", "VaBlocks", "Topology", "UVM_ID_CPU", "uvm_gpu_id"
            "ThrashingHints", "UvmThrashing", "NoThrashingMitigation", "AccessCounterPolicy",
            "AccessCounterUnit", "Notifications", "UvmAccessCounters", "access_counters", "counters", "eviction",
            "perf_prefetch", "perf_thrashing", "pmm", "va_block"]
+
+
+def default_policies(nprocs=2):
+    """The policy objects a driver uses unless given others: nvidia-uvm's own."""
+    return {"prefetch": DensityPrefetcher(), "eviction": UvmLru(), "thrashing": UvmThrashing(nprocs=nprocs),
+            "access_counters": UvmAccessCounters()}
+
+
+def default_knobs():
+    """{policy family: {nvidia-uvm module parameter: default}} (what ``hmmgpu info`` lists)."""
+    return {family: {"policy": type(p).__name__, **p.knobs()} for family, p in default_policies().items()}
