@@ -285,3 +285,96 @@ def test_device_write_during_its_own_devices_migration_is_not_lost(system, kind,
     assert no_locked_pages(system)
     m.close()
     p.exit()
+
+
+# -- gaps the mutation campaign found -------------------------------------------------------------
+
+def test_exclusive_entries_restore_writable(system, kind):
+    """remove_device_exclusive_entry() (mm/memory.c) restores a writable entry as writable
+    (maybe_mkwrite of a writable device-exclusive entry).  A make_device_exclusive that made
+    every entry read-only survived the whole suite: the CPU PTE came back read-only and the
+    next store took a needless fault."""
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=16)
+    p = system.spawn()
+    a = p.mmap(4 * P, RW, ANON)
+    p.write(a, b"\x07" * (4 * P))
+    m = d.open(p)
+    assert m.exclusive(a, 4).cpages == 4
+    ptes = p.pages(a, 4)
+    assert not (ptes & U(1)).any()                          # device-exclusive entries, not present
+    assert (p.read(a, 4 * P) == 7).all()                    # the CPU takes the pages back
+    ptes = p.pages(a, 4)
+    assert ((ptes & U(3)) == U(3)).all(), [hex(int(e)) for e in ptes]   # present AND writable
+    assert (m.snapshot(a, 4).data == dmirror.PROT_WRITE).all()
+    m.close()
+    p.exit()
+
+
+def test_migrate_to_sys_counts_only_pages_that_moved(system, kind):
+    """cpages of HMM_DMIRROR_MIGRATE_TO_SYS is dmirror_successful_migrated_pages(): entries
+    with MIGRATE_PFN_VALID and MIGRATE_PFN_MIGRATE after migrate_vma_pages.  Holes (pte_none),
+    the zero page and pages already in system RAM are not counted; every earlier test migrated
+    whole device ranges back, so a count that included holes went unnoticed."""
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=16)
+    p = system.spawn()
+    a = p.mmap(12 * P, RW, ANON)
+    m = d.open(p)
+    p.write(a, b"\x01" * (6 * P))                            # pages 0-5: data
+    m.migrate_to_dev(a + 2 * P, 3)                          # pages 2-4 on the device
+    p.read(a + 6 * P, 1)                                    # page 6: the zero page; 7-11: pte_none
+    r = m.migrate_to_sys(a, 12)
+    assert r.cpages == 3
+    assert (p.read(a, 6 * P) == 1).all() and not p.read(a + 6 * P, 6 * P).any()
+    assert m.migrate_to_sys(a, 12).cpages == 0               # nothing left on the device
+    m.close()
+    p.exit()
+
+
+def test_read_only_pages_migrate_read_only(system, kind):
+    """MIGRATE_PFN_WRITE comes from the PTE (migrate_vma_collect_pmd: pte_write), so a
+    read-only page stays read-only on the device and back; only the slow hypothesis machine
+    caught a collect step that marked every page writable."""
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=16)
+    p = system.spawn()
+    a = p.mmap(2 * P, RW, ANON)
+    p.write(a, b"\x03" * (2 * P))
+    p.mprotect(a, 2 * P, PROT_READ)
+    m = d.open(p)
+    m.migrate_to_dev(a, 2)
+    local = dmirror.PROT_DEV_PRIVATE_LOCAL if kind == "private" else dmirror.PROT_DEV_COHERENT_LOCAL
+    assert (m.snapshot(a, 2).data == local | dmirror.PROT_READ).all()
+    # device-private: the device's own read-only entry is reported, not faulted (mm/hmm.c), and
+    # dmirror_do_fault refuses the write (EFAULT); coherent: a write fault in a read-only VMA
+    assert errno_of(m.write, a, b"\x04" * P) == (errno.EFAULT if kind == "private" else errno.EPERM)
+    m.migrate_to_sys(a, 2)
+    assert not (p.pages(a, 2) & U(2)).any()                 # back in RAM, still read-only
+    assert (p.read(a, 2 * P) == 3).all()
+    m.close()
+    p.exit()
+
+
+def test_a_cow_shared_page_stays_shared_read_only_through_migration(system, kind):
+    """After fork a private page is shared read-only by parent and child.  Migrated to the
+    device by the parent (both mappings follow it), a write must copy it first (COW): a
+    migration that made the entry writable let the parent's device write land in the child's
+    memory.  Device-private: hmm_range_fault reports the device's own read-only entry without
+    faulting (mm/hmm.c) and dmirror_do_fault refuses the write with EFAULT; the CPU's write
+    brings the page back and copies it.  Coherent: the write fault copies it, as for RAM."""
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=16)
+    p = system.spawn()
+    a = p.mmap(2 * P, RW, ANON)
+    p.write(a, b"\x05" * (2 * P))
+    c = p.fork()
+    m = d.open(p)
+    m.migrate_to_dev(a, 2)
+    if kind == "private":
+        assert errno_of(m.write, a, b"\x06" * (2 * P)) == errno.EFAULT
+        p.write(a, b"\x06" * (2 * P))
+    else:
+        assert m.write(a, b"\x06" * (2 * P)).cpages == 2
+    assert (p.read(a, 2 * P) == 6).all()
+    assert (c.read(a, 2 * P) == 5).all(), "the parent's device write reached the child"
+    m.close()
+    c.exit()
+    p.exit()
+    assert d.nr_allocated() == 0
