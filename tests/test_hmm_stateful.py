@@ -4,12 +4,10 @@ atomics, fork, munmap/mmap, mprotect and device eviction, against a flat model.
 After every step it checks what HMM promises:
 
 * data: every readable page reads (by CPU and by device) what the model says;
-* struct page: every page's mapcount equals the number of PTEs (present,
-  device-private, device-exclusive) that point at it across all processes,
-  and an anonymous page's refcount equals its mapcount (nothing leaks, nothing
-  is freed while mapped); each process's anon rss equals its mapped pages;
-* mirrors: a device page-table entry never points anywhere the CPU page table
-  does not (same pfn), and is writable only where the CPU entry is;
+* the whole machine, with the checker every test shares (tests/invariants.py):
+  struct page against every page table (nothing leaks, nothing is freed while
+  mapped), rss, memcg, free frames, device frames, and every mirror's device
+  page table against the CPU's (same pfn, writable only where the CPU entry is);
 
 and at the end, with every process gone, that every device page is back on
 its device's free list and every RAM page back in the allocator.
@@ -25,8 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import hmmgpu
 from hmmgpu import MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
 from hmmgpu.drivers import dmirror
-from hmmgpu.mm import pgtable as pt
-from hmmgpu.mm.physmem import PG_ANON
+from invariants import check_system
 
 N = 12                      # pages in the region every process maps at the same address
 RW = PROT_READ | PROT_WRITE
@@ -221,51 +218,20 @@ class HmmMachine(RuleBasedStateMachine):
 
     # -- invariants --------------------------------------------------------------------------------
     @invariant()
-    def struct_pages_match_page_tables(self):
+    def whole_machine_is_consistent(self):
+        """struct page against every page table, rss, memcg, free frames, device frames, and
+        every mirror's device page table against its CPU page table (tests/invariants.py)."""
         if not hasattr(self, "system"):
             return
-        phys = self.system.phys
-        pg = phys.pages
-        counts = np.zeros(pg.n, np.int64)
-        for pr in self.procs:
-            anon = 0
-            for v in pr.proc.mm.vmas:
-                e = np.asarray(v.pte, U)
-                live = (e != 0) & ~pt.is_migration(e)
-                assert not pt.is_migration(e).any(), "a migration entry outlived its migration"
-                p = pt.pte_pfn(e[live])
-                p = p[p != phys.zero_pfn]
-                np.add.at(counts, p, 1)
-                anon += p.size
-            assert pr.proc.rss["anon"] == anon
-        assert (pg.mapcount == counts).all(), np.nonzero(pg.mapcount != counts)[0][:5]
-        used = np.nonzero(pg.refcount > 0)[0]
-        used = used[used != phys.zero_pfn]
-        anon = used[(pg.flags[used] & PG_ANON) != 0]
-        assert (pg.refcount[anon] == pg.mapcount[anon]).all()
-        assert (pg.flags & 1 == 0)[1:].all(), "a page was left locked"
-        dev_mapped = np.count_nonzero(counts[phys.nr_ram:])
-        assert self.dev.nr_allocated() == dev_mapped
+        check_system(self.system, pins=(), devices=[self.dev])
 
     @invariant()
-    def mirrors_never_stale(self):
+    def mirrors_map_only_what_the_model_maps(self):
         if not hasattr(self, "system"):
             return
         for pr in self.procs:
-            m = pr.mirror
             vpn0 = self.base >> 12
-            ent = m.pt.lookup(np.arange(vpn0, vpn0 + N))
-            for v in pr.proc.mm.vmas_in(self.base, self.base + N * PAGE_SIZE):
-                i0 = (v.start - self.base) >> 12
-                e = ent[i0:i0 + v.npages]
-                live = (e & U(dmirror.DPT_VALID)) != 0
-                cpu = np.asarray(v.pte, U)[live]
-                assert (pt.pte_pfn(cpu) == (e[live] >> U(12)).astype(np.int64)).all()
-                assert (cpu != 0).all()
-                w = (e[live] & U(dmirror.DPT_WRITE)) != 0
-                cw = pt.pte_write(cpu) | pt.is_writable_swp(cpu)
-                assert (cw[w]).all()
-            # nothing mapped by the device where the CPU has no mapping
+            ent = pr.mirror.pt.lookup(np.arange(vpn0, vpn0 + N))
             for k in np.nonzero((ent & U(dmirror.DPT_VALID)) != 0)[0]:
                 assert pr.prot[k] >= 0
 
