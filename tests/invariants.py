@@ -58,7 +58,7 @@ def check_system(system, pins=None, devices=(), quiescent=True):
     driver = np.zeros(n, np.int64)
     for d in devices:
         for m in list(d.mirrors):
-            np.add.at(driver, np.asarray(m.bounce, np.int64), 1)
+            np.add.at(driver, np.asarray(getattr(m, "bounce", ()), np.int64), 1)
     z = phys.zero_pfn
     mc = pg.mapcount.astype(np.int64)
     bad = np.nonzero(mc != maps)[0]

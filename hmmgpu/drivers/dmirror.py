@@ -61,7 +61,7 @@ from ..hmm.migrate_device import (MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRAT
                                   migrate_device_finalize, migrate_device_pages,
                                   migrate_device_range, migrate_pfn, migrate_pfn_to_pfn,
                                   migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup)
-from ..mm.notifier import (MMU_NOTIFY_MIGRATE, MmuIntervalNotifier, mmu_interval_notifier_insert,
+from ..mm.notifier import (MMU_NOTIFY_MIGRATE, MMU_NOTIFY_RELEASE, MmuIntervalNotifier, mmu_interval_notifier_insert,
                            mmu_interval_notifier_remove, mmu_interval_read_begin,
                            mmu_interval_read_retry, mmu_interval_set_seq)
 from ..mm.mm import MM
@@ -519,6 +519,7 @@ class DMirror:
         self.pt = self.ctx.pt
         self.bounce_lock = threading.Lock()     # one read/write of this open at a time uses it
         self.bounce = np.zeros(0, np.int64)     # pfns of this open's bounce buffer (driver references)
+        self.released = False                   # the mirrored address space went (exit_mmap)
         self.mutex = threading.RLock()
         self.flags = 0
         self.closed = False
@@ -539,6 +540,15 @@ class DMirror:
             # copying them) and keep the others'.
             if range.event == MMU_NOTIFY_MIGRATE and range.owner is self.mdevice:
                 return True
+            if range.event == MMU_NOTIFY_RELEASE:
+                # exit_mmap(): the process is going, and with it what this open holds for it
+                # (an exit closes its files; this handle only answers EINVAL from now on)
+                self.released = True
+                if self.bounce_lock.acquire(blocking=False):
+                    try:
+                        self._drop_bounce()
+                    finally:
+                        self.bounce_lock.release()
             # dmirror_do_update(); returns once the device can no longer use the old entries.
             # Clipped to user addresses: the range may be the whole address space, and the
             # bounce buffer sits above it.
@@ -557,8 +567,7 @@ class DMirror:
         mmu_interval_notifier_remove(self.notifier)
         self.ctx.destroy()                  # empties self.pt and gives its tables back
         with self.bounce_lock:
-            self.system.phys.put(self.bounce)
-            self.bounce = np.zeros(0, np.int64)
+            self._drop_bounce()
         self.mdevice._forget(self)
 
     def mmap(self, vma):
@@ -622,7 +631,15 @@ class DMirror:
                 what = "write" if write else "read"
                 raise oserror(ex.errno, f"device {what} fault at 0x{ex.address:x} could not be serviced",
                               start, end) from ex
+            finally:
+                if self.released:              # the process exited while we used the buffer
+                    self._drop_bounce()
         return None if write else _bounce(parts)
+
+    def _drop_bounce(self):
+        """dmirror_bounce_fini() of this open's buffer (bounce_lock held)."""
+        self.system.phys.put(self.bounce)
+        self.bounce = np.zeros(0, np.int64)
 
     def _bounce_pages(self, n, start, end):
         """This open's bounce buffer, at least ``n`` pages (dmirror_bounce_init); bounce_lock held.
