@@ -378,3 +378,40 @@ def test_a_cow_shared_page_stays_shared_read_only_through_migration(system, kind
     c.exit()
     p.exit()
     assert d.nr_allocated() == 0
+
+
+def test_rmap_walk_skips_a_mapping_zapped_under_it(system, kind, monkeypatch):
+    """try_to_migrate() looked for the pages in each VMA, then (after starting the invalidation)
+    converted what it found -- re-checking the entries against the live array itself, so the
+    check was vacuous.  A child's mapping zapped in between (its exit, MADV_DONTNEED) became a
+    migration entry of pfn 0: the zero page was put, freed and handed out again (every zero-page
+    mapping then showed someone's data), and hmm_range_fault spun on the stray entry forever."""
+    from hmmgpu import MADV_DONTNEED
+    from hmmgpu.mm import rmap
+
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=16)
+    p = system.spawn()
+    a = p.mmap(2 * P, RW, ANON)
+    p.write(a, b"\x0b" * (2 * P))
+    c = p.fork()
+    c.read(a + P, 1)
+    m = d.open(p)
+    real = rmap.invalidation
+    zapped = []
+
+    def zap_first(mm, lo, hi, event, owner=None):
+        if mm is c.mm and not zapped:
+            zapped.append(True)
+            c.madvise(a, 2 * P, MADV_DONTNEED)        # the child's mappings go meanwhile
+        return real(mm, lo, hi, event, owner)
+
+    monkeypatch.setattr(rmap, "invalidation", zap_first)
+    m.migrate_to_dev(a, 2)
+    assert zapped
+    pg = system.phys.pages
+    assert pg.refcount[0] == 1 and pg.flags[0] == 0x50, "the zero page was put"
+    assert not c.mm.vmas[0].pte.any(), "the zapped entries came back as migration entries"
+    assert not c.read(a, 2 * P).any() and (p.read(a, 2 * P) == 0x0B).all()
+    m.close()
+    c.exit()
+    p.exit()

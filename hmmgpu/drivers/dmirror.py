@@ -381,7 +381,14 @@ class DMirrorDevice:
                 migrate_device_finalize(self.system, src, dst, n)
                 raise
             phys.pages.flags[dpages] |= PG_LOCKED
-            self.device.copy_pages(dpages, spfn[sel]).wait()
+            try:
+                self.device.copy_pages(dpages, spfn[sel]).wait()
+            except BaseException:
+                # the copy failed part-way: nothing moves, every page stays on the device
+                _release_new(phys, dpages)
+                migrate_device_pages(self.system, src, dst, n)
+                migrate_device_finalize(self.system, src, dst, n)
+                raise
             wr = (src[sel] & _U(MIGRATE_PFN_WRITE)) != 0
             dst[sel] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
             # No device page table needs fixing here: migrate_device_range unmapped every CPU
@@ -852,13 +859,13 @@ class DMirror:
         self._map_checked(lambda: still(vma.pte[i0 + sel]), (args.start >> PAGE_SHIFT) + sel,
                           dpfn[sel], np.where((dst[sel] & _U(MIGRATE_PFN_WRITE)) != 0, DPT_WRITE, 0))
 
-    def _map_checked(self, check, vpns, pfns, flags):
+    def _map_checked(self, check, vpns, pfns, flags, tries=HMM_RANGE_DEFAULT_TIMEOUT):
         """Map what a migration or make_device_exclusive just set up, with the interval
         notifier's protocol (the C driver maps under its mutex and trusts the page locks, which
         a zap does not take): after read_begin, under the mutex, a sequence that did not move
         means every invalidation that touched the range has finished, so ``check()`` (the CPU
         entries are still what was set up) tells the truth.  True when every page was mapped."""
-        for _ in range(HMM_RANGE_DEFAULT_TIMEOUT):
+        for _ in range(tries):
             seq = mmu_interval_read_begin(self.notifier)
             with self.mutex:
                 if mmu_interval_read_retry(self.notifier, seq):
@@ -975,9 +982,10 @@ class DMirror:
                 try:
                     far = p[(p >= phys.nr_ram) & ~self.mdevice.device.owns(p)]
                     if far.size == 0:
+                        # one try per round: the loop around makes them exclusive again
                         mapped = self._map_checked(
                             lambda: self._still_exclusive(start, got, p),
-                            (start >> PAGE_SHIFT) + got, p, DPT_ATOMIC)
+                            (start >> PAGE_SHIFT) + got, p, DPT_ATOMIC, tries=1)
                 finally:
                     # the caller's part of make_device_exclusive(): unlock, drop the references
                     phys.unlock(p)

@@ -53,6 +53,7 @@ HMM_PFN_FLAGS = ((1 << 64) - 1) & ~((1 << HMM_PFN_ORDER_SHIFT) - 1)
 HMM_PFN_INOUT_FLAGS = HMM_PFN_DMA_MAPPED | HMM_PFN_P2PDMA | HMM_PFN_P2PDMA_BUS
 
 HMM_RANGE_DEFAULT_TIMEOUT = 1000   # ms in Linux; here a bound on retries (deterministic)
+_MAX_STALLS = 64                   # walk passes without progress before -EBUSY
 
 _HMM_NEED_FAULT = 1
 _HMM_NEED_WRITE_FAULT = 2
@@ -148,14 +149,22 @@ def hmm_range_fault(range):
     if mm is None:
         return -errno.EFAULT
     walk = _Walk(range)
+    stalled = 0
     while True:
         if mmu_interval_check_retry(range.notifier, range.notifier_seq):
             return -errno.EBUSY
+        last = walk.last
         ret = _walk_page_range(mm, walk)
         # On -EBUSY the walk restarts at walk.last: entries below it hold their
         # output, entries from it on still hold their input.
         if ret != -errno.EBUSY:
             return ret
+        # A pass that faulted and still stops at the same page made no progress; after
+        # _MAX_STALLS of those the caller gets -EBUSY and retries with a fresh sequence, so a
+        # page that never settles costs a bounded wait instead of a spin under mmap_lock.
+        stalled = stalled + 1 if walk.last == last else 0
+        if stalled >= _MAX_STALLS:
+            return -errno.EBUSY
 
 
 def _walk_page_range(mm, walk):

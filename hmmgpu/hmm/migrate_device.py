@@ -544,9 +544,23 @@ def migrate_device_coherent_pages(system, pfns):
     migrate_device_pfns(system, src, pfns)
     sel = np.nonzero((src & _U(MIGRATE_PFN_MIGRATE)) != 0)[0]
     if sel.size:
-        new = system.phys.alloc(sel.size, None, zero=False)
-        system.phys.pages.flags[new] |= PG_LOCKED
-        system.phys.copy(new, migrate_pfn_to_pfn(src[sel]))
+        phys = system.phys
+        try:
+            new = phys.alloc(sel.size, None, zero=False)
+        except BaseException:
+            # no memory to move to: every page stays where it is, unlocked, mapped again
+            migrate_device_pages(system, src, dst, pfns.size)
+            migrate_device_finalize(system, src, dst, pfns.size)
+            raise
+        phys.pages.flags[new] |= PG_LOCKED
+        try:
+            phys.copy(new, migrate_pfn_to_pfn(src[sel]))
+        except BaseException:
+            phys.unlock(new)
+            phys.put(new, unique=True)
+            migrate_device_pages(system, src, dst, pfns.size)
+            migrate_device_finalize(system, src, dst, pfns.size)
+            raise
         dst[sel] = migrate_pfn(new)
     migrate_device_pages(system, src, dst, pfns.size)
     moved = (src & _U(MIGRATE_PFN_MIGRATE)) != 0

@@ -66,6 +66,13 @@ def vmas_for_pages(system, pfns, family=None):
     return rmap_vmas(system, anon_ids=[family], mappings=maps.tolist())
 
 
+def _maps_one_of(pte, pfns):
+    """Entries that map one of ``pfns`` (sorted): present, device-private or device-exclusive."""
+    t = pt.swp_type(pte)
+    mappable = pt.pte_present(pte) | ((t >= pt.SWP_DEVICE_PRIVATE_READ) & (t <= pt.SWP_DEVICE_EXCLUSIVE_WRITE))
+    return (pte != 0) & mappable & np.isin(pt.pte_pfn(pte), pfns, assume_unique=False)
+
+
 @rmap_locked
 def try_to_migrate(system, pfns, vmas, skip=None):
     """try_to_migrate(): replace every other mapping of ``pfns`` by a migration entry.
@@ -81,25 +88,20 @@ def try_to_migrate(system, pfns, vmas, skip=None):
     pg = phys.pages
     done = 0
     for v in vmas:
-        pte = v.pte
-        live = pte != 0
-        if not live.any():
-            continue
-        p = pt.pte_pfn(pte)
-        t = pt.swp_type(pte)
-        mappable = pt.pte_present(pte) | ((t >= pt.SWP_DEVICE_PRIVATE_READ) & (t <= pt.SWP_DEVICE_EXCLUSIVE_WRITE))
-        hit = live & mappable & np.isin(p, pfns)
+        idx = np.nonzero(_maps_one_of(v.pte, pfns))[0]
         if skip is not None and skip[0] is v:
-            hit[skip[1]:skip[2]] = False
-        idx = np.nonzero(hit)[0]
+            idx = idx[(idx < skip[1]) | (idx >= skip[2])]
         if idx.size == 0:
             continue
         lo = v.start + (int(idx[0]) << PAGE_SHIFT)
         hi = v.start + ((int(idx[-1]) + 1) << PAGE_SHIFT)
         with invalidation(v.mm, lo, hi, MMU_NOTIFY_CLEAR):
             with phys.lock:
+                # The entries were found without the page-table lock: convert only those that
+                # still map one of the pages.  Another thread may have zapped some meanwhile (a
+                # child's exit, MADV_DONTNEED): an empty entry read as pfn 0 would put the zero page.
                 cur = v.pte[idx]
-                still = (cur == pte[idx])
+                still = _maps_one_of(cur, pfns)
                 idx, cur = idx[still], cur[still]
                 cp = pt.pte_pfn(cur)
                 ct = pt.swp_type(cur)
