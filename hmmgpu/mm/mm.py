@@ -10,7 +10,6 @@ writing; faults, GUP and HMM take it for reading.  A PTE changes state under
 ``phys.lock`` (the page-table lock), and a fault allocates before it takes that
 lock and re-checks that the entries did not move meanwhile (``pte_same``).
 """
-import bisect
 import contextlib
 import errno
 
@@ -32,7 +31,8 @@ from .notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_PROTEC
 from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_SWAPBACKED, PG_ZONE_DEVICE, add_at
 from .vma import (VM_ACCESS, VM_DONTEXPAND, VM_PFNMAP, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
                   VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, VMA, prot_to_vm,
-                  vma_is_anonymous)
+                  ptes_compact, ptes_join, vma_is_anonymous)
+from .vmatree import VmaTree
 
 FAULT_FLAG_WRITE = 0x1
 VM_FAULT_OOM = 0x1
@@ -71,8 +71,7 @@ class MM:
         self.system = system
         self.phys = system.phys
         self.owner = owner
-        self.vmas = []
-        self._starts = []
+        self.vmas = VmaTree()
         self.mmap_lock = RWLock()
         self.notifiers = NotifierSubscriptions()
         self.rss = {k: 0 for k in _RSS_KINDS}
@@ -85,38 +84,26 @@ class MM:
 
     # -- the VMA tree ---------------------------------------------------------------
     def _insert(self, vma):
-        i = bisect.bisect_left(self._starts, vma.start)
-        self.vmas.insert(i, vma)
-        self._starts.insert(i, vma.start)
+        self.vmas.insert(vma)
 
     def _remove(self, vma):
-        i = self.vmas.index(vma)
-        del self.vmas[i]
-        del self._starts[i]
+        self.vmas.remove(vma)
 
     def find_vma(self, addr):
         """The VMA containing ``addr``, or None."""
-        i = bisect.bisect_right(self._starts, addr) - 1
-        if i >= 0 and self.vmas[i].end > addr:
-            return self.vmas[i]
-        return None
+        return self.vmas.find(addr)
 
     def vmas_in(self, start, end):
         """VMAs overlapping [start, end), in address order."""
-        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
-        out = []
-        for v in self.vmas[i:]:
-            if v.start >= end:
-                break
-            if v.end > start:
-                out.append(v)
-        return out
+        return self.vmas.overlapping(start, end)
 
     def _split_at(self, addr):
         """Make ``addr`` a VMA boundary if it falls inside one."""
         v = self.find_vma(addr)
         if v is not None and v.start < addr:
-            self._insert(v.split(addr))
+            right = v.split(addr)
+            self.vmas.update(v)
+            self._insert(right)
 
     def _try_merge(self, addr):
         """vma_merge(): join the VMAs meeting at ``addr`` when nothing tells them apart."""
@@ -129,9 +116,10 @@ class MM:
             return
         if prev.file is not None and prev.pgoff + prev.npages != nxt.pgoff:
             return
-        prev.pte = np.concatenate((prev.pte, nxt.pte))
+        prev.pte = ptes_join(prev.pte, nxt.pte)
         prev.end = nxt.end
         self._remove(nxt)
+        self.vmas.update(prev)
         if prev.file is not None:
             prev.file.nr_mappings -= 1
 
@@ -472,14 +460,8 @@ class MM:
         if hint and hint % PAGE_SIZE == 0 and MMAP_MIN_ADDR <= hint and hint + length <= TASK_SIZE:
             if not self.vmas_in(hint, hint + length):
                 return hint
-        cand = MMAP_BASE - length
-        for v in reversed(self.vmas):
-            if v.start >= cand + length:
-                continue
-            if v.end <= cand:
-                break
-            cand = v.start - length
-        if cand < MMAP_MIN_ADDR:
+        cand = self.vmas.empty_area_rev(length, MMAP_MIN_ADDR, MMAP_BASE)
+        if cand is None:
             raise oserror(errno.ENOMEM, f"no free range of {length} bytes in the address space")
         return cand
 
@@ -610,8 +592,18 @@ class MM:
             for v in vmas:
                 self._zap(v, 0, v.npages)
                 self._remove(v)
+        self._compact_around(start, end)
         for v in vmas:
             self._release_backing(v)
+
+    def _compact_around(self, start, end):
+        """[start, end) was unmapped: a neighbour left holding little of a page table it
+        shared with what went gets a table of its own (ptes_compact), so the rest is freed.
+        It costs at most a few times what the unmap did."""
+        for a in (start - PAGE_SIZE, end):
+            v = self.find_vma(a)
+            if v is not None:
+                ptes_compact(v)
 
     def _release_backing(self, vma):
         f = vma.file
@@ -784,6 +776,7 @@ class MM:
                     extra = (old_addr + new_size - vma.end) >> PAGE_SHIFT
                     vma.pte = np.concatenate((vma.pte, np.zeros(extra, np.uint64)))
                     vma.end = old_addr + new_size
+                    self.vmas.update(vma)
                     return old_addr
                 if not flags & MREMAP_MAYMOVE:
                     raise oserror(errno.ENOMEM, "mremap: cannot grow in place and MREMAP_MAYMOVE not given",
@@ -815,6 +808,8 @@ class MM:
                     src.pte[:] = 0          # the pages went with the move; the old range refaults empty
                 else:
                     self._remove(src)
+        if not dontunmap:
+            self._compact_around(old_addr, old_addr + old_size)
         if moved.file is not None and dontunmap:
             moved.file.nr_mappings += 1
         self._insert(moved)
