@@ -6,6 +6,11 @@ migrate_vma_finalize) and, back, HMM_DMIRROR_MIGRATE_TO_SYS.  Baselines in the s
 pinned cudaMemcpyAsync of the same bytes each way (GPU), or a NumPy gather of the same frames
 (fallback).  "scattered": the RAM free list is shuffled first, so no two pages are adjacent
 frames; "contiguous": pages faulted in order into consecutive frames.
+
+On the fallback the suite also times dmirror's two ioctls over 64 MiB of scattered pages
+(``_dmirror_ioctls``): HMM_DMIRROR_MIGRATE_TO_DEV, which copies every page twice (the migration,
+then the read-back through the device page table that lib/test_hmm.c returns), against two
+NumPy gathers of the same frames, and HMM_DMIRROR_MIGRATE_TO_SYS against one.
 """
 import numpy as np
 
@@ -32,6 +37,52 @@ def run(ctx, backend_name=None, nbytes_list=None, target=">= 0.85"):
                 _measure(ctx, w, layout, gpu, target)
             finally:
                 w.close()
+    if not gpu and nbytes_list is None:
+        _dmirror_ioctls(ctx)
+
+
+def _dmirror_ioctls(ctx):
+    """The ioctls as a user calls them, against NumPy gathers of the same frames."""
+    nbytes = (4 << 20) if ctx.quick else (64 << 20)
+    ctx.progress(f"dmirror ioctls {size_label(nbytes)}")
+    w = Workload("numpy", nbytes // PAGE, scattered=True)
+    try:
+        gather = pick_gather(ctx, w.system.phys.ram.frames, w.pfns())
+        m, n = w.mirror, w.npages
+        state = {"on_dev": False}
+
+        def to_dev():
+            r = m.migrate_to_dev(w.addr, n)
+            assert r.cpages == n and r.data.size == nbytes
+            state["on_dev"] = True
+
+        def to_sys():
+            assert m.migrate_to_sys(w.addr, n).cpages == n
+            state["on_dev"] = False
+
+        def on_sys():
+            if state["on_dev"]:
+                to_sys()
+
+        def on_dev():
+            if not state["on_dev"]:
+                to_dev()
+
+        def two_gathers():
+            gather()
+            gather()
+        t_dev, b_dev = ctx.compare(to_dev, two_gathers, ours_setup=on_sys)
+        t_sys, b_sys = ctx.compare(to_sys, gather, ours_setup=on_dev)
+        on_sys()
+        note = f"{w.runs():,} run(s) of contiguous frames in {n:,} pages"
+        ctx.figure("dmirror HMM_DMIRROR_MIGRATE_TO_DEV ioctl (migration + read-back)", nbytes=nbytes,
+                   ours=t_dev, base=b_dev, baseline_name="two NumPy gathers of the same frames",
+                   target=">= 0.7", size=size_label(nbytes), note=note)
+        ctx.figure("dmirror HMM_DMIRROR_MIGRATE_TO_SYS ioctl", nbytes=nbytes, ours=t_sys, base=b_sys,
+                   baseline_name="NumPy gather of the same frames", target=">= 0.7",
+                   size=size_label(nbytes), note=note)
+    finally:
+        w.close()
 
 
 def _measure(ctx, w, layout, gpu, target):
