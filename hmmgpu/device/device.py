@@ -147,6 +147,8 @@ class EmulatedDevice:
     def _split(self, pfns):
         p = np.asarray(pfns, dtype=np.int64).reshape(-1)
         dev = self.owns(p)
+        if dev.all():
+            return p, dev
         bad = ~dev & ((p < 0) | (p >= self.nr_ram))
         if bad.any():
             raise ValueError(f"{self.name}: pfn 0x{int(p[bad][0]):x} is neither system RAM nor this "
@@ -191,15 +193,15 @@ class EmulatedDevice:
             raise ValueError(f"{self.name}: copy of {s.size} source pages to {d.size} destinations")
         fence = DONE
         with span("dma copy", "migrate", self.name, npages=int(d.size)), self.lock:
-            for dd in (False, True):              # at most four batches: RAM/device x RAM/device
-                for sd in (False, True):
-                    m = (ddev == dd) & (sdev == sd)
-                    if not m.any():
-                        continue
-                    fence = self.dma.copy(self.arena if dd else self.host_arena,
-                                          d[m] - (self.pfn_base if dd else 0),
-                                          self.arena if sd else self.host_arena,
-                                          s[m] - (self.pfn_base if sd else 0))
+            kind = ddev * 2 + sdev                # RAM/device x RAM/device: at most four batches
+            kinds = [int(kind[0])] if d.size and (kind == kind[0]).all() else np.unique(kind).tolist()
+            for k in kinds:
+                dd, sd = k >= 2, k & 1
+                m = slice(None) if len(kinds) == 1 else kind == k
+                fence = self.dma.copy(self.arena if dd else self.host_arena,
+                                      d[m] - (self.pfn_base if dd else 0),
+                                      self.arena if sd else self.host_arena,
+                                      s[m] - (self.pfn_base if sd else 0))
         return fence                             # one in-order queue: the last fence covers all
 
     def synchronize(self):

@@ -49,7 +49,7 @@ from ..hmm.hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_
                        HMM_PFN_WRITE, HMM_RANGE_DEFAULT_TIMEOUT, HmmRange, hmm_pfn_to_map_order,
                        hmm_pfn_to_pfn, hmm_range_fault)
 from ..hmm.memremap import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE, DevPagemap,
-                            is_device_coherent_page, is_device_private_page, is_zone_device_page,
+                            is_device_coherent_page, is_device_private_page,
                             memremap_pages, memunmap_pages, pgmap_owner_is, zone_device_page_init)
 from ..hmm.migrate_device import (MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
                                   MIGRATE_VMA_SELECT_DEVICE_COHERENT,
@@ -299,9 +299,8 @@ class DMirrorDevice:
         except OSError:
             return VM_FAULT_OOM
         phys.pages.flags[dpages] |= PG_LOCKED
-        addrs = args.start + (sel << PAGE_SHIFT)
         # xa_erase() of the device mappings, in every mirror of this device on that mm
-        self._erase_in_mirrors(mm, addrs)
+        self._erase_in_mirrors(mm, (args.start >> PAGE_SHIFT) + sel)
         try:
             # the CPU may touch the new pages as soon as migrate_vma_pages maps them: wait
             self.device.copy_pages(dpages, sp).wait()
@@ -312,14 +311,13 @@ class DMirrorDevice:
         args.dst[sel] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
         return 0
 
-    def _erase_in_mirrors(self, mm, addrs, skip=None):
-        """Invalidate ``addrs`` in every open of this device on ``mm`` (but ``skip``): they all
-        ignored the MMU_NOTIFY_MIGRATE that carried this device as owner."""
+    def _erase_in_mirrors(self, mm, vpns, skip=None):
+        """Invalidate the pages ``vpns`` in every open of this device on ``mm`` (but ``skip``):
+        they all ignored the MMU_NOTIFY_MIGRATE that carried this device as owner."""
         with self.lock:
             mirrors = [m for m in self.mirrors if m.mm is mm and m is not skip]
-        if not mirrors or addrs.size == 0:
+        if not mirrors or vpns.size == 0:
             return
-        vpns = addrs >> PAGE_SHIFT
         for m in mirrors:
             with m.mutex:
                 m.pt.invalidate(vpns)
@@ -721,57 +719,59 @@ class DMirror:
     def _migrate_alloc_and_copy(self, args):
         """dmirror_migrate_alloc_and_copy(): device pages for the collected ones, and the copy."""
         src = args.src[:args.npages]
-        sel = (src & _U(MIGRATE_PFN_MIGRATE)) != 0
         spfn = migrate_pfn_to_pfn(src)
-        has = spfn >= 0
-        if has.any():
-            # Device pages (ours or another device's) are never copied device to device here.
-            zd = np.zeros(src.size, dtype=bool)
-            zd[has] = is_zone_device_page(self.system, spfn[has])
-            sel &= ~zd
-        idx = np.nonzero(sel)[0]
+        phys = self.system.phys
+        # Device pages (ours or another device's) are never copied device to device here.
+        idx = np.flatnonzero(((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (spfn < phys.nr_ram))
         if idx.size == 0:
             return
         if self.flags & FLAG_FAIL_ALLOC:
             # the injected failure hits the huge allocation; small pages follow
             self.flags &= ~FLAG_FAIL_ALLOC
         dpages = self.mdevice.alloc_pages(idx.size)
-        idx = idx[:dpages.size]
+        if dpages.size < idx.size:
+            idx = idx[:dpages.size]
         if idx.size == 0:
             return
         sp = spfn[idx]
-        phys = self.system.phys
         dev = self.mdevice.device
         with_src = sp >= 0
+        every = with_src.all()
         try:
-            if with_src.any():
-                # waited for: migrate_vma_finalize frees the source pages, which the CPU may
-                # reuse at once
-                dev.copy_pages(dpages[with_src], sp[with_src]).wait()
-            if (~with_src).any():
+            # waited for: migrate_vma_finalize frees the source pages, which the CPU may reuse
+            # at once
+            if every:
+                dev.copy_pages(dpages, sp).wait()
+            else:
+                if with_src.any():
+                    dev.copy_pages(dpages[with_src], sp[with_src]).wait()
                 dev.fill_pages(dpages[~with_src], 0)
         except BaseException:
             _release_new(phys, dpages)
             raise
-        wr = ((src[idx] & _U(MIGRATE_PFN_WRITE)) != 0) | (~with_src & bool(args.vma.vm_flags & VM_WRITE))
+        wr = (src[idx] & _U(MIGRATE_PFN_WRITE)) != 0
+        if not every and args.vma.vm_flags & VM_WRITE:
+            wr |= ~with_src                  # a hole filled in a writable VMA
         phys.pages.zone_device_data[dpages] = id(self)
-        args.dst[idx] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
+        args.dst[idx] = migrate_pfn(dpages) | (wr.astype(_U) << _U(3))
 
     def _migrate_finalize_and_map(self, args):
         """dmirror_migrate_finalize_and_map(): map the new device pages in the device page table."""
         src = args.src[:args.npages]
         dst = args.dst[:args.npages]
         dpfn = migrate_pfn_to_pfn(dst)
-        sel = np.nonzero(((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (dpfn >= 0))[0]
+        sel = np.flatnonzero(((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (dpfn >= 0))
         if sel.size == 0:
             return
         w = (dst[sel] & _U(MIGRATE_PFN_WRITE)) != 0
+        flags = DPT_WRITE if w.all() else np.where(w, DPT_WRITE, 0)
         # Other opens of this device on this mm ignored the MMU_NOTIFY_MIGRATE too (it
         # carries our owner): their entries for these pages are stale now.  (The kernel's
         # test driver leaves them; a real driver cannot.)
-        self.mdevice._erase_in_mirrors(self.mm, args.start + (sel << PAGE_SHIFT), skip=self)
+        vpns = (args.start >> PAGE_SHIFT) + sel
+        self.mdevice._erase_in_mirrors(self.mm, vpns, skip=self)
         with self.mutex:
-            self.pt.map((args.start >> PAGE_SHIFT) + sel, dpfn[sel], np.where(w, DPT_WRITE, 0))
+            self.pt.map(vpns, dpfn[sel], flags)
 
     def migrate_to_sys(self, addr, npages):
         """HMM_DMIRROR_MIGRATE_TO_SYS: bring this device's pages in the range back to system memory."""

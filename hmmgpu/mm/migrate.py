@@ -31,9 +31,11 @@ def folio_migrate_mapping(system, new, old, extra=0):
     pg = phys.pages
     new = np.asarray(new, dtype=np.int64)
     old = np.asarray(old, dtype=np.int64)
-    ok = (pg.refcount[old] == migrate_expected_refs(system, old, extra)) & (pg.mapcount[old] == 0)
-    ok &= pg.pincount[old] == 0
-    filed = ok & (pg.mapping[old] >= 0)
+    mapping = pg.mapping[old]
+    # folio_expected_ref_count(): the migrator's reference, and the page cache's
+    ok = (pg.refcount[old] - (mapping >= 0) == 1 + np.asarray(extra, dtype=np.int32)) & (
+        pg.mapcount[old] == 0) & (pg.pincount[old] == 0)
+    filed = ok & (mapping >= 0)
     if filed.any():
         caches = getattr(system, "caches", {})
         for mid in np.unique(pg.mapping[old[filed]]).tolist():
@@ -58,6 +60,11 @@ def folio_migrate_flags(system, new, old):
     pg.mapping[new] = pg.mapping[old]
     pg.index[new] = pg.index[old]
     # mem_cgroup_migrate(): the charge moves; the old frame is freed uncharged.
-    moved = pg.memcg[old] >= 0
-    pg.memcg[new[moved]] = pg.memcg[old[moved]]
-    pg.memcg[old[moved]] = -1
+    cg = pg.memcg[old]
+    moved = cg >= 0
+    if moved.all():
+        pg.memcg[new] = cg
+        pg.memcg[old] = -1
+    else:
+        pg.memcg[new[moved]] = cg[moved]
+        pg.memcg[old[moved]] = -1

@@ -27,6 +27,13 @@ PG_SWAPBACKED = np.uint32(1 << 5)
 PG_RESERVED = np.uint32(1 << 6)
 PG_ANON_EXCLUSIVE = np.uint32(1 << 7)   # PageAnonExclusive: only this mapping may see the page
 
+# enum memory_type (include/linux/memremap.h): what kind of ZONE_DEVICE memory a pgmap holds
+MEMORY_DEVICE_PRIVATE = 1
+MEMORY_DEVICE_COHERENT = 2
+MEMORY_DEVICE_FS_DAX = 3
+MEMORY_DEVICE_GENERIC = 4
+MEMORY_DEVICE_PCI_P2PDMA = 5
+
 
 def add_at(counts, pfns, delta, unique=False):
     """counts[pfns] += delta with repeated pfns counted each time (np.add.at, but fast).
@@ -96,6 +103,7 @@ class PhysicalMemory:
         self.ram = backend.host_arena(self.nr_ram)
         self.segments = [Segment(0, self.ram, -1)]
         self.pgmaps = []
+        self.pgmaps_seq = 0       # bumped whenever ``pgmaps`` changes (caches of it compare this)
         self.pages = StructPages(self.nr_ram)
         self.memcgs = []          # index -> MemCgroup, set by System
         self.oom = None           # callable(npages, memcg) -> bool: something was freed
@@ -261,6 +269,7 @@ class PhysicalMemory:
                                   f"pfn [{s.base}, {s.end})")
             idx = len(self.pgmaps)
             self.pgmaps.append(pgmap)
+            self.pgmaps_seq += 1
             self.segments.append(Segment(base, arena, idx))
             self.segments.sort(key=lambda s: s.base)
             self.pages.grow(seg_end)
@@ -279,6 +288,7 @@ class PhysicalMemory:
                               f"({busy.size} pages in use)")
             self.segments.remove(seg)
             self.pgmaps[seg.pgmap_index] = None
+            self.pgmaps_seq += 1
             self.pages.pgmap[seg.base:seg.end] = -1
             self.pages.flags[seg.base:seg.end] = 0
 
@@ -344,6 +354,28 @@ class PhysicalMemory:
         if not hasattr(self, "_dma"):
             self._dma = self.backend.dma_engine()
         return self._dma
+
+    def pgmap_table(self, key, make):
+        """An array indexed by pgmap index (+1 slot for "none" at the end) of ``make(pgmap)``
+        for every pgmap, kept until the set of pgmaps changes."""
+        cache = self.__dict__.setdefault("_pgmap_tables", {})
+        got = cache.get(key)
+        if got is None or got[0] != self.pgmaps_seq:
+            if len(cache) > 64:
+                cache.clear()
+            got = (self.pgmaps_seq, np.array([make(p) if p is not None else 0 for p in self.pgmaps] + [0]))
+            cache[key] = got
+        return got[1]
+
+    def zone_device_type(self, pfns):
+        """The memory_type of each pfn's pgmap, 0 for system RAM."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        out = np.zeros(pfns.shape, dtype=np.int64)
+        dev = pfns >= self.nr_ram
+        if not dev.any():
+            return out
+        out[dev] = self.pgmap_table("type", lambda p: getattr(p, "type", 0))[self.pages.pgmap[pfns[dev]]]
+        return out
 
     def is_device(self, pfns):
         return np.asarray(pfns, dtype=np.int64) >= self.nr_ram
