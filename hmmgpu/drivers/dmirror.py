@@ -42,7 +42,7 @@ import numpy as np
 
 from ..constants import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from ..device import EmulatedDevice, JobFault
-from ..device.pagetable import PTE_ATOMIC, PTE_VALID, PTE_WRITE
+from ..device.pagetable import PTE_ATOMIC, PTE_VALID, PTE_WRITE, pte_pfn
 from ..errors import oserror
 from ..hmm.exclusive import make_device_exclusive_range
 from ..hmm.hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID,
@@ -712,9 +712,23 @@ class DMirror:
                     migrate_vma_pages(args)
                     self._migrate_finalize_and_map(args)
         # Return the migrated data for verification, read by the device through its page table.
-        data = self._read_mapped(start, end, "pages are not in device memory (not migratable: "
-                                 "shared, file-backed or on another device)")
+        data = self._read_back(start, end, "pages are not in device memory (not migratable: "
+                               "shared, file-backed or on another device)")
         return DmirrorResult(data, (end - start) >> PAGE_SHIFT)
+
+    def _read_back(self, start, end, why):
+        """dmirror_do_read() of what the device page table maps, in one step: the device's MMU
+        translates every page (pt.lookup, its walker) and its DMA engine copies the frames out.
+        A page with no entry is ENOENT.  The driver mutex keeps invalidations out meanwhile, so
+        no page can be freed between the translation and the copy."""
+        vpns = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64)
+        with self.mutex:
+            ent = self.pt.lookup(vpns)
+            valid = (ent & _U(DPT_VALID)) != 0
+            if np.count_nonzero(valid) < valid.size:
+                a = start + (int(np.argmin(valid)) << PAGE_SHIFT)
+                raise oserror(errno.ENOENT, f"{why} (no device mapping at 0x{a:x})", start, end)
+            return self.mdevice.device.read_pages(pte_pfn(ent)).reshape(-1)
 
     def _migrate_alloc_and_copy(self, args):
         """dmirror_migrate_alloc_and_copy(): device pages for the collected ones, and the copy."""
@@ -722,7 +736,7 @@ class DMirror:
         spfn = migrate_pfn_to_pfn(src)
         phys = self.system.phys
         # Device pages (ours or another device's) are never copied device to device here.
-        idx = np.flatnonzero(((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (spfn < phys.nr_ram))
+        idx = (((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (spfn < phys.nr_ram)).nonzero()[0]
         if idx.size == 0:
             return
         if self.flags & FLAG_FAIL_ALLOC:
@@ -736,14 +750,14 @@ class DMirror:
         sp = spfn[idx]
         dev = self.mdevice.device
         with_src = sp >= 0
-        every = with_src.all()
+        every = np.count_nonzero(with_src) == with_src.size
         try:
             # waited for: migrate_vma_finalize frees the source pages, which the CPU may reuse
             # at once
             if every:
                 dev.copy_pages(dpages, sp).wait()
             else:
-                if with_src.any():
+                if np.count_nonzero(with_src):
                     dev.copy_pages(dpages[with_src], sp[with_src]).wait()
                 dev.fill_pages(dpages[~with_src], 0)
         except BaseException:
@@ -760,11 +774,11 @@ class DMirror:
         src = args.src[:args.npages]
         dst = args.dst[:args.npages]
         dpfn = migrate_pfn_to_pfn(dst)
-        sel = np.flatnonzero(((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (dpfn >= 0))
+        sel = (((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (dpfn >= 0)).nonzero()[0]
         if sel.size == 0:
             return
         w = (dst[sel] & _U(MIGRATE_PFN_WRITE)) != 0
-        flags = DPT_WRITE if w.all() else np.where(w, DPT_WRITE, 0)
+        flags = DPT_WRITE if np.count_nonzero(w) == w.size else np.where(w, DPT_WRITE, 0)
         # Other opens of this device on this mm ignored the MMU_NOTIFY_MIGRATE too (it
         # carries our owner): their entries for these pages are stale now.  (The kernel's
         # test driver leaves them; a real driver cannot.)

@@ -216,7 +216,7 @@ def pgmap_owner_is(system, pfns, owner):
     pfns = np.asarray(pfns, dtype=np.int64)
     out = np.zeros(pfns.shape, dtype=bool)
     dev = pfns >= phys.nr_ram
-    if not dev.any() or owner is None:
+    if not np.count_nonzero(dev) or owner is None:
         return out
     match = phys.pgmap_table(("owner", id(owner)),
                              lambda p: owner is ANY_OWNER or p.owner is owner).astype(bool)

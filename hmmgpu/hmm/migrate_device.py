@@ -181,7 +181,7 @@ def _migrate_vma_collect(args):
                 cand = (kind == pt.PTE_PRESENT) & (pfn != phys.zero_pfn) & (pfn < phys.nr_ram)
             swapped = False
             if select & MIGRATE_VMA_SELECT_DEVICE_PRIVATE:
-                swp = np.flatnonzero((kind == 0) & (pte != 0))
+                swp = ((kind == 0) & (pte != 0)).nonzero()[0]
                 if swp.size:
                     t = (pte[swp] >> _SWP_SHIFT) & _SWP_TYPE
                     d = swp[(t == pt.SWP_DEVICE_PRIVATE_READ) | (t == pt.SWP_DEVICE_PRIVATE_WRITE)]
@@ -190,7 +190,7 @@ def _migrate_vma_collect(args):
                         cand = np.zeros(n, bool) if cand is None else cand
                         cand[d] = swapped = True
             if select & MIGRATE_VMA_SELECT_DEVICE_COHERENT:
-                d = np.flatnonzero((kind == pt.PTE_PRESENT) & (pfn >= phys.nr_ram))
+                d = ((kind == pt.PTE_PRESENT) & (pfn >= phys.nr_ram)).nonzero()[0]
                 if d.size:
                     d = d[is_device_coherent_page(system, pfn[d]) & pgmap_owner_is(system, pfn[d],
                                                                                    args.pgmap_owner)]
@@ -198,16 +198,16 @@ def _migrate_vma_collect(args):
                     cand[d] = True
             cpages = 0
             if hole is not None:
-                h = np.flatnonzero(hole)
+                h = hole.nonzero()[0]
                 if h.size:
                     mpfn[h] = _U(MIGRATE_PFN_MIGRATE)
                     cpages = int(h.size)
-            idx = _EMPTY if cand is None else np.flatnonzero(cand)
+            idx = _EMPTY if cand is None else cand.nonzero()[0]
             if idx.size:
                 # folio_trylock(): a page someone else holds locked is simply skipped.
                 p = pfn[idx]
                 got = phys.trylock(p, unique=True)
-                if not got.all():
+                if np.count_nonzero(got) < got.size:
                     idx, p = idx[got], p[got]
             if idx.size:
                 e = pte[idx]
@@ -220,7 +220,7 @@ def _migrate_vma_collect(args):
                 mpfn[idx] = (pu << _U(MIGRATE_PFN_SHIFT)) | _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE) | (
                     wbit << _U(3))
                 dirty = (e & _PRESENT_DIRTY) == _PRESENT_DIRTY
-                if dirty.any():
+                if np.count_nonzero(dirty):
                     d = p[dirty]
                     pg.flags[d[(pg.flags[d] & PG_ANON) == 0]] |= PG_DIRTY
                 # The mapping's reference becomes ours; its mapcount goes with the PTE.
@@ -248,7 +248,7 @@ def migrate_device_unmap(src, npages, fault_page=None, args=None):
     system = args.vma.mm.system
     phys = system.phys
     pg = phys.pages
-    if pg.mapcount[p].any():
+    if np.count_nonzero(pg.mapcount[p]):
         # mapped somewhere else too (a fork child, another mapping of the file)
         mapped = p[pg.mapcount[p] > 0]
         args._wide = True
@@ -259,7 +259,7 @@ def migrate_device_unmap(src, npages, fault_page=None, args=None):
         # our reference (the mapping's) and the page cache's are the only ones allowed
         ok = (pg.mapcount[p] == 0) & (pg.pincount[p] == 0) & (
             pg.refcount[p] - (pg.mapping[p] >= 0) == 1)
-    if ok.all():
+    if np.count_nonzero(ok) == ok.size:
         return cpages
     bad = idx[~ok]
     src[bad] &= ~_U(MIGRATE_PFN_MIGRATE)
@@ -296,7 +296,7 @@ def _migrate_device_pages(system, src, dst, npages, args):
     # no destination: this page stays
     src[dpfn < 0] &= ~_U(MIGRATE_PFN_MIGRATE)
     mig = (src & _U(MIGRATE_PFN_MIGRATE)) != 0
-    holes = np.flatnonzero(mig & (spfn < 0))
+    holes = (mig & (spfn < 0)).nonzero()[0]
     if holes.size:
         if args is None:
             src[holes] &= ~_U(MIGRATE_PFN_MIGRATE)
@@ -304,28 +304,28 @@ def _migrate_device_pages(system, src, dst, npages, args):
             addr = args.start + (int(holes[0]) << PAGE_SHIFT)
             with invalidation(args.vma.mm, addr, args.end, MMU_NOTIFY_MIGRATE, owner=args.pgmap_owner):
                 _migrate_vma_insert_pages(args, holes, dpfn[holes])
-    pages = np.flatnonzero(mig & (spfn >= 0))
+    pages = (mig & (spfn >= 0)).nonzero()[0]
     if pages.size == 0:
         return
     old, new = spfn[pages], dpfn[pages]
     pg = phys.pages
     with phys.lock:
         ztype = zone_device_type(system, new)
-        if ztype.any():
+        if np.count_nonzero(ztype):
             # Only anonymous memory goes to device memory (page-cache pages stay), and only to
             # private or coherent device memory.
             keep = (pg.mapping[old] < 0) | (ztype == 0)
             keep &= (ztype == 0) | (ztype == MEMORY_DEVICE_PRIVATE) | (ztype == MEMORY_DEVICE_COHERENT)
             ok = np.zeros(pages.size, dtype=bool)
-            if keep.any():
+            if np.count_nonzero(keep):
                 ok[keep] = folio_migrate_mapping(system, new[keep], old[keep])
         else:
             ok = folio_migrate_mapping(system, new, old)
-        if ok.all():
+        if np.count_nonzero(ok) == ok.size:
             folio_migrate_flags(system, new, old)
             return
         src[pages[~ok]] &= ~_U(MIGRATE_PFN_MIGRATE)
-        if ok.any():
+        if np.count_nonzero(ok):
             folio_migrate_flags(system, new[ok], old[ok])
 
 
@@ -392,7 +392,7 @@ def _migrate_device_finalize(system, src, dst, npages, args):
     dst = dst[:npages]
     spfn = migrate_pfn_to_pfn(src)
     dpfn = migrate_pfn_to_pfn(dst)
-    have = np.flatnonzero(spfn >= 0)
+    have = (spfn >= 0).nonzero()[0]
     s = spfn[have]
     if have.size:
         moved = ((src[have] & _U(MIGRATE_PFN_MIGRATE)) != 0) & (dpfn[have] >= 0)

@@ -36,7 +36,7 @@ def folio_migrate_mapping(system, new, old, extra=0):
     ok = (pg.refcount[old] - (mapping >= 0) == 1 + np.asarray(extra, dtype=np.int32)) & (
         pg.mapcount[old] == 0) & (pg.pincount[old] == 0)
     filed = ok & (mapping >= 0)
-    if filed.any():
+    if np.count_nonzero(filed):
         caches = getattr(system, "caches", {})
         for mid in np.unique(pg.mapping[old[filed]]).tolist():
             sel = filed & (pg.mapping[old] == mid)
@@ -62,7 +62,7 @@ def folio_migrate_flags(system, new, old):
     # mem_cgroup_migrate(): the charge moves; the old frame is freed uncharged.
     cg = pg.memcg[old]
     moved = cg >= 0
-    if moved.all():
+    if np.count_nonzero(moved) == moved.size:
         pg.memcg[new] = cg
         pg.memcg[old] = -1
     else:

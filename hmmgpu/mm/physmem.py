@@ -199,7 +199,7 @@ class PhysicalMemory:
                 add_at(self.pages.refcount, pfns, -1)
                 cand = np.unique(pfns)
                 rc = self.pages.refcount[cand]
-            if (rc < 0).any():
+            if np.count_nonzero(rc < 0):
                 bad = cand[rc < 0]
                 raise AssertionError(f"refcount underflow on pfn(s) {bad[:8].tolist()}")
             dead = cand[rc == 0]
@@ -372,7 +372,7 @@ class PhysicalMemory:
         pfns = np.asarray(pfns, dtype=np.int64)
         out = np.zeros(pfns.shape, dtype=np.int64)
         dev = pfns >= self.nr_ram
-        if not dev.any():
+        if not np.count_nonzero(dev):
             return out
         out[dev] = self.pgmap_table("type", lambda p: getattr(p, "type", 0))[self.pages.pgmap[pfns[dev]]]
         return out

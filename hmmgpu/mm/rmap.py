@@ -36,7 +36,7 @@ def _mapped_entries(system, new, writable):
     w = writable.astype(_U)
     devp = system.phys.zone_device_type(new) == MEMORY_DEVICE_PRIVATE
     out = (new.astype(_U) << _PFN) | (pt.PTE_PRESENT | pt.PTE_YOUNG) | (w * (pt.PTE_WRITE | pt.PTE_DIRTY))
-    if devp.any():
+    if np.count_nonzero(devp):
         out[devp] = pt.mk_swp(new[devp], pt.SWP_DEVICE_PRIVATE_READ + w[devp])
     return out
 
@@ -145,7 +145,7 @@ def remove_migration_ptes(system, src, dst, vmas, region=None, positions=None):
             writable = kind == _MIG_WRITE
             hit = (writable | (kind == _MIG_READ)) & ((pte >> _PFN) == src.astype(_U))
             new = dst
-            if not hit.all():
+            if np.count_nonzero(hit) < hit.size:
                 idx, writable, new = idx[hit], writable[hit], dst[hit]
             v.pte[idx] = _mapped_entries(system, new, writable)
             pg.refcount[new] += 1
@@ -159,7 +159,7 @@ def remove_migration_ptes(system, src, dst, vmas, region=None, positions=None):
         for v, i0, i1 in targets:
             pte = v.pte[i0:i1]
             mig = pt.is_migration(pte)
-            if not mig.any():
+            if not np.count_nonzero(mig):
                 continue
             p = pt.pte_pfn(pte)
             pos = np.searchsorted(ssrc, p)
