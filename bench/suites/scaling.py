@@ -1,101 +1,178 @@
 """scaling: control-plane cost per page from 2^10 to 2^20 pages (flat within 1.5x is the target).
 
-For each size N, in a fresh System: CPU fault-in of N untouched anonymous pages (write
-faults, demand-zero), fork (copying the page tables, COW), munmap, hmm_range_fault of N
-present pages (REQ_FAULT, the sequence protocol around it), and the migration of N pages to
-the device (migrate_vma_* through dmirror).  The ratio is the per-page cost at N over the
-per-page cost at the largest N of the same run (the baseline).  Quick mode: 2^10 .. 2^13;
-full: up to 2^20 on a GPU machine, 2^18 on the fallback (1 GiB).
+For each operation, the same work over N pages at the largest size and at each smaller size,
+each in a System of its own sized for it, timed alternately repeat by repeat: CPU fault-in of
+untouched anonymous memory (write faults, demand-zero), mprotect (write-protect), fork (the
+page tables copied for COW), writeback (msync of a dirty shared mapping of a real file), munmap,
+hmm_range_fault of present pages (REQ_FAULT, the sequence protocol around it), and the
+migration of N pages to the device (migrate_vma_* through dmirror).
 
-Then the costs that must not depend on how much there is (``_fixed_costs``), each against
-its baseline in the same run: mmap in an address space of 10^4 VMAs against one of a single
-VMA (get_unmapped_area and the VMA tree), a one-page mprotect in a 2^18-page VMA against one
-in a 2^10-page VMA (the split and merge of the VMA and its page table), and 10^4 one-page
-migrations against one migration of the same 10^4 pages (migrate_vma's cost per call);
-also the cost of one call of pt.map, fork + exit, munmap and migrate_vma for a single page.
+The ratio is the per-page cost at the smaller size over the per-page cost at the largest: 1.0
+is flat, above 1 the largest size is cheaper per page (fixed per-call costs spread thinner),
+below 1 it costs more per page.  The target ">= 0.67" says the largest size costs at most 1.5x
+per page what a smaller one does.  Quick mode: 2^11 against 2^14; full: 2^10 .. 2^18 on the
+fallback (1 GiB), up to 2^20 on a GPU machine.
+
+Then the costs that must not grow with how much there is (``_fixed_costs``), each against its
+baseline in the same run, timed alternately: mmap in an address space of 10^4 VMAs against mmap
+beside a single VMA (get_unmapped_area and the VMA tree; target within 1.5x), a one-page
+mprotect in a 2^18-page VMA against one in a 2^10-page VMA (splitting and merging the VMA and
+its page table; within 1.5x), and 10^4 one-page migrations against one migration of the same
+10^4 pages (migrate_vma's cost per call; at most 20x).  Last, the cost of one call for one page
+of pt.map, munmap, migrate_vma, dmirror's migrate_to_dev, fork and exit (no baseline: the
+figure itself).
 """
 import gc
+import os
+import tempfile
+import time
 
 import numpy as np
 
-import time
-
-from ._common import PAGE, PRIV_ANON, RW, Workload, need
+from ._common import PAGE, PRIV_ANON, RW, Workload
 
 NAME = "scaling"
-DESCRIPTION = "per-page cost of fault-in, fork, munmap, hmm_range_fault, migrate at 2^10..2^20 pages"
+DESCRIPTION = "per-page cost of fault-in, mprotect, fork, writeback, munmap, hmm_range_fault, migrate"
+OPS = ("fault-in", "mprotect", "fork", "writeback", "munmap", "hmm_range_fault", "migrate")
+TARGET = ">= 0.67"
+MAP_SHARED = 0x01
+PROT_READ = 0x1
 
 
 class _Seq:
+    """An mmu interval notifier op that only moves the sequence (nothing is mirrored)."""
+
     def invalidate(self, mni, range, cur_seq):
         from hmmgpu.mm.notifier import mmu_interval_set_seq
         mmu_interval_set_seq(mni, cur_seq)
         return True
 
 
-def _measure(ctx, n, have_hmm):
-    import hmmgpu
-    out = {}
-    system = hmmgpu.System(backend=ctx.backend_name, ram_bytes=(2 * n + 4096) * PAGE)
-    proc = system.spawn()
-    nbytes = n * PAGE
-    st = {"a": None, "child": None}
+class _Lab:
+    """One operation over ``n`` pages in a System of its own: ``setup()`` (untimed), ``fn()``
+    (timed), ``close()``."""
 
-    def remap():
-        if st["a"] is not None:
-            proc.munmap(st["a"], nbytes)
-        st["a"] = proc.mmap(nbytes, RW, PRIV_ANON)
-    out["fault-in"] = ctx.time(lambda: proc.populate(st["a"], nbytes, write=True), setup=remap)
+    def __init__(self, ctx, op, n):
+        import hmmgpu
+        self.n, self.nbytes = n, n * PAGE
+        self.st = {"a": None, "child": None}
+        self.w = self.system = self.proc = None
+        self._file = None
+        if op == "migrate":
+            self.w = Workload(ctx.backend_name, n, scattered=False, ram_extra_pages=4096)
+            self.st["on"] = False
+            self.setup, self.fn = self._back, self._to_dev
+            return
+        self.system = hmmgpu.System(backend=ctx.backend_name, ram_bytes=(2 * n + 4096) * PAGE)
+        self.proc = self.system.spawn()
+        self.setup, self.fn = {
+            "fault-in": (self._remap, lambda: self.proc.populate(self.st["a"], self.nbytes, write=True)),
+            "mprotect": (self._writable, lambda: self.proc.mprotect(self.st["a"], self.nbytes, PROT_READ)),
+            "fork": (self._reap, lambda: self.st.__setitem__("child", self.proc.fork())),
+            "writeback": (self._dirty, lambda: self.proc.msync(self.st["f"], self.nbytes)),
+            "munmap": (self._populated, self._munmap),
+            "hmm_range_fault": (None, self._range_fault),
+        }[op]
+        if op in ("mprotect", "fork", "hmm_range_fault"):
+            self._populated()
+        if op == "writeback":
+            fd, self._file = tempfile.mkstemp(prefix="hmmgpu-bench-")
+            os.ftruncate(fd, self.nbytes)
+            self.st["f"] = self.proc.mmap(self.nbytes, RW, MAP_SHARED, fd)
+            os.close(fd)
+            self._data = np.full(self.nbytes, 7, np.uint8)
+        if op == "hmm_range_fault":
+            from hmmgpu.hmm import (HMM_PFN_REQ_FAULT, HmmRange, MmuIntervalNotifier,
+                                    mmu_interval_notifier_insert)
+            self.mni = MmuIntervalNotifier()
+            mmu_interval_notifier_insert(self.mni, self.proc.mm, self.st["a"], self.nbytes, _Seq())
+            self.rng = HmmRange(notifier=self.mni, start=self.st["a"], end=self.st["a"] + self.nbytes,
+                                hmm_pfns=np.zeros(n, np.uint64), default_flags=HMM_PFN_REQ_FAULT)
 
-    def reap():
-        if st["child"] is not None:
-            st["child"].exit()
-            st["child"] = None
-    out["fork"] = ctx.time(lambda: st.__setitem__("child", proc.fork()), setup=reap)
-    reap()
-    if have_hmm:
-        from hmmgpu.hmm import (HMM_PFN_REQ_FAULT, HmmRange, MmuIntervalNotifier, hmm_range_fault,
-                                mmu_interval_notifier_insert, mmu_interval_read_begin)
-        mni = MmuIntervalNotifier()
-        mmu_interval_notifier_insert(mni, proc.mm, st["a"], nbytes, _Seq())
-        rng = HmmRange(notifier=mni, start=st["a"], end=st["a"] + nbytes,
-                       hmm_pfns=np.zeros(n, np.uint64), default_flags=HMM_PFN_REQ_FAULT)
+    # setups
+    def _remap(self):
+        if self.st["a"] is not None:
+            self.proc.munmap(self.st["a"], self.nbytes)
+        self.st["a"] = self.proc.mmap(self.nbytes, RW, PRIV_ANON)
 
-        def rf():
-            rng.notifier_seq = mmu_interval_read_begin(mni)
-            with proc.mm.mmap_lock.read():
-                assert hmm_range_fault(rng) == 0
-        out["hmm_range_fault"] = ctx.time(rf)
+    def _populated(self):
+        self._remap()
+        self.proc.populate(self.st["a"], self.nbytes, write=True)
 
-    def populate_fresh():
-        remap()
-        proc.populate(st["a"], nbytes, write=True)
-    out["munmap"] = ctx.time(lambda: (proc.munmap(st["a"], nbytes), st.__setitem__("a", None)),
-                             setup=populate_fresh)
-    proc.exit()
-    return out
+    def _writable(self):
+        self.proc.mprotect(self.st["a"], self.nbytes, RW)
+
+    def _reap(self):
+        if self.st["child"] is not None:
+            self.st["child"].exit()
+            self.st["child"] = None
+
+    def _dirty(self):
+        self.proc.write(self.st["f"], self._data)
+
+    def _back(self):
+        if self.st["on"]:
+            self.w.to_sys()
+            self.st["on"] = False
+
+    # timed
+    def _munmap(self):
+        self.proc.munmap(self.st["a"], self.nbytes)
+        self.st["a"] = None
+
+    def _range_fault(self):
+        from hmmgpu.hmm import hmm_range_fault, mmu_interval_read_begin
+        self.rng.notifier_seq = mmu_interval_read_begin(self.mni)
+        with self.proc.mm.mmap_lock.read():
+            assert hmm_range_fault(self.rng) == 0
+
+    def _to_dev(self):
+        self.w.to_dev()
+        self.st["on"] = True
+
+    def close(self):
+        if self.w is not None:
+            self.w.close()
+        else:
+            self._reap()
+            self.proc.exit()
+        if self._file is not None:
+            os.unlink(self._file)
+        # a System's reference cycles would keep its RAM arena alive into the next size
+        self.w = self.system = self.proc = None
+        gc.collect()
 
 
-def _migrate(ctx, n):
-    w = Workload(ctx.backend_name, n, scattered=False, ram_extra_pages=4096)
-    try:
-        st = {"on": False}
+def sizes(ctx):
+    if ctx.quick:
+        return [11], 14
+    hi = 20 if ctx.gpu else 18
+    return list(range(10, hi, 2)), hi
 
-        def back():
-            if st["on"]:
-                w.to_sys()
-                st["on"] = False
 
-        def to():
-            w.to_dev()
-            st["on"] = True
-        return ctx.time(to, setup=back)
-    finally:
-        w.close()
+def run(ctx):
+    small, big = sizes(ctx)
+    label = ctx.label + ", host CPU time of the emulation"
+    for op in OPS:
+        ctx.progress(f"{op}, 2^{big} pages")
+        lab_big = _Lab(ctx, op, 1 << big)
+        try:
+            for k in small:
+                lab = _Lab(ctx, op, 1 << k)
+                try:
+                    ours, base = ctx.compare(lab_big.fn, lab.fn, ours_setup=lab_big.setup, base_setup=lab.setup)
+                finally:
+                    lab.close()
+                ctx.cost(f"{op} per page", ours=ours, base=base, per=1 << big, base_per=1 << k,
+                         baseline_name=f"itself at 2^{k} pages", target=TARGET, size=f"2^{big} / 2^{k} pages",
+                         label=label)
+        finally:
+            lab_big.close()
+    _fixed_costs(ctx)
 
 
 def _mmap_costs(ctx):
-    """mmap with 10^4 VMAs against mmap with one: each sample maps 32 one-page areas (they
+    """mmap among 10^4 VMAs against mmap beside one: each repeat maps 32 one-page areas (they
     are unmapped again, untimed, before the next)."""
     import hmmgpu
     system = hmmgpu.System(backend=ctx.backend_name, ram_bytes=64 << 20)
@@ -104,7 +181,7 @@ def _mmap_costs(ctx):
     for nvmas in (1, 10 ** 4):
         p = system.spawn()
         for i in range(nvmas):       # alternate protections: neighbours never merge
-            p.mmap(PAGE, RW if i % 2 else 0x1, PRIV_ANON)
+            p.mmap(PAGE, RW if i % 2 else PROT_READ, PRIV_ANON)
         procs[nvmas] = (p, [])
 
     def maps(nvmas):
@@ -118,10 +195,9 @@ def _mmap_costs(ctx):
             p.munmap(made.pop(), PAGE)
     many, one = ctx.compare(lambda: maps(10 ** 4), lambda: maps(1), ours_setup=lambda: unmaps(10 ** 4),
                             base_setup=lambda: unmaps(1))
-    ctx.row("mmap of one page among 10^4 VMAs", ours=many.median / per * 1e6, ours_unit="us/call",
-            baseline_name="mmap of one page beside 1 VMA", baseline=one.median / per * 1e6,
-            ratio=many.median / one.median, target="within 1.5x", size="10^4 VMAs",
-            label=ctx.label + ", host CPU time of the emulation")
+    ctx.cost("mmap of one page among 10^4 VMAs", ours=many, base=one, per=per, unit="us/call", scale=1e6,
+             baseline_name="mmap of one page beside 1 VMA", target=TARGET, size="10^4 VMAs",
+             label=ctx.label + ", host CPU time of the emulation")
     for p, _ in procs.values():
         p.exit()
 
@@ -141,13 +217,12 @@ def _mprotect_costs(ctx):
     def flip(k):
         p, a = procs[k]
         for _ in range(reps):
-            p.mprotect(a, PAGE, 0x1)       # split in three
-            p.mprotect(a, PAGE, RW)        # and merged back
+            p.mprotect(a, PAGE, PROT_READ)      # split in three
+            p.mprotect(a, PAGE, RW)             # and merged back
     big, small = ctx.compare(lambda: flip(18), lambda: flip(10))
-    ctx.row("1-page mprotect in a 2^18-page VMA", ours=big.median / (2 * reps) * 1e6, ours_unit="us/call",
-            baseline_name="1-page mprotect in a 2^10-page VMA", baseline=small.median / (2 * reps) * 1e6,
-            ratio=big.median / small.median, target="within 1.5x", size="2^18 pages",
-            label=ctx.label + ", host CPU time of the emulation")
+    ctx.cost("1-page mprotect in a 2^18-page VMA", ours=big, base=small, per=2 * reps, unit="us/call",
+             scale=1e6, baseline_name="1-page mprotect in a 2^10-page VMA", target=TARGET, size="2^18 pages",
+             label=ctx.label + ", host CPU time of the emulation")
     for p, _ in procs.values():
         p.exit()
 
@@ -155,16 +230,15 @@ def _mprotect_costs(ctx):
 def _migrate_range(w, addr, npages):
     """migrate_vma_setup, dmirror's alloc-and-copy, migrate_vma_pages, its device page-table
     map, migrate_vma_finalize: one migration of [addr, +npages) to the device."""
-    hmm = need("hmmgpu.hmm", "the HMM core")
-    m = w.mirror
+    from hmmgpu import hmm
     with w.proc.mm.mmap_lock.read():
         args = hmm.MigrateVma(w.proc.mm.find_vma(addr), addr, addr + npages * PAGE, pgmap_owner=w.dev,
                               flags=hmm.MIGRATE_VMA_SELECT_SYSTEM)
         if hmm.migrate_vma_setup(args):
             raise OSError("migrate_vma_setup failed")
-        m._migrate_alloc_and_copy(args)
+        w.mirror._migrate_alloc_and_copy(args)
         hmm.migrate_vma_pages(args)
-        m._migrate_finalize_and_map(args)
+        w.mirror._migrate_finalize_and_map(args)
         hmm.migrate_vma_finalize(args)
 
 
@@ -180,25 +254,22 @@ def _migrate_costs(ctx):
         def back():
             w.mirror.migrate_to_sys(w.addr, n)
         many, one = ctx.compare(singles, lambda: _migrate_range(w, w.addr, n), ours_setup=back,
-                                base_setup=back, repeat=3)
+                                base_setup=back, repeat=min(ctx.repeat, 3))
         back()
-        ctx.row(f"{n:,} one-page migrations", ours=many.median / n * 1e6, ours_unit="us/call",
-                baseline_name=f"one migration of the {n:,} pages", baseline=one.median * 1e6,
-                baseline_unit="us", ratio=many.median / one.median, target="<= 20x",
-                meets=many.median <= 20 * one.median, size=f"{n:,} pages",
-                label=ctx.label + ", host CPU time of the emulation")
+        ctx.cost(f"{n:,} one-page migrations", ours=many, base=one, per=n, unit="us/page", scale=1e6,
+                 baseline_name=f"one migration of the {n:,} pages", target=">= 0.05", size=f"{n:,} pages",
+                 note="target: at most 20x one call", label=ctx.label + ", host CPU time of the emulation")
         _call_costs(ctx, w)
     finally:
         w.close()
 
 
 def _call_costs(ctx, w):
-    """The cost of one call for one page: what every call pays, however small."""
-    import numpy as np
+    """What one call for one page costs, however small: the median of many calls."""
     reps = 20 if ctx.quick else 200
+    label = ctx.label + ", host CPU time of the emulation"
     pt = w.mirror.pt
     vpn, pfn = np.array([1 << 30], np.int64), np.array([7], np.int64)
-    figures = {"pt.map of 1 page": lambda: pt.map(vpn, pfn)}
     p = w.proc
     small = p.mmap(PAGE, RW, PRIV_ANON)
     p.populate(small, PAGE, write=True)
@@ -208,13 +279,13 @@ def _call_costs(ctx, w):
         p.populate(a, PAGE, write=True)
         return a
     spare = []
-    figures["munmap of 1 page"] = (lambda: p.munmap(spare.pop(), PAGE),
-                                   lambda: spare.append(mapped()))
-    figures["migrate_vma of 1 page"] = (lambda: _migrate_range(w, small, 1), lambda: w.mirror.migrate_to_sys(small, 1))
-    figures["dmirror migrate_to_dev of 1 page (the ioctl)"] = (
-        lambda: w.mirror.migrate_to_dev(small, 1), lambda: w.mirror.migrate_to_sys(small, 1))
-    for name, f in figures.items():
-        fn, setup = f if isinstance(f, tuple) else (f, None)
+    figures = (("pt.map of 1 page", lambda: pt.map(vpn, pfn), None),
+               ("munmap of 1 page", lambda: p.munmap(spare.pop(), PAGE), lambda: spare.append(mapped())),
+               ("migrate_vma of 1 page", lambda: _migrate_range(w, small, 1),
+                lambda: w.mirror.migrate_to_sys(small, 1)),
+               ("dmirror migrate_to_dev of 1 page", lambda: w.mirror.migrate_to_dev(small, 1),
+                lambda: w.mirror.migrate_to_sys(small, 1)))
+    for name, fn, setup in figures:
         ts = []
         for _ in range(reps):
             if setup:
@@ -222,12 +293,12 @@ def _call_costs(ctx, w):
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-        ts.sort()
-        ctx.row(f"fixed cost: {name}", ours=ts[reps // 2] * 1e6, ours_unit="us/call", baseline_name="-",
-                baseline=None, ratio=None, target=None, label=ctx.label + ", host CPU time of the emulation",
+        ctx.row(f"fixed cost: {name}", ours=sorted(ts)[reps // 2] * 1e6, ours_unit="us/call",
+                baseline_name="-", baseline=None, ratio=None, target=None, label=label,
                 note=f"median of {reps} calls")
+    p.munmap(small, PAGE)
     q = w.system.spawn()              # fork and exit: a small process (two one-page VMAs)
-    for prot in (RW, 0x1):
+    for prot in (RW, PROT_READ):
         q.populate(q.mmap(PAGE, prot, PRIV_ANON), PAGE)
     children = []
 
@@ -239,63 +310,15 @@ def _call_costs(ctx, w):
             children.pop().exit()
     t_fork = ctx.time(forks, setup=exits)
     t_exit = ctx.time(exits, setup=forks)
-    for name, t in (("fork of a process with 2 one-page VMAs", t_fork), ("exit of that child", t_exit)):
-        ctx.row(f"fixed cost: {name}", ours=t.median / 20 * 1e6, ours_unit="us/call", baseline_name="-",
-                baseline=None, ratio=None, target=None, label=ctx.label + ", host CPU time of the emulation")
     exits()
     q.exit()
-    p.munmap(small, PAGE)
+    for name, t in (("fork of a process with 2 one-page VMAs", t_fork), ("exit of that child", t_exit)):
+        ctx.row(f"fixed cost: {name}", ours=t.median / 20 * 1e6, ours_unit="us/call", baseline_name="-",
+                baseline=None, ratio=None, target=None, label=label, note="median of 20 calls per repeat")
 
 
 def _fixed_costs(ctx):
     ctx.progress("fixed costs per call")
-    _mmap_costs(ctx)
-    gc.collect()
-    _mprotect_costs(ctx)
-    gc.collect()
-    try:
-        need("hmmgpu.drivers.dmirror", "dmirror")
-    except Exception:
-        return
-    _migrate_costs(ctx)
-    gc.collect()
-
-
-def run(ctx):
-    try:
-        need("hmmgpu.hmm", "the HMM core")
-        have_hmm = True
-    except Exception:
-        have_hmm = False
-    try:
-        need("hmmgpu.drivers.dmirror", "dmirror")
-        have_dm = True
-    except Exception:
-        have_dm = False
-    hi = 13 if ctx.quick else (20 if ctx.gpu else 18)
-    exps = list(range(10, hi + 1, 1 if ctx.quick else 2))
-    if exps[-1] != hi:
-        exps.append(hi)
-    per = {}
-    for k in exps:
-        n = 1 << k
-        ctx.progress(f"2^{k} pages")
-        t = _measure(ctx, n, have_hmm)
-        gc.collect()        # the System's reference cycles would keep its RAM arena alive
-        if have_dm:
-            t["migrate"] = _migrate(ctx, n)
-        per[n] = {op: tm.median / n for op, tm in t.items()}
-    big = max(per)
-    for op in per[big]:
-        ref = per[big][op]
-        for n in sorted(per):
-            ctx.row(f"{op} per page", ours=per[n][op] * 1e9, ours_unit="ns/page",
-                    baseline_name=f"itself at 2^{big.bit_length() - 1}", baseline=ref * 1e9,
-                    ratio=per[n][op] / ref, target="within 1.5x", size=f"2^{n.bit_length() - 1} pages",
-                    label=ctx.label + ", host CPU time of the emulation")
-    if not have_hmm or not have_dm:
-        missing = [x for x, ok in (("hmm_range_fault (hmmgpu.hmm)", have_hmm), ("migrate (dmirror)", have_dm))
-                   if not ok]
-        ctx.row("not measured: " + ", ".join(missing), ours=None, ours_unit="", baseline_name="-",
-                baseline=None, ratio=None, target=None, note="pieces not there yet")
-    _fixed_costs(ctx)
+    for measure in (_mmap_costs, _mprotect_costs, _migrate_costs):
+        measure(ctx)
+        gc.collect()
