@@ -98,6 +98,7 @@ def test_vmatree_matches_a_sorted_list(monkeypatch, node_max):
         if step % 97 == 0 and ref:
             deepest = max(deepest, _check(tree.root)[3])
             assert list(tree) == ref and len(tree) == len(ref)
+            assert tree.size == sum(v.end - v.start for v in ref)
             for _ in range(20):
                 x = rng.randrange(-3, span + 30)
                 assert tree.find(x) is next((v for v in ref if v.start <= x < v.end), None)
@@ -113,7 +114,7 @@ def test_vmatree_matches_a_sorted_list(monkeypatch, node_max):
         if len(ref) % 50 == 0 and ref:
             _check(tree.root)
             assert list(tree) == ref
-    assert not tree and list(tree) == [] and tree.find(5) is None
+    assert not tree and list(tree) == [] and tree.find(5) is None and tree.size == 0
 
 
 def test_vmatree_remove_of_an_absent_vma_is_a_keyerror():

@@ -571,7 +571,7 @@ class MM:
     def _check_budget(self, start, end, npages):
         """``npages`` more pages mapped over [start, end) (what is mapped there now goes)."""
         gone = sum(min(v.end, end) - max(v.start, start) for v in self.vmas_in(start, end)) >> PAGE_SHIFT
-        total = sum(v.npages for v in self.vmas)
+        total = self.vmas.size >> PAGE_SHIFT         # mm->total_vm
         check_map_budget(total - gone + npages, self.phys, start, end)
 
     def _file_mapping_checks(self, fd, prot, flags, vm_flags, addr, length):

@@ -99,13 +99,17 @@ def _hole(s, e, i):
 
 
 class VmaTree:
-    """The VMAs of one address space, in address order (iterable, ``len``, truth value)."""
+    """The VMAs of one address space, in address order (iterable, ``len``, truth value).
 
-    __slots__ = ("root", "n")
+    ``size`` is the bytes they cover together (mm->total_vm, in bytes), kept as they change.
+    """
+
+    __slots__ = ("root", "n", "size")
 
     def __init__(self):
         self.root = _Node([], [], [])
         self.n = 0
+        self.size = 0
 
     def __len__(self):
         return self.n
@@ -227,6 +231,7 @@ class VmaTree:
         else:
             leaf.gap = max(leaf.gap, _around(leaf, i))
         self.n += 1
+        self.size += vma.end - start
         self._fix(leaf, path)
 
     def remove(self, vma):
@@ -237,6 +242,7 @@ class VmaTree:
         if i < 0 or leaf.items[i] is not vma:
             raise KeyError(f"{vma!r} is not in the VMA tree")
         lost = _around(leaf, i)
+        self.size -= e[i] - s[i]
         del s[i], e[i], leaf.items[i]
         joined = _hole(s, e, i)               # the two holes around it become one, larger
         if joined is not None:
@@ -254,6 +260,7 @@ class VmaTree:
         if i < 0 or leaf.items[i] is not vma:
             raise KeyError(f"{vma!r} is not in the VMA tree")
         old = _around(leaf, i)
+        self.size += vma.end - leaf.ends[i]
         leaf.ends[i] = vma.end
         new = _around(leaf, i)
         if new >= leaf.gap:
