@@ -74,11 +74,12 @@ class StructPages:
             setattr(self, name, new)
         self.n = n
 
+    _RESET = tuple((name, fill) for name, _dtype, fill in FIELDS if name != "pgmap")
+
     def reset(self, pfns):
         """Back to the state of a free frame (keeps pgmap: it is the frame's owner)."""
-        for name, dtype, fill in self.FIELDS:
-            if name != "pgmap":
-                getattr(self, name)[pfns] = fill
+        for name, fill in self._RESET:
+            getattr(self, name)[pfns] = fill
 
 
 class Segment:
@@ -164,6 +165,8 @@ class PhysicalMemory:
         self._nfree = end
 
     def _uncharge(self, pfns):
+        if not self.memcgs:
+            return                         # no memory cgroup: nothing was ever charged
         cg = self.pages.memcg[pfns]
         cg = cg[cg >= 0]
         if cg.size:
@@ -205,12 +208,13 @@ class PhysicalMemory:
             dead = cand[rc == 0]
             if dead.size == 0:
                 return
+            if dead.max() < self.nr_ram:
+                self._free_ram(dead)
+                return
             ram = dead[dead < self.nr_ram]
             if ram.size:
                 self._free_ram(ram)
-            dev = dead[dead >= self.nr_ram]
-            if dev.size:
-                self._free_device(dev)
+            self._free_device(dead[dead >= self.nr_ram])
 
     def _free_device(self, pfns):
         """The last reference to device pages went: free_zone_device_folio() -> page_free."""
