@@ -178,8 +178,8 @@ class DevicePageTable:
         have = self._keys[PT_LEVELS - 1]
         if have.size:
             keys = vpns_sorted >> PT_BITS
-            pos = np.searchsorted(have, keys)
-            if (pos < have.size).all() and (have[np.minimum(pos, have.size - 1)] == keys).all():
+            pos = have.searchsorted(keys)             # nondecreasing: keys are sorted
+            if pos[-1] < have.size and not np.count_nonzero(have[pos] != keys):
                 return None
         links_t, links_v = [], []
         for level in range(1, PT_LEVELS):

@@ -128,6 +128,43 @@ class DmirrorResult:
         return f"DmirrorResult(cpages={self.cpages}, faults={self.faults}, data={n} bytes)"
 
 
+class _FreeList:
+    """The free device pages: a stack in one array as large as the device (pages come off the
+    top), so a page freed or taken costs the same however many are free."""
+
+    def __init__(self, capacity):
+        self.a = np.empty(capacity, dtype=np.int64)
+        self.n = 0
+
+    def pages(self):
+        return self.a[:self.n]
+
+    def push(self, pfns):
+        """Onto the top: the next to come off."""
+        self.a[self.n:self.n + pfns.size] = pfns
+        self.n += pfns.size
+
+    def push_under(self, pfns):
+        """Under every page there: the last to come off."""
+        k = pfns.size
+        self.a[k:self.n + k] = self.a[:self.n]           # NumPy copies overlapping ranges safely
+        self.a[:k] = pfns
+        self.n += k
+
+    def pop(self, k):
+        """Up to ``k`` pages off the top, the topmost first."""
+        k = min(int(k), self.n)
+        got = self.a[self.n - k:self.n][::-1].copy()
+        self.n -= k
+        return got
+
+    def keep(self, mask):
+        """Only the pages where ``mask`` (over ``pages()``) is true stay, in order."""
+        kept = self.a[:self.n][mask]
+        self.a[:kept.size] = kept
+        self.n = kept.size
+
+
 class _Chunk:
     """struct dmirror_chunk: one memremap_pages of device memory (frames of slot ``slot``)."""
 
@@ -185,7 +222,7 @@ class DMirrorDevice:
         self.chunks = []
         self.devmem_lock = threading.Lock()     # protects chunks
         self.lock = threading.Lock()            # protects the free list and counters
-        self._free = np.zeros(0, dtype=np.int64)
+        self._free = _FreeList(nslots)
         self.calloc = 0
         self.cfree = 0
         self.mirrors = []
@@ -222,7 +259,7 @@ class DMirrorDevice:
         return self.calloc - self.cfree
 
     def nr_free(self):
-        return int(self._free.size)
+        return self._free.n
 
     def _allocate_chunk(self):
         """dmirror_allocate_chunk(): one more memremap_pages; False when out of device memory."""
@@ -241,9 +278,9 @@ class DMirrorDevice:
             return False
         self.chunks.append(_Chunk(pgmap, slot))
         with self.lock:
-            # pages come off the end of the stack: keep low pfns first
-            self._free = np.concatenate((np.arange(first + self.chunk_pages - 1, first - 1, -1,
-                                                   dtype=np.int64), self._free))
+            # pages come off the top of the stack: the new chunk's go under the others,
+            # lowest pfn on top
+            self._free.push_under(np.arange(first + self.chunk_pages - 1, first - 1, -1, dtype=np.int64))
         return True
 
     def alloc_pages(self, n):
@@ -254,10 +291,8 @@ class DMirrorDevice:
                 if not self._allocate_chunk():
                     break
             with self.lock:
-                k = min(n, self._free.size)
-                got = self._free[self._free.size - k:][::-1].copy()
-                self._free = self._free[:self._free.size - k]
-                self.calloc += k
+                got = self._free.pop(n)
+                self.calloc += got.size
         zone_device_page_init(self.system, got)
         return got
 
@@ -272,7 +307,7 @@ class DMirrorDevice:
                 for pgm in removing:
                     keep &= ~((pfns >= pgm.pfn_first) & (pfns < pgm.pfn_last))
                 pfns = pfns[keep]
-            self._free = np.concatenate((self._free, pfns[::-1]))
+            self._free.push(pfns[::-1])
 
     def _devmem_fault(self, vmf):
         """dmirror_devmem_fault(): migrate_to_ram for a CPU access to device-private pages.
@@ -341,8 +376,8 @@ class DMirrorDevice:
                 with self.lock:
                     chunk.remove = True
                     pgm = chunk.pgmap
-                    f = self._free
-                    self._free = f[(f < pgm.pfn_first) | (f >= pgm.pfn_last)]
+                    f = self._free.pages()
+                    self._free.keep((f < pgm.pfn_first) | (f >= pgm.pfn_last))
                 try:
                     self._evict_chunk(chunk)
                     memunmap_pages(chunk.pgmap)
@@ -352,12 +387,12 @@ class DMirrorDevice:
                         chunk.remove = False
                         pg = self.system.phys.pages
                         f = np.arange(pgm.pfn_last - 1, pgm.pfn_first - 1, -1, dtype=np.int64)
-                        self._free = np.concatenate((f[pg.refcount[f] == 0], self._free))
+                        self._free.push_under(f[pg.refcount[f] == 0])
                     self.chunks = [c for c in self.chunks if c.remove is False or c is chunk]
                     raise
             self.chunks = []
             with self.lock:
-                self._free = np.zeros(0, dtype=np.int64)
+                self._free.n = 0
 
     def _evict_chunk(self, chunk):
         """dmirror_device_evict_chunk(): migrate_device_range over the whole chunk."""

@@ -36,9 +36,10 @@ def _leaf_slot(flat, vpn):
     return (node << PT_BITS) + (vpn & (PT_ENTRIES - 1))
 
 
-def _execute_few(flat, ops, firsts, lasts, values):
-    """A few leaf commands, piece by piece: each piece is one slice of one leaf table."""
-    for code, first, last, value in zip(ops, firsts, lasts, values):
+def _execute_few(flat, commands):
+    """A few leaf commands (op, first vpn, last vpn, value), piece by piece: each piece is one
+    slice of one leaf table."""
+    for code, first, last, value in commands:
         lo = first
         while lo <= last:
             hi = min(last, lo | (PT_ENTRIES - 1))
@@ -105,6 +106,13 @@ class NumpyPageTableHW:
         consecutive slots of that table (a slice), whatever the length of the run.
         """
         flat = nodes.reshape(-1)
+        if len(cmds) <= _FEW:
+            rows = cmds.tolist()
+            if all(r[0] & 0xFF != PT_OP_LINK and ((r[1] + (r[0] >> 8) - 1) >> PT_BITS) - (r[1] >> PT_BITS) < _FEW
+                   for r in rows):
+                # a few leaf commands: each walked and written with Python integers
+                _execute_few(flat, [(r[0] & 0xFF, r[1], r[1] + (r[0] >> 8) - 1, r[2]) for r in rows])
+                return
         head = cmds[:, 0]
         op = head & _U64(0xFF)
         link = op == PT_OP_LINK
@@ -119,7 +127,7 @@ class NumpyPageTableHW:
         last = first + count - 1
         ntables = (last >> PT_BITS) - (first >> PT_BITS) + 1
         if len(cmds) <= _FEW and int(ntables.sum()) <= _FEW:
-            _execute_few(flat, op.tolist(), first.tolist(), last.tolist(), cmds[:, 2].tolist())
+            _execute_few(flat, zip(op.tolist(), first.tolist(), last.tolist(), cmds[:, 2].tolist()))
             return
         # one piece per (command, leaf table): [lo, hi] inclusive, and its command
         which = np.repeat(np.arange(len(cmds)), ntables)

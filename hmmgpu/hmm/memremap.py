@@ -168,7 +168,7 @@ def zone_device_page_init(system, pfns):
     pfns = np.asarray(pfns, dtype=np.int64)
     pages = system.phys.pages
     with system.phys.lock:
-        if pfns.size and (pages.refcount[pfns] != 0).any():
+        if pfns.size and np.count_nonzero(pages.refcount[pfns]):
             bad = pfns[pages.refcount[pfns] != 0][0]
             raise AssertionError(f"device pfn {int(bad)} handed out while still referenced")
         pages.refcount[pfns] = 1

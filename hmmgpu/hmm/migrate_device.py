@@ -63,6 +63,11 @@ MIGRATE_PFN_DEVICE = 1 << 4       # 2017 API
 MIGRATE_PFN_ERROR = 1 << 5        # 2017 API
 MIGRATE_PFN_SHIFT = 6
 
+_MPFN_SHIFT = _U(MIGRATE_PFN_SHIFT)
+_MPFN_VALID_MIGRATE = _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+_MPFN_WRITE_SHIFT = _U(3)                  # MIGRATE_PFN_WRITE is 1 << 3
+_MIG_READ_TYPE = _U(pt.SWP_MIGRATION_READ)
+
 MIGRATE_VMA_SELECT_SYSTEM = 1 << 0
 MIGRATE_VMA_SELECT_DEVICE_PRIVATE = 1 << 1
 MIGRATE_VMA_SELECT_DEVICE_COHERENT = 1 << 2
@@ -217,14 +222,15 @@ def _migrate_vma_collect(args):
                         ((e >> _SWP_SHIFT) & _SWP_TYPE) == pt.SWP_DEVICE_PRIVATE_WRITE)
                 wbit = write.astype(_U)
                 pu = p.astype(_U)
-                mpfn[idx] = (pu << _U(MIGRATE_PFN_SHIFT)) | _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE) | (
-                    wbit << _U(3))
-                dirty = (e & _PRESENT_DIRTY) == _PRESENT_DIRTY
-                if np.count_nonzero(dirty):
-                    d = p[dirty]
-                    pg.flags[d[(pg.flags[d] & PG_ANON) == 0]] |= PG_DIRTY
+                mpfn[idx] = (pu << _MPFN_SHIFT) | _MPFN_VALID_MIGRATE | (wbit << _MPFN_WRITE_SHIFT)
+                if not vma_is_anonymous(vma):
+                    # a dirty PTE of a file page: the page is dirty (anon pages need no bit)
+                    d = p[(e & _PRESENT_DIRTY) == _PRESENT_DIRTY]
+                    d = d[(pg.flags[d] & PG_ANON) == 0]
+                    if d.size:
+                        pg.flags[d] |= PG_DIRTY
                 # The mapping's reference becomes ours; its mapcount goes with the PTE.
-                vma.pte[i0 + idx] = (pu << _PFN_SHIFT) | ((_U(pt.SWP_MIGRATION_READ) + wbit) << _SWP_SHIFT)
+                vma.pte[i0 + idx] = (pu << _PFN_SHIFT) | ((_MIG_READ_TYPE + wbit) << _SWP_SHIFT)
                 pg.mapcount[p] -= 1
                 cpages += int(idx.size)
             else:
@@ -390,10 +396,13 @@ def _migrate_device_finalize(system, src, dst, npages, args):
     phys = system.phys
     src = src[:npages]
     dst = dst[:npages]
-    spfn = migrate_pfn_to_pfn(src)
     dpfn = migrate_pfn_to_pfn(dst)
-    have = (spfn >= 0).nonzero()[0]
-    s = spfn[have]
+    if args is not None:
+        have, s = args._collected            # the entries that hold a page: setup's
+    else:
+        spfn = migrate_pfn_to_pfn(src)
+        have = (spfn >= 0).nonzero()[0]
+        s = spfn[have]
     if have.size:
         moved = ((src[have] & _U(MIGRATE_PFN_MIGRATE)) != 0) & (dpfn[have] >= 0)
         target = np.where(moved, dpfn[have], s)

@@ -57,8 +57,12 @@ def folio_migrate_flags(system, new, old):
     new = np.asarray(new, dtype=np.int64)
     old = np.asarray(old, dtype=np.int64)
     pg.flags[new] = (pg.flags[new] & ~MIGRATE_FLAGS) | (pg.flags[old] & MIGRATE_FLAGS)
-    pg.mapping[new] = pg.mapping[old]
-    pg.index[new] = pg.index[old]
+    mapping = pg.mapping[old]
+    pg.mapping[new] = mapping
+    if np.count_nonzero(mapping >= 0):
+        pg.index[new] = pg.index[old]        # only page-cache pages have an index
+    if not system.phys.memcgs:
+        return                               # no memory cgroup: nothing is charged
     # mem_cgroup_migrate(): the charge moves; the old frame is freed uncharged.
     cg = pg.memcg[old]
     moved = cg >= 0

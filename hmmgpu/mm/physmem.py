@@ -74,10 +74,13 @@ class StructPages:
             setattr(self, name, new)
         self.n = n
 
-    _RESET = tuple((name, fill) for name, _dtype, fill in FIELDS if name != "pgmap")
+    # A frame is freed when its refcount reaches 0, and mappings and pins hold references, so
+    # refcount, mapcount and pincount are 0 already; pgmap is the frame's owner and stays.
+    _RESET = tuple((name, fill) for name, _dtype, fill in FIELDS
+                   if name not in ("pgmap", "refcount", "mapcount", "pincount"))
 
     def reset(self, pfns):
-        """Back to the state of a free frame (keeps pgmap: it is the frame's owner)."""
+        """Back to the state of a free frame (what a free frame's counts already say aside)."""
         for name, fill in self._RESET:
             getattr(self, name)[pfns] = fill
 
