@@ -135,6 +135,7 @@ def migrate_vma_setup(args):
         return -errno.EINVAL
     if args.end <= vma.start or args.end > vma.end:
         return -errno.EINVAL
+    fresh = args.src is None and args.dst is None
     if args.src is None:
         args.src = np.zeros(nr, dtype=_U)
     if args.dst is None:
@@ -144,8 +145,9 @@ def migrate_vma_setup(args):
     system = vma.mm.system
     if args.fault_page is not None and not is_device_private_page(system, [args.fault_page])[0]:
         return -errno.EINVAL
-    args.src[:nr] = 0
-    args.dst[:nr] = 0
+    if not fresh:                             # the caller's arrays: zero what we use
+        args.src[:nr] = 0
+        args.dst[:nr] = 0
     args.cpages = 0
     args.npages = 0
     args._wide = False

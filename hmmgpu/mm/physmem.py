@@ -103,6 +103,7 @@ class PhysicalMemory:
         self.backend = backend
         self.lock = threading.RLock()
         self.unlocked = threading.Condition(self.lock)  # page-lock waiters (folio_wait_locked)
+        self._lock_waiters = 0                          # how many sleep on ``unlocked``
         self.nr_ram = int(nr_ram)
         self.ram = backend.host_arena(self.nr_ram)
         self.segments = [Segment(0, self.ram, -1)]
@@ -249,12 +250,17 @@ class PhysicalMemory:
         pfns = np.asarray(pfns, dtype=np.int64)
         with self.lock:
             self.pages.flags[pfns] &= ~PG_LOCKED
-            self.unlocked.notify_all()
+            if self._lock_waiters:
+                self.unlocked.notify_all()
 
     def wait_unlocked(self, pfn, timeout=10.0):
         """migration_entry_wait(): sleep until ``pfn`` is unlocked."""
         with self.lock:
-            ok = self.unlocked.wait_for(lambda: not (self.pages.flags[pfn] & PG_LOCKED), timeout)
+            self._lock_waiters += 1
+            try:
+                ok = self.unlocked.wait_for(lambda: not (self.pages.flags[pfn] & PG_LOCKED), timeout)
+            finally:
+                self._lock_waiters -= 1
         if not ok:
             raise oserror(errno.EDEADLK, f"page frame {pfn} stayed locked for {timeout} s")
 
