@@ -46,8 +46,12 @@ def _ref_area(vmas, length, low, high):
     return cand if cand >= low else None
 
 
-def _check(node, is_root=True):
-    """Every cached summary equals the one computed from scratch; returns (lo, hi, gap, depth)."""
+def _check(node, is_root=True, spine=True):
+    """Every cached summary equals the one computed from scratch; returns (lo, hi, gap, depth).
+
+    On the leftmost path from the root an internal node's first key may be stale (nothing
+    reads it); everything else must be exact.
+    """
     if not is_root:
         assert vmatree.NODE_MIN <= len(node.keys) <= vmatree.NODE_MAX
     if node.gaps is None:
@@ -56,14 +60,16 @@ def _check(node, is_root=True):
         assert node.gap == max(map(sub, node.keys[1:], node.ends), default=-1)
         return node.keys[0], node.ends[-1], node.gap, 1
     assert len(node.items) >= 2
-    depths = set()
+    depths, los = set(), []
     for k, kid in enumerate(node.items):
-        lo, hi, gap, d = _check(kid, False)
-        assert (node.keys[k], node.ends[k], node.gaps[k]) == (lo, hi, gap)
+        lo, hi, gap, d = _check(kid, False, spine and k == 0)
+        assert (node.ends[k], node.gaps[k]) == (hi, gap)
+        assert node.keys[k] == lo or (spine and k == 0)
         depths.add(d)
+        los.append(lo)
     assert len(depths) == 1
     assert node.gap == max(max(node.gaps), max(map(sub, node.keys[1:], node.ends), default=-1))
-    return node.keys[0], node.ends[-1], node.gap, depths.pop() + 1
+    return los[0], node.ends[-1], node.gap, depths.pop() + 1
 
 
 @pytest.mark.parametrize("node_max", [8, 64])

@@ -190,15 +190,15 @@ class VmaTree:
         node = self.root
         while node.gaps is not None:
             k = bisect_right(node.keys, high - 1) - 1
-            if k < 0:
-                return None
-            node = node.items[k]
+            node = node.items[k if k > 0 else 0]    # (the first key may be stale: see _fix)
         k = bisect_right(node.keys, high - 1) - 1
         return node.ends[k] if k >= 0 else None
 
     def _search(self, node, key, length):
         """Start of the highest VMA of ``node`` starting at or below ``key`` whose hole below
         it (from the previous VMA of ``node``) is at least ``length``; None if there is none."""
+        if node.gap < length:
+            return None                       # no hole of this node is large enough
         keys, ends, gaps = node.keys, node.ends, node.gaps
         top = bisect_right(keys, key) - 1
         if gaps is None:
@@ -206,7 +206,7 @@ class VmaTree:
                 if keys[k] - ends[k - 1] >= length:
                     return keys[k]
             return None
-        for k in range(top, -1, -1):
+        for k in range(max(top, 0), -1, -1):          # (the first key may be stale: see _fix)
             if gaps[k] >= length:
                 hit = self._search(node.items[k], key, length)
                 if hit is not None:
@@ -270,14 +270,21 @@ class VmaTree:
         self._fix(leaf, path)
 
     def _fix(self, node, path):
-        """Carry a change of ``node`` up ``path``: summaries, then splits and joins."""
+        """Carry a change of ``node`` up ``path``: summaries, then splits and joins.
+
+        On the leftmost path from the root a changed lowest start goes no further up: nothing
+        reads an internal node's first key (lookups clamp to its first child, holes are
+        measured from a child's start only for the second child on).  So mmap's usual
+        placement, just under the lowest VMA, touches one leaf.
+        """
+        spine = not any(k for _, k in path)
         while path:
             parent, k = path.pop()
             size = len(node.keys)
             if NODE_MIN <= size <= NODE_MAX:
                 lo, hi, gap = node.keys[0], node.ends[-1], node.gap
                 keys, ends, gaps = parent.keys, parent.ends, parent.gaps
-                if lo == keys[k] and hi == ends[k] and gap == gaps[k]:
+                if (spine or lo == keys[k]) and hi == ends[k] and gap == gaps[k]:
                     return              # nothing above depends on what changed
                 old = _around(parent, k)
                 keys[k], ends[k], gaps[k] = lo, hi, gap
