@@ -30,7 +30,11 @@ class NumpyArena(Arena):
         return view
 
     def read(self, idx):
-        return self.frames[np.asarray(idx, dtype=np.int64)]
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size > 64 and int(idx[-1]) - int(idx[0]) == idx.size - 1 and not np.count_nonzero(
+                np.diff(idx) != 1):
+            return self.frames[int(idx[0]):int(idx[-1]) + 1].copy()     # consecutive frames: one copy
+        return self.frames[idx]
 
     def write(self, idx, data):
         self.frames[np.asarray(idx, dtype=np.int64)] = np.asarray(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
