@@ -102,3 +102,22 @@ def test_sub_arenas_are_views(backend):
     hsub = host.sub(2, 4)
     assert np.array_equal(hsub.read(np.arange(2)), data[2:4])
     assert hsub.host is not None and np.array_equal(hsub.host[0], data[2])
+
+
+def test_copy_pages_with_one_consecutive_side(backend):
+    """A batch whose destination (or source) is one run of consecutive frames, as a driver's
+    fresh device pages are, of a length that is not a whole number of the engine's chunks."""
+    rng = np.random.default_rng(5)
+    host = backend.host_arena(2000)
+    dev = EmulatedDevice(backend, 2000, BASE_PFN, host)
+    data = rng.integers(0, 256, (2000, PAGE), dtype=np.uint8)
+    host.write(np.arange(2000), data)
+    n = 2 * 256 + 37
+    scattered = rng.permutation(2000)[:n]
+    run = np.arange(700, 700 + n)
+    dev.copy_pages(BASE_PFN + run, scattered).wait()            # gathered into the run
+    assert np.array_equal(dev.arena.read(run), data[scattered])
+    back = rng.permutation(2000)[:n]
+    dev.copy_pages(back, BASE_PFN + run).wait()                 # scattered from the run
+    assert np.array_equal(host.read(back), data[scattered])
+    assert np.array_equal(dev.arena.read(run[::-1]), data[scattered][::-1])

@@ -4,7 +4,8 @@ A batch is copied in chunks of ``CHUNK_PAGES`` pages: each chunk is gathered int
 stays in the CPU cache and scattered from there, so the copy reads and writes memory about once,
 like a single NumPy gather, instead of twice (gather to a temporary, then scatter).  When one
 side of the batch is a single run of consecutive frames (a driver's freshly allocated device
-pages, usually) that side is a slice, and the copy is one gather into it or one scatter from it.
+pages, usually) that side is a slice: the chunks are gathered straight into it, or the whole
+batch is one scatter from it.
 """
 import numpy as np
 
@@ -21,7 +22,9 @@ class NumpyDmaEngine(DmaEngine):
         if n > CHUNK_PAGES:
             if _one_run(dst_idx):
                 first = int(dst_idx[0])
-                np.take(src, src_idx, axis=0, out=dst[first:first + n])
+                for lo in range(0, n, CHUNK_PAGES):      # gathered a chunk at a time, in cache
+                    hi = min(lo + CHUNK_PAGES, n)
+                    dst[first + lo:first + hi] = src[src_idx[lo:hi]]
                 return DONE
             if _one_run(src_idx):
                 first = int(src_idx[0])
