@@ -70,6 +70,10 @@ from ..mm.validate import ULONG_MAX, check_buffer, check_user_range, raw_bytes, 
 from ..mm.vma import VM_READ, VM_WRITE
 
 _U = np.uint64
+_MPFN_VALID = _U(MIGRATE_PFN_VALID)
+_MPFN_MIGRATE = _U(MIGRATE_PFN_MIGRATE)
+_MPFN_WRITE = _U(MIGRATE_PFN_WRITE)
+_NOT_MIGRATE = ~_MPFN_MIGRATE
 
 # HMM_DMIRROR_PROT_* of lib/test_hmm_uapi.h: one byte per page of a snapshot.
 PROT_ERROR = 0xFF
@@ -334,7 +338,7 @@ class DMirrorDevice:
         """dmirror_devmem_fault_alloc_and_copy(): system pages for device pages, and the copy."""
         src = args.src[:args.npages]
         spfn = migrate_pfn_to_pfn(src)
-        sel = np.nonzero((spfn >= 0) & ((src & _U(MIGRATE_PFN_MIGRATE)) != 0))[0]
+        sel = np.nonzero((spfn >= 0) & ((src & _MPFN_MIGRATE) != 0))[0]
         if sel.size == 0:
             return 0
         sp = spfn[sel]
@@ -354,8 +358,8 @@ class DMirrorDevice:
         except BaseException:
             _release_new(phys, dpages)
             raise
-        wr = (src[sel] & _U(MIGRATE_PFN_WRITE)) != 0
-        args.dst[sel] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
+        wr = (src[sel] & _MPFN_WRITE) != 0
+        args.dst[sel] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
         return 0
 
     def _erase_in_mirrors(self, mm, vpns, skip=None):
@@ -402,7 +406,7 @@ class DMirrorDevice:
         dst = np.zeros(n, dtype=_U)
         migrate_device_range(self.system, src, pgm.pfn_first, n)
         spfn = migrate_pfn_to_pfn(src)
-        sel = np.nonzero((spfn >= 0) & ((src & _U(MIGRATE_PFN_MIGRATE)) != 0))[0]
+        sel = np.nonzero((spfn >= 0) & ((src & _MPFN_MIGRATE) != 0))[0]
         if sel.size:
             phys = self.system.phys
             try:
@@ -414,8 +418,8 @@ class DMirrorDevice:
                 raise
             phys.pages.flags[dpages] |= PG_LOCKED
             self.device.copy_pages(dpages, spfn[sel]).wait()
-            wr = (src[sel] & _U(MIGRATE_PFN_WRITE)) != 0
-            dst[sel] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
+            wr = (src[sel] & _MPFN_WRITE) != 0
+            dst[sel] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
             # No device page table needs fixing here: migrate_device_range unmapped every CPU
             # mapping of these pages under MMU_NOTIFY_CLEAR, which every mirror's notifier
             # applied, and a mirror maps nothing the CPU does not.
@@ -453,7 +457,7 @@ class _migrating:
     def __exit__(self, typ, exc, tb):
         args = self.args
         if typ is not None and not _pages_ran(args):
-            args.src[:args.npages] &= ~_U(MIGRATE_PFN_MIGRATE)
+            args.src[:args.npages] &= _NOT_MIGRATE
         migrate_vma_finalize(args)
         return False
 
@@ -818,7 +822,7 @@ class DMirror:
         spfn = migrate_pfn_to_pfn(src)
         phys = self.system.phys
         # Device pages (ours or another device's) are never copied device to device here.
-        idx = (((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (spfn < phys.nr_ram)).nonzero()[0]
+        idx = (((src & _MPFN_MIGRATE) != 0) & (spfn < phys.nr_ram)).nonzero()[0]
         if idx.size == 0:
             return
         if self.flags & FLAG_FAIL_ALLOC:
@@ -845,7 +849,7 @@ class DMirror:
         except BaseException:
             _release_new(phys, dpages)
             raise
-        wr = (src[idx] & _U(MIGRATE_PFN_WRITE)) != 0
+        wr = (src[idx] & _MPFN_WRITE) != 0
         if not every and args.vma.vm_flags & VM_WRITE:
             wr |= ~with_src                  # a hole filled in a writable VMA
         phys.pages.zone_device_data[dpages] = id(self)
@@ -856,10 +860,10 @@ class DMirror:
         src = args.src[:args.npages]
         dst = args.dst[:args.npages]
         dpfn = migrate_pfn_to_pfn(dst)
-        sel = (((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (dpfn >= 0)).nonzero()[0]
+        sel = (((src & _MPFN_MIGRATE) != 0) & (dpfn >= 0)).nonzero()[0]
         if sel.size == 0:
             return
-        w = (dst[sel] & _U(MIGRATE_PFN_WRITE)) != 0
+        w = (dst[sel] & _MPFN_WRITE) != 0
         flags = DPT_WRITE if np.count_nonzero(w) == w.size else np.where(w, DPT_WRITE, 0)
         # Other opens of this device on this mm ignored the MMU_NOTIFY_MIGRATE too (it
         # carries our owner): their entries for these pages are stale now.  (The kernel's
@@ -885,8 +889,8 @@ class DMirror:
                     ret = self.mdevice._fault_alloc_and_copy(args, self.mm)
                     migrate_vma_pages(args)
                     src = args.src[:args.npages]
-                    cpages += int((((src & _U(MIGRATE_PFN_VALID)) != 0)
-                                   & ((src & _U(MIGRATE_PFN_MIGRATE)) != 0)).sum())
+                    cpages += int((((src & _MPFN_VALID) != 0)
+                                   & ((src & _MPFN_MIGRATE) != 0)).sum())
                 if ret:
                     raise oserror(errno.ENOMEM, "no system memory to migrate device pages back", s, e)
         return DmirrorResult(None, cpages)

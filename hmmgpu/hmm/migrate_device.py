@@ -64,6 +64,10 @@ MIGRATE_PFN_ERROR = 1 << 5        # 2017 API
 MIGRATE_PFN_SHIFT = 6
 
 _MPFN_SHIFT = _U(MIGRATE_PFN_SHIFT)
+_MPFN_VALID = _U(MIGRATE_PFN_VALID)
+_MPFN_MIGRATE = _U(MIGRATE_PFN_MIGRATE)
+_MPFN_WRITE = _U(MIGRATE_PFN_WRITE)
+_NOT_MIGRATE = ~_MPFN_MIGRATE
 _MPFN_VALID_MIGRATE = _U(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
 _MPFN_WRITE_SHIFT = _U(3)                  # MIGRATE_PFN_WRITE is 1 << 3
 _MIG_READ_TYPE = _U(pt.SWP_MIGRATION_READ)
@@ -77,14 +81,14 @@ VM_SPECIAL = VM_IO | VM_DONTEXPAND | VM_PFNMAP | VM_MIXEDMAP
 
 def migrate_pfn(pfns):
     """migrate_pfn(): pfn << MIGRATE_PFN_SHIFT | MIGRATE_PFN_VALID, vectorised."""
-    return (np.asarray(pfns, dtype=np.int64).astype(_U) << _U(MIGRATE_PFN_SHIFT)) | _U(MIGRATE_PFN_VALID)
+    return (np.asarray(pfns, dtype=np.int64).astype(_U) << _MPFN_SHIFT) | _MPFN_VALID
 
 
 def migrate_pfn_to_pfn(mpfns):
     """The pfn of each entry, -1 where MIGRATE_PFN_VALID is clear (migrate_pfn_to_page NULL)."""
     m = np.asarray(mpfns, dtype=_U)
-    pfn = (m >> _U(MIGRATE_PFN_SHIFT)).astype(np.int64)
-    pfn[(m & _U(MIGRATE_PFN_VALID)) == 0] = -1
+    pfn = (m >> _MPFN_SHIFT).astype(np.int64)
+    pfn[(m & _MPFN_VALID) == 0] = -1
     return pfn
 
 
@@ -207,7 +211,7 @@ def _migrate_vma_collect(args):
             if hole is not None:
                 h = hole.nonzero()[0]
                 if h.size:
-                    mpfn[h] = _U(MIGRATE_PFN_MIGRATE)
+                    mpfn[h] = _MPFN_MIGRATE
                     cpages = int(h.size)
             idx = _EMPTY if cand is None else cand.nonzero()[0]
             if idx.size:
@@ -270,7 +274,7 @@ def migrate_device_unmap(src, npages, fault_page=None, args=None):
     if np.count_nonzero(ok) == ok.size:
         return cpages
     bad = idx[~ok]
-    src[bad] &= ~_U(MIGRATE_PFN_MIGRATE)
+    src[bad] &= _NOT_MIGRATE
     bp = p[~ok]
     tg = _rmap_targets(system, args, bp)
     remove_migration_ptes(system, bp, bp, tg["vmas"], region=tg["region"],
@@ -302,12 +306,12 @@ def _migrate_device_pages(system, src, dst, npages, args):
     spfn = migrate_pfn_to_pfn(src)
     dpfn = migrate_pfn_to_pfn(dst)
     # no destination: this page stays
-    src[dpfn < 0] &= ~_U(MIGRATE_PFN_MIGRATE)
-    mig = (src & _U(MIGRATE_PFN_MIGRATE)) != 0
+    src[dpfn < 0] &= _NOT_MIGRATE
+    mig = (src & _MPFN_MIGRATE) != 0
     holes = (mig & (spfn < 0)).nonzero()[0]
     if holes.size:
         if args is None:
-            src[holes] &= ~_U(MIGRATE_PFN_MIGRATE)
+            src[holes] &= _NOT_MIGRATE
         else:
             addr = args.start + (int(holes[0]) << PAGE_SHIFT)
             with invalidation(args.vma.mm, addr, args.end, MMU_NOTIFY_MIGRATE, owner=args.pgmap_owner):
@@ -332,7 +336,7 @@ def _migrate_device_pages(system, src, dst, npages, args):
         if np.count_nonzero(ok) == ok.size:
             folio_migrate_flags(system, new, old)
             return
-        src[pages[~ok]] &= ~_U(MIGRATE_PFN_MIGRATE)
+        src[pages[~ok]] &= _NOT_MIGRATE
         if np.count_nonzero(ok):
             folio_migrate_flags(system, new[ok], old[ok])
 
@@ -346,13 +350,13 @@ def _migrate_vma_insert_pages(args, holes, newp):
     pg = phys.pages
     src = args.src
     if not vma_is_anonymous(vma):
-        src[holes] &= ~_U(MIGRATE_PFN_MIGRATE)
+        src[holes] &= _NOT_MIGRATE
         return
     devp = is_device_private_page(system, newp)
     coh = is_device_coherent_page(system, newp)
     bad_type = (newp >= phys.nr_ram) & ~devp & ~coh
     if bad_type.any():
-        src[holes[bad_type]] &= ~_U(MIGRATE_PFN_MIGRATE)
+        src[holes[bad_type]] &= _NOT_MIGRATE
         holes, newp, devp = holes[~bad_type], newp[~bad_type], devp[~bad_type]
     if holes.size == 0:
         return
@@ -362,13 +366,13 @@ def _migrate_vma_insert_pages(args, holes, newp):
         cur = vma.pte[i0 + holes]
         still = (cur == 0) | (pt.pte_present(cur) & (pt.pte_pfn(cur) == phys.zero_pfn))
         if (~still).any():
-            src[holes[~still]] &= ~_U(MIGRATE_PFN_MIGRATE)
+            src[holes[~still]] &= _NOT_MIGRATE
             holes, newp, devp = holes[still], newp[still], devp[still]
         if holes.size == 0:
             return
         if memcg is not None and not memcg.try_charge(int(holes.size)):
             # mem_cgroup_charge() failed: nothing is inserted
-            src[holes] &= ~_U(MIGRATE_PFN_MIGRATE)
+            src[holes] &= _NOT_MIGRATE
             return
         writable = bool(vma.vm_flags & VM_WRITE)
         ent = pt.mk_pte(newp, pt.PTE_YOUNG | ((pt.PTE_WRITE | pt.PTE_DIRTY) if writable else _U(0)))
@@ -380,7 +384,7 @@ def _migrate_vma_insert_pages(args, holes, newp):
         pg.mapcount[newp] += 1
         vma.pte[i0 + holes] = ent
         mm.add_rss("anon", int(holes.size))
-        src[holes] = _U(MIGRATE_PFN_MIGRATE)
+        src[holes] = _MPFN_MIGRATE
 
 
 def migrate_vma_finalize(args):
@@ -406,7 +410,7 @@ def _migrate_device_finalize(system, src, dst, npages, args):
         have = (spfn >= 0).nonzero()[0]
         s = spfn[have]
     if have.size:
-        moved = ((src[have] & _U(MIGRATE_PFN_MIGRATE)) != 0) & (dpfn[have] >= 0)
+        moved = ((src[have] & _MPFN_MIGRATE) != 0) & (dpfn[have] >= 0)
         target = np.where(moved, dpfn[have], s)
         tg = _rmap_targets(system, args, s)
         remove_migration_ptes(system, s, target, tg["vmas"], region=tg["region"],
@@ -441,7 +445,7 @@ def migrate_device_range(system, src_pfns, start, npages):
             phys.put(p[~got], unique=True)
         p = p[got]
     sel = p - start
-    src_pfns[sel] = migrate_pfn(p) | _U(MIGRATE_PFN_MIGRATE)
+    src_pfns[sel] = migrate_pfn(p) | _MPFN_MIGRATE
     _unmap_by_pfn(system, src_pfns, npages)
     return 0
 
@@ -459,7 +463,7 @@ def migrate_device_pfns(system, src_pfns, pfns):
         got = phys.trylock(p)
         if (~got).any():
             phys.put(p[~got])
-    src_pfns[used[got]] = migrate_pfn(p[got]) | _U(MIGRATE_PFN_MIGRATE)
+    src_pfns[used[got]] = migrate_pfn(p[got]) | _MPFN_MIGRATE
     _unmap_by_pfn(system, src_pfns, pfns.size)
     return 0
 
@@ -469,7 +473,7 @@ def _unmap_by_pfn(system, src, npages):
     phys = system.phys
     pg = phys.pages
     pfn = migrate_pfn_to_pfn(src[:npages])
-    sel = np.nonzero((pfn >= 0) & ((src[:npages] & _U(MIGRATE_PFN_MIGRATE)) != 0))[0]
+    sel = np.nonzero((pfn >= 0) & ((src[:npages] & _MPFN_MIGRATE) != 0))[0]
     if sel.size == 0:
         return
     p = pfn[sel]
@@ -497,13 +501,13 @@ def migrate_device_coherent_pages(system, pfns):
     src = np.zeros(pfns.size, dtype=_U)
     dst = np.zeros(pfns.size, dtype=_U)
     migrate_device_pfns(system, src, pfns)
-    sel = np.nonzero((src & _U(MIGRATE_PFN_MIGRATE)) != 0)[0]
+    sel = np.nonzero((src & _MPFN_MIGRATE) != 0)[0]
     if sel.size:
         new = system.phys.alloc(sel.size, None, zero=False)
         system.phys.pages.flags[new] |= PG_LOCKED
         system.phys.copy(new, migrate_pfn_to_pfn(src[sel]))
         dst[sel] = migrate_pfn(new)
     migrate_device_pages(system, src, dst, pfns.size)
-    moved = (src & _U(MIGRATE_PFN_MIGRATE)) != 0
+    moved = (src & _MPFN_MIGRATE) != 0
     migrate_device_finalize(system, src, dst, pfns.size)
     return moved

@@ -383,11 +383,15 @@ class PhysicalMemory:
     def zone_device_type(self, pfns):
         """The memory_type of each pfn's pgmap, 0 for system RAM."""
         pfns = np.asarray(pfns, dtype=np.int64)
-        out = np.zeros(pfns.shape, dtype=np.int64)
         dev = pfns >= self.nr_ram
-        if not np.count_nonzero(dev):
-            return out
-        out[dev] = self.pgmap_table("type", lambda p: getattr(p, "type", 0))[self.pages.pgmap[pfns[dev]]]
+        ndev = np.count_nonzero(dev)
+        if not ndev:
+            return np.zeros(pfns.shape, dtype=np.int64)
+        types = self.pgmap_table("type", lambda p: getattr(p, "type", 0))
+        if ndev == pfns.size:
+            return types[self.pages.pgmap[pfns]]
+        out = np.zeros(pfns.shape, dtype=np.int64)
+        out[dev] = types[self.pages.pgmap[pfns[dev]]]
         return out
 
     def is_device(self, pfns):

@@ -27,6 +27,10 @@ _PFN = _U(pt.PFN_SHIFT)
 _MIG_KIND = pt.PTE_PRESENT | pt.SWP_MASK
 _MIG_READ = _U(pt.SWP_MIGRATION_READ << pt.SWP_SHIFT)
 _MIG_WRITE = _U(pt.SWP_MIGRATION_WRITE << pt.SWP_SHIFT)
+_SWP = _U(pt.SWP_SHIFT)
+_DEVP_READ = _U(pt.SWP_DEVICE_PRIVATE_READ)
+_PRESENT_YOUNG = pt.PTE_PRESENT | pt.PTE_YOUNG
+_WRITE_DIRTY = pt.PTE_WRITE | pt.PTE_DIRTY
 
 
 def _mapped_entries(system, new, writable):
@@ -35,8 +39,11 @@ def _mapped_entries(system, new, writable):
     writable); writability comes from the migration entry."""
     w = writable.astype(_U)
     devp = system.phys.zone_device_type(new) == MEMORY_DEVICE_PRIVATE
-    out = (new.astype(_U) << _PFN) | (pt.PTE_PRESENT | pt.PTE_YOUNG) | (w * (pt.PTE_WRITE | pt.PTE_DIRTY))
-    if np.count_nonzero(devp):
+    ndev = np.count_nonzero(devp)
+    if ndev == devp.size:                       # every page went to device-private memory
+        return (new.astype(_U) << _PFN) | ((_DEVP_READ + w) << _SWP)
+    out = (new.astype(_U) << _PFN) | _PRESENT_YOUNG | (w * _WRITE_DIRTY)
+    if ndev:
         out[devp] = pt.mk_swp(new[devp], pt.SWP_DEVICE_PRIVATE_READ + w[devp])
     return out
 
