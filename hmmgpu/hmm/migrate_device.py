@@ -110,6 +110,7 @@ class MigrateVma:
         self._wide = False        # some page was mapped outside [start, end) of vma
         self._pages_started = False
         self._collected = (_EMPTY, _EMPTY)   # positions and pfns of the pages collected
+        self._holes = _EMPTY                 # positions of the holes collected
 
     def __repr__(self):
         return (f"MigrateVma([0x{self.start:x}, 0x{self.end:x}), npages={self.npages}, "
@@ -208,11 +209,13 @@ def _migrate_vma_collect(args):
                     cand = np.zeros(n, bool) if cand is None else cand
                     cand[d] = True
             cpages = 0
+            h = _EMPTY
             if hole is not None:
                 h = hole.nonzero()[0]
                 if h.size:
                     mpfn[h] = _MPFN_MIGRATE
                     cpages = int(h.size)
+            args._holes = h
             idx = _EMPTY if cand is None else cand.nonzero()[0]
             if idx.size:
                 # folio_trylock(): a page someone else holds locked is simply skipped.
@@ -303,12 +306,20 @@ def _migrate_device_pages(system, src, dst, npages, args):
     phys = system.phys
     src = src[:npages]
     dst = dst[:npages]
-    spfn = migrate_pfn_to_pfn(src)
     dpfn = migrate_pfn_to_pfn(dst)
     # no destination: this page stays
     src[dpfn < 0] &= _NOT_MIGRATE
     mig = (src & _MPFN_MIGRATE) != 0
-    holes = (mig & (spfn < 0)).nonzero()[0]
+    if args is not None:
+        have, spfn = args._collected          # setup's pages and holes: src is not decoded again
+        holes = args._holes[mig[args._holes]]
+        moving = mig[have]
+        pages, old = have[moving], spfn[moving]
+    else:
+        spfn = migrate_pfn_to_pfn(src)
+        holes = (mig & (spfn < 0)).nonzero()[0]
+        pages = (mig & (spfn >= 0)).nonzero()[0]
+        old = spfn[pages]
     if holes.size:
         if args is None:
             src[holes] &= _NOT_MIGRATE
@@ -316,10 +327,9 @@ def _migrate_device_pages(system, src, dst, npages, args):
             addr = args.start + (int(holes[0]) << PAGE_SHIFT)
             with invalidation(args.vma.mm, addr, args.end, MMU_NOTIFY_MIGRATE, owner=args.pgmap_owner):
                 _migrate_vma_insert_pages(args, holes, dpfn[holes])
-    pages = (mig & (spfn >= 0)).nonzero()[0]
     if pages.size == 0:
         return
-    old, new = spfn[pages], dpfn[pages]
+    new = dpfn[pages]
     pg = phys.pages
     with phys.lock:
         ztype = zone_device_type(system, new)
