@@ -72,12 +72,15 @@ class UserJob:
     ...)) and/or a NumPy lane function ``numpy_lane(ctx, lanes, args)`` vectorised over ``lanes``.
 
     Both backends run the lane twice (probe, then commit), so a faulting lane leaves no trace.
+    ``module`` names the source file the kernel is compiled from (default ``<name>.cu``): jobs
+    whose kernels share one source and module name compile once (a CUDA module holds them all).
     """
 
-    def __init__(self, name, cuda_source=None, numpy_lane=None):
+    def __init__(self, name, cuda_source=None, numpy_lane=None, module=None):
         self.name = name
         self.cuda_source = cuda_source
         self.numpy_lane = numpy_lane
+        self.module = module or f"{name}.cu"
 
 
 class JobSpec:

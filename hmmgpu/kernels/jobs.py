@@ -51,7 +51,7 @@ class CupyJobExecutor:
         if spec.user is not None:
             if not spec.user.cuda_source:
                 raise ValueError(f"user job '{spec.name}' has no CUDA source for the cupy backend")
-            h.mod = load_module(f"{spec.user.name}.cu", self.gpu, source=spec.user.cuda_source)
+            h.mod = load_module(spec.user.module, self.gpu, source=spec.user.cuda_source)
             h.kernel = spec.user.name
         else:
             h.mod = load_module("jobs.cu", self.gpu)
