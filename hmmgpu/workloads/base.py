@@ -132,6 +132,7 @@ class Workload:
                             f"it takes {', '.join(sorted(self.params)) or 'none'}")
         self.p = dict(self.params)
         self.p.update(params)
+        self.validate()
         self.seed = int(seed)
         if footprint is None:
             self.dims = dict(self.default_dims)
@@ -143,6 +144,9 @@ class Workload:
         self.regions = {}
         self.driver = None
         self.results = []
+
+    def validate(self):
+        """Check ``self.p`` (the parameters); raise ValueError naming the bad one."""
 
     # -- sizing ------------------------------------------------------------------------------
     def dims_for(self, footprint):
@@ -187,12 +191,16 @@ class Workload:
         self.proc = proc
         try:
             for name, nbytes in self.layout():
-                self.regions[name] = self._mmap(name, nbytes)
+                self.regions[name] = self._mmap(name, nbytes, self.align_of(name))
             self.init(np.random.default_rng(self.seed))
         except BaseException:
             self.close()
             raise
         return self
+
+    def align_of(self, name):
+        """Where array ``name`` starts past a 2 MiB boundary (0: on one)."""
+        return 0
 
     def _mmap(self, name, nbytes, align_to=0):
         """An anonymous mapping of ``nbytes`` whose start is ``align_to`` past a 2 MiB boundary
