@@ -85,7 +85,7 @@ KERNELS = kernel_jobs("patterns.cu", {
 
 class _Pattern(Workload):
     suite = "oversubscription"
-    params = {"threads": 32768, "block": 128, "loops": 3, "step": 64, "mode": "page_fault",
+    params = {"threads": 32768, "block": 128, "loops": 3, "step": 16, "mode": "page_fault",
               "page_size": "2M"}
     default_dims = {"n": 2 << 20}                # 8 MiB of words; the sample: 1.0 x GPU memory
     KERNELS = KERNELS

@@ -170,7 +170,7 @@ class _Square(Workload):
     reduction loop per launch."""
 
     suite = "polybench"
-    params = {"step": 256}
+    params = {"step": 16}
     nmat = 1            # n x n float32 matrices
     nvec = 0            # float32 vectors of n
 
@@ -187,7 +187,6 @@ class Gemm(_Square):
 
     name = "gemm"
     default_dims = {"n": 256}          # UVMBench: 512
-    params = {"step": 128}
     ALPHA, BETA = F32(32412.0), F32(2123.0)
     KERNELS = KERNELS
 
