@@ -7,7 +7,7 @@ lanes or pages.  Completion is immediate; nothing here is a timing.
 """
 import numpy as np
 
-from ..device.backend import DONE
+from ..device.hw import DONE
 from ..device.faults import ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE
 from ..device.jobs import LANE_DONE, LANE_FAULTED, Zeros
 from ..device.pagetable import PTE_ACCESSED, PTE_ATOMIC, PTE_DIRTY, PTE_VALID, PTE_WRITE

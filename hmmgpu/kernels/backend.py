@@ -2,14 +2,12 @@
 fault buffers and jobs in GPU memory; every device operation a CUDA kernel or copy on the GPU's
 stream.
 
-Device code lives in hmmgpu/kernels/*.cu and *.cuh.  Each source is loaded into a
-``cupy.RawModule`` once per GPU, with a ``#line 1 "file.cu"`` prefix so compiler errors point at
-the real file, and cached (CuPy also keeps the binary in its on-disk kernel cache).  Importing
+Device code lives in hmmgpu/kernels/*.cu and *.cuh; module.py compiles each source into a
+``cupy.RawModule`` once per GPU (CuPy also keeps the binary in its on-disk kernel cache).  Importing
 hmmgpu never initialises CUDA: this module is imported only when the cupy backend is chosen, and
 the first CUDA call happens when a backend object hands out its first arena or engine.
 """
 import ctypes
-import os
 import threading
 import weakref
 
@@ -17,45 +15,10 @@ import numpy as np
 import cupy
 
 from ..constants import PAGE_SIZE
-from ..device.backend import Arena, Backend, Fence
-
-KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
-NVRTC_OPTIONS = ("-I" + KERNEL_DIR, "--std=c++17")
+from ..device.hw import Arena, Backend, Fence
 
 cudaHostAllocPortable = 0x01
 cudaHostAllocMapped = 0x02
-cudaMemcpyDefault = 4
-
-_modules = {}
-_modules_lock = threading.Lock()
-
-
-def load_module(filename, gpu=0, source=None):
-    """The RawModule of hmmgpu/kernels/<filename> (or of ``source`` under that name), compiled
-    once per GPU and cached."""
-    key = (filename, gpu, source)
-    with _modules_lock:
-        mod = _modules.get(key)
-        if mod is None:
-            if source is None:
-                with open(os.path.join(KERNEL_DIR, filename)) as f:
-                    code = f'#line 1 "{filename}"\n' + f.read()
-            else:
-                code = f'#include "hmm.cuh"\n#line 1 "{filename}"\n' + source
-            with cupy.cuda.Device(gpu):
-                mod = cupy.RawModule(code=code, options=NVRTC_OPTIONS)
-                mod.compile()
-            _modules[key] = mod
-    return mod
-
-
-def launch(mod, name, nthreads, args, stream, block=256):
-    """One launch of kernel ``name`` over ``nthreads`` threads on ``stream``."""
-    if nthreads <= 0:
-        return
-    grid = (int(-(-nthreads // block)),)
-    with stream:
-        mod.get_function(name)(grid, (block,), args)
 
 
 class CudaFence(Fence):

@@ -6,7 +6,7 @@ import cupy
 import numpy as np
 
 from ..device.pagetable import PT_ENTRIES
-from .backend import launch, load_module
+from .module import launch, load_module
 
 
 class CupyPageTableHW:
