@@ -102,14 +102,14 @@ def compare(expected, got, what):
     bad = []
     for name in expected:
         e, g = np.asarray(expected[name]), np.asarray(got[name])
+        if e.shape != g.shape:
+            bad.append(f"{name}: shape {g.shape} != {e.shape}")
+            continue
         eq = (e == g) | ((e != e) & (g != g)) if e.dtype.kind == "f" else (e == g)
-        if e.shape != g.shape or not eq.all():
-            if e.shape != g.shape:
-                bad.append(f"{name}: shape {g.shape} != {e.shape}")
-            else:
-                i = np.unravel_index(int(np.flatnonzero(~eq.reshape(-1))[0]), e.shape)
-                bad.append(f"{name}: {int((~eq).sum())} of {e.size} differ, first at {tuple(map(int, i))}: "
-                           f"{g[i]!r} != {e[i]!r}")
+        if not eq.all():
+            i = np.unravel_index(int(np.flatnonzero(~eq.reshape(-1))[0]), e.shape)
+            bad.append(f"{name}: {int((~eq).sum())} of {e.size} differ, first at {tuple(map(int, i))}: "
+                       f"{g[i]!r} != {e[i]!r}")
     return Check(not bad, what, "exact", "; ".join(bad))
 
 
