@@ -1,10 +1,11 @@
 // workloads.cuh: what the workload kernels (hmmgpu/workloads/kernels/*.cu) share.
 //
-// Loaded after hmm.cuh.  Float arithmetic goes through wl_add / wl_sub / wl_mul: one IEEE
-// rounding each, never contracted into an FMA (nvcc contracts a*b+c by default), so a lane
-// computes bit for bit what its NumPy twin computes with float32 operations in the same order.
-// Division is plain `/`, IEEE round-to-nearest under CUDA's default -prec-div=true.
-#pragma once
+// hmmgpu/workloads/base.py's kernel_jobs puts this text in front of each kernel file (after
+// hmm.cuh, which the module loader includes).  Float arithmetic goes through wl_add / wl_sub /
+// wl_mul: one IEEE rounding each, never contracted into an FMA (nvcc contracts a*b+c by
+// default), so a lane computes bit for bit what its NumPy twin computes with float32
+// operations in the same order.  Division is plain `/`, IEEE round-to-nearest under CUDA's
+// default -prec-div=true.
 
 __device__ __forceinline__ float wl_add(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ float wl_sub(float a, float b) { return __fadd_rn(a, -b); }
