@@ -27,7 +27,8 @@ iterations and one pass needs only a few pages resident, which keeps progress po
 device holds less than the working set.  A NumPy lane makes exactly the accesses of its CUDA lane
 in the same order (one per step, vectorised over lanes), so both backends raise the same faults.
 Float arithmetic is float32 with one rounding per operation (``__fadd_rn`` / ``__fmul_rn`` on CUDA,
-never contracted into an FMA), so results compare exactly wherever the order is the original's.
+never contracted into an FMA), so every result compares exactly with a NumPy model that does
+the same operations in the same order.
 """
 import os
 
@@ -46,6 +47,11 @@ F32 = np.float32
 def va(base, idx, size=4):
     """Virtual addresses base + size * idx as uint64 (what a lane hands to ctx.load/store)."""
     return _U(base) + np.asarray(idx).astype(_U) * _U(size)
+
+
+def f32arg(word):
+    """A float32 job argument from its packed word (pack_args passes np.float32 as its bits)."""
+    return np.array(int(word) & 0xFFFFFFFF, np.uint32).view(np.float32)[()]
 
 
 def page_round(n):

@@ -12,12 +12,7 @@ ATAX / BICG / MVT / GESUMMV 4096, FDTD-2D 2048 with 500 time steps.
 """
 import numpy as np
 
-from .base import F32, Workload, compare, kernel_jobs, steps, va
-
-
-def f32arg(word):
-    """A float32 job argument from its packed word (pack_args passes np.float32 as its bits)."""
-    return np.array(int(word) & 0xFFFFFFFF, np.uint32).view(np.float32)[()]
+from .base import F32, Workload, compare, f32arg, kernel_jobs, steps, va
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,13 +13,9 @@ sizes: hotspot 512 x 512 for 2 steps, pathfinder 100,000 columns x 100 rows, sra
 """
 import numpy as np
 
-from .base import F32, Workload, compare, kernel_jobs, va
+from .base import F32, Workload, compare, f32arg, kernel_jobs, va
 
 I32 = np.int32
-
-
-def _f32(word):
-    return np.array(int(word) & 0xFFFFFFFF, np.uint32).view(np.float32)[()]
 
 
 def _clamped(k, n):
@@ -32,7 +28,7 @@ def _clamped(k, n):
 
 def hotspot_np(ctx, lanes, a):
     power, src, dst, rows, cols = (int(x) for x in a[:5])
-    sdc, rx1, ry1, rz1, amb = (_f32(x) for x in a[5:10])
+    sdc, rx1, ry1, rz1, amb = (f32arg(x) for x in a[5:10])
     r, c = lanes // cols, lanes % cols
     n, s = _clamped(r, rows)
     w, e = _clamped(c, cols)
@@ -65,7 +61,7 @@ def pathfinder_np(ctx, lanes, a):
 
 def srad1_np(ctx, lanes, a):
     J, C, E, W, N, S, rows, cols = (int(x) for x in a[:8])
-    q0sqr = _f32(a[8])
+    q0sqr = f32arg(a[8])
     i, j = lanes // cols, lanes % cols
     k = i * cols + j
     north, south = _clamped(i, rows)
@@ -94,7 +90,7 @@ def _srad_coefficient(jc, dn, ds, dw, de, q0sqr):
 
 def srad2_np(ctx, lanes, a):
     J, C, E, W, N, S, rows, cols = (int(x) for x in a[:8])
-    q = _f32(a[8])
+    q = f32arg(a[8])
     i, j = lanes // cols, lanes % cols
     k = i * cols + j
     _, south = _clamped(i, rows)
@@ -132,7 +128,7 @@ def _tree16(v):
 
 def adjust_weights_np(ctx, lanes, a):
     delta, ly, w, oldw, hid = (int(x) for x in a[:5])
-    eta, momentum = _f32(a[5]), _f32(a[6])
+    eta, momentum = f32arg(a[5]), f32arg(a[6])
     by, ty, tx = lanes // (16 * hid), lanes // hid % 16, lanes % hid
     ix, iy = tx + 1, 16 * by + ty + 1
     index = (hid + 1) * iy + ix
