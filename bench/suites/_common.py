@@ -167,3 +167,52 @@ class Cuda:
         """cudaMemPrefetchAsync (device -1: to the CPU)."""
         s = self.cp.cuda.get_current_stream()
         self.rt.memPrefetchAsync(int(ptr), int(nbytes), int(device), s.ptr)
+
+
+# -- fault-driven jobs ----------------------------------------------------------------------------
+
+class DeviceClock:
+    """Seconds spent inside a job engine's executor: the device's own work (on the fallback the
+    lanes' NumPy twins run there).  Whatever else a fault-driven job costs is the host's control
+    plane: draining the fault buffer, servicing (hmm_range_fault, page-table updates), replaying.
+
+    ``with DeviceClock(engine) as clk: ...`` then ``clk.seconds``; the engine's executor is
+    swapped for a timing proxy only inside the block.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.seconds = 0.0
+
+    def __enter__(self):
+        import time
+        real, clk = self.engine.ex, self
+
+        class _Timed:
+            def __getattr__(self, name):
+                attr = getattr(real, name)
+                if not callable(attr):
+                    return attr
+
+                def timed(*a, **k):
+                    t0 = time.perf_counter()
+                    try:
+                        return attr(*a, **k)
+                    finally:
+                        clk.seconds += time.perf_counter() - t0
+                return timed
+        self._real = real
+        self.engine.ex = _Timed()
+        return self
+
+    def __exit__(self, *exc):
+        self.engine.ex = self._real
+        return False
+
+
+def frames_sum(frames, pfns, chunk=8192):
+    """The uint32 sum (mod 2**64) of frames ``pfns``, a chunk at a time (no GiB temporaries)."""
+    total = np.uint64(0)
+    for lo in range(0, pfns.size, chunk):
+        total += frames[pfns[lo:lo + chunk]].view(np.uint32).sum(dtype=np.uint64)
+    return int(total)

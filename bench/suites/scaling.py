@@ -6,12 +6,17 @@ present pages (REQ_FAULT, the sequence protocol around it), and the migration of
 the device (migrate_vma_* through dmirror).  The ratio is the per-page cost at N over the
 per-page cost at the largest N of the same run (the baseline).  Quick mode: 2^10 .. 2^13;
 full: up to 2^20 on a GPU machine, 2^18 on the fallback (1 GiB).
+
+Then the device side: a fault-driven reduce job over CPU-written (host-resident, scattered)
+pages on a device that has mapped nothing, every page a device fault serviced by
+hmm_range_fault and mapped remotely, from 8 MiB to 1 GiB (quick: 8 to 32 MiB); its per-page
+cost against itself at 8 MiB, within 1.3x.
 """
 import gc
 
 import numpy as np
 
-from ._common import PAGE, PRIV_ANON, RW, Workload, need
+from ._common import PAGE, PRIV_ANON, RW, Workload, frames_sum, need, size_label
 
 NAME = "scaling"
 DESCRIPTION = "per-page cost of fault-in, fork, munmap, hmm_range_fault, migrate at 2^10..2^20 pages"
@@ -117,8 +122,50 @@ def run(ctx):
                     baseline_name=f"itself at 2^{big.bit_length() - 1}", baseline=ref * 1e9,
                     ratio=per[n][op] / ref, target="within 1.5x", size=f"2^{n.bit_length() - 1} pages",
                     label=ctx.label + ", host CPU time of the emulation")
+    if have_hmm and have_dm:
+        fault_driven(ctx)
     if not have_hmm or not have_dm:
         missing = [x for x, ok in (("hmm_range_fault (hmmgpu.hmm)", have_hmm), ("migrate (dmirror)", have_dm))
                    if not ok]
         ctx.row("not measured: " + ", ".join(missing), ours=None, ours_unit="", baseline_name="-",
                 baseline=None, ratio=None, target=None, note="pieces not there yet")
+
+
+def _fault_driven_once(ctx, nbytes):
+    from hmmgpu.drivers.mirrorgpu import MirrorGpu
+    w = Workload(ctx.backend_name, nbytes // PAGE, scattered=True, ram_extra_pages=4096)
+    st = {"gpu": None}
+    try:
+        expect = frames_sum(w.system.phys.ram.frames, w.pfns())
+
+        def fresh():
+            if st["gpu"] is not None:
+                st["gpu"].close()
+            st["gpu"] = MirrorGpu(w.system, w.proc, w.dev, w.addr, w.addr + nbytes, name="bench-gpu")
+
+        def reduce():
+            r = st["gpu"].jobs.reduce_sum(w.addr, nbytes)
+            assert r.value == expect, "fault-driven reduce computed a wrong sum"
+            st["rounds"] = len(r.rounds)
+        t = ctx.time(reduce, setup=fresh)
+        return t.median / (nbytes // PAGE), st["rounds"]
+    finally:
+        if st["gpu"] is not None:
+            st["gpu"].close()
+        w.close()
+
+
+def fault_driven(ctx):
+    sizes = [8 << 20, 16 << 20, 32 << 20] if ctx.quick else [8 << 20, 32 << 20, 128 << 20, 512 << 20,
+                                                             1 << 30]
+    per, rounds = {}, {}
+    for nbytes in sizes:
+        ctx.progress(f"fault-driven reduce, {size_label(nbytes)}")
+        per[nbytes], rounds[nbytes] = _fault_driven_once(ctx, nbytes)
+        gc.collect()
+    ref = per[sizes[0]]
+    for nbytes in sizes:
+        ctx.row("fault-driven reduce per page (remote map)", ours=per[nbytes] * 1e9, ours_unit="ns/page",
+                baseline_name=f"itself at {size_label(sizes[0])}", baseline=ref * 1e9,
+                ratio=per[nbytes] / ref, target="within 1.3x", size=size_label(nbytes),
+                note=f"{rounds[nbytes]} rounds (launch, drain, service, replay)")
