@@ -56,9 +56,12 @@ class Workload:
         self.proc = self.system.spawn()
         self.mirror = self.dev.open(self.proc)
         self.addr = self.proc.mmap(self.nbytes, RW, PRIV_ANON)
-        pattern = np.full(self.nbytes // 8, 0x0123456789ABCDEF, np.uint64)
-        pattern[::513] = np.arange(pattern[::513].size, dtype=np.uint64)
-        self.proc.write(self.addr, pattern)
+        # the same pattern as one array would give, written 64 MiB at a time (no GiB temporary)
+        words, step = self.nbytes // 8, 1 << 23
+        for lo in range(0, words, step):
+            w = np.arange(lo, min(words, lo + step), dtype=np.int64)
+            chunk = np.where(w % 513 == 0, (w // 513).astype(np.uint64), np.uint64(0x0123456789ABCDEF))
+            self.proc.write(self.addr + lo * 8, chunk)
         self.vma = self.proc.mm.find_vma(self.addr)
 
     def pfns(self):
