@@ -29,6 +29,17 @@ cudaMemcpyDefault = 4
 _modules = {}
 _modules_lock = threading.Lock()
 
+# Kernel launches (``launch``) and blocking host synchronisations (``host_sync``) made through
+# this backend: a fault round costs at most 3 launches and 1 synchronisation
+# (hmmgpu/device/faults.py); ``CupyBackend.counters``, ``EmulatedDevice.stats()``, the trace and
+# ``hmmgpu bench --json`` report them.
+COUNTERS = {"kernel_launches": 0, "host_syncs": 0}
+
+
+def host_sync():
+    """Count one point where the host blocks on the GPU (call it beside the blocking call)."""
+    COUNTERS["host_syncs"] += 1
+
 
 def load_module(filename, gpu=0, source=None):
     """The RawModule of hmmgpu/kernels/<filename> (or of ``source`` under that name), compiled
@@ -54,6 +65,7 @@ def launch(mod, name, nthreads, args, stream, block=256):
     if nthreads <= 0:
         return
     grid = (int(-(-nthreads // block)),)
+    COUNTERS["kernel_launches"] += 1
     with stream:
         mod.get_function(name)(grid, (block,), args)
 
@@ -65,6 +77,7 @@ class CudaFence(Fence):
         self.event = event
 
     def wait(self):
+        host_sync()
         self.event.synchronize()
 
     def done(self):
@@ -120,6 +133,7 @@ class CupyArena(Arena):
             return self.host[idx]
         with cupy.cuda.Device(self.gpu), self.stream:
             out = self.frames[self._dev_idx(idx)]           # one gather kernel
+            host_sync()
             return out.get(stream=self.stream)              # one copy
 
     def write(self, idx, data):
@@ -140,9 +154,26 @@ class CupyArena(Arena):
             self.frames[self._dev_idx(idx)] = np.uint8(value)
 
 
+def pinned_mapped(nbytes, gpu=0):
+    """Pinned host memory mapped into the GPU's address space: (owner, NumPy uint8 view,
+    device pointer).  Keep ``owner`` alive as long as the memory is used."""
+    with cupy.cuda.Device(gpu):
+        hptr = cupy.cuda.runtime.hostAlloc(max(int(nbytes), 1), cudaHostAllocMapped | cudaHostAllocPortable)
+        owner = _Pinned(hptr)
+        attrs = cupy.cuda.runtime.pointerGetAttributes(hptr)
+    buf = (ctypes.c_uint8 * max(int(nbytes), 1)).from_address(hptr)
+    return owner, np.ctypeslib.as_array(buf)[:int(nbytes)], int(attrs.devicePointer) or hptr
+
+
+class _Pinned:
+    def __init__(self, hptr):
+        weakref.finalize(self, cupy.cuda.runtime.freeHost, hptr)
+
+
 class CupyBackend(Backend):
     name = "cupy"
     emulated = False
+    counters = COUNTERS
 
     def __init__(self):
         self._streams = {}
