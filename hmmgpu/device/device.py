@@ -93,7 +93,7 @@ import numpy as np
 
 from ..constants import PAGE_SIZE
 from ._trace import span
-from .backend import DONE
+from .hw import DONE
 from .faults import (DEFAULT_FAULT_BATCH, DEFAULT_REPLAY_POLICY, FAULT_COUNTERS, MAX_BATCHES_PER_SERVICE,
                      MAX_FAULT_BUFFER_ENTRIES, MAX_FAULTS_PER_LANE, FaultBuffer)
 from .jobs import DEFAULT_SLICE_LANES, JobEngine

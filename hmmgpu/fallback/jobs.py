@@ -14,7 +14,7 @@ is read or written as one slice of the arena, the scattered rest by one gather o
 """
 import numpy as np
 
-from ..device.backend import DONE
+from ..device.hw import DONE
 from ..device.faults import ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE
 from ..device.jobs import LANE_DONE, LANE_FAULTED, Zeros
 from ..device.pagetable import (PT_BITS, PT_ENTRIES, PT_LEVELS, PTE_ACCESSED, PTE_ATOMIC, PTE_DIRTY,

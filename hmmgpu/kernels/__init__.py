@@ -5,7 +5,8 @@
     pagetable.cu   the page table's command processor and lookup
     jobs.cu        built-in jobs: memset, copy, axpy, reduce, gather, list chase, tree search
     dma.cu         the copy engine's page scatter/gather kernel
-    backend.py     CupyBackend, arenas (pinned mapped host memory, GPU memory), module cache, info
+    backend.py     CupyBackend, arenas (pinned mapped host memory, GPU memory), info
+    module.py      the module cache (each source compiled once per GPU) and kernel launches
     dma.py / pagetable.py / jobs.py   the engines that launch those kernels
 
 Nothing is imported from here at ``import hmmgpu`` time; CuPy is loaded only when the cupy

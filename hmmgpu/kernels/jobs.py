@@ -17,7 +17,7 @@ import cupy
 import numpy as np
 
 from ..device.jobs import LANE_FAULTED, Zeros
-from .backend import cudaMemcpyDefault, host_sync, launch, load_module, pinned_mapped
+from .module import cudaMemcpyDefault, host_sync, launch, load_module, pinned_mapped
 
 _U64 = np.uint64
 

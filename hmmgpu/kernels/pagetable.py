@@ -6,7 +6,7 @@ import cupy
 import numpy as np
 
 from ..device.pagetable import PT_ENTRIES
-from .backend import host_sync, launch, load_module
+from .module import host_sync, launch, load_module
 
 
 class CupyPageTableHW:
