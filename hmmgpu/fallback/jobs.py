@@ -78,22 +78,27 @@ def _unique_sorted(keys):
 
 
 def runs_of(idx, min_run=MIN_RUN_PAGES):
-    """Runs of +1 steps in ``idx`` at least ``min_run`` long, as (start, length) pairs of
-    positions, and the positions outside them (the scattered rest)."""
+    """Runs of +1 or -1 steps in ``idx`` at least ``min_run`` long (a freshly faulted range is
+    often a run of frames in one direction or the other, as the free list hands them out), as
+    (start, length, step) over positions, and the positions outside them (the scattered rest)."""
     n = idx.size
     if n < min_run:
         return [], np.arange(n)
-    brk = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([0], brk))
-    lens = np.diff(np.concatenate((starts, [n])))
-    long = lens >= min_run
+    d = np.diff(idx)
+    step = np.where((d == 1) | (d == -1), d, 0)
+    chg = np.flatnonzero(step[1:] != step[:-1]) + 1
+    a = np.concatenate(([0], chg))                     # segment k: steps a[k] .. b[k] - 1,
+    b = np.concatenate((chg, [n - 1]))                 # positions a[k] .. b[k]
+    long = (step[a] != 0) & (b - a + 1 >= min_run)
     if not long.any():
         return [], np.arange(n)
     rest = np.ones(n, bool)
-    out = []
-    for s, ln in zip(starts[long].tolist(), lens[long].tolist()):     # one per long run
-        rest[s:s + ln] = False
-        out.append((s, ln))
+    out, last = [], -1
+    for s0, e0, st in zip(a[long].tolist(), b[long].tolist(), step[a[long]].tolist()):   # per long run
+        s0 = max(s0, last + 1)                         # two runs meeting share one position
+        rest[s0:e0 + 1] = False
+        out.append((s0, e0 + 1 - s0, st))
+        last = e0
     return out, np.flatnonzero(rest)
 
 
@@ -254,17 +259,18 @@ class NumpyMMU:
 
 
 class ScalarMMU:
-    """hmm_lane of hmm.cuh for one lane at a time, in plain Python: the page table, system RAM
-    and device memory as memoryviews of uint64 words, a one-entry TLB (the last page and the
-    strongest access checked on it), leaf tables cached for the slice.  A fault is recorded in
-    the ring exactly as the vectorised path records it."""
+    """Reads through the MMU for one lane at a time, in plain Python, for the pointer chases:
+    the page table, system RAM and device memory as memoryviews of uint64 words; every page
+    translated in the slice is kept (nothing can change the page table during a slice, so this
+    TLB holds what hmm_lane's micro-TLB would find again); ACCESSED is set on a page's first
+    translation, and a fault is recorded in the ring exactly as the vectorised path records it."""
 
     def __init__(self, mmu):
         self.mmu = mmu
         self.pt = memoryview(mmu.nodes.reshape(-1)).cast("B").cast("Q")
         self.mem = (memoryview(mmu.host.reshape(-1)).cast("Q"), memoryview(mmu.dev.reshape(-1)).cast("Q"))
         self.leaves = {}
-        self.tlb_vpn = -1
+        self.pages = {}            # vpn -> (memory, index of the page's first word)
 
     def _leaf(self, vpn):
         key = vpn >> PT_BITS
@@ -274,33 +280,31 @@ class ScalarMMU:
             self.leaves[key] = node
         return -1 if node < 0 else node * PT_ENTRIES + (vpn & (PT_ENTRIES - 1))
 
-    def xlate(self, vaddr, access, lane):
-        """The word index of ``vaddr`` in its memory (mem, index), or None after recording the fault."""
+    def page(self, vaddr, lane):
+        """(memory, first word) of the page of ``vaddr`` for a read, or None after recording
+        the read fault."""
         vpn = vaddr >> 12
-        if vpn != self.tlb_vpn or access > self.tlb_access:
-            slot = self._leaf(vpn) if vpn >> VPN_BITS == 0 else -1
-            e = self.pt[slot] if slot >= 0 else 0
-            ok = e & PTE_VALID and (access == ACCESS_READ or (
-                e & PTE_WRITE and (access == ACCESS_WRITE or e & PTE_ATOMIC)))
-            if not ok:
-                self.mmu.faults.append(np.array([vaddr], np.uint64), access, np.array([lane], np.int64),
-                                       self.mmu.job_id)
-                self.tlb_vpn = -1
-                return None
-            want = PTE_ACCESSED | (PTE_DIRTY if access != ACCESS_READ else 0)
-            if e & want != want:
-                self.pt[slot] = e | want
-            pfn = e >> PTE_PFN_SHIFT
-            d = pfn - self.mmu.pfn_base
-            dev = 0 <= d < self.mmu.nframes
-            self.tlb_vpn, self.tlb_access = vpn, access
-            self.tlb_mem = self.mem[1] if dev else self.mem[0]
-            self.tlb_base = (d if dev else pfn) << 9
-        return self.tlb_mem, self.tlb_base + ((vaddr & 4095) >> 3)
+        pg = self.pages.get(vpn)
+        if pg is not None:
+            return pg
+        slot = self._leaf(vpn) if vpn >> VPN_BITS == 0 else -1
+        e = self.pt[slot] if slot >= 0 else 0
+        if not e & PTE_VALID:
+            self.mmu.faults.append(np.array([vaddr], np.uint64), ACCESS_READ, np.array([lane], np.int64),
+                                   self.mmu.job_id)
+            return None
+        if not e & PTE_ACCESSED:
+            self.pt[slot] = e | PTE_ACCESSED
+        pfn = e >> PTE_PFN_SHIFT
+        d = pfn - self.mmu.pfn_base
+        pg = (self.mem[1], d << 9) if 0 <= d < self.mmu.nframes else (self.mem[0], pfn << 9)
+        self.pages[vpn] = pg
+        return pg
 
-    def lane(self):
-        """A new lane: its micro-TLB starts empty."""
-        self.tlb_vpn = -1
+    def load(self, vaddr, lane):
+        """The uint64 at ``vaddr`` (a read through the MMU), or None after a fault."""
+        pg = self.page(vaddr, lane)
+        return None if pg is None else pg[0][pg[1] + ((vaddr & 4095) >> 3)]
 
 
 class NumpyLaneContext:
@@ -432,8 +436,9 @@ BULK_CHUNK_LANES = 2048          # bounds the temporaries of a gather: 8 MiB of 
 def _pages_memset(mmu, pte, byte):
     """memset of whole pages: a run of frames is one slice assignment, the rest one scatter."""
     for mem, _, f, runs, rest in mmu.page_runs(pte):
-        for s, ln in runs:                            # one per long run of frames
-            mem[f[s]:f[s] + ln] = byte
+        for s, ln, st in runs:                        # one per long run of frames
+            lo = f[s] if st > 0 else f[s + ln - 1]
+            mem[lo:lo + ln] = byte
         if rest.size:
             mem[f[rest]] = byte
 
@@ -444,11 +449,13 @@ def _pages_reduce(mmu, pte, out):
     for mem, pos, f, runs, rest in mmu.page_runs(pte):
         words = mem.view(np.uint32)
         one = pos.size == out.size                    # every page in this memory: pos is 0..n-1
-        for s, ln in runs:                            # one per long run of frames
+        for s, ln, st in runs:                        # one per long run of frames
+            lo = f[s] if st > 0 else f[s + ln - 1]
+            src = words[lo:lo + ln] if st > 0 else words[lo:lo + ln][::-1]
             if one:
-                np.add.reduce(words[f[s]:f[s] + ln], axis=1, dtype=np.uint64, out=out[s:s + ln])
+                np.add.reduce(src, axis=1, dtype=np.uint64, out=out[s:s + ln])
             else:
-                out[pos[s:s + ln]] = words[f[s]:f[s] + ln].sum(axis=1, dtype=np.uint64)
+                out[pos[s:s + ln]] = src.sum(axis=1, dtype=np.uint64)
         for lo in range(0, rest.size, BULK_CHUNK_LANES):
             r = rest[lo:lo + BULK_CHUNK_LANES]
             out[pos[r]] = np.take(words, f[r], axis=0).sum(axis=1, dtype=np.uint64)
@@ -540,8 +547,17 @@ def list_lane(ctx, lanes, args):
         sel = np.flatnonzero(ctx.active & (p != 0) & (n < max_steps))
         if sel.size == 0:
             break
-        nxt = ctx.load(p[sel], np.uint64, sel)
-        v = ctx.load(p[sel] + _U64(8), np.uint64, sel)
+        node = p[sel]
+        if not (node & _U64(15)).any():           # 16-byte nodes: one translation, one read each
+            ok, pte, _ = ctx._xlate(node, ACCESS_READ, sel)
+            t = sel[ok]
+            words = ctx.mmu.load(pte[ok], node[ok] & _U64(4095), np.uint64, 2)
+            s[t] += words[:, 1]
+            n[t] += _U64(1)
+            p[t] = words[:, 0]
+            continue
+        nxt = ctx.load(node, np.uint64, sel)
+        v = ctx.load(node + _U64(8), np.uint64, sel)
         ok = ctx.active[sel]
         t = sel[ok]
         s[t] += v[ok]
@@ -551,21 +567,27 @@ def list_lane(ctx, lanes, args):
 
 
 def list_lane_scalar(sm, state, lanes, args):
-    """list_lane of jobs.cu for a few lanes, one step at a time (see ScalarMMU)."""
+    """list_lane of jobs.cu for a few lanes, one node at a time (see ScalarMMU)."""
     cur, sums, steps, max_steps = args[0], args[1], args[2], int(args[3])
+    pages = sm.pages
     for i in lanes.tolist():                      # a few lanes: SCALAR_LANES at most
-        sm.lane()
         p, s, n = int(cur[i]), int(sums[i]), int(steps[i])
         faulted = False
         while p and n < max_steps:                # one iteration per node
-            a = sm.xlate(p, ACCESS_READ, i)
-            b = a and sm.xlate(p + 8, ACCESS_READ, i)
-            if not b:
-                faulted = True
-                break
-            s += b[0][b[1]]
+            off = p & 4095
+            pg = pages.get(p >> 12)
+            if pg is None or off > 4088:          # a page not read yet, or a node across two
+                nxt = sm.load(p, i)
+                v = None if nxt is None else sm.load(p + 8, i)
+                if v is None:
+                    faulted = True
+                    break
+            else:
+                w = pg[1] + (off >> 3)
+                nxt, v = pg[0][w], pg[0][w + 1]
+            s += v
             n += 1
-            p = a[0][a[1]]
+            p = nxt
         cur[i], sums[i], steps[i] = p, s & _MASK64, n
         state[i] = LANE_FAULTED if faulted else LANE_DONE
 
@@ -577,12 +599,19 @@ def tree_lane(ctx, lanes, args):
         sel = np.flatnonzero(ctx.active & (p != 0) & (d < max_depth))
         if sel.size == 0:
             break
-        k = ctx.load(p[sel] + _U64(16), np.uint64, sel)
-        ok = ctx.active[sel]
-        sel, k = sel[ok], k[ok]
-        v = ctx.load(p[sel] + _U64(24), np.uint64, sel)
-        left = ctx.load(p[sel], np.uint64, sel)
-        right = ctx.load(p[sel] + _U64(8), np.uint64, sel)
+        node = p[sel]
+        if not (node & _U64(31)).any():           # 32-byte nodes: one translation, one read each
+            ok, pte, _ = ctx._xlate(node + _U64(16), ACCESS_READ, sel)
+            words = ctx.mmu.load(pte[ok], node[ok] & _U64(4095), np.uint64, 4)
+            sel = sel[ok]
+            left, right, k, v = words.T
+        else:
+            k = ctx.load(node + _U64(16), np.uint64, sel)
+            ok = ctx.active[sel]
+            sel, k = sel[ok], k[ok]
+            v = ctx.load(p[sel] + _U64(24), np.uint64, sel)
+            left = ctx.load(p[sel], np.uint64, sel)
+            right = ctx.load(p[sel] + _U64(8), np.uint64, sel)
         d[sel] += _U64(1)
         hit = k == key[sel]
         r[sel[hit]] = v[hit]
@@ -594,30 +623,26 @@ def tree_lane_scalar(sm, state, lanes, args):
     """tree_lane of jobs.cu for a few lanes, one level at a time (see ScalarMMU)."""
     cur, depth, result, keys, max_depth = args[0], args[1], args[2], args[3], int(args[4])
     for i in lanes.tolist():                      # a few lanes: SCALAR_LANES at most
-        sm.lane()
         p, d, r, key = int(cur[i]), int(depth[i]), int(result[i]), int(keys[i])
-        st = [False]
+        faulted = False
 
-        def load(vaddr):                          # hmm_load: 0, and nothing translated, once faulted
-            if st[0]:
-                return 0
-            a = sm.xlate(vaddr, ACCESS_READ, i)
-            if a is None:
-                st[0] = True
-                return 0
-            return a[0][a[1]]
+        def load(vaddr):                          # hmm_load: 0 once the lane faulted
+            nonlocal faulted
+            x = None if faulted else sm.load(vaddr, i)
+            faulted = faulted or x is None
+            return x or 0
         while p and d < max_depth:                # one iteration per tree level
             k = load(p + 16)
-            if st[0]:
+            if faulted:
                 break
-            v, left, right = load(p + 24), load(p), load(p + 8)   # TLB hits: a node is on one page
+            v, left, right = load(p + 24), load(p), load(p + 8)   # one page: a node is 32-byte aligned
             d += 1
             if k == key:
                 r, p = v, 0
                 break
             p = left if key < k else right
         cur[i], depth[i], result[i] = p, d, r
-        state[i] = LANE_FAULTED if st[0] else LANE_DONE
+        state[i] = LANE_FAULTED if faulted else LANE_DONE
 
 
 LANE_JOBS = {"gather": gather_lane, "list_chase": list_lane, "tree_search": tree_lane}
