@@ -509,13 +509,23 @@ def test_cuda_fault_round_costs(backend):
     dev, drv = setup(backend, ram=n + 8, window=n + 8, migrate="none", fault_batch_size=8,
                      max_batches_per_service=2)
     a = drv.region(n, None)
+    from hmmgpu import trace
     c0 = dict(backend.counters)
-    r = dev.jobs.memset(a, 3, n * PAGE)
+    t = trace.enable()
+    try:
+        r = dev.jobs.memset(a, 3, n * PAGE)
+    finally:
+        trace.disable()
     launches = backend.counters["kernel_launches"] - c0["kernel_launches"]
     syncs = backend.counters["host_syncs"] - c0["host_syncs"]
     assert len(r.rounds) == 1 + n // 16
     assert launches <= 3 * len(r.rounds) and syncs <= len(r.rounds) + 1, (launches, syncs, r.rounds)
     assert dev.stats()["kernel_launches"] == backend.counters["kernel_launches"]
+    # the trace samples the counters after each service: a round apart, +1 sync, <= 3 launches
+    samples = [e[6] for e in t.events if e[0] == "C" and e[1] == "cuda calls"]
+    assert len(samples) == len(r.rounds) - 1
+    for x, y in zip(samples, samples[1:]):
+        assert y["host_syncs"] - x["host_syncs"] == 1 and y["kernel_launches"] - x["kernel_launches"] <= 3
     assert (drv.data(a, n) == 3).all()
 
 
