@@ -214,9 +214,10 @@ class FaultBuffer:
         self.counters["num_fault_batches"] += -(-n // self.batch_size)
         return out
 
-    def pending_lanes(self):
-        """The lanes whose records still wait in the cache."""
-        return self._cache[:, 1].astype(np.int64)
+    def waiting_lanes(self, lo, hi):
+        """The lanes in [lo, hi] whose records still wait in the cache."""
+        col = self._cache[:, 1]
+        return col[(col >= _U64(lo)) & (col <= _U64(hi))].astype(np.int64)
 
     def drop_covered(self, drain):
         """Drop the cached records that ``drain`` serviced already (same page, access no
@@ -224,14 +225,15 @@ class FaultBuffer:
         c = self._cache
         if not len(c) or not len(drain):
             return np.zeros(0, np.int64)
-        vpn = (c[:, 0] >> _U64(12)).astype(np.int64)
         dv = drain.vpn
-        near = (vpn >= dv[0]) & (vpn <= dv[-1])       # a streaming job's later records: none near
-        if not near.any():
+        va = c[:, 0]
+        near = (va >= _U64(int(dv[0]) << 12)) & (va < _U64((int(dv[-1]) + 1) << 12))
+        if not near.any():                            # a streaming job's later records: none near
             return np.zeros(0, np.int64)
         i = np.flatnonzero(near)
-        pos = np.minimum(np.searchsorted(dv, vpn[i]), dv.size - 1)
-        hit = (dv[pos] == vpn[i]) & (c[i, 2].astype(np.int64) <= drain.access[pos])
+        vpn = (va[i] >> _U64(12)).astype(np.int64)
+        pos = np.minimum(np.searchsorted(dv, vpn), dv.size - 1)
+        hit = (dv[pos] == vpn) & (c[i, 2].astype(np.int64) <= drain.access[pos])
         if not hit.any():
             return np.zeros(0, np.int64)
         gone = i[hit]

@@ -275,11 +275,10 @@ class JobEngine:
         lanes = np.concatenate(resume) if len(resume) > 1 else resume[0]
         if lanes.size > 1 and not (lanes[1:] > lanes[:-1]).all():     # a streaming job's are
             lanes = np.unique(lanes)
-        waiting = fb.pending_lanes()                 # their other faults wait in the cache
-        if waiting.size and lanes.size:
-            near = waiting[(waiting >= lanes[0]) & (waiting <= lanes[-1])]
-            if near.size:
-                lanes = lanes[~np.isin(lanes, near)]
+        if fb.npending and lanes.size:               # their other faults wait in the cache
+            waiting = fb.waiting_lanes(lanes[0], lanes[-1])
+            if waiting.size:
+                lanes = lanes[~np.isin(lanes, waiting)]
         return lanes, served
 
     def _count_calls(self):
