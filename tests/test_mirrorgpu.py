@@ -172,3 +172,19 @@ def test_write_and_atomic_faults_on_untouched_memory(rig):
     lanes = np.arange(64)
     assert got.tolist() == [int((lanes[lanes % 4 == k] + 1).sum()) for k in range(4)]
     gpu.close()
+
+
+def test_pages_in_another_devices_coherent_memory_move_home_first(rig):
+    """A page in another device's coherent memory is not addressable by this device: the
+    service moves it to system memory and maps it remotely, as dmirror does."""
+    system, proc, dev = rig
+    other = dmirror.DMirrorDevice(system, memory="coherent", chunk_pages=64, max_chunks=1)
+    a, want = written(proc, 16)
+    m = other.open(proc)
+    assert m.migrate_to_dev(a, 16).cpages == 16
+    gpu = MirrorGpu(system, proc, dev, a, a + 16 * PAGE_SIZE)
+    assert gpu.jobs.reduce_sum(a, 16 * PAGE_SIZE).value == want
+    ent = gpu.pt.lookup((a >> 12) + np.arange(16)) >> np.uint64(12)
+    assert (ent < system.phys.nr_ram).all() and gpu.remote_maps == 16
+    gpu.close()
+    m.close()

@@ -189,12 +189,13 @@ class MirrorGpu:
                     got.append((int(v[lo]), rng.hmm_pfns))
             if busy:
                 continue
-            if self._move_unreachable(got):
+            vpns, pfns, flags = self._entries(got, atomic)
+            if self._move_unreachable(pfns):
                 continue
             with self.lock:
                 if mmu_interval_read_retry(self.mni, seq):
                     continue
-                self._map_ranges(got, atomic)
+                self._map(vpns, pfns, flags)
             return errs
         return np.full(v.size, errno.EBUSY, np.int64)
 
@@ -215,34 +216,37 @@ class MirrorGpu:
             rng.pfn_flags_mask = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE
         return rng
 
-    def _move_unreachable(self, got):
-        """Pages this device cannot address (another device's coherent memory) move to system
-        memory first, as dmirror does; True when some did (the caller walks again)."""
-        nr_ram = self.system.phys.nr_ram
-        far = []
-        for _, e in got:
-            p = hmm_pfn_to_pfn(e[(e & _U(HMM_PFN_VALID)) != 0])
-            far.append(p[(p >= nr_ram) & ~self.device.owns(p)])
-        far = np.concatenate(far) if far else np.zeros(0, np.int64)
-        if far.size == 0:
-            return False
-        migrate_device_coherent_pages(self.system, np.unique(far))
-        return True
-
-    def _map_ranges(self, got, atomic=None):
-        """One page-table command buffer for every valid entry hmm_range_fault returned (driver
-        lock held).  Not waited for: the replay is queued behind it on the device's queue."""
+    def _entries(self, got, atomic=None):
+        """The (vpns, pfns, PTE flags) of every valid entry hmm_range_fault returned; the
+        writable pages in ``atomic`` get PTE_ATOMIC."""
         if not got:
-            return
+            z = np.zeros(0, np.int64)
+            return z, z, z
         vs, ps, fs = [], [], []
         for first, e in got:
             ok = np.flatnonzero(((e & _U(HMM_PFN_VALID)) != 0) & ((e & _U(HMM_PFN_ERROR)) == 0))
             vs.append(first + ok)
             ps.append(hmm_pfn_to_pfn(e[ok]))
             fs.append(np.where((e[ok] & _U(HMM_PFN_WRITE)) != 0, PTE_WRITE, 0))
-        vpns, pfns, flags = np.concatenate(vs), np.concatenate(ps), np.concatenate(fs)
+        vpns, pfns, flags = (np.concatenate(x) for x in (vs, ps, fs))
         if atomic is not None and atomic.size:
             flags[(flags != 0) & np.isin(vpns, atomic)] |= PTE_ATOMIC
+        return vpns, pfns, flags
+
+    def _move_unreachable(self, pfns):
+        """Pages this device cannot address (another device's coherent memory) move to system
+        memory first, as dmirror does; True when some did (the caller walks again)."""
+        far = pfns[(pfns >= self.system.phys.nr_ram) & ~self.device.owns(pfns)]
+        if far.size == 0:
+            return False
+        migrate_device_coherent_pages(self.system, np.unique(far))
+        return True
+
+    def _map(self, vpns, pfns, flags):
+        """One page-table command buffer for all of a drain's entries (driver lock held).  Not
+        waited for: the replay is queued behind it on the device's queue."""
+        if vpns.size == 0:
+            return
         local = int(np.count_nonzero(self.device.owns(pfns)))
         self.local_maps += local
         self.remote_maps += int(pfns.size - local)
