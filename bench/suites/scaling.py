@@ -12,6 +12,12 @@ is flat, above 1 the largest size is cheaper per page (fixed per-call costs spre
 below 1 it costs more per page.  The target ">= 0.67" says the largest size costs at most 1.5x
 per page what a smaller one does.  Quick mode: 2^11 against 2^14; full: 2^10 .. 2^18 on the
 fallback (1 GiB), up to 2^20 on a GPU machine.
+
+Then the device side: a fault-driven reduce job over CPU-written (host-resident, scattered)
+pages on a device that has mapped nothing, every page a device fault serviced by
+hmm_range_fault and mapped remotely, at 32 MiB .. 1 GiB against itself at 8 MiB (quick: 32
+MiB), timed alternately; the target ">= 0.77" says 1 GiB costs at most 1.3x per page what
+8 MiB does.
 """
 import gc
 import os
@@ -19,12 +25,13 @@ import tempfile
 
 import numpy as np
 
-from ._common import PAGE, PRIV_ANON, RW, Workload
+from ._common import PAGE, PRIV_ANON, RW, Workload, frames_sum, size_label
 
 NAME = "scaling"
 DESCRIPTION = "per-page cost of fault-in, mprotect, fork, writeback, munmap, hmm_range_fault, migrate"
 OPS = ("fault-in", "mprotect", "fork", "writeback", "munmap", "hmm_range_fault", "migrate")
 TARGET = ">= 0.67"
+FAULT_TARGET = ">= 0.77"          # 1 / 1.3
 MAP_SHARED = 0x01
 PROT_READ = 0x1
 
@@ -158,3 +165,58 @@ def run(ctx):
                          label=label)
         finally:
             lab_big.close()
+    fault_driven(ctx)
+
+
+class _FaultJob:
+    """A fault-driven reduce over ``nbytes`` of CPU-written scattered pages: ``setup()`` opens a
+    device that has mapped nothing (untimed), ``fn()`` runs the job (timed)."""
+
+    def __init__(self, ctx, nbytes):
+        from hmmgpu.drivers.mirrorgpu import MirrorGpu
+        self.MirrorGpu = MirrorGpu
+        self.nbytes = nbytes
+        self.w = Workload(ctx.backend_name, nbytes // PAGE, scattered=True, ram_extra_pages=4096)
+        self.expect = frames_sum(self.w.system.phys.ram.frames, self.w.pfns())
+        self.gpu = None
+        self.rounds = 0
+
+    def setup(self):
+        if self.gpu is not None:
+            self.gpu.close()
+        w = self.w
+        self.gpu = self.MirrorGpu(w.system, w.proc, w.dev, w.addr, w.addr + self.nbytes, name="bench-gpu")
+
+    def fn(self):
+        r = self.gpu.jobs.reduce_sum(self.w.addr, self.nbytes)
+        assert r.value == self.expect, "fault-driven reduce computed a wrong sum"
+        self.rounds = len(r.rounds)
+
+    def close(self):
+        if self.gpu is not None:
+            self.gpu.close()
+        self.w.close()
+        self.w = self.gpu = None
+        gc.collect()
+
+
+def fault_driven(ctx):
+    base_bytes = 8 << 20
+    sizes = [32 << 20] if ctx.quick else [32 << 20, 128 << 20, 512 << 20, 1 << 30]
+    label = ctx.label + ", host CPU time of the emulation" if not ctx.gpu else ctx.label
+    small = _FaultJob(ctx, base_bytes)
+    try:
+        for nbytes in sizes:
+            ctx.progress(f"fault-driven reduce, {size_label(nbytes)} against {size_label(base_bytes)}")
+            big = _FaultJob(ctx, nbytes)
+            try:
+                ours, base = ctx.compare(big.fn, small.fn, ours_setup=big.setup, base_setup=small.setup)
+            finally:
+                big.close()
+            ctx.cost("fault-driven reduce per page (remote map)", ours=ours, base=base,
+                     per=nbytes // PAGE, base_per=base_bytes // PAGE,
+                     baseline_name=f"itself at {size_label(base_bytes)}", target=FAULT_TARGET,
+                     size=f"{size_label(nbytes)} / {size_label(base_bytes)}", label=label,
+                     note=f"{big.rounds} / {small.rounds} rounds (launch, fetch, service, replay)")
+    finally:
+        small.close()
