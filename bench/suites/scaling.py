@@ -13,12 +13,18 @@ below 1 it costs more per page.  The target ">= 0.67" says the largest size cost
 per page what a smaller one does.  Quick mode: 2^11 against 2^14; full: 2^10 .. 2^18 on the
 fallback (1 GiB), up to 2^20 on a GPU machine.
 
-Then the costs that must not grow with how much there is (``_fixed_costs``), each against its
+Then the device side: a fault-driven reduce job over CPU-written (host-resident, scattered)
+pages on a device that has mapped nothing, every page a device fault serviced by
+hmm_range_fault and mapped remotely, at 32 MiB .. 1 GiB against itself at 8 MiB (quick: 32
+MiB), timed alternately; the target ">= 0.77" says 1 GiB costs at most 1.3x per page what
+8 MiB does.
+
+Last, the costs that must not grow with how much there is (``_fixed_costs``), each against its
 baseline in the same run, timed alternately: mmap in an address space of 10^4 VMAs against mmap
 beside a single VMA (get_unmapped_area and the VMA tree; target within 1.5x), a one-page
 mprotect in a 2^18-page VMA against one in a 2^10-page VMA (splitting and merging the VMA and
 its page table; within 1.5x), and 10^4 one-page migrations against one migration of the same
-10^4 pages (migrate_vma's cost per call; at most 20x).  Last, the cost of one call for one page
+10^4 pages (migrate_vma's cost per call; at most 20x); and the cost of one call for one page
 of pt.map, munmap, migrate_vma, dmirror's migrate_to_dev, fork and exit (no baseline: the
 figure itself).
 """
@@ -29,12 +35,13 @@ import time
 
 import numpy as np
 
-from ._common import PAGE, PRIV_ANON, RW, Workload
+from ._common import PAGE, PRIV_ANON, RW, Workload, frames_sum, size_label
 
 NAME = "scaling"
 DESCRIPTION = "per-page cost of fault-in, mprotect, fork, writeback, munmap, hmm_range_fault, migrate"
 OPS = ("fault-in", "mprotect", "fork", "writeback", "munmap", "hmm_range_fault", "migrate")
 TARGET = ">= 0.67"
+FAULT_TARGET = ">= 0.77"          # 1 / 1.3
 MAP_SHARED = 0x01
 PROT_READ = 0x1
 
@@ -168,7 +175,62 @@ def run(ctx):
                          label=label)
         finally:
             lab_big.close()
+    fault_driven(ctx)
     _fixed_costs(ctx)
+
+
+class _FaultJob:
+    """A fault-driven reduce over ``nbytes`` of CPU-written scattered pages: ``setup()`` opens a
+    device that has mapped nothing (untimed), ``fn()`` runs the job (timed)."""
+
+    def __init__(self, ctx, nbytes):
+        from hmmgpu.drivers.mirrorgpu import MirrorGpu
+        self.MirrorGpu = MirrorGpu
+        self.nbytes = nbytes
+        self.w = Workload(ctx.backend_name, nbytes // PAGE, scattered=True, ram_extra_pages=4096)
+        self.expect = frames_sum(self.w.system.phys.ram.frames, self.w.pfns())
+        self.gpu = None
+        self.rounds = 0
+
+    def setup(self):
+        if self.gpu is not None:
+            self.gpu.close()
+        w = self.w
+        self.gpu = self.MirrorGpu(w.system, w.proc, w.dev, w.addr, w.addr + self.nbytes, name="bench-gpu")
+
+    def fn(self):
+        r = self.gpu.jobs.reduce_sum(self.w.addr, self.nbytes)
+        assert r.value == self.expect, "fault-driven reduce computed a wrong sum"
+        self.rounds = len(r.rounds)
+
+    def close(self):
+        if self.gpu is not None:
+            self.gpu.close()
+        self.w.close()
+        self.w = self.gpu = None
+        gc.collect()
+
+
+def fault_driven(ctx):
+    base_bytes = 8 << 20
+    sizes = [32 << 20] if ctx.quick else [32 << 20, 128 << 20, 512 << 20, 1 << 30]
+    label = ctx.label + ", host CPU time of the emulation" if not ctx.gpu else ctx.label
+    small = _FaultJob(ctx, base_bytes)
+    try:
+        for nbytes in sizes:
+            ctx.progress(f"fault-driven reduce, {size_label(nbytes)} against {size_label(base_bytes)}")
+            big = _FaultJob(ctx, nbytes)
+            try:
+                ours, base = ctx.compare(big.fn, small.fn, ours_setup=big.setup, base_setup=small.setup)
+            finally:
+                big.close()
+            ctx.cost("fault-driven reduce per page (remote map)", ours=ours, base=base,
+                     per=nbytes // PAGE, base_per=base_bytes // PAGE,
+                     baseline_name=f"itself at {size_label(base_bytes)}", target=FAULT_TARGET,
+                     size=f"{size_label(nbytes)} / {size_label(base_bytes)}", label=label,
+                     note=f"{big.rounds} / {small.rounds} rounds (launch, fetch, service, replay)")
+    finally:
+        small.close()
 
 
 def _mmap_costs(ctx):
