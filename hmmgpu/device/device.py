@@ -24,6 +24,9 @@ Memory
 
 MMU (dev.pt, a DevicePageTable; hmmgpu/device/pagetable.py has the entry encoding)
     dev.pt.map(vpns, pfns, flags=PTE_WRITE) -> Fence     PTE_WRITE | PTE_ATOMIC; VALID implied
+    dev.pt.map_huge(head_vpns, head_pfns, flags=PTE_WRITE) -> Fence
+                              2 MiB leaves: one entry per aligned 2 MiB folio (every update
+                              below splits one that it covers only in part)
     dev.pt.unmap(vpns) -> Fence
     dev.pt.protect(vpns, clear=PTE_WRITE | PTE_ATOMIC) -> Fence
     dev.pt.set_bits(vpns, bits) -> Fence

@@ -9,8 +9,10 @@ a step that touches 16 bytes).  Completion is immediate; nothing here is a timin
 
 Translation goes through a per-slice cache of leaf tables (the page-walk cache of a GPU MMU;
 hmm.cuh keeps a per-lane micro-TLB): a slice walks the upper levels once per 2 MiB of address
-space, then reads each leaf by index.  Data moves per run of contiguous frames: a run of pages
-is read or written as one slice of the arena, the scattered rest by one gather or scatter.
+space, then reads each leaf by index -- or, under a 2 MiB leaf, that one entry, whose pfn plus
+the page's index in the range is the page's frame.  Data moves per run of contiguous frames: a
+run of pages (a 2 MiB leaf's 512 pages are one) is read or written as one slice of the arena,
+the scattered rest by one gather or scatter.
 """
 import numpy as np
 
@@ -18,7 +20,7 @@ from ..device.hw import DONE
 from ..device.faults import ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE
 from ..device.jobs import LANE_DONE, LANE_FAULTED, Zeros
 from ..device.pagetable import (PT_BITS, PT_ENTRIES, PT_LEVELS, PTE_ACCESSED, PTE_ATOMIC, PTE_DIRTY,
-                                PTE_PFN_SHIFT, PTE_VALID, PTE_WRITE, VPN_BITS)
+                                PTE_HUGE, PTE_PFN_SHIFT, PTE_VALID, PTE_WRITE, VPN_BITS)
 
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
@@ -126,19 +128,27 @@ class NumpyMMU:
 
     # -- the walker ------------------------------------------------------------------------
     def _walk_upper(self, keys):
-        """Leaf-table node of each vpn >> 9 in ``keys`` (-1 where a table is missing)."""
+        """What the level-2 entry of each vpn >> 9 in ``keys`` leads to: its leaf table's node
+        (>= 0), -1 where a table is missing, or -2 - slot for a 2 MiB leaf at flat ``slot``."""
         flat = self.nodes.reshape(-1)
         node = np.zeros(keys.shape, np.int64)
         ok = np.ones(keys.shape, bool)
-        for level in range(PT_LEVELS - 1):
+        for level in range(PT_LEVELS - 2):
             shift = PT_BITS * (PT_LEVELS - 2 - level)
             e = flat[node * PT_ENTRIES + ((keys >> shift) & (PT_ENTRIES - 1))]
             ok &= (e & _U64(PTE_VALID)) != 0
             node = np.where(ok, (e >> _U64(PTE_PFN_SHIFT)).astype(np.int64), 0)
-        return np.where(ok, node, -1)
+        slot = node * PT_ENTRIES + (keys & (PT_ENTRIES - 1))
+        e = flat[slot]
+        huge = ok & ((e & _U64(PTE_HUGE)) != 0)
+        ok &= (e & _U64(PTE_VALID)) != 0
+        out = np.where(ok, (e >> _U64(PTE_PFN_SHIFT)).astype(np.int64), -1)
+        if huge.any():
+            out[huge] = -2 - slot[huge]
+        return out
 
     def leaf_tables(self, keys):
-        """Leaf-table nodes of sorted unique ``keys``, through the slice's cache."""
+        """``_walk_upper`` of sorted unique ``keys``, through the slice's cache."""
         ck, cn = self._tlb_keys, self._tlb_nodes
         pos = np.searchsorted(ck, keys)
         hit = pos < ck.size
@@ -156,19 +166,28 @@ class NumpyMMU:
         return out
 
     def walk(self, vpns):
-        """Flat slot index (into nodes.reshape(-1)) of each vpn's leaf, -1 where a table is missing."""
+        """(slot, huge): the flat slot (into nodes.reshape(-1)) of the entry that translates each
+        vpn, -1 where a table is missing, and which vpns are under 2 MiB leaves (whose slot is
+        the level-2 one), or None when none is."""
         vpns = np.asarray(vpns, dtype=np.int64)
         good = (vpns >= 0) & ((vpns >> VPN_BITS) == 0)
         keys = np.where(good, vpns >> PT_BITS, 0)
         uk, inv = _unique_sorted(keys)
-        leaf = self.leaf_tables(uk)[inv]
-        ok = good & (leaf >= 0)
-        return np.where(ok, leaf * PT_ENTRIES + (vpns & (PT_ENTRIES - 1)), -1)
+        lk = self.leaf_tables(uk)
+        leaf = lk[inv]
+        slot = np.where(good & (leaf >= 0), leaf * PT_ENTRIES + (vpns & (PT_ENTRIES - 1)), -1)
+        if not (lk < -1).any():                        # one test per 2 MiB: 4 KiB leaves only
+            return slot, None
+        huge = good & (leaf < -1)
+        slot[huge] = -2 - leaf[huge]
+        return slot, huge
 
     def translate(self, vaddr, access, lanes, record=True):
-        """(ok, pte) per address; sets ACCESSED/DIRTY on success; records the failures in order."""
+        """(ok, pte) per address; sets ACCESSED/DIRTY on success; records the failures in order.
+        A page under a 2 MiB leaf gets that entry with its own pfn (hmm_pte_of_page)."""
         vaddr = np.asarray(vaddr, dtype=np.uint64)
-        slots = self.walk((vaddr >> _U64(12)).astype(np.int64))
+        vpns = (vaddr >> _U64(12)).astype(np.int64)
+        slots, huge = self.walk(vpns)
         flat = self.nodes.reshape(-1)
         e = flat[np.maximum(slots, 0)]
         e[slots < 0] = 0
@@ -177,6 +196,8 @@ class NumpyMMU:
         need = ok & ((e & want) != want)
         if need.any():
             flat[slots[need]] |= want
+        if huge is not None:
+            e[huge] += (vpns[huge] & (PT_ENTRIES - 1)).astype(_U64) << _U64(PTE_PFN_SHIFT)
         if record and not ok.all():
             bad = ~ok
             self.faults.append(vaddr[bad], access, np.asarray(lanes)[bad], self.job_id)
@@ -278,7 +299,9 @@ class ScalarMMU:
         if node is None:
             node = int(self.mmu._walk_upper(np.array([key], np.int64))[0])
             self.leaves[key] = node
-        return -1 if node < 0 else node * PT_ENTRIES + (vpn & (PT_ENTRIES - 1))
+        if node >= 0:
+            return node * PT_ENTRIES + (vpn & (PT_ENTRIES - 1))
+        return -2 - node if node < -1 else -1          # a 2 MiB leaf's slot, or none
 
     def page(self, vaddr, lane):
         """(memory, first word) of the page of ``vaddr`` for a read, or None after recording
@@ -296,6 +319,8 @@ class ScalarMMU:
         if not e & PTE_ACCESSED:
             self.pt[slot] = e | PTE_ACCESSED
         pfn = e >> PTE_PFN_SHIFT
+        if e & PTE_HUGE:
+            pfn += vpn & (PT_ENTRIES - 1)
         d = pfn - self.mmu.pfn_base
         pg = (self.mem[1], d << 9) if 0 <= d < self.mmu.nframes else (self.mem[0], pfn << 9)
         self.pages[vpn] = pg
