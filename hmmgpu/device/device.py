@@ -255,8 +255,8 @@ class EmulatedDevice:
         s = dict(self.counters)
         s.update(self.pt.stats)
         s.update({"dma_batches": self.dma.batches, "dma_pages_copied": self.dma.pages_copied,
-                  "dma_bytes_copied": self.dma.bytes_copied, "jobs": self.jobs.next_job_id - 1,
-                  "lanes_launched": self.jobs.lanes_launched})
+                  "dma_bytes_copied": self.dma.bytes_copied, "dma_contiguous_copies": self.dma.contiguous_copies,
+                  "jobs": self.jobs.next_job_id - 1, "lanes_launched": self.jobs.lanes_launched})
         for k in ("memcpy_calls", "kernel_launches"):
             if hasattr(self.dma, k):
                 s["dma_" + k] = getattr(self.dma, k)
