@@ -179,7 +179,8 @@ def thp_scenario(backend, seed):
         ("copy", lambda: dev.jobs.copy(a + 700 * PAGE + 16, a + 300 * PAGE + 64, 8 * PAGE)),  # into read-only leaf 1
         ("protect", lambda: dev.pt.protect(drv.vpns(a + 1600 * PAGE, 12))),                  # part of leaf 3
         ("axpy", lambda: dev.jobs.axpy(np.float32(-1.75), a + 1100 * PAGE, a + 1596 * PAGE, 16 * 1024)),
-        ("reduce", lambda: dev.jobs.reduce_sum(a + 16, 2047 * PAGE + 32)),
+        ("reduce", lambda: dev.jobs.reduce_sum(a + 500 * PAGE + 16, 40 * PAGE + 32)),        # leaves 0, 1
+        ("reduce2", lambda: dev.jobs.reduce_sum(a + 1520 * PAGE + 16, 100 * PAGE)),          # 2, 3 (split)
         ("gather", lambda: dev.jobs.gather(dst, a, idx, 8 * 512)),
         ("user", lambda: dev.jobs.run(SCALE_JOB, 8 * 1024, [a + 512 * PAGE, a + 1536 * PAGE, dst])),
     ]
