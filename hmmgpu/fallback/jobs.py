@@ -24,6 +24,7 @@ from ..device.pagetable import (PT_BITS, PT_ENTRIES, PT_LEVELS, PTE_ACCESSED, PT
 
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
+_IN_LEAF = _U64((PT_ENTRIES - 1) << PTE_PFN_SHIFT)   # vaddr bits of the page in its 2 MiB range: the pfn offset
 BULK_UNITS = 256
 MIN_RUN_PAGES = 8            # a run of contiguous frames this long is read as a slice
 SCALAR_LANES = 32            # pointer chases with at most this many lanes run the scalar path
@@ -165,21 +166,40 @@ class NumpyMMU:
             self._tlb_keys, self._tlb_nodes = k2[o], n2[o]
         return out
 
+    def _walk_keys(self, vpns):
+        """(in range mask, None if all are; unique keys vpn >> 9; inverse; ``_walk_upper`` of them)."""
+        good = (vpns >= 0) & ((vpns >> VPN_BITS) == 0)
+        if good.all():
+            good, keys = None, vpns >> PT_BITS
+        else:
+            keys = np.where(good, vpns >> PT_BITS, 0)
+        uk, inv = _unique_sorted(keys)
+        return good, inv, self.leaf_tables(uk)
+
     def walk(self, vpns):
         """(slot, huge): the flat slot (into nodes.reshape(-1)) of the entry that translates each
         vpn, -1 where a table is missing, and which vpns are under 2 MiB leaves (whose slot is
         the level-2 one), or None when none is."""
         vpns = np.asarray(vpns, dtype=np.int64)
-        good = (vpns >= 0) & ((vpns >> VPN_BITS) == 0)
-        keys = np.where(good, vpns >> PT_BITS, 0)
-        uk, inv = _unique_sorted(keys)
-        lk = self.leaf_tables(uk)
-        leaf = lk[inv]
-        slot = np.where(good & (leaf >= 0), leaf * PT_ENTRIES + (vpns & (PT_ENTRIES - 1)), -1)
-        if not (lk < -1).any():                        # one test per 2 MiB: 4 KiB leaves only
-            return slot, None
-        huge = good & (leaf < -1)
-        slot[huge] = -2 - leaf[huge]
+        good, inv, lk = self._walk_keys(vpns)
+        return self._slots(vpns, good, inv, lk)
+
+    @staticmethod
+    def _slots(vpns, good, inv, lk):
+        big = lk < -1
+        if not big.any():                              # one test per 2 MiB: 4 KiB leaves only
+            leaf = lk[inv]
+            ok = leaf >= 0 if good is None else good & (leaf >= 0)
+            return np.where(ok, leaf * PT_ENTRIES + (vpns & (PT_ENTRIES - 1)), -1), None
+        # per key: the slot of its first page and the step per page (0 under a 2 MiB leaf)
+        tab = lk >= 0
+        slot = np.where(tab, lk * PT_ENTRIES, np.where(big, -2 - lk, -1))[inv]
+        if tab.any():
+            slot += (vpns & (PT_ENTRIES - 1)) * tab[inv]
+        huge = big[inv]
+        if good is not None:
+            slot[~good] = -1
+            huge &= good
         return slot, huge
 
     def translate(self, vaddr, access, lanes, record=True):
@@ -187,17 +207,29 @@ class NumpyMMU:
         A page under a 2 MiB leaf gets that entry with its own pfn (hmm_pte_of_page)."""
         vaddr = np.asarray(vaddr, dtype=np.uint64)
         vpns = (vaddr >> _U64(12)).astype(np.int64)
-        slots, huge = self.walk(vpns)
         flat = self.nodes.reshape(-1)
-        e = flat[np.maximum(slots, 0)]
-        e[slots < 0] = 0
-        ok = pte_allows(e, access)
         want = _U64(PTE_ACCESSED | (PTE_DIRTY if access != ACCESS_READ else 0))
-        need = ok & ((e & want) != want)
-        if need.any():
-            flat[slots[need]] |= want
-        if huge is not None:
-            e[huge] += (vpns[huge] & (PT_ENTRIES - 1)).astype(_U64) << _U64(PTE_PFN_SHIFT)
+        good, inv, lk = self._walk_keys(vpns)
+        if good is None and lk.size and lk.max() < -1:
+            # every page under a 2 MiB leaf: one entry read, checked and marked per leaf
+            ks = -2 - lk
+            ek = flat[ks]
+            okk = pte_allows(ek, access)
+            need = okk & ((ek & want) != want)
+            if need.any():
+                flat[ks[need]] |= want
+            ok = okk[inv]
+            e = ek[inv] + (vaddr & _IN_LEAF)
+        else:
+            slots, huge = self._slots(vpns, good, inv, lk)
+            e = flat[np.maximum(slots, 0)]
+            e[slots < 0] = 0
+            ok = pte_allows(e, access)
+            need = ok & ((e & want) != want)
+            if need.any():
+                flat[slots[need]] |= want
+            if huge is not None:
+                e += (vaddr & _IN_LEAF) * huge
         if record and not ok.all():
             bad = ~ok
             self.faults.append(vaddr[bad], access, np.asarray(lanes)[bad], self.job_id)
