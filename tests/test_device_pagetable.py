@@ -344,6 +344,18 @@ def test_huge_leaves_against_a_model(backend):
     """Random map / map_huge / unmap / protect / set_bits / range updates over 2 MiB regions,
     against a dense model of what lookup must answer (a leaf's pages carry PTE_HUGE until an
     update covering it in part splits it)."""
+    _huge_model_run(backend)
+
+
+def test_huge_model_through_the_vectorised_executor(monkeypatch):
+    """The same on the NumPy executor with its Python-integer path for small buffers turned off."""
+    import hmmgpu.fallback.pagetable as fp
+    from hmmgpu.device.backend import get_backend
+    monkeypatch.setattr(fp, "_FEW", 0)
+    _huge_model_run(get_backend("numpy"))
+
+
+def _huge_model_run(backend):
     from hmmgpu.device.pagetable import PTE_HUGE
     dev = huge_dev(backend, pt_initial_nodes=4)
     pt = dev.pt

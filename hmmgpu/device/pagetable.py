@@ -273,6 +273,12 @@ class DevicePageTable:
     def _check_huge(self, vpns, pfns):
         """2 MiB leaves: aligned vpns, and pfns that start 512 aligned frames lying all in RAM
         or all in this device's memory."""
+        if vpns.size <= _SMALL:                    # a few folios: Python integers
+            lo, hi = self.pfn_base, self.pfn_base + self.nframes
+            if all(not v & (HUGE_PAGES - 1) and not p & (HUGE_PAGES - 1)
+                   and ((0 <= p and p + HUGE_PAGES <= self.nr_ram) or (lo <= p and p + HUGE_PAGES <= hi))
+                   for v, p in zip(vpns.tolist(), pfns.tolist())):
+                return
         bad = np.flatnonzero(vpns & (HUGE_PAGES - 1))
         if bad.size:
             v = int(vpns[bad[0]])
@@ -478,7 +484,8 @@ class DevicePageTable:
                          v.size + old.size * PT_ENTRIES)
             if old.size:
                 self._free = np.concatenate((self._free, old))
-            self._huge = np.union1d(self._huge, keys)
+            if not _isin_sorted(self._huge, keys).all():    # not a remap of leaves already there
+                self._huge = np.union1d(self._huge, keys)
             self.stats["pt_huge_maps"] += int(v.size)
             return self.hw.fence()
 

@@ -57,6 +57,37 @@ def _leaf_slot(flat, vpn):
     return (node << PT_BITS) + (vpn & (PT_ENTRIES - 1)), False
 
 
+def _pmd_slot(flat, vpn):
+    """``_pmd_slots`` of one vpn, with Python integers."""
+    node = 0
+    for level in range(PT_LEVELS - 2):
+        e = int(flat[(node << PT_BITS) + ((vpn >> (PT_BITS * (PT_LEVELS - 1 - level))) & (PT_ENTRIES - 1))])
+        if not e & PTE_VALID:
+            return -1
+        node = e >> PTE_PFN_SHIFT
+    return (node << PT_BITS) + ((vpn >> PT_BITS) & (PT_ENTRIES - 1))
+
+
+def _execute_tables_few(flat, rows):
+    """``_execute_tables`` of a few commands (each HUGE one a few leaves), with Python integers."""
+    for head, target, value, _ in rows:
+        code, count = head & 0xFF, head >> 8
+        if code == PT_OP_SPLIT:
+            slot = _pmd_slot(flat, target)
+            e = int(flat[slot]) if slot >= 0 else 0
+            if e & PTE_HUGE:
+                flat[value << PT_BITS:(value + 1) << PT_BITS] = _U64(e & ~PTE_HUGE) + _RAMP
+    for head, target, value, _ in rows:
+        code, count = head & 0xFF, head >> 8
+        if code == PT_OP_LINK:
+            flat[target:target + count] = value
+        elif code == PT_OP_HUGE:
+            for k in range(count):             # a few 2 MiB leaves
+                slot = _pmd_slot(flat, target + (k << PT_BITS))
+                if slot >= 0:
+                    flat[slot] = value + (k << (PT_BITS + PTE_PFN_SHIFT))
+
+
 def _execute_few(flat, commands):
     """A few leaf commands (op, first vpn, last vpn, value), piece by piece: each piece is one
     slice of one leaf table, or the one entry of a 2 MiB leaf."""
@@ -143,6 +174,10 @@ class NumpyPageTableHW:
                    and ((r[1] + (r[0] >> 8) - 1) >> PT_BITS) - (r[1] >> PT_BITS) < _FEW for r in rows):
                 # a few leaf commands: each walked and written with Python integers
                 _execute_few(flat, [(r[0] & 0xFF, r[1], r[1] + (r[0] >> 8) - 1, r[2]) for r in rows])
+                return
+            if all(r[0] & 0xFF == PT_OP_LINK or r[0] & 0xFF == PT_OP_SPLIT
+                   or (r[0] & 0xFF == PT_OP_HUGE and r[0] >> 8 <= _FEW) for r in rows):
+                _execute_tables_few(flat, rows)
                 return
         head = cmds[:, 0]
         op = head & _U64(0xFF)
