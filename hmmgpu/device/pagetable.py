@@ -111,7 +111,7 @@ def make_commands(op, targets, counts, values):
 
     ``op`` is one op for every record, or one per record (a buffer mixing ops)."""
     n = len(targets)
-    if n == 1 and np.ndim(op) == 0:     # one run (the common small update): no array arithmetic
+    if n == 1 and not isinstance(op, np.ndarray):   # one run (the common small update): no array arithmetic
         return np.array([[op | (int(counts[0]) << 8), int(targets[0]), int(values[0]), 0]], dtype=np.uint64)
     cmds = np.empty((n, 4), dtype=np.uint64)
     counts = np.asarray(counts, dtype=np.uint64)
@@ -178,31 +178,31 @@ def _isin_sorted(table, x):
     return table[pos] == x
 
 
-def _flags(flags, shape, extra):
-    """Entry flag bits from a scalar or per-entry ``flags``: an int, or an int64 array."""
-    if np.ndim(flags) == 0:
-        return (int(flags) & _LEAF_FLAGS) | extra
-    return (np.broadcast_to(np.asarray(flags, dtype=np.int64), shape) & _LEAF_FLAGS) | extra
-
-
-def _last_wins(vpns, pfns, f):
-    """Sorted by vpn, a vpn given twice keeping its last pfn and flags."""
+def _map_runs(vpns, pfns, flags, extra, shift=0):
+    """Sort a map request by vpn (a vpn given twice keeps its last pfn and flags) and cut it into
+    runs where vpn >> shift and pfn >> shift both step by one and the flags stay: (vpns, pfns,
+    run starts, run lengths, the flags: one int, or one per run).  ``flags`` is a scalar or one
+    value per entry; ``extra`` bits are added to every entry."""
+    if np.ndim(flags) == 0:                 # one value for every entry
+        f = (int(flags) & _LEAF_FLAGS) | extra
+    else:
+        f = (np.broadcast_to(np.asarray(flags, dtype=np.int64), vpns.shape) & _LEAF_FLAGS) | extra
     if _strictly_increasing(vpns):          # the common case needs no sort
-        return vpns, pfns, f
-    rev_unique, rev_idx = np.unique(vpns[::-1], return_index=True)
-    pick = vpns.size - 1 - rev_idx
-    return rev_unique, pfns[pick], (f if isinstance(f, int) else f[pick])
-
-
-def _flag_runs(starts, lengths, f, n):
-    """Cut runs where the flags change; the flags of each run."""
-    if isinstance(f, int):
-        return starts, lengths, f
-    fl_break = np.flatnonzero(np.diff(f) != 0) + 1
-    if fl_break.size:
-        starts = np.union1d(starts, fl_break)
-        lengths = np.diff(np.concatenate((starts, [n])))
-    return starts, lengths, f[starts]
+        v, p = vpns, pfns
+    else:
+        rev_unique, rev_idx = np.unique(vpns[::-1], return_index=True)
+        pick = vpns.size - 1 - rev_idx
+        v, p = rev_unique, pfns[pick]
+        if not isinstance(f, int):
+            f = f[pick]
+    starts, lengths = _runs(v >> shift, p >> shift) if shift else _runs(v, p)
+    if not isinstance(f, int):              # a run must also keep its flags
+        fl_break = np.flatnonzero(np.diff(f) != 0) + 1
+        if fl_break.size:
+            starts = np.union1d(starts, fl_break)
+            lengths = np.diff(np.concatenate((starts, [v.size])))
+        f = f[starts]
+    return v, p, starts, lengths, f
 
 
 class DevicePageTable:
@@ -430,10 +430,8 @@ class DevicePageTable:
             raise ValueError(f"device page table: {vpns.size} vpns but {pfns.size} pfns")
         if vpns.size == 0:
             return self.hw.fence()
-        # last one wins, then sort by vpn: runs of consecutive vpn and pfn become one command
-        v, p, f = _last_wins(vpns, pfns, _flags(flags, vpns.shape, PTE_VALID))
-        starts, lengths = _runs(v, p)
-        starts, lengths, f = _flag_runs(starts, lengths, f, v.size)   # a run must also keep its flags
+        # runs of consecutive vpn and pfn become one command
+        v, p, starts, lengths, f = _map_runs(vpns, pfns, flags, PTE_VALID)
         with self.lock:
             if self._huge.size:
                 keys = v >> PT_BITS
@@ -462,10 +460,8 @@ class DevicePageTable:
         if vpns.size == 0:
             return self.hw.fence()
         self._check_huge(vpns, pfns)
-        v, p, f = _last_wins(vpns, pfns, _flags(flags, vpns.shape, PTE_VALID | PTE_HUGE))
+        v, p, starts, lengths, f = _map_runs(vpns, pfns, flags, PTE_VALID | PTE_HUGE, PT_BITS)
         keys = v >> PT_BITS
-        starts, lengths = _runs(keys, p >> PT_BITS)
-        starts, lengths, f = _flag_runs(starts, lengths, f, v.size)
         with self.lock:
             links = self._ensure_tables(v, top=PT_LEVELS - 2)
             self._submit(links, 0 if links is None else len(links))
@@ -496,9 +492,12 @@ class DevicePageTable:
         if vpns.size == 0:
             return self.hw.fence()
         with self.lock:
-            heads = _EMPTY
-            if self._huge.size:                    # 2 MiB leaves: one entry each, or split
-                vpns, heads = self._huge_cover(vpns)
+            if not self._huge.size:
+                starts, lengths = _runs(vpns)
+                self._submit(make_commands(op, vpns[starts], lengths, np.full(starts.size, value, np.uint64)),
+                             vpns.size)
+                return self.hw.fence()
+            vpns, heads = self._huge_cover(vpns)   # 2 MiB leaves: one entry each, or split
             starts, lengths = _runs(vpns)
             targets = vpns[starts]
             if heads.size:
@@ -552,14 +551,14 @@ class DevicePageTable:
 
     def _range_op(self, op, start_vpn, npages, value):
         with self.lock:
-            heads = _EMPTY
+            heads = None
             if self._huge.size:                    # 2 MiB leaves: one entry each, or split
                 v0 = max(int(start_vpn), 0)
                 v1 = min(int(start_vpn) + int(npages), 1 << VPN_BITS)
                 if v0 < v1:
                     heads = self._huge_range(v0, v1)
             starts, lengths = self._range_runs(start_vpn, int(start_vpn) + int(npages))
-            if heads.size:
+            if heads is not None and heads.size:
                 starts = np.concatenate((starts, heads))
                 lengths = np.concatenate((lengths, np.ones(heads.size, np.int64)))
                 if op == PT_OP_UNMAP:

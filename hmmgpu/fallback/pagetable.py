@@ -45,16 +45,19 @@ def pt_walk(flat, vpns):
 
 def _leaf_slot(flat, vpn):
     """``pt_walk`` of one vpn, with Python integers (a handful of loads): (slot, huge)."""
-    node = 0
-    for level in range(PT_LEVELS - 1):
-        slot = (node << PT_BITS) + ((vpn >> (PT_BITS * (PT_LEVELS - 1 - level))) & (PT_ENTRIES - 1))
-        e = int(flat[slot])
-        if level == PT_LEVELS - 2 and e & PTE_HUGE:
-            return slot, True
-        if not e & PTE_VALID:
-            return -1, False
-        node = e >> PTE_PFN_SHIFT
-    return (node << PT_BITS) + (vpn & (PT_ENTRIES - 1)), False
+    e = int(flat[(vpn >> 27) & 511])
+    if not e & PTE_VALID:
+        return -1, False
+    e = int(flat[((e >> PTE_PFN_SHIFT) << PT_BITS) + ((vpn >> 18) & 511)])
+    if not e & PTE_VALID:
+        return -1, False
+    slot = ((e >> PTE_PFN_SHIFT) << PT_BITS) + ((vpn >> PT_BITS) & 511)
+    e = int(flat[slot])
+    if e & PTE_HUGE:
+        return slot, True
+    if not e & PTE_VALID:
+        return -1, False
+    return ((e >> PTE_PFN_SHIFT) << PT_BITS) + (vpn & 511), False
 
 
 def _pmd_slot(flat, vpn):
@@ -97,9 +100,10 @@ def _execute_few(flat, commands):
             hi = min(last, lo | (PT_ENTRIES - 1))
             base, huge = _leaf_slot(flat, lo)
             if base >= 0:
-                span = flat[base:base + (1 if huge else hi - lo + 1)]
+                n = 1 if huge else hi - lo + 1
+                span = flat[base:base + n]
                 if code == PT_OP_MAP:
-                    if span.size == 1:
+                    if n == 1:
                         span[0] = value + ((lo - first) << PTE_PFN_SHIFT)
                     else:
                         span[:] = _U64(value) + (np.arange(lo - first, hi - first + 1, dtype=_U64)
