@@ -144,7 +144,7 @@ class NumpyMMU:
         huge = ok & ((e & _U64(PTE_HUGE)) != 0)
         ok &= (e & _U64(PTE_VALID)) != 0
         out = np.where(ok, (e >> _U64(PTE_PFN_SHIFT)).astype(np.int64), -1)
-        if huge.any():
+        if np.count_nonzero(huge):
             out[huge] = -2 - slot[huge]
         return out
 
@@ -169,7 +169,7 @@ class NumpyMMU:
     def _walk_keys(self, vpns):
         """(in range mask, None if all are; unique keys vpn >> 9; inverse; ``_walk_upper`` of them)."""
         good = (vpns >= 0) & ((vpns >> VPN_BITS) == 0)
-        if good.all():
+        if np.count_nonzero(good) == good.size:
             good, keys = None, vpns >> PT_BITS
         else:
             keys = np.where(good, vpns >> PT_BITS, 0)
@@ -187,7 +187,7 @@ class NumpyMMU:
     @staticmethod
     def _slots(vpns, good, inv, lk):
         big = lk < -1
-        if not big.any():                              # one test per 2 MiB: 4 KiB leaves only
+        if not np.count_nonzero(big):                              # one test per 2 MiB: 4 KiB leaves only
             leaf = lk[inv]
             ok = leaf >= 0 if good is None else good & (leaf >= 0)
             return np.where(ok, leaf * PT_ENTRIES + (vpns & (PT_ENTRIES - 1)), -1), None
