@@ -62,10 +62,11 @@ def _load_suites():
 SUITES = _load_suites()
 
 
-def run(suites=None, quick=False, backend=None, repeat=None, console=None, options=None):
+def run(suites=None, quick=False, backend=None, repeat=None, console=None, options=None, timer="cpu"):
     """Run ``suites`` (names; all by default); returns the results dict (what --json prints).
 
-    ``console``: a rich Console for progress bars (None: none).
+    ``console``: a rich Console for progress bars (None: none).  ``timer``: on the NumPy backend,
+    "cpu" (this process's CPU time, the default) or "wall"; a GPU run uses CUDA events.
     """
     import hmmgpu
     from hmmgpu.device.backend import backend_info
@@ -90,8 +91,9 @@ def run(suites=None, quick=False, backend=None, repeat=None, console=None, optio
         if progress is not None:
             progress.update(task, description=what)
 
-    ctx = Ctx(backend, quick, repeat, on_progress, options)
+    ctx = Ctx(backend, quick, repeat, on_progress, options, timer)
     meta["backend"] = ctx.backend_name
+    meta["timer"] = ctx.timer
     meta["label"] = ctx.label
     meta["repeat"] = ctx.repeat
     meta["device"] = _device_meta(ctx)
@@ -151,6 +153,9 @@ def fmt_value(v, unit):
     return f"{v:,.4g} {unit}"
 
 
+_TIMER_NAMES = {"cpu": "process CPU time", "wall": "wall clock"}
+
+
 def _fmt_ratio(x):
     return "-" if x is None else f"{x:.2f}"
 
@@ -161,7 +166,8 @@ def print_results(res, console):
     from rich.table import Table
     meta = res["meta"]
     t = Table(title=f"hmmgpu bench -- {meta['label']} -- {meta['date']}"
-                    + (" -- quick" if meta["quick"] else "") + f" -- {meta['repeat']} repeats",
+                    + (" -- quick" if meta["quick"] else "")
+                    + f" -- {meta['repeat']} repeats, timer: {_TIMER_NAMES.get(meta['timer'], meta['timer'])}",
               title_justify="left")
     for c, j in (("suite", "left"), ("figure", "left"), ("size", "left"), ("ratio", "right"),
                  ("min..max", "left"), ("target", "left"), ("result", "left"), ("ours", "right"),

@@ -41,6 +41,7 @@ def test_rows_are_labelled_with_same_run_baselines_and_spreads(quick_results):
         assert r["result"] == {True: "pass", False: "fail", None: None}[r["meets_target"]]
     assert quick_results["meta"]["backend"] == "numpy"
     assert quick_results["meta"]["label"] == "emulated (numpy fallback)"
+    assert quick_results["meta"]["timer"] == "cpu"       # process CPU time: the box is shared
 
 
 def test_numpy_baselines_are_the_fastest_of_three_and_named(quick_results):
@@ -59,7 +60,7 @@ def test_scaling_compares_the_largest_size_with_smaller_ones(quick_results):
     assert ops == {f"{op} per page" for op in ("fault-in", "mprotect", "fork", "writeback", "munmap",
                                                "hmm_range_fault", "migrate")}
     for r in rows:
-        assert r["size"] == "2^14 / 2^11 pages" and r["target"] == ">= 0.67"
+        assert r["size"] == "2^15 / 2^12 pages" and r["target"] == ">= 0.67"
         # higher is better: the smaller size's cost per page over the largest's
         assert r["ratio"] == pytest.approx(r["baseline"] / r["ours"])
 
@@ -79,6 +80,21 @@ def test_cli_bench_table_on_stdout(capsys):
     assert cli.main(["bench", "fallback", "--quick", "--repeat", "1", "--backend", "numpy", "--no-progress"]) == 0
     cap = capsys.readouterr()
     assert "hmmgpu bench" in cap.out and "fallback: skipped" in cap.out and cap.err == ""
+    assert "timer: process CPU time" in cap.out
+    assert cli.main(["bench", "fallback", "--timer", "wall", "--backend", "numpy", "--no-progress"]) == 0
+    assert "timer: wall clock" in capsys.readouterr().out
+
+
+def test_inner_calls_cover_short_work():
+    ctx = Ctx("numpy", quick=True, repeat=2)
+    calls = {"ours": 0, "base": 0, "setup": 0}
+
+    def count(k):
+        calls[k] += 1
+    ctx.warmup = 0
+    ctx.compare(lambda: count("ours"), lambda: count("base"), base_setup=lambda: count("setup"),
+                ours_inner=3, base_inner=8)
+    assert calls == {"ours": 6, "base": 16, "setup": 16}    # a setup before every timed call
 
 
 def test_unavailable_suite_is_reported_not_faked(monkeypatch):
@@ -185,7 +201,7 @@ def test_ratio_is_higher_is_better_and_bands_have_no_upper_end():
 def test_interleaved_pairs_give_the_spread_of_per_repeat_ratios():
     ctx = Ctx("numpy", quick=True, repeat=3)
     seq = iter([1.0, 2.0, 1.0, 3.0, 1.0, 4.0] * 2)      # ours, base alternately: ratios 2, 3, 4
-    ctx._once = lambda fn, setup=None, device_only=False: next(seq)
+    ctx._once = lambda fn, setup=None, device_only=False, inner=1: next(seq)
     ctx.warmup = 0
     ours, base = ctx.compare(lambda: None, lambda: None)
     assert ours.partner is base
@@ -198,7 +214,7 @@ def test_interleaved_pairs_give_the_spread_of_per_repeat_ratios():
 def test_best_of_picks_the_fastest_candidate_in_the_same_run():
     ctx = Ctx("numpy", quick=True, repeat=2)
     times = {"slow": 3.0, "fast": 1.0, "ours": 2.0}
-    ctx._once = lambda fn, setup=None, device_only=False: times[fn()]
+    ctx._once = lambda fn, setup=None, device_only=False, inner=1: times[fn()]
     ctx.warmup = 0
     ours, base = ctx.compare(lambda: "ours", BestOf([("slow", lambda: "slow"), ("fast", lambda: "fast")]))
     assert base.name == "fast" and base.candidates == {"slow": 3.0, "fast": 1.0}
