@@ -35,6 +35,7 @@ class MirrorGpu:
     BLOCK_PAGES = 512            # 2 MiB, UVM's va_block
 
     def __init__(self, system, proc, dmdev, start, end, name="gpu0", migrate_on_fault=False):
+        from ..hmm.debug import check_device_mappings
         from ..mm.notifier import MmuIntervalNotifier, mmu_interval_notifier_insert
         self.system, self.proc, self.dmdev = system, proc, dmdev
         self.start, self.end = int(start), int(end)
@@ -56,6 +57,7 @@ class MirrorGpu:
         self._migrating = False
         self.mni = MmuIntervalNotifier()
         mmu_interval_notifier_insert(self.mni, proc.mm, self.start, self.end - self.start, self)
+        check_device_mappings(self.pt, self.mni, system)     # DriverBug on a map without read_retry
 
     # the mmu interval notifier op
     def invalidate(self, mni, range, cur_seq):
