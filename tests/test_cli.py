@@ -40,12 +40,20 @@ def test_info_json(capsys):
     names = [d["device"] for d in info["emulated_devices"]]
     assert "system RAM" in names
     assert any("dmirror" in n for n in names)
+    # the UVM driver's policies and their knobs, with nvidia-uvm's names and defaults
+    knobs = info["uvm_knobs"]
+    assert knobs["prefetch"]["policy"] == "DensityPrefetcher"
+    assert knobs["prefetch"]["uvm_perf_prefetch_threshold"] == 51
+    assert knobs["thrashing"]["uvm_perf_thrashing_lapse_usec"] == 500
+    assert knobs["access_counters"]["uvm_perf_access_counter_threshold"] == 256
+    assert knobs["eviction"] == {"policy": "UvmLru"}
 
 
 def test_info_table(capsys):
     assert cli.main(["info", "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "backend in use" in out and "numpy" in out and "emulated devices" in out
+    assert "uvm_perf_thrashing_pin_threshold" in out and "UVM driver policies" in out
 
 
 def test_demo_end_to_end(capsys, tmp_path):

@@ -73,6 +73,11 @@ def gather_info(backend=None):
     except Exception:
         out["matplotlib"] = None
     out["emulated_devices"] = _emulated_devices(out.get("backend"))
+    try:
+        from ..drivers import uvm
+        out["uvm_knobs"] = uvm.default_knobs()
+    except Exception as e:
+        out["uvm_knobs_error"] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -172,6 +177,16 @@ def cmd_info(opt):
     for d in info["emulated_devices"]:
         e.add_row(d["device"], fmt_bytes(d["memory"]) if d["memory"] else "-", d["where"], d["note"])
     con.print(e)
+    if info.get("uvm_knobs"):
+        k = Table(title="UVM driver policies (knobs are nvidia-uvm module parameters, with its defaults)",
+                  title_justify="left")
+        for c in ("policy", "knob", "default"):
+            k.add_column(c)
+        for family, knobs in info["uvm_knobs"].items():
+            rows = [(n, str(v)) for n, v in knobs.items() if n != "policy"] or [("-", "-")]
+            for i, (name, value) in enumerate(rows):
+                k.add_row(f"{family}: {knobs['policy']}" if i == 0 else "", name, value)
+        con.print(k)
     return 0
 
 
