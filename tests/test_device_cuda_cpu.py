@@ -18,7 +18,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_TESTS = ["tests/test_device_pagetable.py", "tests/test_device_dma.py",
-                "tests/test_device_jobs.py", "tests/test_device_parity.py"]
+                "tests/test_device_jobs.py", "tests/test_device_parity.py", "tests/test_docs.py"]
 
 SHIM_H = r'''// CPU stand-in for the CUDA builtins hmmgpu's kernels use (validation only).
 #include <cstdint>
