@@ -111,7 +111,7 @@ def test_unavailable_suite_is_reported_not_faked(monkeypatch):
     assert res["unavailable"] == {"jobs": "the job engine is not there yet"}
 
 
-def test_a_broken_suite_is_reported_as_failed(monkeypatch):
+def test_a_broken_suite_is_reported_as_failed(monkeypatch, capsys):
     class Broken:
         NAME = "jobs"
         DESCRIPTION = "x"
@@ -122,6 +122,20 @@ def test_a_broken_suite_is_reported_as_failed(monkeypatch):
     monkeypatch.setitem(framework.SUITES, "jobs", Broken)
     res = framework.run(["jobs"], quick=True, backend="numpy", repeat=1)
     assert res["unavailable"] == {"jobs": "failed: ZeroDivisionError: oops"}
+    assert cli.main(["bench", "jobs", "--backend", "numpy", "--no-progress"]) == 1     # not exit 0
+
+
+def test_a_missing_piece_is_not_a_failure(monkeypatch, capsys):
+    class Missing:
+        NAME = "jobs"
+        DESCRIPTION = "x"
+
+        @staticmethod
+        def run(ctx):
+            raise Unavailable("no GPU here")
+    monkeypatch.setitem(framework.SUITES, "jobs", Missing)
+    assert cli.main(["bench", "jobs", "--backend", "numpy", "--no-progress"]) == 0
+    assert "jobs: not available: no GPU here" in capsys.readouterr().out
 
 
 def exit_status(argv):

@@ -109,4 +109,6 @@ def cmd_bench(opt):
         print_trace_summary(con, tr, opt.trace)
     if opt.json:
         emit_json(res)
-    return 0
+    # a suite that broke (an exception, not a missing piece) fails the command; a figure that
+    # misses its target is a measurement, not a failure of the command
+    return 1 if any(why.startswith("failed") for why in res["unavailable"].values()) else 0
