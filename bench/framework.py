@@ -28,6 +28,7 @@ call is bracketed by CUDA events on the current stream (with a device synchroniz
 event, so host work of the emulation is inside the bracket; ``device_only=True`` leaves it out
 for pure GPU baselines such as one cudaMemcpyAsync); on the NumPy backend ``time.perf_counter``.
 """
+import gc
 import importlib
 import sys
 import time
@@ -114,6 +115,7 @@ def run(suites=None, quick=False, backend=None, repeat=None, console=None, optio
             except Exception as e:     # a broken suite is reported, never hidden
                 unavailable[name] = f"failed: {type(e).__name__}: {e}"
             timings[name] = round(time.perf_counter() - t0, 3)
+            gc.collect()       # a suite's Systems hold GiB arenas in reference cycles: free them now
             if progress is not None:
                 progress.advance(task)
     finally:
