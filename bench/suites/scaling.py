@@ -13,7 +13,8 @@ below 1 it costs more per page.  The target ">= 0.67" says the largest size cost
 per page what a smaller one does.  A sample of a smaller size is 2^(largest - smaller) calls, so
 it covers as many pages as one of the largest (and the cheapest operations, mprotect and
 hmm_range_fault, run 8 and 32 times per sample at every size).  Quick mode: 2^15 against 2^12;
-full: 2^18 (1 GiB; 2^20 on a GPU machine) against 2^12 and 2^15, writeback at most 2^16.
+full: 2^18 (1 GiB; 2^20 on a GPU machine) against 2^12 and 2^15, writeback at most 2^16 and,
+on the fallback, migrate at most 2^17 (a run stays under 3 GiB).
 """
 import gc
 import os
@@ -143,6 +144,8 @@ def sizes(ctx, op):
     hi = 20 if ctx.gpu else 18
     if op == "writeback":
         hi = min(hi, 16)          # every sample writes the whole file back: 256 MiB is plenty
+    if op == "migrate" and not ctx.gpu:
+        hi = min(hi, 17)          # RAM, device memory and the pages coming back: 1.5 GiB at 2^17
     return [12, 15][:1 if hi <= 15 else 2], hi
 
 
