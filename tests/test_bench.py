@@ -55,7 +55,7 @@ def test_numpy_baselines_are_the_fastest_of_three_and_named(quick_results):
 
 
 def test_scaling_compares_the_largest_size_with_smaller_ones(quick_results):
-    rows = [r for r in quick_results["rows"] if r["suite"] == "scaling"]
+    rows = [r for r in quick_results["rows"] if r["suite"] == "scaling" and not r["figure"].startswith("fault-driven")]
     ops = {r["figure"] for r in rows}
     assert ops == {f"{op} per page" for op in ("fault-in", "mprotect", "fork", "writeback", "munmap",
                                                "hmm_range_fault", "migrate")}
@@ -63,6 +63,26 @@ def test_scaling_compares_the_largest_size_with_smaller_ones(quick_results):
         assert r["size"] == "2^15 / 2^12 pages" and r["target"] == ">= 0.67"
         # higher is better: the smaller size's cost per page over the largest's
         assert r["ratio"] == pytest.approx(r["baseline"] / r["ours"])
+
+
+def test_fault_driven_rows(quick_results):
+    """Issue 8's rows: a fault-driven reduce against itself at 8 MiB, and the targets given as
+    fixed costs (control plane per page, list chase per step, the demo's chase) as ratios."""
+    rows = {(r["suite"], r["figure"]): r for r in quick_results["rows"]}
+    r = rows[("scaling", "fault-driven reduce per page (remote map)")]
+    assert r["size"] == "32 MiB / 8 MiB" and r["target"] == ">= 0.77"
+    assert r["ratio"] == pytest.approx(r["baseline"] / r["ours"])
+    for key, unit, target in ((("faults", "host control plane per faulting page (remote map)"), "us/page", 0.5),
+                              (("jobs", "list chase per step (one lane, warm page table)"), "us/step", 2.0),
+                              (("jobs", "demo pointer-chase step (cold: list + 586 tree lookups)"), "ms", 50.0)):
+        r = rows[key]
+        assert r["ours_unit"] == unit and r["baseline"] == target and r["target"] == ">= 1"
+        assert r["ratio"] == pytest.approx(target / r["ours"]) and r["result"] in ("pass", "fail")
+    for fig in ("reduce job faulting on host-resident pages (remote map)",
+                "memset job faulting on untouched pages (demand-zero)"):
+        assert rows[("faults", fig)]["target"] == ">= 0.5"
+    assert rows[("jobs", "reduce job via page table, remote system pages")]["baseline_name"].startswith(
+        "NumPy gather + sum of the same frames")
 
 
 def test_cli_bench_json_on_stdout_tables_on_stderr(capsys):

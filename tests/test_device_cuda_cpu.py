@@ -295,6 +295,10 @@ class runtime:
         ctypes.memmove(dst, src, size)
 
     @staticmethod
+    def memsetAsync(ptr, value, size, stream):
+        ctypes.memset(ptr, value, size)
+
+    @staticmethod
     def memGetInfo():
         return (1 << 34, 1 << 35)
 

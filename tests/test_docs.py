@@ -24,9 +24,7 @@ def run_guide(name, ns=None):
 
 
 @pytest.mark.parametrize("backend", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("name", ["drivers.md", pytest.param("jobs.md", marks=pytest.mark.xfail(
-    strict=True, reason="scratch written in the probe pass lands until issue 8's exactly-once commit "
-                        "(the contract jobs.md documents) reaches main"))])
+@pytest.mark.parametrize("name", ["drivers.md", "jobs.md"])
 def test_guide_examples_run(name, backend, monkeypatch):
     """On CuPy, jobs.md's CUDA lane runs (tests/test_device_cuda_cpu.py runs this on the CPU)."""
     monkeypatch.setenv("HMMGPU_BACKEND", backend)

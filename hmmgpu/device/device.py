@@ -5,7 +5,8 @@ never processes or VMAs: the driver resolves those through the HMM core and tell
 what to map.
 
     dev = EmulatedDevice(backend, nframes, pfn_base, host_arena, gpu=0,
-                         fault_buffer_entries=256, fault_batch_size=256,
+                         fault_buffer_entries=None, fault_batch_size=256,
+                         max_batches_per_service=20, replay_policy="batch_flush",
                          slice_lanes=65536, service=None)
 
 Memory
@@ -55,17 +56,27 @@ Jobs (dev.jobs, a JobEngine; hmmgpu/device/jobs.py)
     arguments (NumPy arrays, or Zeros(n) made on the device) are lane-private scratch returned in
     ``result.outputs``.  A job runs in slices of ``slice_lanes`` lanes (the preemption points).
     Each takes ``service=``; the default is ``dev.service``, the driver's fault handler:
-    ``service(faults)`` gets a FaultBatch (NumPy arrays vaddr, access, lane, job; one entry per
-    page, deduplicated), maps what it can through dev.pt, and returns None, or a bool/errno
-    array marking the faults it cannot service (no VMA, PROT_NONE): the job is then cancelled
-    with JobFault (an OSError naming the address).  Only faulted lanes are replayed.
+    ``service(faults)`` gets a FaultBatch -- with the default replay policy a FaultDrain, every
+    batch of one service pass (up to 20 x 256 records) in one call -- (NumPy arrays vaddr,
+    access, lane, job; one entry per page, deduplicated, sorted by address), maps what it can
+    through dev.pt (one map call, no wait: the replay is queued behind it), and returns None,
+    or a bool/errno array marking the faults it cannot service (no VMA, PROT_NONE): the job is
+    then cancelled with JobFault (an OSError naming the faulting address).  Only the lanes whose
+    faults were serviced are replayed.
 
 Observability
     dev.counters              UVM fault_stats names: num_read_faults, num_write_faults,
                               num_atomic_faults, num_duplicate_faults, num_fatal_faults,
                               num_fault_batches, num_replays, num_buffer_overflows
     dev.stats()               counters + page-table, DMA and job-engine figures
-    dev.fault_buffer          capacity / batch_size (defaults 256 / 256, as UVM's batch)
+    dev.fault_buffer          capacity (default: what a slice can raise, 4 records a lane, at
+                              most 2^22 records: 128 MiB),
+                              batch_size (256, uvm_perf_fault_batch_count), max_batches (20,
+                              uvm_perf_fault_max_batches_per_service), policy (REPLAY_BLOCK,
+                              REPLAY_BATCH, REPLAY_BATCH_FLUSH (default), REPLAY_ONCE; see
+                              hmmgpu/device/faults.py)
+    On the CuPy backend ``dev.stats()`` also has ``kernel_launches`` and ``host_syncs`` (the
+    backend's totals): a fault round costs at most 3 launches and 1 host synchronisation.
     Chrome-trace events (job rounds, fault services, invalidations, DMA) go to hmmgpu.trace
     when tracing is on.
 
@@ -83,14 +94,16 @@ import numpy as np
 from ..constants import PAGE_SIZE
 from ._trace import span
 from .hw import DONE
-from .faults import DEFAULT_FAULT_BATCH, DEFAULT_FAULT_BUFFER_ENTRIES, FAULT_COUNTERS, FaultBuffer
+from .faults import (DEFAULT_FAULT_BATCH, DEFAULT_REPLAY_POLICY, FAULT_COUNTERS, MAX_BATCHES_PER_SERVICE,
+                     MAX_FAULT_BUFFER_ENTRIES, MAX_FAULTS_PER_LANE, FaultBuffer)
 from .jobs import DEFAULT_SLICE_LANES, JobEngine
 from .pagetable import DevicePageTable
 
 
 class EmulatedDevice:
     def __init__(self, backend, nframes, pfn_base, host_arena, gpu=0, *,
-                 fault_buffer_entries=DEFAULT_FAULT_BUFFER_ENTRIES, fault_batch_size=DEFAULT_FAULT_BATCH,
+                 fault_buffer_entries=None, fault_batch_size=DEFAULT_FAULT_BATCH,
+                 max_batches_per_service=MAX_BATCHES_PER_SERVICE, replay_policy=DEFAULT_REPLAY_POLICY,
                  slice_lanes=DEFAULT_SLICE_LANES, pt_initial_nodes=64, service=None, name=None):
         if pfn_base < host_arena.nframes:
             raise ValueError(f"device pfns start at 0x{pfn_base:x}, inside system RAM "
@@ -111,8 +124,11 @@ class EmulatedDevice:
         self.dma = backend.dma_engine(self.gpu)
         self._pt_initial_nodes = pt_initial_nodes
         self.pt = self._new_pagetable(self.name)
+        if fault_buffer_entries is None:           # what one slice of lanes can raise
+            fault_buffer_entries = min(int(slice_lanes) * MAX_FAULTS_PER_LANE, MAX_FAULT_BUFFER_ENTRIES)
         self.fault_buffer = FaultBuffer(backend.fault_buffer_hw(fault_buffer_entries, self.gpu),
-                                        fault_buffer_entries, fault_batch_size, self.counters)
+                                        fault_buffer_entries, fault_batch_size, self.counters,
+                                        max_batches=max_batches_per_service, policy=replay_policy)
         self.jobs = JobEngine(self, backend.job_executor(self), slice_lanes)
         self.contexts = []                       # live DeviceContexts besides the default one
         self._next_context = 1
@@ -215,6 +231,7 @@ class EmulatedDevice:
         for k in ("memcpy_calls", "kernel_launches"):
             if hasattr(self.dma, k):
                 s["dma_" + k] = getattr(self.dma, k)
+        s.update(getattr(self.backend, "counters", None) or {})     # CuPy: launches, host syncs
         return s
 
 

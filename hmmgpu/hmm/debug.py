@@ -6,8 +6,9 @@ them, naming the rule:
 
 * ``migrate_vma_pages`` / ``migrate_device_pages``: every destination page is locked (the driver
   allocated it with ``zone_device_page_init`` or locked it) and holds the driver's reference;
-  a destination in device memory belongs to a live ``dev_pagemap`` of the migration's
-  ``pgmap_owner``, and no destination pfn lies outside the machine's memory;
+  no destination pfn lies outside the machine's memory (system RAM or a live ``dev_pagemap``),
+  and one in device memory belongs to a ``dev_pagemap`` of the migration's ``pgmap_owner`` when
+  that owner has device memory of its own;
 * a device mapping of pages that ``hmm_range_fault`` returned is installed only after
   ``mmu_interval_read_retry`` said the sequence still holds, in the same thread, with no
   ``mmu_interval_read_begin`` in between (a driver asks for the check on its device page table
@@ -66,10 +67,12 @@ def check_destinations(system, dpfn, moving, owner=None, what="migrate_vma_pages
                         f"this machine: neither system RAM nor a live dev_pagemap; fill args.dst with "
                         f"migrate_pfn() of pages the driver allocated")
     dev = d >= phys.nr_ram
-    if dev.any() and owner is not None and owner is not ANY_OWNER:
-        pgmaps = phys.pgmaps
+    pgmaps = phys.pgmaps
+    owners_ok = np.array([p is not None and p.owner is owner for p in pgmaps] + [False], dtype=bool)
+    # an owner with device memory of its own migrates into it; a cookie that owns none (a driver
+    # borrowing another's memory under an owner of its own) is only held to "inside a pgmap"
+    if dev.any() and owner is not None and owner is not ANY_OWNER and owners_ok.any():
         seg = phys.pages.pgmap[d[dev]]
-        owners_ok = np.array([p is not None and p.owner is owner for p in pgmaps] + [False], dtype=bool)
         bad = ~owners_ok[seg]
         if bad.any():
             i = int(np.flatnonzero(dev)[np.flatnonzero(bad)[0]])
