@@ -99,12 +99,21 @@ def test_missing_finalize(world):
                            "                pass                       # planted: no finalize\n"
                            "        return int(moved.size)\n"))
     drv = Driver(system, proc, addr, addr + N * PAGE_SIZE)
-    assert drv.migrate(addr, addr + (N // 2) * PAGE_SIZE) == N // 2
-    with pytest.raises(DriverBug, match=r"migrate_vma_setup: the migration of \[0x[0-9a-f]+, 0x[0-9a-f]+\) has "
-                                        r"had migrate_vma_pages but no migrate_vma_finalize"):
-        drv.migrate(addr + (N // 2) * PAGE_SIZE, addr + N * PAGE_SIZE)
-    with pytest.raises(DriverBug, match="hmm_range_fault: the migration of"):
-        drv.device.jobs.reduce_sum(addr + (N // 2) * PAGE_SIZE, PAGE_SIZE)
+    half = addr + (N // 2) * PAGE_SIZE
+    assert drv.migrate(addr, half) == N // 2
+    # another range is fine: a driver may run several migrations before finalizing them all
+    assert drv.migrate(half, half + 4 * PAGE_SIZE) == 4
+    with pytest.raises(DriverBug, match=r"migrate_vma_setup of \[0x[0-9a-f]+, 0x[0-9a-f]+\): the migration of "
+                                        r"\[0x[0-9a-f]+, 0x[0-9a-f]+\) has had migrate_vma_pages but no "
+                                        r"migrate_vma_finalize"):
+        drv.migrate(addr, addr + N * PAGE_SIZE)
+    from hmmgpu import hmm
+    rng = hmm.HmmRange(notifier=drv.mni, start=half - PAGE_SIZE, end=half + PAGE_SIZE,
+                       default_flags=hmm.HMM_PFN_REQ_FAULT)
+    rng.notifier_seq = hmm.mmu_interval_read_begin(drv.mni)
+    with proc.mm.mmap_lock.read(), pytest.raises(DriverBug, match="hmm_range_fault of .* has had "
+                                                                  "migrate_vma_pages but no"):
+        hmm.hmm_range_fault(rng)
     debug._pending.migrations.clear()             # the test's own thread goes on cleanly
 
 

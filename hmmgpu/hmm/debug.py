@@ -15,9 +15,10 @@ them, naming the rule:
   with ``check_device_mappings``; pages still locked by a migration are exempt, as the kernel's
   drivers map them under the page lock);
 * every ``migrate_vma_setup`` that collected pages ends with ``migrate_vma_finalize`` in the
-  same thread before that thread starts another migration of the range, calls
-  ``hmm_range_fault``, or evicts with ``migrate_device_range`` / ``migrate_device_pfns`` after
-  ``migrate_vma_pages`` (the pages stay locked behind migration entries otherwise).
+  same thread before that thread sets the same ``MigrateVma`` up again, or migrates or calls
+  ``hmm_range_fault`` on a range that overlaps it (its pages stay locked behind migration
+  entries until then; a driver may run several migrations of other ranges before finalizing
+  them all, as MirrorGpu does).
 
 The checks are vectorised over the pfn arrays the calls handle anyway, so they are on by
 default; ``HMMGPU_DEBUG_VM=0`` in the environment, or ``debug.enabled = False``, turns them off.
@@ -155,19 +156,18 @@ def migration_finalized(args):
             return
 
 
-def check_no_unfinished_migration(what, args=None):
-    """Raise DriverBug if this thread left a migration without migrate_vma_finalize: one that
-    went through migrate_vma_pages, or (for a new ``args``) one of an overlapping range."""
+def check_no_unfinished_migration(what, mm, start, end, args=None):
+    """Raise DriverBug if this thread left a migration of [start, end) of ``mm`` (or ``args``
+    itself) without migrate_vma_finalize: its pages are locked behind migration entries, so a
+    new migration would skip them and a fault on them would wait for this thread forever."""
     if not enabled:
         return
     for a in _mine():
         if a is args:
             raise DriverBug(f"{what}: the MigrateVma of {_rng(a)} is set up again before "
                             f"migrate_vma_finalize; finalize every migrate_vma_setup that collected pages")
-        overlap = (args is not None and a.vma is not None and args.vma is not None
-                   and a.vma.mm is args.vma.mm and a.start < args.end and args.start < a.end)
-        if a._pages_started or overlap:
+        if a.vma is not None and a.vma.mm is mm and a.start < end and start < a.end:
             step = "migrate_vma_pages" if a._pages_started else "migrate_vma_setup"
-            raise DriverBug(f"{what}: the migration of {_rng(a)} has had {step} but no migrate_vma_finalize "
-                            f"(its pages stay locked behind migration entries); call "
-                            f"migrate_vma_finalize(args) for every migrate_vma_setup that collected pages")
+            raise DriverBug(f"{what} of [0x{start:x}, 0x{end:x}): the migration of {_rng(a)} has had {step} "
+                            f"but no migrate_vma_finalize (its pages stay locked behind migration entries); "
+                            f"call migrate_vma_finalize(args) for every migrate_vma_setup that collected pages")

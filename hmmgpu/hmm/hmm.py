@@ -140,7 +140,7 @@ def hmm_range_fault(range):
     mm = notifier.mm
     if mm is None:
         return -errno.EFAULT
-    debug.check_no_unfinished_migration("hmm_range_fault")
+    debug.check_no_unfinished_migration("hmm_range_fault", mm, range.start, range.end)
     npages = (range.end - range.start) >> PAGE_SHIFT
     if range.start & (PAGE_SIZE - 1) or range.end & (PAGE_SIZE - 1) or npages < 0:
         return -errno.EINVAL

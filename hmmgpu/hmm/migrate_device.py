@@ -142,7 +142,7 @@ def migrate_vma_setup(args):
         args.dst = np.zeros(nr, dtype=_U)
     if args.src.size < nr or args.dst.size < nr:
         return -errno.EINVAL
-    debug.check_no_unfinished_migration("migrate_vma_setup", args)
+    debug.check_no_unfinished_migration("migrate_vma_setup", vma.mm, args.start, args.end, args)
     system = vma.mm.system
     if args.fault_page is not None and not is_device_private_page(system, [args.fault_page])[0]:
         return -errno.EINVAL
@@ -442,7 +442,6 @@ def migrate_device_range(system, src_pfns, start, npages):
     Fills ``src_pfns`` (uint64) with migrate_pfn(pfn) | MIGRATE for every page in
     use that could be locked, and unmaps them everywhere.  Returns 0.
     """
-    debug.check_no_unfinished_migration("migrate_device_range")
     phys = system.phys
     pg = phys.pages
     pfns = np.arange(start, start + npages, dtype=np.int64)
@@ -463,7 +462,6 @@ def migrate_device_range(system, src_pfns, start, npages):
 
 def migrate_device_pfns(system, src_pfns, pfns):
     """migrate_device_pfns(): like migrate_device_range for an arbitrary list of pfns."""
-    debug.check_no_unfinished_migration("migrate_device_pfns")
     phys = system.phys
     pg = phys.pages
     pfns = np.asarray(pfns, dtype=np.int64)
