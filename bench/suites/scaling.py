@@ -77,7 +77,10 @@ class _Lab:
         if op in ("mprotect", "fork", "hmm_range_fault"):
             self._populated()
         if op == "writeback":
-            fd, self._file = tempfile.mkstemp(prefix="hmmgpu-bench-")
+            # a file in memory where there is one (tmpfs): the host's own disk writeback would
+            # be part of the figure otherwise
+            shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            fd, self._file = tempfile.mkstemp(prefix="hmmgpu-bench-", dir=shm)
             os.ftruncate(fd, self.nbytes)
             self.st["f"] = self.proc.mmap(self.nbytes, RW, MAP_SHARED, fd)
             os.close(fd)
