@@ -263,3 +263,24 @@ def test_plot_with_matplotlib(quick_results, tmp_path):
     msg = framework.plot(quick_results, str(path))
     assert str(path) in msg
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_device_bench_script_writes_the_figures_a_gpu_check_reads(tmp_path, capsys):
+    """bench/device_bench.py is a thin entry over the device suite: figures[name] has ratio,
+    target (a number) and GBps; without a GPU it asks for --cpu in one line."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(framework.__file__), "device_bench.py")
+    spec = importlib.util.spec_from_file_location("device_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "db.json"
+    assert mod.main(["--cpu", "--gib", "0.01", "--reps", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["backend"] == "numpy" and len(doc["figures"]) == 2
+    for f in doc["figures"].values():
+        assert f["ratio"] > 0 and f["target"] == 0.7 and f["GBps"] > 0
+    from hmmgpu.device.backend import backend_info
+    if backend_info()["backend"] != "cupy":
+        assert mod.main(["--gib", "0.01"]) == 2
+        assert "--cpu" in capsys.readouterr().err
