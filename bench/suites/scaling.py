@@ -21,10 +21,20 @@ pages on a device that has mapped nothing, every page a device fault serviced by
 hmm_range_fault and mapped remotely, at 32 MiB .. 1 GiB against itself at 8 MiB (quick: 32
 MiB), timed alternately; the target ">= 0.77" says 1 GiB costs at most 1.3x per page what
 8 MiB does.
+
+Last, the costs that must not grow with how much there is (``_fixed_costs``), each against its
+baseline in the same run, timed alternately: mmap in an address space of 10^4 VMAs against mmap
+beside a single VMA (get_unmapped_area and the VMA tree; target within 1.5x), a one-page
+mprotect in a 2^18-page VMA against one in a 2^10-page VMA (splitting and merging the VMA and
+its page table; within 1.5x), and 10^4 one-page migrations against one migration of the same
+10^4 pages (migrate_vma's cost per call; at most 20x); and the cost of one call for one page
+of pt.map, munmap, migrate_vma, dmirror's migrate_to_dev, fork and exit (no baseline: the
+figure itself).
 """
 import gc
 import os
 import tempfile
+import time
 
 import numpy as np
 
@@ -181,6 +191,7 @@ def run(ctx):
         finally:
             lab_big.close()
     fault_driven(ctx)
+    _fixed_costs(ctx)
 
 
 class _FaultJob:
@@ -235,3 +246,156 @@ def fault_driven(ctx):
                      note=f"{big.rounds} / {small.rounds} rounds (launch, fetch, service, replay)")
     finally:
         small.close()
+
+
+def _mmap_costs(ctx):
+    """mmap among 10^4 VMAs against mmap beside one: each repeat maps 32 one-page areas (they
+    are unmapped again, untimed, before the next)."""
+    import hmmgpu
+    system = hmmgpu.System(backend=ctx.backend_name, ram_bytes=64 << 20)
+    per = 32
+    procs = {}
+    for nvmas in (1, 10 ** 4):
+        p = system.spawn()
+        for i in range(nvmas):       # alternate protections: neighbours never merge
+            p.mmap(PAGE, RW if i % 2 else PROT_READ, PRIV_ANON)
+        procs[nvmas] = (p, [])
+
+    def maps(nvmas):
+        p, made = procs[nvmas]
+        for _ in range(per):
+            made.append(p.mmap(PAGE, RW, PRIV_ANON))
+
+    def unmaps(nvmas):
+        p, made = procs[nvmas]
+        while made:
+            p.munmap(made.pop(), PAGE)
+    many, one = ctx.compare(lambda: maps(10 ** 4), lambda: maps(1), ours_setup=lambda: unmaps(10 ** 4),
+                            base_setup=lambda: unmaps(1))
+    ctx.cost("mmap of one page among 10^4 VMAs", ours=many, base=one, per=per, unit="us/call", scale=1e6,
+             baseline_name="mmap of one page beside 1 VMA", target=TARGET, size="10^4 VMAs",
+             label=ctx.label + ", host CPU time of the emulation")
+    for p, _ in procs.values():
+        p.exit()
+
+
+def _mprotect_costs(ctx):
+    """A one-page mprotect (and back) in the middle of a 2^18-page VMA against a 2^10-page one."""
+    import hmmgpu
+    system = hmmgpu.System(backend=ctx.backend_name, ram_bytes=64 << 20)
+    procs = {}
+    for k in (10, 18):
+        p = system.spawn()
+        a = p.mmap((1 << k) * PAGE, RW, PRIV_ANON)
+        p.populate(a, 1024 * PAGE, write=True)
+        procs[k] = (p, a + 512 * PAGE)
+    reps = 20
+
+    def flip(k):
+        p, a = procs[k]
+        for _ in range(reps):
+            p.mprotect(a, PAGE, PROT_READ)      # split in three
+            p.mprotect(a, PAGE, RW)             # and merged back
+    big, small = ctx.compare(lambda: flip(18), lambda: flip(10))
+    ctx.cost("1-page mprotect in a 2^18-page VMA", ours=big, base=small, per=2 * reps, unit="us/call",
+             scale=1e6, baseline_name="1-page mprotect in a 2^10-page VMA", target=TARGET, size="2^18 pages",
+             label=ctx.label + ", host CPU time of the emulation")
+    for p, _ in procs.values():
+        p.exit()
+
+
+def _migrate_range(w, addr, npages):
+    """migrate_vma_setup, dmirror's alloc-and-copy, migrate_vma_pages, its device page-table
+    map, migrate_vma_finalize: one migration of [addr, +npages) to the device."""
+    from hmmgpu import hmm
+    with w.proc.mm.mmap_lock.read():
+        args = hmm.MigrateVma(w.proc.mm.find_vma(addr), addr, addr + npages * PAGE, pgmap_owner=w.dev,
+                              flags=hmm.MIGRATE_VMA_SELECT_SYSTEM)
+        if hmm.migrate_vma_setup(args):
+            raise OSError("migrate_vma_setup failed")
+        w.mirror._migrate_alloc_and_copy(args)
+        hmm.migrate_vma_pages(args)
+        w.mirror._migrate_finalize_and_map(args)
+        hmm.migrate_vma_finalize(args)
+
+
+def _migrate_costs(ctx):
+    """n one-page migrations against one migration of the same n pages (n = 10^4; 10^3 quick)."""
+    n = 10 ** 3 if ctx.quick else 10 ** 4
+    w = Workload(ctx.backend_name, n, scattered=True, ram_extra_pages=4096)
+    try:
+        def singles():
+            for i in range(n):
+                _migrate_range(w, w.addr + i * PAGE, 1)
+
+        def back():
+            w.mirror.migrate_to_sys(w.addr, n)
+        many, one = ctx.compare(singles, lambda: _migrate_range(w, w.addr, n), ours_setup=back,
+                                base_setup=back, repeat=min(ctx.repeat, 3))
+        back()
+        ctx.cost(f"{n:,} one-page migrations", ours=many, base=one, per=n, unit="us/page", scale=1e6,
+                 baseline_name=f"one migration of the {n:,} pages", target=">= 0.05", size=f"{n:,} pages",
+                 note="target: at most 20x one call", label=ctx.label + ", host CPU time of the emulation")
+        _call_costs(ctx, w)
+    finally:
+        w.close()
+
+
+def _call_costs(ctx, w):
+    """What one call for one page costs, however small: the median of many calls."""
+    reps = 20 if ctx.quick else 200
+    label = ctx.label + ", host CPU time of the emulation"
+    pt = w.mirror.pt
+    vpn, pfn = np.array([1 << 30], np.int64), np.array([7], np.int64)
+    p = w.proc
+    small = p.mmap(PAGE, RW, PRIV_ANON)
+    p.populate(small, PAGE, write=True)
+
+    def mapped():
+        a = p.mmap(PAGE, RW, PRIV_ANON)
+        p.populate(a, PAGE, write=True)
+        return a
+    spare = []
+    figures = (("pt.map of 1 page", lambda: pt.map(vpn, pfn), None),
+               ("munmap of 1 page", lambda: p.munmap(spare.pop(), PAGE), lambda: spare.append(mapped())),
+               ("migrate_vma of 1 page", lambda: _migrate_range(w, small, 1),
+                lambda: w.mirror.migrate_to_sys(small, 1)),
+               ("dmirror migrate_to_dev of 1 page", lambda: w.mirror.migrate_to_dev(small, 1),
+                lambda: w.mirror.migrate_to_sys(small, 1)))
+    for name, fn, setup in figures:
+        ts = []
+        for _ in range(reps):
+            if setup:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        ctx.row(f"fixed cost: {name}", ours=sorted(ts)[reps // 2] * 1e6, ours_unit="us/call",
+                baseline_name="-", baseline=None, ratio=None, target=None, label=label,
+                note=f"median of {reps} calls")
+    p.munmap(small, PAGE)
+    q = w.system.spawn()              # fork and exit: a small process (two one-page VMAs)
+    for prot in (RW, PROT_READ):
+        q.populate(q.mmap(PAGE, prot, PRIV_ANON), PAGE)
+    children = []
+
+    def forks():
+        children.extend(q.fork() for _ in range(20))
+
+    def exits():
+        while children:
+            children.pop().exit()
+    t_fork = ctx.time(forks, setup=exits)
+    t_exit = ctx.time(exits, setup=forks)
+    exits()
+    q.exit()
+    for name, t in (("fork of a process with 2 one-page VMAs", t_fork), ("exit of that child", t_exit)):
+        ctx.row(f"fixed cost: {name}", ours=t.median / 20 * 1e6, ours_unit="us/call", baseline_name="-",
+                baseline=None, ratio=None, target=None, label=label, note="median of 20 calls per repeat")
+
+
+def _fixed_costs(ctx):
+    ctx.progress("fixed costs per call")
+    for measure in (_mmap_costs, _mprotect_costs, _migrate_costs):
+        measure(ctx)
+        gc.collect()

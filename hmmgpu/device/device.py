@@ -163,14 +163,19 @@ class EmulatedDevice:
     def _split(self, pfns):
         p = np.asarray(pfns, dtype=np.int64).reshape(-1)
         dev = self.owns(p)
+        if np.count_nonzero(dev) == dev.size:
+            return p, dev
         bad = ~dev & ((p < 0) | (p >= self.nr_ram))
-        if bad.any():
+        if np.count_nonzero(bad):
             raise ValueError(f"{self.name}: pfn 0x{int(p[bad][0]):x} is neither system RAM nor this "
                              "device's memory")
         return p, dev
 
     def read_pages(self, pfns):
         p, dev = self._split(pfns)
+        if p.size and np.count_nonzero(dev) == p.size:
+            with self.lock:
+                return self.arena.read(p - self.pfn_base)     # one gather, no second copy
         out = np.empty((p.size, PAGE_SIZE), dtype=np.uint8)
         with self.lock:
             if dev.any():
@@ -199,23 +204,44 @@ class EmulatedDevice:
                 self.synchronize()
                 self.host_arena.fill(p[~dev], value)
 
+    def _side(self, p):
+        """1 if every pfn of ``p`` is this device's, 0 if every one is system RAM, else None."""
+        if p.size <= 16:
+            lst = p.tolist()
+            lo, hi = (min(lst), max(lst)) if lst else (0, -1)
+        else:
+            lo, hi = int(p.min()), int(p.max())
+        if self.pfn_base <= lo and hi < self.pfn_base + self.nframes:
+            return 1
+        if 0 <= lo and hi < self.nr_ram:
+            return 0
+        return None
+
     def copy_pages(self, dst_pfns, src_pfns):
         """Copy frames by global pfn on the DMA engine; returns the Fence of the whole batch."""
+        d = np.asarray(dst_pfns, dtype=np.int64).reshape(-1)
+        s = np.asarray(src_pfns, dtype=np.int64).reshape(-1)
+        dk, sk = self._side(d), self._side(s)
+        if dk is not None and sk is not None and d.size == s.size:
+            # the usual batch: every page one way (RAM -> device, or back): one DMA batch
+            with span("dma copy", "migrate", self.name, npages=int(d.size)), self.lock:
+                return self.dma.copy(self.arena if dk else self.host_arena, d - self.pfn_base if dk else d,
+                                     self.arena if sk else self.host_arena, s - self.pfn_base if sk else s)
         d, ddev = self._split(dst_pfns)
         s, sdev = self._split(src_pfns)
         if d.size != s.size:
             raise ValueError(f"{self.name}: copy of {s.size} source pages to {d.size} destinations")
         fence = DONE
         with span("dma copy", "migrate", self.name, npages=int(d.size)), self.lock:
-            for dd in (False, True):              # at most four batches: RAM/device x RAM/device
-                for sd in (False, True):
-                    m = (ddev == dd) & (sdev == sd)
-                    if not m.any():
-                        continue
-                    fence = self.dma.copy(self.arena if dd else self.host_arena,
-                                          d[m] - (self.pfn_base if dd else 0),
-                                          self.arena if sd else self.host_arena,
-                                          s[m] - (self.pfn_base if sd else 0))
+            kind = ddev * 2 + sdev                # RAM/device x RAM/device: at most four batches
+            kinds = [int(kind[0])] if d.size and (kind == kind[0]).all() else np.unique(kind).tolist()
+            for k in kinds:
+                dd, sd = k >= 2, k & 1
+                m = slice(None) if len(kinds) == 1 else kind == k
+                fence = self.dma.copy(self.arena if dd else self.host_arena,
+                                      d[m] - (self.pfn_base if dd else 0),
+                                      self.arena if sd else self.host_arena,
+                                      s[m] - (self.pfn_base if sd else 0))
         return fence                             # one in-order queue: the last fence covers all
 
     def synchronize(self):

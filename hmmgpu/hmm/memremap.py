@@ -29,14 +29,8 @@ import errno
 import numpy as np
 
 from ..errors import DriverBug, oserror
-from ..mm.physmem import PG_LOCKED, PG_ZONE_DEVICE
-
-# enum memory_type (include/linux/memremap.h)
-MEMORY_DEVICE_PRIVATE = 1
-MEMORY_DEVICE_COHERENT = 2
-MEMORY_DEVICE_FS_DAX = 3
-MEMORY_DEVICE_GENERIC = 4
-MEMORY_DEVICE_PCI_P2PDMA = 5
+from ..mm.physmem import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_FS_DAX, MEMORY_DEVICE_GENERIC,  # noqa: F401
+                          MEMORY_DEVICE_PCI_P2PDMA, MEMORY_DEVICE_PRIVATE, PG_LOCKED, PG_ZONE_DEVICE)
 
 # Capability mask of a coherent-memory node: what the kernel may do with its pages.
 NODE_ALLOW_NUMA_BALANCING = 1 << 0
@@ -192,7 +186,7 @@ def zone_device_page_init(system, pfns):
         if pfns.size and not ((pages.flags[pfns] & PG_ZONE_DEVICE) != 0).all():
             bad = pfns[(pages.flags[pfns] & PG_ZONE_DEVICE) == 0][0]
             raise DriverBug(f"zone_device_page_init: pfn 0x{int(bad):x} is not device memory (no dev_pagemap)")
-        if pfns.size and (pages.refcount[pfns] != 0).any():
+        if pfns.size and np.count_nonzero(pages.refcount[pfns]):
             bad = pfns[pages.refcount[pfns] != 0][0]
             raise DriverBug(f"zone_device_page_init: device pfn 0x{int(bad):x} handed out while still "
                             f"referenced (refcount {int(pages.refcount[bad])})")
@@ -207,28 +201,19 @@ def page_pgmap(system, pfns):
     return pages.pgmap[pfns]
 
 
-def _type_mask(system, pfns, mtype):
-    phys = system.phys
-    pfns = np.asarray(pfns, dtype=np.int64)
-    out = np.zeros(pfns.shape, dtype=bool)
-    dev = pfns >= phys.nr_ram
-    if not dev.any():
-        return out
-    idx = phys.pages.pgmap[pfns[dev]]
-    types = np.array([getattr(p, "type", 0) if p is not None else 0 for p in phys.pgmaps] + [0],
-                     dtype=np.int64)
-    out[dev] = types[idx] == mtype
-    return out
+def zone_device_type(system, pfns):
+    """The memory_type of each pfn's pgmap, 0 for system RAM (one pass for every type test)."""
+    return system.phys.zone_device_type(pfns)
 
 
 def is_device_private_page(system, pfns):
     """is_device_private_page() for many pfns: a bool mask."""
-    return _type_mask(system, pfns, MEMORY_DEVICE_PRIVATE)
+    return zone_device_type(system, pfns) == MEMORY_DEVICE_PRIVATE
 
 
 def is_device_coherent_page(system, pfns):
     """is_device_coherent_page() for many pfns: a bool mask."""
-    return _type_mask(system, pfns, MEMORY_DEVICE_COHERENT)
+    return zone_device_type(system, pfns) == MEMORY_DEVICE_COHERENT
 
 
 def is_zone_device_page(system, pfns):
@@ -253,10 +238,10 @@ def pgmap_owner_is(system, pfns, owner):
     pfns = np.asarray(pfns, dtype=np.int64)
     out = np.zeros(pfns.shape, dtype=bool)
     dev = pfns >= phys.nr_ram
-    if not dev.any() or owner is None:
+    if not np.count_nonzero(dev) or owner is None:
         return out
-    match = np.array([p is not None and (owner is ANY_OWNER or p.owner is owner) for p in phys.pgmaps]
-                     + [False], dtype=bool)
+    match = phys.pgmap_table(("owner", id(owner)),
+                             lambda p: owner is ANY_OWNER or p.owner is owner).astype(bool)
     out[dev] = match[phys.pages.pgmap[pfns[dev]]]
     return out
 

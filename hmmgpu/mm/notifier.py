@@ -85,6 +85,15 @@ class NotifierSubscriptions:
         self.full = []                   # MmuNotifier
         self.events = []                 # (event, start, end, owner): a trace, bounded, for observability
         self.trace_limit = 4096
+        self.sleepers = 0                # threads waiting on ``wq``: only then does an end notify
+
+    def wait_for(self, ready):
+        """Sleep on ``wq`` (its lock held) until ``ready()``."""
+        self.sleepers += 1
+        try:
+            self.wq.wait_for(ready)
+        finally:
+            self.sleepers -= 1
 
     def _record(self, range):
         if len(self.events) >= self.trace_limit:
@@ -131,7 +140,7 @@ def mmu_interval_notifier_remove(mni):
         if subs.active_invalidate_ranges:
             subs.deferred.append(("remove", mni))
             seq = subs.invalidate_seq
-            subs.wq.wait_for(lambda: subs.invalidate_seq != seq)
+            subs.wait_for(lambda: subs.invalidate_seq != seq)
         elif mni in subs.intervals:
             subs.intervals.remove(mni)
     mni.mm = None
@@ -149,7 +158,7 @@ def mmu_interval_read_begin(mni):
     with subs.lock:
         seq = mni.invalidate_seq
         if seq == subs.invalidate_seq:       # an invalidation covering mni is running
-            subs.wq.wait_for(lambda: subs.invalidate_seq != seq)
+            subs.wait_for(lambda: subs.invalidate_seq != seq)
     return seq
 
 
@@ -235,7 +244,8 @@ def mmu_notifier_invalidate_range_end(range, full=True):
                 elif mni in subs.intervals:
                     subs.intervals.remove(mni)
             subs.deferred.clear()
-            subs.wq.notify_all()
+            if subs.sleepers:
+                subs.wq.notify_all()
 
 
 class invalidation:
