@@ -345,7 +345,9 @@ def _call_costs(ctx, w):
     """What one call for one page costs, however small: the median of many calls."""
     reps = 20 if ctx.quick else 200
     label = ctx.label + ", host CPU time of the emulation"
-    pt = w.mirror.pt
+    # the device's own page table: a dmirror open's mirrors the process, and a map there without
+    # the notifier sequence check would be a driver bug (hmmgpu.hmm.debug)
+    pt = w.dev.device.pt
     vpn, pfn = np.array([1 << 30], np.int64), np.array([7], np.int64)
     p = w.proc
     small = p.mmap(PAGE, RW, PRIV_ANON)
