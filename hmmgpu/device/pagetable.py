@@ -227,12 +227,16 @@ class DevicePageTable:
         self.capacity = max(int(initial_nodes), 4)
         self.nodes = hw.alloc(self.capacity)
         self.nr_nodes = 1                          # node 0 is the root
-        self._reset_shadow()
         self._retired = []                         # old pools kept until the next fence wait
         self._inflight = inflight if inflight is not None else collections.deque()
         self.stats = {"pt_commands": 0, "pt_entries_updated": 0, "pt_links": 0,
                       "pt_submissions": 0, "pt_invalidations": 0, "pt_nodes": 1,
                       "pt_huge_maps": 0, "pt_splits": 0}
+        # map_check(vpns, pfns): a driver's debug check run before every map (it may raise);
+        # hmmgpu.hmm.debug.check_device_mappings sets the notifier-sequence check.  map_huge
+        # passes the heads: a folio is locked by its head page
+        self.map_check = None
+        self._reset_shadow()
 
     def _reset_shadow(self):
         # Shadow of the directory: for levels 1..3, sorted vpn prefixes and their node ids;
@@ -428,6 +432,8 @@ class DevicePageTable:
         pfns = self._check_pfns(pfns)
         if vpns.shape != pfns.shape:
             raise ValueError(f"device page table: {vpns.size} vpns but {pfns.size} pfns")
+        if self.map_check is not None:
+            self.map_check(vpns, pfns)
         if vpns.size == 0:
             return self.hw.fence()
         # runs of consecutive vpn and pfn become one command
@@ -460,6 +466,8 @@ class DevicePageTable:
         if vpns.size == 0:
             return self.hw.fence()
         self._check_huge(vpns, pfns)
+        if self.map_check is not None:
+            self.map_check(vpns, pfns)
         v, p, starts, lengths, f = _map_runs(vpns, pfns, flags, PTE_VALID | PTE_HUGE, PT_BITS)
         keys = v >> PT_BITS
         with self.lock:
