@@ -28,18 +28,24 @@ def _pmd_slots(flat, vpns):
 
 
 def pt_walk(flat, vpns):
-    """hmm_pt_walk: (flat slot of the entry that translates each vpn, -1 where a table is
-    missing; which of them are 2 MiB leaves, whose slot is the level-2 one, or None if none)."""
-    vpns = np.asarray(vpns, dtype=np.int64)
-    pmd = _pmd_slots(flat, vpns)
-    e = flat[np.maximum(pmd, 0)]
-    has = pmd >= 0
-    huge = has & ((e & _U64(PTE_HUGE)) != 0)
-    ok = has & ((e & _U64(PTE_VALID)) != 0)
+    """hmm_pt_walk of valid vpns (the host checks them): (flat slot of the entry that translates
+    each vpn, -1 where a table is missing; which of them are 2 MiB leaves, whose slot is the
+    level-2 one, or None when none is)."""
+    node = np.zeros(vpns.shape, np.int64)
+    ok = np.ones(vpns.shape, bool)
+    for level in range(PT_LEVELS - 2):
+        e = flat[(node << PT_BITS) + ((vpns >> (PT_BITS * (PT_LEVELS - 1 - level))) & (PT_ENTRIES - 1))]
+        ok &= (e & _U64(PTE_VALID)) != 0
+        node = (e >> _U64(PTE_PFN_SHIFT)).astype(np.int64)
+    pmd = (node << PT_BITS) + ((vpns >> PT_BITS) & (PT_ENTRIES - 1))
+    e = flat[pmd]
+    huge = None
+    if int(np.bitwise_or.reduce(e)) & PTE_HUGE:
+        huge = ok & ((e & _U64(PTE_HUGE)) != 0)       # a 2 MiB leaf, valid or not, ends the walk
+    ok &= (e & _U64(PTE_VALID)) != 0
     slot = np.where(ok, ((e >> _U64(PTE_PFN_SHIFT)).astype(np.int64) << PT_BITS) + (vpns & (PT_ENTRIES - 1)), -1)
-    if not huge.any():
-        return slot, None
-    slot[huge] = pmd[huge]
+    if huge is not None:
+        slot[huge] = pmd[huge]
     return slot, huge
 
 
@@ -185,7 +191,7 @@ class NumpyPageTableHW:
                 return
         head = cmds[:, 0]
         op = head & _U64(0xFF)
-        tab = (op == PT_OP_LINK) | (op >= PT_OP_HUGE)
+        tab = op - _U64(PT_OP_MAP) > _U64(PT_OP_SET - PT_OP_MAP)     # not a leaf op (uint64 wraps)
         ntab = int(np.count_nonzero(tab))
         if ntab:
             _execute_tables(flat, cmds[tab], op[tab])
@@ -206,10 +212,11 @@ class NumpyPageTableHW:
         hi = np.minimum(last[which], lo | (PT_ENTRIES - 1))
         base, huge = pt_walk(flat, lo)
         have = base >= 0
-        which, lo, hi, base = which[have], lo[have], hi[have], base[have]
+        if np.count_nonzero(have) < have.size:  # pieces without a table: nothing to do there
+            which, lo, hi, base = which[have], lo[have], hi[have], base[have]
+            huge = None if huge is None else huge[have]
         n = hi - lo + 1
         if huge is not None:                   # a 2 MiB leaf is one entry, however many pages
-            huge = huge[have]
             n[huge] = 1
         piece = np.repeat(np.arange(n.size), n)
         k = np.arange(piece.size) - np.repeat(np.cumsum(n) - n, n)
