@@ -325,11 +325,26 @@ class ScalarMMU:
         self.leaves = {}
         self.pages = {}            # vpn -> (memory, index of the page's first word)
 
+    def _walk_upper(self, key):
+        """NumpyMMU._walk_upper of one key, with Python integers."""
+        pt = self.pt
+        e = pt[(key >> (2 * PT_BITS)) & (PT_ENTRIES - 1)]
+        if not e & PTE_VALID:
+            return -1
+        e = pt[((e >> PTE_PFN_SHIFT) << PT_BITS) + ((key >> PT_BITS) & (PT_ENTRIES - 1))]
+        if not e & PTE_VALID:
+            return -1
+        slot = ((e >> PTE_PFN_SHIFT) << PT_BITS) + (key & (PT_ENTRIES - 1))
+        e = pt[slot]
+        if e & PTE_HUGE:
+            return -2 - slot
+        return e >> PTE_PFN_SHIFT if e & PTE_VALID else -1
+
     def _leaf(self, vpn):
         key = vpn >> PT_BITS
         node = self.leaves.get(key)
         if node is None:
-            node = int(self.mmu._walk_upper(np.array([key], np.int64))[0])
+            node = self._walk_upper(key)
             self.leaves[key] = node
         if node >= 0:
             return node * PT_ENTRIES + (vpn & (PT_ENTRIES - 1))
