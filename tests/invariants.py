@@ -208,7 +208,7 @@ def _check_device(system, d):
         rc = pg.refcount[c.pgmap.pfn_first:c.pgmap.pfn_last]
         used += int((rc > 0).sum())
     assert d.nr_allocated() == used, f"{d!r}: {d.nr_allocated()} pages allocated, {used} in use"
-    free = np.asarray(d._free, np.int64)
+    free = d._free.pages() if hasattr(d._free, "pages") else np.asarray(d._free, np.int64)
     assert np.bincount(free).max(initial=0) <= 1, f"{d!r}: a page on the free list twice"
     assert (pg.refcount[free] == 0).all(), f"{d!r}: a page on the free list is referenced"
     assert free.size + used == len(d.chunks) * d.chunk_pages, (

@@ -16,6 +16,7 @@ import cupy
 
 from ..constants import PAGE_SIZE
 from ..device.hw import Arena, Backend, Fence
+from .module import COUNTERS, host_sync
 
 cudaHostAllocPortable = 0x01
 cudaHostAllocMapped = 0x02
@@ -28,6 +29,7 @@ class CudaFence(Fence):
         self.event = event
 
     def wait(self):
+        host_sync()
         self.event.synchronize()
 
     def done(self):
@@ -83,6 +85,7 @@ class CupyArena(Arena):
             return self.host[idx]
         with cupy.cuda.Device(self.gpu), self.stream:
             out = self.frames[self._dev_idx(idx)]           # one gather kernel
+            host_sync()
             return out.get(stream=self.stream)              # one copy
 
     def write(self, idx, data):
@@ -106,6 +109,7 @@ class CupyArena(Arena):
 class CupyBackend(Backend):
     name = "cupy"
     emulated = False
+    counters = COUNTERS            # kernel launches and host synchronisations (module.py)
 
     def __init__(self):
         self._streams = {}

@@ -6,7 +6,7 @@ import cupy
 import numpy as np
 
 from ..device.pagetable import PT_ENTRIES
-from .module import launch, load_module
+from .module import host_sync, launch, load_module
 
 
 class CupyPageTableHW:
@@ -44,4 +44,5 @@ class CupyPageTableHW:
             dv = cupy.asarray(vpns)
             out = cupy.zeros(vpns.size, dtype=cupy.uint64)
             launch(self._mod(), "pt_lookup", vpns.size, (nodes, dv, np.uint64(vpns.size), out), self.stream)
+            host_sync()
             return out.get(stream=self.stream)
