@@ -20,17 +20,23 @@ Two types, as in today's Linux:
 Refcount lifecycle: a device page is free at refcount 0 (today's rule; the
 2017 seed documents free at refcount 1, the 2 -> 1 transition of
 reference/zone-device-refcount-thread.txt).  ``zone_device_page_init`` takes a
-free page to refcount 1, locked, when the driver allocates it; when the last
-reference goes, physmem hands it back through ``ops.page_free`` (one call per
-pgmap with an array of pfns).
+free page (with ``order``, a free 2 MiB folio: the 2025 device-THP series'
+zone_device_folio_init) to refcount 1, locked, when the driver allocates it;
+when the last reference goes, physmem hands it back through
+``ops.folio_free(heads, order)`` -- one call per pgmap and order, the head pfns
+of the folios freed -- or, for a driver written to the older name,
+``ops.page_free(pfns)`` with every page.  A device folio split into small pages
+(a 2 MiB migration whose other side took small pages) is announced through
+``ops.folio_split(heads, order)`` when the driver has it.
 """
 import errno
 
 import numpy as np
 
+from ..constants import HPAGE_PMD_ORDER
 from ..errors import oserror
 from ..mm.physmem import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_FS_DAX, MEMORY_DEVICE_GENERIC,  # noqa: F401
-                          MEMORY_DEVICE_PCI_P2PDMA, MEMORY_DEVICE_PRIVATE, PG_LOCKED, PG_ZONE_DEVICE)
+                          MEMORY_DEVICE_PCI_P2PDMA, MEMORY_DEVICE_PRIVATE, PG_HEAD, PG_LOCKED, PG_ZONE_DEVICE)
 
 # Capability mask of a coherent-memory node: what the kernel may do with its pages.
 NODE_ALLOW_NUMA_BALANCING = 1 << 0
@@ -42,7 +48,8 @@ NODE_ALLOW_ALL = (1 << 5) - 1
 
 
 class DevPagemapOps:
-    """struct dev_pagemap_ops.  ``page_free(pfns)``; ``migrate_to_ram(vmf) -> 0 or VM_FAULT_*``."""
+    """struct dev_pagemap_ops.  ``folio_free(heads, order)`` (or the older ``page_free(pfns)``);
+    ``migrate_to_ram(vmf) -> 0 or VM_FAULT_*``; optionally ``folio_split(heads, order)``."""
 
     def page_free(self, pfns):
         raise NotImplementedError
@@ -104,13 +111,13 @@ def memremap_pages(pgmap, system):
     if pgmap.type == MEMORY_DEVICE_PRIVATE:
         if ops is None or getattr(ops, "migrate_to_ram", None) is None:
             raise oserror(errno.EINVAL, "device private memory needs ops.migrate_to_ram")
-        if getattr(ops, "page_free", None) is None:
-            raise oserror(errno.EINVAL, "device private memory needs ops.page_free")
+        if not _frees(ops):
+            raise oserror(errno.EINVAL, "device private memory needs ops.folio_free or ops.page_free")
         if pgmap.owner is None:
             raise oserror(errno.EINVAL, "device private memory needs an owner")
     elif pgmap.type == MEMORY_DEVICE_COHERENT:
-        if ops is None or getattr(ops, "page_free", None) is None:
-            raise oserror(errno.EINVAL, "device coherent memory needs ops.page_free")
+        if ops is None or not _frees(ops):
+            raise oserror(errno.EINVAL, "device coherent memory needs ops.folio_free or ops.page_free")
         if pgmap.owner is None:
             raise oserror(errno.EINVAL, "device coherent memory needs an owner")
     else:
@@ -143,6 +150,10 @@ def memremap_pages(pgmap, system):
     return base
 
 
+def _frees(ops):
+    return getattr(ops, "folio_free", None) is not None or getattr(ops, "page_free", None) is not None
+
+
 def memunmap_pages(pgmap):
     """memunmap_pages(): remove the frames.  Every page must be free (the driver
     evicts them first, with migrate_device_range); EBUSY otherwise."""
@@ -163,16 +174,31 @@ def _nodes(system):
     return nodes
 
 
-def zone_device_page_init(system, pfns):
-    """zone_device_page_init(): a driver takes free device pages (refcount 1, locked)."""
-    pfns = np.asarray(pfns, dtype=np.int64)
-    pages = system.phys.pages
-    with system.phys.lock:
+def zone_device_page_init(system, pfns, order=0):
+    """zone_device_page_init() / zone_device_folio_init(): a driver takes free device pages
+    (refcount 1, locked); with ``order``, ``pfns`` are the heads of free, naturally aligned
+    folios of 2**order pages, which become large folios."""
+    phys = system.phys
+    heads = np.asarray(pfns, dtype=np.int64)
+    if order and (heads & ((1 << order) - 1)).any():
+        raise AssertionError(f"device folio heads {heads[:4].tolist()} are not aligned to order {order}")
+    pfns = phys.folio_pages(heads, order) if order else heads
+    pages = phys.pages
+    with phys.lock:
         if pfns.size and np.count_nonzero(pages.refcount[pfns]):
             bad = pfns[pages.refcount[pfns] != 0][0]
             raise AssertionError(f"device pfn {int(bad)} handed out while still referenced")
         pages.refcount[pfns] = 1
         pages.flags[pfns] |= PG_LOCKED
+        if order:
+            pages.order[pfns] = order
+            pages.flags[heads] |= PG_HEAD
+            phys.nr_folios += int(heads.size)
+
+
+def zone_device_folio_init(system, heads, order=HPAGE_PMD_ORDER):
+    """zone_device_folio_init(): ``zone_device_page_init`` of whole folios."""
+    zone_device_page_init(system, heads, order)
 
 
 def page_pgmap(system, pfns):
