@@ -32,8 +32,14 @@ is open(): a ``DMirror`` bound to that process's address space, with
 
 Device memory is hotplugged in chunks of ``chunk_pages``, each a
 ``memremap_pages`` of the device's own frames (a slice of its arena, at its pfns),
-with a free list of pages (``page_free`` pushes freed pages back).  Migrations
-copy on the device's DMA engine (``device.copy_pages``), one batch per step.
+with a free list of pages and one of 2 MiB folios (``folio_free`` pushes freed
+ones back): as in the kernel driver, the chunk a 2 MiB allocation adds goes to
+folios, the others to pages.  Migrations ask for whole folios
+(MIGRATE_VMA_SELECT_COMPOUND): a THP goes to a device folio and back to a THP,
+each mapped by one PMD entry, and a failed 2 MiB allocation (FLAG_FAIL_ALLOC
+forces one) takes 512 small pages, so the core splits the source folio.
+Migrations copy on the device's DMA engine (``device.copy_pages``), one batch
+per step.
 The loops here are over VMAs, chunks and bounce-buffer pieces; every page-level
 step is vectorised.
 """
@@ -43,7 +49,7 @@ import threading
 
 import numpy as np
 
-from ..constants import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
+from ..constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, TASK_SIZE
 from ..device import EmulatedDevice, JobFault
 from ..device.pagetable import PTE_ATOMIC, PTE_VALID, PTE_WRITE, pte_pfn
 from ..errors import ProcessKilled, oserror
@@ -53,8 +59,10 @@ from ..hmm.hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_
                        hmm_pfn_to_pfn, hmm_range_fault)
 from ..hmm.memremap import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE, DevPagemap,
                             is_device_coherent_page, is_device_private_page,
-                            memremap_pages, memunmap_pages, pgmap_owner_is, zone_device_page_init)
-from ..hmm.migrate_device import (MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
+                            memremap_pages, memunmap_pages, pgmap_owner_is, zone_device_folio_init,
+                            zone_device_page_init)
+from ..hmm.migrate_device import (MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID,
+                                  MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_COMPOUND,
                                   MIGRATE_VMA_SELECT_DEVICE_COHERENT,
                                   MIGRATE_VMA_SELECT_DEVICE_PRIVATE, MIGRATE_VMA_SELECT_SYSTEM,
                                   MigrateVma, migrate_device_coherent_pages,
@@ -73,7 +81,10 @@ _U = np.uint64
 _MPFN_VALID = _U(MIGRATE_PFN_VALID)
 _MPFN_MIGRATE = _U(MIGRATE_PFN_MIGRATE)
 _MPFN_WRITE = _U(MIGRATE_PFN_WRITE)
+_MPFN_COMPOUND = _U(MIGRATE_PFN_COMPOUND)
 _NOT_MIGRATE = ~_MPFN_MIGRATE
+_NR = HPAGE_PMD_NR
+_ARANGE = np.arange(_NR, dtype=np.int64)
 
 # HMM_DMIRROR_PROT_* of lib/test_hmm_uapi.h: one byte per page of a snapshot.
 PROT_ERROR = 0xFF
@@ -88,8 +99,9 @@ PROT_DEV_PRIVATE_REMOTE = 0x30
 PROT_DEV_COHERENT_LOCAL = 0x40
 PROT_DEV_COHERENT_REMOTE = 0x50
 
-# HMM_DMIRROR_FLAGS: fail the next device (huge) page allocation.  Without THP
-# the allocation falls back to small pages, as the kernel driver does.
+# HMM_DMIRROR_FLAGS: fail the next 2 MiB allocation (device folio on the way in, THP on the
+# way back), which then falls back to 512 small pages as the kernel driver does; the flag is
+# consumed by the next migration whether or not it had a 2 MiB entry.
 FLAG_FAIL_ALLOC = 1 << 0
 
 HMM_DMIRROR_MEMORY_DEVICE_PRIVATE = 1
@@ -179,13 +191,13 @@ class _Chunk:
 
 
 class _DevmemOps:
-    """dmirror_devmem_ops: {.page_free, .migrate_to_ram}."""
+    """dmirror_devmem_ops: {.folio_free, .migrate_to_ram}."""
 
     def __init__(self, mdevice):
         self.mdevice = mdevice
 
-    def page_free(self, pfns):
-        self.mdevice._devmem_free(pfns)
+    def folio_free(self, heads, order):
+        self.mdevice._devmem_free(heads, order)
 
     def migrate_to_ram(self, vmf):
         return self.mdevice._devmem_fault(vmf)
@@ -225,8 +237,9 @@ class DMirrorDevice:
                                      name=f"dmirror{self.id}")
         self.chunks = []
         self.devmem_lock = threading.Lock()     # protects chunks
-        self.lock = threading.Lock()            # protects the free list and counters
+        self.lock = threading.Lock()            # protects the free lists and counters
         self._free = _FreeList(nslots)
+        self._free_folios = _FreeList(nslots // _NR + 1)    # heads of free 2 MiB folios
         self.calloc = 0
         self.cfree = 0
         self.mirrors = []
@@ -263,10 +276,12 @@ class DMirrorDevice:
         return self.calloc - self.cfree
 
     def nr_free(self):
-        return self._free.n
+        """Free device pages, those of free folios included."""
+        return self._free.n + self._free_folios.n * _NR
 
-    def _allocate_chunk(self):
-        """dmirror_allocate_chunk(): one more memremap_pages; False when out of device memory."""
+    def _allocate_chunk(self, large=False):
+        """dmirror_allocate_chunk(): one more memremap_pages; False when out of device memory.
+        A chunk taken for a 2 MiB allocation (``large``) goes to the folio free list."""
         used = {c.slot for c in self.chunks}
         slot = next((k for k in range(self.max_chunks) if k not in used), None)
         if slot is None:
@@ -281,48 +296,86 @@ class DMirrorDevice:
         except (OSError, MemoryError):
             return False
         self.chunks.append(_Chunk(pgmap, slot))
+        pages = np.arange(first, first + self.chunk_pages, dtype=np.int64)
+        folios = np.zeros(0, np.int64)
+        if large:
+            a = (-first) % _NR
+            nb = (self.chunk_pages - a) // _NR
+            folios = first + a + _NR * np.arange(nb, dtype=np.int64)
+            pages = np.concatenate((pages[:a], pages[a + nb * _NR:]))
         with self.lock:
             # pages come off the top of the stack: the new chunk's go under the others,
             # lowest pfn on top
-            self._free.push_under(np.arange(first + self.chunk_pages - 1, first - 1, -1, dtype=np.int64))
+            self._free.push_under(pages[::-1])
+            self._free_folios.push_under(folios[::-1])
         return True
 
     def alloc_pages(self, n):
-        """dmirror_devmem_alloc_page() for ``n`` pages: up to n pfns, refcount 1 and locked."""
+        """dmirror_devmem_alloc_page() for ``n`` pages: up to n pfns, refcount 1 and locked.
+        Out of small pages and chunks, free folios are broken up."""
         n = int(n)
         with self.devmem_lock:
-            while self.nr_free() < n:
+            while self._free.n < n:
                 if not self._allocate_chunk():
                     break
             with self.lock:
+                short = n - self._free.n
+                if short > 0 and self._free_folios.n:
+                    heads = self._free_folios.pop(-(-short // _NR))
+                    self._free.push(self.system.phys.folio_pages(heads)[::-1])
                 got = self._free.pop(n)
                 self.calloc += got.size
         zone_device_page_init(self.system, got)
         return got
 
-    def _devmem_free(self, pfns):
-        """dmirror_devmem_free(): a device page's last reference went."""
-        pfns = np.asarray(pfns, dtype=np.int64)
+    def alloc_folios(self, n):
+        """dmirror_devmem_alloc_page(is_large) for ``n`` 2 MiB folios: up to n heads, each
+        folio refcount 1 and locked (zone_device_folio_init)."""
+        n = int(n)
+        with self.devmem_lock:
+            while self._free_folios.n < n:
+                if not self._allocate_chunk(large=True):
+                    break
+            with self.lock:
+                got = self._free_folios.pop(n)
+                self.calloc += got.size * _NR
+        zone_device_folio_init(self.system, got, HPAGE_PMD_ORDER)
+        return got
+
+    def _devmem_free(self, heads, order):
+        """dmirror_devmem_free(): the last reference to these folios went."""
+        heads = np.asarray(heads, dtype=np.int64)
         with self.lock:
-            self.cfree += int(pfns.size)
+            self.cfree += int(heads.size) << int(order)
             removing = [c.pgmap for c in self.chunks if c.remove]
             if removing:
-                keep = np.ones(pfns.size, dtype=bool)
+                keep = np.ones(heads.size, dtype=bool)
                 for pgm in removing:
-                    keep &= ~((pfns >= pgm.pfn_first) & (pfns < pgm.pfn_last))
-                pfns = pfns[keep]
-            self._free.push(pfns[::-1])
+                    keep &= ~((heads >= pgm.pfn_first) & (heads < pgm.pfn_last))
+                heads = heads[keep]
+            if order == HPAGE_PMD_ORDER:
+                self._free_folios.push(heads[::-1])
+            elif order == 0:
+                self._free.push(heads[::-1])
+            else:
+                self._free.push(self.system.phys.folio_pages(heads, order)[::-1])
 
     def _devmem_fault(self, vmf):
         """dmirror_devmem_fault(): migrate_to_ram for a CPU access to device-private pages.
 
-        The kernel driver brings back vmf->address only; the batched vm_fault of
-        hmmgpu lists every faulting page of the range, and one migration covers
-        them all (the span from the first to the last).
+        The kernel driver brings back vmf->address only (the whole folio, at its order, when
+        the page is part of a 2 MiB one); the batched vm_fault of hmmgpu lists every faulting
+        page of the range, and one migration covers them all (the span from the first to the
+        last, widened to the 2 MiB folios among them).
         """
         addrs = np.asarray(vmf.addresses, dtype=np.int64)
-        args = MigrateVma(vmf.vma, int(addrs.min()), int(addrs.max()) + PAGE_SIZE,
-                          pgmap_owner=self, flags=self.select_device(), fault_page=vmf.page)
+        start, end = int(addrs.min()), int(addrs.max()) + PAGE_SIZE
+        flags = self.select_device()
+        if self.system.phys.pages.order[np.asarray(vmf.pages, dtype=np.int64)].any():
+            start = max(vmf.vma.start, start & ~(PMD_SIZE - 1))
+            end = min(vmf.vma.end, -(-end // PMD_SIZE) * PMD_SIZE)
+            flags |= MIGRATE_VMA_SELECT_COMPOUND
+        args = MigrateVma(vmf.vma, start, end, pgmap_owner=self, flags=flags, fault_page=vmf.page)
         if migrate_vma_setup(args):
             return VM_FAULT_SIGBUS
         with _migrating(args):
@@ -334,33 +387,53 @@ class DMirrorDevice:
             # device page tables.
         return 0
 
-    def _fault_alloc_and_copy(self, args, mm):
+    def _fault_alloc_and_copy(self, args, mm, fail_alloc=False):
         """dmirror_devmem_fault_alloc_and_copy(): system pages for device pages, and the copy."""
-        src = args.src[:args.npages]
-        spfn = migrate_pfn_to_pfn(src)
-        sel = np.nonzero((spfn >= 0) & ((src & _MPFN_MIGRATE) != 0))[0]
+        sel = _device_selection(self.system, args.src, args.npages)
         if sel.size == 0:
             return 0
-        sp = spfn[sel]
-        devok = is_device_private_page(self.system, sp) | is_device_coherent_page(self.system, sp)
-        sel, sp = sel[devok], sp[devok]
-        phys = self.system.phys
+        # xa_erase() of the device mappings, in every mirror of this device on that mm
+        self._erase_in_mirrors(mm, (args.start >> PAGE_SHIFT) + _positions(args.src, sel, args.npages))
         try:
-            dpages = phys.alloc(sel.size, None, zero=False)
+            self._to_system(args.src, args.dst, sel, args.npages, fail_alloc)
         except OSError:
             return VM_FAULT_OOM
-        phys.pages.flags[dpages] |= PG_LOCKED
-        # xa_erase() of the device mappings, in every mirror of this device on that mm
-        self._erase_in_mirrors(mm, (args.start >> PAGE_SHIFT) + sel)
+        return 0
+
+    def _to_system(self, src, dst, sel, n, fail_alloc):
+        """System memory for the device pages at ``sel`` (positions in ``src``), and the copy.
+
+        A 2 MiB device folio gets a THP when a free 2 MiB block is left (``fail_alloc`` fails
+        the first such allocation), 512 small pages otherwise, and then the core splits it.
+        Fills ``dst``; raises OSError(ENOMEM) when system memory runs out."""
+        phys = self.system.phys
+        comp = (src[sel] & _MPFN_COMPOUND) != 0
+        heads, small = sel[comp], sel[~comp]
+        skip = 1 if fail_alloc and heads.size else 0
+        got = phys.alloc_folios(heads.size - skip, zero=False) if heads.size > skip else np.zeros(0, np.int64)
+        big = heads[skip:skip + got.size]
+        rest = np.setdiff1d(heads, big)
+        spfn = migrate_pfn_to_pfn(src[:n])
+        members = (rest[:, None] + _ARANGE).reshape(-1)
+        small_pos = np.concatenate((small, members))
+        small_src = np.concatenate((spfn[small], (spfn[rest][:, None] + _ARANGE).reshape(-1)))
+        wr = np.concatenate(((src[small] & _MPFN_WRITE) != 0, np.repeat((src[rest] & _MPFN_WRITE) != 0, _NR)))
+        try:
+            dpages = phys.alloc(small_pos.size, None, zero=False)
+        except OSError:
+            phys.put(phys.folio_pages(got))
+            raise
+        new = np.concatenate((phys.folio_pages(got), dpages))
+        old = np.concatenate((phys.folio_pages(spfn[big]), small_src))
+        phys.pages.flags[new] |= PG_LOCKED
         try:
             # the CPU may touch the new pages as soon as migrate_vma_pages maps them: wait
-            self.device.copy_pages(dpages, sp).wait()
+            self.device.copy_pages(new, old).wait()
         except BaseException:
-            _release_new(phys, dpages)
+            _release_new(phys, new)
             raise
-        wr = (src[sel] & _MPFN_WRITE) != 0
-        args.dst[sel] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
-        return 0
+        dst[big] = migrate_pfn(got) | _MPFN_COMPOUND | (src[big] & _MPFN_WRITE)
+        dst[small_pos] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
 
     def _erase_in_mirrors(self, mm, vpns, skip=None):
         """Invalidate the pages ``vpns`` in every open of this device on ``mm`` (but ``skip``):
@@ -380,8 +453,9 @@ class DMirrorDevice:
                 with self.lock:
                     chunk.remove = True
                     pgm = chunk.pgmap
-                    f = self._free.pages()
-                    self._free.keep((f < pgm.pfn_first) | (f >= pgm.pfn_last))
+                    for fl in (self._free, self._free_folios):
+                        f = fl.pages()
+                        fl.keep((f < pgm.pfn_first) | (f >= pgm.pfn_last))
                 try:
                     self._evict_chunk(chunk)
                     memunmap_pages(chunk.pgmap)
@@ -397,6 +471,7 @@ class DMirrorDevice:
             self.chunks = []
             with self.lock:
                 self._free.n = 0
+                self._free_folios.n = 0
 
     def _evict_chunk(self, chunk):
         """dmirror_device_evict_chunk(): migrate_device_range over the whole chunk."""
@@ -405,21 +480,15 @@ class DMirrorDevice:
         src = np.zeros(n, dtype=_U)
         dst = np.zeros(n, dtype=_U)
         migrate_device_range(self.system, src, pgm.pfn_first, n)
-        spfn = migrate_pfn_to_pfn(src)
-        sel = np.nonzero((spfn >= 0) & ((src & _MPFN_MIGRATE) != 0))[0]
+        sel = _device_selection(self.system, src, n)
         if sel.size:
-            phys = self.system.phys
             try:
-                dpages = phys.alloc(sel.size, None, zero=False)
+                self._to_system(src, dst, sel, n, False)
             except OSError:
                 # nothing to move to: every page stays on the device
                 migrate_device_pages(self.system, src, dst, n)
                 migrate_device_finalize(self.system, src, dst, n)
                 raise
-            phys.pages.flags[dpages] |= PG_LOCKED
-            self.device.copy_pages(dpages, spfn[sel]).wait()
-            wr = (src[sel] & _MPFN_WRITE) != 0
-            dst[sel] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
             # No device page table needs fixing here: migrate_device_range unmapped every CPU
             # mapping of these pages under MMU_NOTIFY_CLEAR, which every mirror's notifier
             # applied, and a mirror maps nothing the CPU does not.
@@ -434,6 +503,24 @@ class DMirrorDevice:
 
 VM_FAULT_OOM = 0x1
 VM_FAULT_SIGBUS = 0x2
+
+
+def _device_selection(system, src, n):
+    """Positions of the src entries that are device pages to bring back (a folio's head)."""
+    src = src[:n]
+    spfn = migrate_pfn_to_pfn(src)
+    sel = np.nonzero((spfn >= 0) & ((src & _MPFN_MIGRATE) != 0))[0]
+    sp = spfn[sel]
+    return sel[is_device_private_page(system, sp) | is_device_coherent_page(system, sp)]
+
+
+def _positions(src, sel, n):
+    """``sel`` with a COMPOUND entry standing for the 512 positions from it on."""
+    comp = sel[(src[sel] & _MPFN_COMPOUND) != 0]
+    if comp.size == 0:
+        return sel
+    members = (comp[:, None] + _ARANGE[1:]).reshape(-1)
+    return np.union1d(sel, members[members < n])
 
 
 def _release_new(phys, pfns):
@@ -789,7 +876,8 @@ class DMirror:
         self._mm_alive(start, end)
         with self.mm.mmap_lock.read():
             for vma, s, e in self._vma_pieces(start, end):
-                args = MigrateVma(vma, s, e, pgmap_owner=self.mdevice, flags=MIGRATE_VMA_SELECT_SYSTEM)
+                args = MigrateVma(vma, s, e, pgmap_owner=self.mdevice,
+                                  flags=MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND)
                 ret = migrate_vma_setup(args)
                 if ret:
                     raise _err(ret, "migrate_vma_setup failed", s, e)
@@ -817,23 +905,39 @@ class DMirror:
             return self.mdevice.device.read_pages(pte_pfn(ent)).reshape(-1)
 
     def _migrate_alloc_and_copy(self, args):
-        """dmirror_migrate_alloc_and_copy(): device pages for the collected ones, and the copy."""
-        src = args.src[:args.npages]
+        """dmirror_migrate_alloc_and_copy(): device pages for the collected ones, and the copy.
+
+        A 2 MiB entry (a THP, or a 2 MiB hole) gets a device folio; when that allocation
+        fails (or FLAG_FAIL_ALLOC makes the first one fail) it gets 512 small pages, and the
+        core splits the source folio."""
+        n = args.npages
+        src = args.src[:n]
         spfn = migrate_pfn_to_pfn(src)
         phys = self.system.phys
         # Device pages (ours or another device's) are never copied device to device here.
         idx = (((src & _MPFN_MIGRATE) != 0) & (spfn < phys.nr_ram)).nonzero()[0]
+        fail = bool(self.flags & FLAG_FAIL_ALLOC)
+        self.flags &= ~FLAG_FAIL_ALLOC
         if idx.size == 0:
             return
-        if self.flags & FLAG_FAIL_ALLOC:
-            # the injected failure hits the huge allocation; small pages follow
-            self.flags &= ~FLAG_FAIL_ALLOC
-        dpages = self.mdevice.alloc_pages(idx.size)
-        if dpages.size < idx.size:
-            idx = idx[:dpages.size]
-        if idx.size == 0:
+        comp = (src[idx] & _MPFN_COMPOUND) != 0
+        heads, small = idx[comp], idx[~comp]
+        skip = 1 if fail and heads.size else 0
+        dheads = self.mdevice.alloc_folios(heads.size - skip) if heads.size > skip else np.zeros(0, np.int64)
+        big = heads[skip:skip + dheads.size]
+        rest = np.setdiff1d(heads, big)
+        members = (rest[:, None] + _ARANGE).reshape(-1)
+        rest_src = spfn[rest][:, None]
+        small_pos = np.concatenate((small, members))
+        small_src = np.concatenate((spfn[small], np.where(rest_src >= 0, rest_src + _ARANGE, -1).reshape(-1)))
+        small_w = np.concatenate((src[small], np.repeat(src[rest], _NR)))
+        dpages = self.mdevice.alloc_pages(small_pos.size)
+        small_pos, small_src, small_w = small_pos[:dpages.size], small_src[:dpages.size], small_w[:dpages.size]
+        big_src = spfn[big][:, None]
+        new = np.concatenate((phys.folio_pages(dheads), dpages))
+        sp = np.concatenate((np.where(big_src >= 0, big_src + _ARANGE, -1).reshape(-1), small_src))
+        if new.size == 0:
             return
-        sp = spfn[idx]
         dev = self.mdevice.device
         with_src = sp >= 0
         every = np.count_nonzero(with_src) == with_src.size
@@ -841,29 +945,38 @@ class DMirror:
             # waited for: migrate_vma_finalize frees the source pages, which the CPU may reuse
             # at once
             if every:
-                dev.copy_pages(dpages, sp).wait()
+                dev.copy_pages(new, sp).wait()
             else:
                 if np.count_nonzero(with_src):
-                    dev.copy_pages(dpages[with_src], sp[with_src]).wait()
-                dev.fill_pages(dpages[~with_src], 0)
+                    dev.copy_pages(new[with_src], sp[with_src]).wait()
+                dev.fill_pages(new[~with_src], 0)
         except BaseException:
-            _release_new(phys, dpages)
+            _release_new(phys, new)
             raise
-        wr = (src[idx] & _MPFN_WRITE) != 0
-        if not every and args.vma.vm_flags & VM_WRITE:
-            wr |= ~with_src                  # a hole filled in a writable VMA
-        phys.pages.zone_device_data[dpages] = id(self)
-        args.dst[idx] = migrate_pfn(dpages) | (wr.astype(_U) << _U(3))
+        hole_w = bool(args.vma.vm_flags & VM_WRITE)      # a hole filled in a writable VMA
+        phys.pages.zone_device_data[new] = id(self)
+        bw = ((src[big] & _MPFN_WRITE) != 0) | ((spfn[big] < 0) & hole_w)
+        args.dst[big] = migrate_pfn(dheads) | _MPFN_COMPOUND | (bw.astype(_U) << _U(3))
+        sw = ((small_w & _MPFN_WRITE) != 0) | ((small_src < 0) & hole_w)
+        args.dst[small_pos] = migrate_pfn(dpages) | (sw.astype(_U) << _U(3))
 
     def _migrate_finalize_and_map(self, args):
-        """dmirror_migrate_finalize_and_map(): map the new device pages in the device page table."""
+        """dmirror_migrate_finalize_and_map(): map the new device pages in the device page table
+        (a 2 MiB folio's 512 pages from its head entry)."""
         src = args.src[:args.npages]
         dst = args.dst[:args.npages]
         dpfn = migrate_pfn_to_pfn(dst)
         sel = (((src & _MPFN_MIGRATE) != 0) & (dpfn >= 0)).nonzero()[0]
         if sel.size == 0:
             return
+        pfns = dpfn[sel]
         w = (dst[sel] & _MPFN_WRITE) != 0
+        comp = (dst[sel] & _MPFN_COMPOUND) != 0
+        if comp.any():
+            reps = np.where(comp, _NR, 1)
+            first = np.repeat(sel, reps)
+            k = np.arange(first.size) - np.repeat(np.cumsum(reps) - reps, reps)
+            sel, pfns, w = first + k, np.repeat(pfns, reps) + k, np.repeat(w, reps)
         flags = DPT_WRITE if np.count_nonzero(w) == w.size else np.where(w, DPT_WRITE, 0)
         # Other opens of this device on this mm ignored the MMU_NOTIFY_MIGRATE too (it
         # carries our owner): their entries for these pages are stale now.  (The kernel's
@@ -871,7 +984,7 @@ class DMirror:
         vpns = (args.start >> PAGE_SHIFT) + sel
         self.mdevice._erase_in_mirrors(self.mm, vpns, skip=self)
         with self.mutex:
-            self.pt.map(vpns, dpfn[sel], flags)
+            self.pt.map(vpns, pfns, flags)
 
     def migrate_to_sys(self, addr, npages):
         """HMM_DMIRROR_MIGRATE_TO_SYS: bring this device's pages in the range back to system memory."""
@@ -879,14 +992,18 @@ class DMirror:
         self._user(start, end, errno.EINVAL)
         self._mm_alive(start, end)
         cpages = 0
+        fail = bool(self.flags & FLAG_FAIL_ALLOC)
+        self.flags &= ~FLAG_FAIL_ALLOC
         with self.mm.mmap_lock.read():
             for vma, s, e in self._vma_pieces(start, end):
-                args = MigrateVma(vma, s, e, pgmap_owner=self.mdevice, flags=self.mdevice.select_device())
+                args = MigrateVma(vma, s, e, pgmap_owner=self.mdevice,
+                                  flags=self.mdevice.select_device() | MIGRATE_VMA_SELECT_COMPOUND)
                 ret = migrate_vma_setup(args)
                 if ret:
                     raise _err(ret, "migrate_vma_setup failed", s, e)
                 with _migrating(args):
-                    ret = self.mdevice._fault_alloc_and_copy(args, self.mm)
+                    ret = self.mdevice._fault_alloc_and_copy(args, self.mm, fail)
+                    fail = False
                     migrate_vma_pages(args)
                     src = args.src[:args.npages]
                     cpages += int((((src & _MPFN_VALID) != 0)
