@@ -286,7 +286,7 @@ def _migrate_vma_collect(args):
             pfn = (pte >> _PFN_SHIFT).astype(np.int64)
             hole, cand, swapped = _select(args, pte, pfn)
             cgroups = choles = _EMPTY
-            if mm.maybe_huge:
+            if mm.maybe_huge or compound:
                 cgroups, choles = _collect_huge(args, pte, pfn, hole, cand, compound)
             if cand is not None and phys.nr_folios:
                 # a large folio still mapped by PTEs here (it changed since it was split): skip
