@@ -461,6 +461,16 @@ def _expand(m, n):
     return pfn, mig
 
 
+def _dst_pages(system, dst, n):
+    """Every destination page the driver handed over: a COMPOUND entry's whole folio."""
+    dst = dst[:n]
+    pfn = migrate_pfn_to_pfn(dst)
+    comp = (dst & _MPFN_COMPOUND) != 0
+    if not np.count_nonzero(comp & (pfn >= 0)):
+        return pfn[pfn >= 0]
+    return np.concatenate((pfn[~comp & (pfn >= 0)], system.phys.folio_pages(pfn[comp & (pfn >= 0)])))
+
+
 def _split_unmapped(system, args, src, heads):
     """migrate_vma_split_unmapped_folio(): the folios whose src entries are at ``heads`` go
     to small pages (the destination gave small pages); their PMD migration entries become
@@ -735,7 +745,7 @@ def _migrate_device_finalize(system, src, dst, npages, args):
     # were used are mapped now (remove_migration_ptes took the mapping's reference); unused
     # ones are freed, and so is each source that moved (a hole that was inserted holds its
     # own mapping reference).
-    d = dpfn[dpfn >= 0]
+    d = _dst_pages(system, dst, npages)
     done = np.concatenate((s, d)) if d.size else s
     if done.size:
         phys.unlock(done)
