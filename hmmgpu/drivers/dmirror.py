@@ -337,6 +337,14 @@ class DMirrorDevice:
                 if not self._allocate_chunk(large=True):
                     break
             with self.lock:
+                if self._free_folios.n < n:
+                    # no chunk left to add: whole free 2 MiB blocks among the free small pages
+                    f = self._free.pages()
+                    blocks, count = np.unique(f >> HPAGE_PMD_ORDER, return_counts=True)
+                    whole = blocks[count == _NR][:n - self._free_folios.n]
+                    if whole.size:
+                        self._free.keep(~np.isin(f >> HPAGE_PMD_ORDER, whole))
+                        self._free_folios.push((whole << HPAGE_PMD_ORDER)[::-1])
                 got = self._free_folios.pop(n)
                 self.calloc += got.size * _NR
         zone_device_folio_init(self.system, got, HPAGE_PMD_ORDER)
