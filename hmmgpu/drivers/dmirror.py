@@ -528,7 +528,7 @@ def _positions(src, sel, n):
     if comp.size == 0:
         return sel
     members = (comp[:, None] + _ARANGE[1:]).reshape(-1)
-    return np.union1d(sel, members[members < n])
+    return np.concatenate((sel, members[members < n]))      # disjoint: sel holds heads, not tails
 
 
 def _release_new(phys, pfns):

@@ -206,7 +206,7 @@ class PhysicalMemory:
             free[stack] = True
             nb = self.nr_ram >> order
             blocks = np.nonzero(free[:nb << order].reshape(nb, nr).all(axis=1))[0]
-            take = blocks[::-1][:n]
+            take = blocks[-n:]            # the highest, in ascending order: one run where possible
             if memcg is not None and take.size:
                 room = max(0, (memcg.limit - memcg.usage) // PAGE_SIZE) if memcg.limit is not None else None
                 if room is not None:
