@@ -10,6 +10,7 @@ hardware: `pytest --require-gpu -m gpu` on a GPU machine remains the real check.
 g++ is missing, and when a real GPU is there (the real tests run instead).
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_TESTS = ["tests/test_device_pagetable.py", "tests/test_device_dma.py",
-                "tests/test_device_jobs.py", "tests/test_device_parity.py"]
+                "tests/test_device_jobs.py", "tests/test_device_parity.py", "tests/test_docs.py"]
 
 SHIM_H = r'''// CPU stand-in for the CUDA builtins hmmgpu's kernels use (validation only).
 #include <cstdint>
@@ -335,4 +336,4 @@ def test_cuda_sources_on_cpu(tmp_path):
                         "-m", "gpu", *DEVICE_TESTS], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "failed" not in r.stdout
+    assert " passed" in r.stdout and not re.search(r"\b\d+ failed", r.stdout)

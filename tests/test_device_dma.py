@@ -121,3 +121,22 @@ def test_copy_pages_with_one_consecutive_side(backend):
     dev.copy_pages(back, BASE_PFN + run).wait()                 # scattered from the run
     assert np.array_equal(host.read(back), data[scattered])
     assert np.array_equal(dev.arena.read(run[::-1]), data[scattered][::-1])
+
+
+def test_arena_runs_and_scattered_frames_agree(backend):
+    """Arena read/write/fill take runs of consecutive frames as slices and the rest as one
+    gather: every mix of the two must touch exactly the frames asked for, in order."""
+    rng = np.random.default_rng(11)
+    arena = backend.device_arena(512)
+    ref = rng.integers(0, 256, (512, PAGE), dtype=np.uint8)
+    arena.write(np.arange(512), ref)
+    runs = np.concatenate((np.arange(40, 104), np.arange(300, 340), [7, 3], np.arange(200, 232)))
+    for idx in (runs, rng.permutation(512)[:100], np.arange(128, 256)):
+        assert np.array_equal(arena.read(idx), ref[idx])
+        data = rng.integers(0, 256, (idx.size, PAGE), dtype=np.uint8)
+        arena.write(idx, data)
+        ref[idx] = data
+        assert np.array_equal(arena.read(np.arange(512)), ref)
+        arena.fill(idx[::2], 0x3C)
+        ref[idx[::2]] = 0x3C
+        assert np.array_equal(arena.read(np.arange(512)), ref)

@@ -55,8 +55,10 @@ class Workload:
         self.system = hmmgpu.System(backend=backend_name, ram_bytes=(2 * self.npages + ram_extra_pages) * PAGE)
         if scattered:
             shuffle_free_list(self.system.phys)
-        chunk = max(512, ((self.npages + 511) // 512) * 512)
-        self.dev = dmirror.DMirrorDevice(self.system, memory=memory, chunk_pages=chunk, max_chunks=1)
+        # device memory for every page, in as few chunks (memremap_pages) as dmirror allows
+        chunk = min(dmirror.DEVMEM_CHUNK_PAGES, max(512, ((self.npages + 511) // 512) * 512))
+        self.dev = dmirror.DMirrorDevice(self.system, memory=memory, chunk_pages=chunk,
+                                         max_chunks=-(-self.npages // chunk))
         self.proc = self.system.spawn()
         self.mirror = self.dev.open(self.proc)
         self.addr = self.proc.mmap(self.nbytes, RW, PRIV_ANON)

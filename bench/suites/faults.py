@@ -36,7 +36,7 @@ DESCRIPTION = "a device job faulting on host-resident and untouched memory vs CU
 def run(ctx):
     need("hmmgpu.device", "the device layer (EmulatedDevice)")
     from hmmgpu.drivers.mirrorgpu import MirrorGpu
-    nbytes = (2 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (64 << 20))
+    nbytes = (16 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (64 << 20))
     npages = nbytes // PAGE
     w = Workload(ctx.backend_name, npages, scattered=True, ram_extra_pages=npages + 16384)
     st = {"gpu": None, "region": None}

@@ -28,7 +28,7 @@ DESCRIPTION = "page-table-walking device jobs (device-resident, remote system pa
 def run(ctx):
     need("hmmgpu.device", "the device layer (EmulatedDevice)")
     from hmmgpu.drivers.mirrorgpu import MirrorGpu
-    nbytes = (4 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (64 << 20))
+    nbytes = (32 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (64 << 20))
     w = Workload(ctx.backend_name, nbytes // PAGE, scattered=True)
     gpu = None
     try:

@@ -115,7 +115,7 @@ def _measure(ctx, w, layout, gpu, target):
     if gpu:
         cu = Cuda(ctx)
         host = w.system.phys.ram
-        dev_arena = w.dev.chunks[0].pgmap.arena
+        dev_arena = w.dev.device.arena          # every chunk's frames: one contiguous arena
         base_dev = lambda: cu.memcpy(dev_arena.ptr, host.ptr, nbytes)      # noqa: E731
         base_sys = lambda: cu.memcpy(host.ptr, dev_arena.ptr, nbytes)      # noqa: E731
         names = ("pinned cudaMemcpy H2D", "pinned cudaMemcpy D2H")

@@ -143,6 +143,9 @@ class DevicePageTable:
         self._inflight = inflight if inflight is not None else collections.deque()
         self.stats = {"pt_commands": 0, "pt_entries_updated": 0, "pt_links": 0,
                       "pt_submissions": 0, "pt_invalidations": 0, "pt_nodes": 1}
+        # map_check(vpns, pfns): a driver's debug check run before every map (it may raise);
+        # hmmgpu.hmm.debug.check_device_mappings sets the notifier-sequence check
+        self.map_check = None
 
     # -- the host side of the directory ------------------------------------------------------
     def _check_vpns(self, vpns):
@@ -241,6 +244,8 @@ class DevicePageTable:
         pfns = self._check_pfns(pfns)
         if vpns.shape != pfns.shape:
             raise ValueError(f"device page table: {vpns.size} vpns but {pfns.size} pfns")
+        if self.map_check is not None:
+            self.map_check(vpns, pfns)
         if vpns.size == 0:
             return self.hw.fence()
         if np.ndim(flags) == 0:                 # one value for every page

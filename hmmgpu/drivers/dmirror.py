@@ -53,6 +53,7 @@ from ..constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, PM
 from ..device import EmulatedDevice, JobFault
 from ..device.pagetable import PTE_ATOMIC, PTE_VALID, PTE_WRITE, pte_pfn
 from ..errors import ProcessKilled, oserror
+from ..hmm.debug import check_device_mappings
 from ..hmm.exclusive import make_device_exclusive_range
 from ..hmm.hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID,
                        HMM_PFN_WRITE, HMM_RANGE_DEFAULT_TIMEOUT, HmmRange, hmm_pfn_to_map_order,
@@ -655,6 +656,7 @@ class DMirror:
         self.closed = False
         self.notifier = MmuIntervalNotifier()
         mmu_interval_notifier_insert(self.notifier, self.mm, 0, ULONG_MAX_PAGE, self)
+        check_device_mappings(self.pt, self.notifier, self.system)   # DriverBug on a map without read_retry
 
     def __repr__(self):
         return f"DMirror({self.mdevice.memory}, pid={getattr(self.proc, 'pid', '?')})"

@@ -31,6 +31,7 @@ from ..hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_
                    migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup, mmu_interval_notifier_insert,
                    mmu_interval_notifier_remove, mmu_interval_read_begin, mmu_interval_read_retry,
                    mmu_interval_set_seq)
+from ..hmm.debug import check_device_mappings
 from ..mm.vma import VM_READ, VM_WRITE
 
 _U = np.uint64
@@ -82,6 +83,7 @@ class MirrorGpu:
         self.closed = False
         self.mni = MmuIntervalNotifier()
         mmu_interval_notifier_insert(self.mni, proc.mm, self.start, self.end - self.start, self)
+        check_device_mappings(self.pt, self.mni, system)     # DriverBug on a map without read_retry
 
     def _check_open(self, what):
         if self.closed:

@@ -34,7 +34,7 @@ import errno
 import numpy as np
 
 from ..constants import HPAGE_PMD_ORDER
-from ..errors import oserror
+from ..errors import DriverBug, oserror
 from ..mm.physmem import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_FS_DAX, MEMORY_DEVICE_GENERIC,  # noqa: F401
                           MEMORY_DEVICE_PCI_P2PDMA, MEMORY_DEVICE_PRIVATE, PG_HEAD, PG_LOCKED, PG_ZONE_DEVICE)
 
@@ -48,13 +48,21 @@ NODE_ALLOW_ALL = (1 << 5) - 1
 
 
 class DevPagemapOps:
-    """struct dev_pagemap_ops.  ``folio_free(heads, order)`` (or the older ``page_free(pfns)``);
-    ``migrate_to_ram(vmf) -> 0 or VM_FAULT_*``; optionally ``folio_split(heads, order)``."""
+    """struct dev_pagemap_ops: what the kernel calls back into a driver about its pages.
+
+    ``folio_free(heads, order)`` (today's name) or ``page_free(pfns)`` (the older one) hands
+    freed pages back; ``folio_split(heads, order)``, optional, announces a device folio split
+    into small pages."""
 
     def page_free(self, pfns):
+        """The last reference of each page in ``pfns`` (a NumPy array) went: the pages are the
+        driver's again (back on its free list).  Called once per pgmap with every such pfn."""
         raise NotImplementedError
 
     def migrate_to_ram(self, vmf):
+        """A CPU access faulted on device-private pages (``vmf.addresses`` / ``vmf.pfns``, in
+        ``vmf.vma``): migrate them to system memory with migrate_vma_setup (``fault_page``),
+        the copy, migrate_vma_pages and migrate_vma_finalize.  Returns 0 or VM_FAULT_*."""
         raise NotImplementedError
 
 
@@ -102,7 +110,15 @@ class DevPagemap:
 
 
 def memremap_pages(pgmap, system):
-    """memremap_pages(): hotplug ``pgmap.nr_pages`` device frames; returns the first pfn."""
+    """memremap_pages() of mm/memremap.c: hotplug ``pgmap.nr_pages`` frames of device memory.
+
+    The driver fills ``pgmap``: ``type`` (MEMORY_DEVICE_PRIVATE or _COHERENT), ``ops`` (with
+    ``page_free``, and ``migrate_to_ram`` for private memory), ``owner`` (matched by
+    hmm_range_fault's ``dev_private_owner`` and migrate_vma's ``pgmap_owner``) and
+    ``nr_pages``; optionally ``arena`` + ``pfn_first`` when the device's frames exist already.
+    Every frame gets a struct page, free (refcount 0) until ``zone_device_page_init``.  Returns
+    the first pfn; OSError(EINVAL) for a pgmap missing what its type needs, EBUSY if mapped.
+    """
     if pgmap.live:
         raise oserror(errno.EBUSY, f"{pgmap!r} is already mapped")
     if pgmap.nr_pages <= 0:
@@ -155,8 +171,8 @@ def _frees(ops):
 
 
 def memunmap_pages(pgmap):
-    """memunmap_pages(): remove the frames.  Every page must be free (the driver
-    evicts them first, with migrate_device_range); EBUSY otherwise."""
+    """memunmap_pages(): unplug the pgmap's frames.  Every page must be free -- the driver
+    evicts what is in use first (migrate_device_range) -- or it raises OSError(EBUSY)."""
     if not pgmap.live:
         return
     phys = pgmap.system.phys
@@ -176,18 +192,24 @@ def _nodes(system):
 
 def zone_device_page_init(system, pfns, order=0):
     """zone_device_page_init() / zone_device_folio_init(): a driver takes free device pages
-    (refcount 1, locked); with ``order``, ``pfns`` are the heads of free, naturally aligned
-    folios of 2**order pages, which become large folios."""
+    ``pfns`` for a migration's destination: refcount 1 (the driver's reference) and locked, as
+    migrate_vma_pages needs; with ``order``, ``pfns`` are the heads of free, naturally aligned
+    folios of 2**order pages, which become large folios.  DriverBug for a page that is not
+    device memory or still referenced, or a folio head off its alignment."""
     phys = system.phys
     heads = np.asarray(pfns, dtype=np.int64)
     if order and (heads & ((1 << order) - 1)).any():
-        raise AssertionError(f"device folio heads {heads[:4].tolist()} are not aligned to order {order}")
+        raise DriverBug(f"zone_device_folio_init: heads {heads[:4].tolist()} are not aligned to order {order}")
     pfns = phys.folio_pages(heads, order) if order else heads
     pages = phys.pages
     with phys.lock:
+        if pfns.size and not ((pages.flags[pfns] & PG_ZONE_DEVICE) != 0).all():
+            bad = pfns[(pages.flags[pfns] & PG_ZONE_DEVICE) == 0][0]
+            raise DriverBug(f"zone_device_page_init: pfn 0x{int(bad):x} is not device memory (no dev_pagemap)")
         if pfns.size and np.count_nonzero(pages.refcount[pfns]):
             bad = pfns[pages.refcount[pfns] != 0][0]
-            raise AssertionError(f"device pfn {int(bad)} handed out while still referenced")
+            raise DriverBug(f"zone_device_page_init: device pfn 0x{int(bad):x} handed out while still "
+                            f"referenced (refcount {int(pages.refcount[bad])})")
         pages.refcount[pfns] = 1
         pages.flags[pfns] |= PG_LOCKED
         if order:
@@ -214,14 +236,17 @@ def zone_device_type(system, pfns):
 
 
 def is_device_private_page(system, pfns):
+    """is_device_private_page() for many pfns: a bool mask."""
     return zone_device_type(system, pfns) == MEMORY_DEVICE_PRIVATE
 
 
 def is_device_coherent_page(system, pfns):
+    """is_device_coherent_page() for many pfns: a bool mask."""
     return zone_device_type(system, pfns) == MEMORY_DEVICE_COHERENT
 
 
 def is_zone_device_page(system, pfns):
+    """is_zone_device_page() for many pfns: a bool mask."""
     pfns = np.asarray(pfns, dtype=np.int64)
     return (system.phys.pages.flags[pfns] & PG_ZONE_DEVICE) != 0
 

@@ -57,6 +57,7 @@ from ..mm.notifier import MMU_NOTIFY_MIGRATE, invalidation
 from ..mm.physmem import PG_ANON, PG_DIRTY, PG_HEAD, PG_LOCKED, add_at
 from ..mm.rmap import remove_migration_ptes, try_to_migrate, vmas_for_pages
 from ..mm.vma import VM_DONTEXPAND, VM_HUGETLB, VM_IO, VM_MIXEDMAP, VM_PFNMAP, VM_WRITE, vma_is_anonymous
+from . import debug
 from .memremap import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE, is_device_coherent_page,
                        is_device_private_page, pgmap_owner_is, zone_device_type)
 
@@ -114,7 +115,15 @@ def migrate_pfn_to_pfn(mpfns):
 
 
 class MigrateVma:
-    """struct migrate_vma.  ``src``/``dst`` are uint64 arrays of npages (allocated if None)."""
+    """struct migrate_vma: one migration of [start, end) of ``vma`` (page-aligned, one VMA).
+
+    ``src``/``dst``: uint64 arrays of (end - start) / PAGE_SIZE entries (allocated if None);
+    ``pgmap_owner``: the driver's owner cookie (its pgmaps' ``owner``), carried by the
+    MMU_NOTIFY_MIGRATE invalidation so the driver can skip its own; ``flags``:
+    MIGRATE_VMA_SELECT_SYSTEM / _DEVICE_PRIVATE / _DEVICE_COHERENT; ``fault_page``: the
+    device-private pfn whose CPU fault migrate_to_ram is serving.  ``cpages`` (collected
+    pages) and ``npages`` are set by migrate_vma_setup.
+    """
 
     def __init__(self, vma=None, start=0, end=0, src=None, dst=None, pgmap_owner=None, flags=0,
                  fault_page=None):
@@ -152,7 +161,15 @@ def _rmap_targets(system, args, pfns):
 
 
 def migrate_vma_setup(args):
-    """migrate_vma_setup(): 0, or -EINVAL for a bad range, VMA or array."""
+    """migrate_vma_setup() of mm/migrate_device.c: collect, lock and unmap the pages to migrate.
+
+    Call with mmap_lock held for read.  Afterwards ``args.src[i]`` is migrate_pfn(pfn) |
+    MIGRATE_PFN_MIGRATE (| MIGRATE_PFN_WRITE) for a page that may move, MIGRATE_PFN_MIGRATE
+    alone for a hole the driver may fill, or 0; ``args.cpages`` counts them.  The driver then
+    allocates and locks destination pages, copies, fills ``args.dst`` with migrate_pfn(new)
+    (0: leave this page), and calls migrate_vma_pages and migrate_vma_finalize -- finalize
+    always, even when it copied nothing.  Returns 0, or -EINVAL for a bad range, VMA or array.
+    """
     vma = args.vma
     args.start &= ~(PAGE_SIZE - 1)
     args.end &= ~(PAGE_SIZE - 1)
@@ -172,6 +189,7 @@ def migrate_vma_setup(args):
         args.dst = np.zeros(nr, dtype=_U)
     if args.src.size < nr or args.dst.size < nr:
         return -errno.EINVAL
+    debug.check_no_unfinished_migration("migrate_vma_setup", vma.mm, args.start, args.end, args)
     system = vma.mm.system
     if args.fault_page is not None and not is_device_private_page(system, [args.fault_page])[0]:
         return -errno.EINVAL
@@ -187,6 +205,7 @@ def migrate_vma_setup(args):
     _migrate_vma_collect(args)
     if args.cpages:
         args.cpages = migrate_device_unmap(args.src, args.npages, args.fault_page, args=args)
+    debug.migration_started(args)
     # Pages are locked and unmapped: their contents are stable for the driver's copy.
     return 0
 
@@ -434,16 +453,38 @@ def migrate_device_unmap(src, npages, fault_page=None, args=None):
 
 
 def migrate_vma_pages(args):
-    """migrate_vma_pages(): move struct page state; insert the holes the driver filled."""
+    """migrate_vma_pages(): move struct-page state (page cache slot, flags, memcg charge) to the
+    destinations in ``args.dst`` and insert the holes the driver filled; entries that cannot
+    move lose MIGRATE_PFN_MIGRATE in ``args.src``.  Every destination page must be locked and
+    referenced (DriverBug otherwise).  The driver may now update its device page table; then
+    migrate_vma_finalize."""
     if args.npages == 0:
         return
+    system = args.vma.mm.system
+    _check_destinations(system, args.src, args.dst, args.npages, args.pgmap_owner, "migrate_vma_pages", args)
     args._pages_started = True
-    _migrate_device_pages(args.vma.mm.system, args.src, args.dst, args.npages, args)
+    _migrate_device_pages(system, args.src, args.dst, args.npages, args)
 
 
 def migrate_device_pages(system, src_pfns, dst_pfns, npages):
-    """migrate_device_pages(): the second step of migrate_device_range()."""
+    """migrate_device_pages(): the second step of migrate_device_range() / _pfns(): move
+    struct-page state to the destinations in ``dst_pfns`` (locked and referenced)."""
+    _check_destinations(system, src_pfns, dst_pfns, npages, None, "migrate_device_pages", None)
     _migrate_device_pages(system, src_pfns, dst_pfns, npages, None)
+
+
+def _check_destinations(system, src, dst, npages, owner, what, args):
+    if not debug.enabled:
+        return
+    moving = (src[:npages] & _U(MIGRATE_PFN_MIGRATE)) != 0
+    try:
+        debug.check_destinations(system, migrate_pfn_to_pfn(dst[:npages]), moving, owner, what, args)
+    except debug.DriverBug:
+        # Abandon the migration: finalize then puts every source back and touches no
+        # destination it cannot trust (the driver's own pages stay with it).
+        src[:npages] &= ~_U(MIGRATE_PFN_MIGRATE)
+        dst[:npages] = 0
+        raise
 
 
 def _expand(m, n):
@@ -709,13 +750,18 @@ def _migrate_vma_insert_pages(args, holes, newp):
 
 
 def migrate_vma_finalize(args):
-    """migrate_vma_finalize(): restore or replace the migration entries, unlock, drop references."""
+    """migrate_vma_finalize(): point every migration entry at the new page (or back at the old
+    one where the page did not move), unlock both, and drop the references: migrated sources
+    reach refcount 0 and are freed (device ones through their pgmap's ``page_free``)."""
     if args.npages == 0:
         return
+    debug.migration_finalized(args)
     _migrate_device_finalize(args.vma.mm.system, args.src, args.dst, args.npages, args)
 
 
 def migrate_device_finalize(system, src_pfns, dst_pfns, npages):
+    """migrate_device_finalize(): the last step of migrate_device_range() / _pfns(), as
+    migrate_vma_finalize."""
     _migrate_device_finalize(system, src_pfns, dst_pfns, npages, None)
 
 

@@ -184,11 +184,15 @@ class PhysicalMemory:
         self._uncharge(pfns)
         self.pages.reset(pfns)
         end = self._nfree + pfns.size
+        # Pushed highest first, so the next alloc() pops them lowest first: a freed range comes
+        # back as ascending runs, which the fault path zeroes and the device maps run by run.
+        if pfns.size > 1 and not (pfns[1:] < pfns[:-1]).all():
+            pfns = np.sort(pfns)[::-1]
         self._free[self._nfree:end] = pfns
         self._nfree = end
 
     # -- large folios ------------------------------------------------------------------
-    def alloc_folios(self, n, order=HPAGE_PMD_ORDER, memcg=None, zero=True, fail_ok=True):
+    def alloc_folios(self, n, order=HPAGE_PMD_ORDER, memcg=None, zero=True):
         """folio_alloc() of up to ``n`` naturally aligned folios of 2**order RAM pages.
 
         Returns their head pfns (refcount 1 on every page, charged to ``memcg``).  As a THP
