@@ -931,21 +931,20 @@ class DMirror:
         if idx.size == 0:
             return
         comp = (src[idx] & _MPFN_COMPOUND) != 0
-        heads, small = idx[comp], idx[~comp]
-        skip = 1 if fail and heads.size else 0
-        dheads = self.mdevice.alloc_folios(heads.size - skip) if heads.size > skip else np.zeros(0, np.int64)
-        big = heads[skip:skip + dheads.size]
-        rest = np.setdiff1d(heads, big)
-        members = (rest[:, None] + _ARANGE).reshape(-1)
-        rest_src = spfn[rest][:, None]
-        small_pos = np.concatenate((small, members))
-        small_src = np.concatenate((spfn[small], np.where(rest_src >= 0, rest_src + _ARANGE, -1).reshape(-1)))
-        small_w = np.concatenate((src[small], np.repeat(src[rest], _NR)))
+        if np.count_nonzero(comp):
+            big, dheads, small_pos, small_src, small_w = self._alloc_folios_for(idx, comp, spfn, src, fail)
+        else:
+            big = dheads = np.zeros(0, np.int64)
+            small_pos, small_src, small_w = idx, spfn[idx], src[idx]
         dpages = self.mdevice.alloc_pages(small_pos.size)
-        small_pos, small_src, small_w = small_pos[:dpages.size], small_src[:dpages.size], small_w[:dpages.size]
-        big_src = spfn[big][:, None]
-        new = np.concatenate((phys.folio_pages(dheads), dpages))
-        sp = np.concatenate((np.where(big_src >= 0, big_src + _ARANGE, -1).reshape(-1), small_src))
+        if dpages.size < small_pos.size:
+            small_pos, small_src, small_w = small_pos[:dpages.size], small_src[:dpages.size], small_w[:dpages.size]
+        if big.size:
+            big_src = spfn[big][:, None]
+            new = np.concatenate((phys.folio_pages(dheads), dpages))
+            sp = np.concatenate((np.where(big_src >= 0, big_src + _ARANGE, -1).reshape(-1), small_src))
+        else:
+            new, sp = dpages, small_src
         if new.size == 0:
             return
         dev = self.mdevice.device
@@ -965,10 +964,29 @@ class DMirror:
             raise
         hole_w = bool(args.vma.vm_flags & VM_WRITE)      # a hole filled in a writable VMA
         phys.pages.zone_device_data[new] = id(self)
-        bw = ((src[big] & _MPFN_WRITE) != 0) | ((spfn[big] < 0) & hole_w)
-        args.dst[big] = migrate_pfn(dheads) | _MPFN_COMPOUND | (bw.astype(_U) << _U(3))
-        sw = ((small_w & _MPFN_WRITE) != 0) | ((small_src < 0) & hole_w)
+        if big.size:
+            bw = ((src[big] & _MPFN_WRITE) != 0) | ((spfn[big] < 0) & hole_w)
+            args.dst[big] = migrate_pfn(dheads) | _MPFN_COMPOUND | (bw.astype(_U) << _U(3))
+        sw = (small_w & _MPFN_WRITE) != 0
+        if not every and hole_w:
+            sw |= small_src < 0
         args.dst[small_pos] = migrate_pfn(dpages) | (sw.astype(_U) << _U(3))
+
+    def _alloc_folios_for(self, idx, comp, spfn, src, fail):
+        """Device folios for the 2 MiB entries among ``idx``: returns the heads that got one and
+        the folios, then every small page wanted -- the small entries and the 512 pages of each
+        2 MiB entry left without a folio -- with its source pfn (-1 for a hole) and src flags."""
+        heads, small = idx[comp], idx[~comp]
+        skip = 1 if fail else 0
+        dheads = self.mdevice.alloc_folios(heads.size - skip) if heads.size > skip else np.zeros(0, np.int64)
+        big = heads[skip:skip + dheads.size]
+        rest = np.setdiff1d(heads, big)
+        members = (rest[:, None] + _ARANGE).reshape(-1)
+        rest_src = spfn[rest][:, None]
+        small_pos = np.concatenate((small, members))
+        small_src = np.concatenate((spfn[small], np.where(rest_src >= 0, rest_src + _ARANGE, -1).reshape(-1)))
+        small_w = np.concatenate((src[small], np.repeat(src[rest], _NR)))
+        return big, dheads, small_pos, small_src, small_w
 
     def _migrate_finalize_and_map(self, args):
         """dmirror_migrate_finalize_and_map(): map the new device pages in the device page table

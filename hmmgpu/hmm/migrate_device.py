@@ -502,13 +502,14 @@ def _expand(m, n):
     return pfn, mig
 
 
-def _dst_pages(system, dst, n):
-    """Every destination page the driver handed over: a COMPOUND entry's whole folio."""
+def _dst_pages(system, dst, n, dpfn):
+    """Every destination page the driver handed over: a COMPOUND entry's whole folio.
+    ``dpfn``: the entries' pfns per position, which are the answer when none is COMPOUND."""
     dst = dst[:n]
-    pfn = migrate_pfn_to_pfn(dst)
     comp = (dst & _MPFN_COMPOUND) != 0
-    if not np.count_nonzero(comp & (pfn >= 0)):
-        return pfn[pfn >= 0]
+    if not np.count_nonzero(comp):
+        return dpfn[dpfn >= 0]
+    pfn = migrate_pfn_to_pfn(dst)
     return np.concatenate((pfn[~comp & (pfn >= 0)], system.phys.folio_pages(pfn[comp & (pfn >= 0)])))
 
 
@@ -791,7 +792,7 @@ def _migrate_device_finalize(system, src, dst, npages, args):
     # were used are mapped now (remove_migration_ptes took the mapping's reference); unused
     # ones are freed, and so is each source that moved (a hole that was inserted holds its
     # own mapping reference).
-    d = _dst_pages(system, dst, npages)
+    d = _dst_pages(system, dst, npages, dpfn)
     done = np.concatenate((s, d)) if d.size else s
     if done.size:
         phys.unlock(done)

@@ -55,6 +55,11 @@ _EMPTY = np.zeros(0, np.int64)
 _MAX_FAULT_ROUNDS = 64
 
 
+def _zero(phys, pfns):
+    """phys.zero_mask() inline while there is no huge zero folio: the fault path's hot sites."""
+    return pfns == phys.zero_pfn if phys.huge_zero_pfn < 0 else phys.zero_mask(pfns)
+
+
 def page_align(n):
     return (int(n) + PAGE_SIZE - 1) & PAGE_MASK
 
@@ -149,7 +154,7 @@ class MM:
         kind = self.phys.pages.flags[pfns] & _RSS_FLAGS
         anon = np.count_nonzero(kind & PG_ANON)
         shmem = np.count_nonzero(kind == PG_SWAPBACKED)
-        zero = np.count_nonzero(self.phys.zero_mask(pfns))      # their flags say neither
+        zero = np.count_nonzero(_zero(self.phys, pfns))          # their flags say neither
         if self.maybe_huge:
             tlb = np.count_nonzero(kind & PG_HUGETLB)
             return anon - tlb, pfns.size - anon - shmem - zero, shmem
@@ -169,7 +174,7 @@ class MM:
     def _map(self, vma, idx, pfns, flags, take_ref=True):
         """Install present PTEs for counted pages (refcount/mapcount/rss)."""
         pg = self.phys.pages
-        counted = pfns[~self.phys.zero_mask(pfns)]
+        counted = pfns[~_zero(self.phys, pfns)]
         # one VMA maps a page at most once, except a driver's mixed map (vm_insert_page)
         unique = vma.driver is None
         if take_ref:
@@ -198,7 +203,7 @@ class MM:
             # what the entries held: not migration entries (try_to_migrate dropped those), not
             # the zero page
             kind = ptes & _SWP_PRESENT
-            held = (kind != _MIG_READ) & (kind != _MIG_WRITE) & ~self.phys.zero_mask(pfns)
+            held = (kind != _MIG_READ) & (kind != _MIG_WRITE) & ~_zero(self.phys, pfns)
             dirty = (ptes & _PRESENT_DIRTY) == _PRESENT_DIRTY
             if np.count_nonzero(dirty):
                 d = pfns[dirty]
@@ -257,7 +262,8 @@ class MM:
         phys = self.phys
         if vma.vm_flags & VM_HUGETLB:
             return hugetlb.hugetlb_fault(self, vma, i0, i1, write, unshare)
-        if self.maybe_huge or self.system.thp != "never":
+        thp = self.system.thp
+        if self.maybe_huge or thp == "always" or (thp == "madvise" and vma.vm_flags & VM_HUGEPAGE):
             huge_memory.huge_pmd_fault(self, vma, i0, i1, write, unshare)
         with phys.lock:
             snap = vma.pte[i0:i1].copy()
@@ -312,7 +318,7 @@ class MM:
         if write and not vma.shared:
             # private write: reuse an anonymous page this process owns, copy anything else
             fl = pg.flags[oldc]
-            reuse = (~is_none & ~phys.zero_mask(old) & ((fl & PG_ANON) != 0)
+            reuse = (~is_none & ~_zero(phys, old) & ((fl & PG_ANON) != 0)
                      & (((fl & PG_ANON_EXCLUSIVE) != 0) | (pg.refcount[oldc] == 1)))
             copy_new = ~reuse
         elif write:
@@ -325,7 +331,7 @@ class MM:
         new = phys.alloc(n_new, self.memcg, zero=False) if n_new else np.zeros(0, np.int64)
         if n_new:
             srcs = old[copy_new]
-            from_zero = phys.zero_mask(srcs) | (srcs < 0)
+            from_zero = _zero(phys, srcs) | (srcs < 0)
             if from_zero.any():
                 phys.fill(new[from_zero], 0)
             if (~from_zero).any():
