@@ -276,3 +276,27 @@ def test_eviction_by_pfn_takes_device_folios_whole(world, by):
     assert (e & HUGE).all() and pt.pte_present(e).all() and pt.pte_pfn(e)[0] == h[0]
     assert np.array_equal(p.read(ptr, PMD_SIZE), data)
     assert dev.freed[-1][1] == 9
+
+
+def test_a_longterm_pin_moves_one_page_of_a_coherent_device_thp(world):
+    """FOLL_LONGTERM on a page of a 2 MiB coherent device folio: the PMD and the folio split and
+    that page moves to system memory; the rest stays on the device as small pages."""
+    from hmmgpu.drivers import dmirror
+    s, p, ptr, data = world
+    dev = dmirror.DMirrorDevice(s, memory="coherent")
+    m = dev.open(p)
+    m.migrate_to_dev(ptr, NR)
+    e = p.pages(ptr, NR)
+    assert (e & HUGE).all() and (pt.pte_pfn(e) >= s.phys.nr_ram).all()
+    pin = p.pin_user_pages(ptr + 5 * PAGE_SIZE, 1, write=True, longterm=True)
+    e = p.pages(ptr, NR)
+    assert not (e & HUGE).any()
+    assert pin.pfns[0] < s.phys.nr_ram and pt.pte_pfn(e)[5] == pin.pfns[0]
+    assert (pt.pte_pfn(np.delete(e, 5)) >= s.phys.nr_ram).all()
+    assert (s.phys.pages.order[pt.pte_pfn(e)] == 0).all()
+    assert np.array_equal(p.read(ptr, PMD_SIZE), data)
+    pin.unpin()
+    assert dev.nr_allocated() == NR - 1
+    m.close()
+    p.exit()
+    assert dev.nr_allocated() == 0

@@ -30,6 +30,7 @@ from .notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_PROTEC
                        MMU_NOTIFY_PROTECTION_VMA, MMU_NOTIFY_UNMAP, NotifierSubscriptions,
                        invalidation)
 from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_HUGETLB, PG_SWAPBACKED, PG_ZONE_DEVICE, add_at
+from .rmap import vmas_for_pages
 from .validate import (ULONG_MAX, check_aligned, check_buffer, check_flags, check_map_budget,
                        check_no_wrap, check_user_range, ulong)
 from .vma import (VM_ACCESS, VM_DONTEXPAND, VM_PFNMAP, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
@@ -1066,7 +1067,8 @@ class MM:
             huge = np.count_nonzero(ptes[dev] & pt.PTE_HUGE)
         if huge:
             # the pages move one by one: their PMD mappings and their folios split first
-            huge_memory.split_folio(self.system, np.unique(self.phys.compound_head(old)), [vma])
+            heads = np.unique(self.phys.compound_head(old))
+            huge_memory.split_folio(self.system, heads, vmas_for_pages(self.system, heads, vma.anon_id))
             return self._migrate_longterm(vma, s, e)
         new = self.phys.alloc(old.size, self.memcg, zero=False)
         with invalidation(self, s, e, MMU_NOTIFY_CLEAR):
