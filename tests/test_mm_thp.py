@@ -386,3 +386,19 @@ def test_default_pool_and_its_limits():
     with pytest.raises(OSError) as ei:
         s.spawn().mmap(PMD_SIZE, RW, ANON | MAP_HUGETLB)
     assert ei.value.errno == errno.ENOMEM
+
+
+def test_splitting_one_folio_leaves_its_neighbours_pmd_mapped():
+    from hmmgpu.mm.huge_memory import split_folio
+    s = system()
+    p = s.spawn()
+    _, ptr = thp_region(p, n=3)
+    p.write(ptr, pattern(3 * PMD_SIZE, 9))
+    e = ptes(p, ptr, 3 * NR)
+    assert huge(e).all()
+    heads = pt.pte_pfn(e)[[0, 2 * NR]]
+    split_folio(s, heads, list(p.mm.vmas))
+    e = ptes(p, ptr, 3 * NR)
+    assert not huge(e[:NR]).any() and huge(e[NR:2 * NR]).all() and not huge(e[2 * NR:]).any()
+    assert (s.phys.pages.order[pt.pte_pfn(e[NR:2 * NR])] == 9).all()
+    assert (s.phys.pages.order[pt.pte_pfn(e[:NR])] == 0).all()

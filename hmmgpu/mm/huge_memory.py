@@ -117,7 +117,12 @@ def split_folio(system, heads, vmas):
         p = (pte[huge] >> _PFN).astype(np.int64)
         hit = huge[np.isin(p >> HPAGE_PMD_ORDER, blocks)]
         if hit.size:
-            split_huge_pmd(mm, v, int(hit[0]), int(hit[-1]) + 1)
+            # only these folios' PMDs: others between them stay PMD mappings
+            lo = v.start + (int(hit[0]) << PAGE_SHIFT)
+            hi = v.start + ((int(hit[-1]) + 1) << PAGE_SHIFT)
+            with invalidation(mm, lo, hi, MMU_NOTIFY_CLEAR):
+                with system.phys.lock:
+                    v.pte[hit] &= _NOT_HUGE
     system.phys.split_folios(heads)
 
 
