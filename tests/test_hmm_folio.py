@@ -12,7 +12,7 @@ import pytest
 import hmmgpu
 from hmmgpu import MADV_HUGEPAGE, MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PMD_SIZE, PROT_READ, PROT_WRITE
 from hmmgpu.hmm import (HMM_PFN_REQ_FAULT, HMM_PFN_VALID, HMM_PFN_WRITE, MEMORY_DEVICE_PRIVATE,
-                        MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
+                        MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE,
                         MIGRATE_VMA_SELECT_COMPOUND, MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
                         MIGRATE_VMA_SELECT_SYSTEM, DevPagemap, HmmRange, MigrateVma, MmuIntervalNotifier,
                         hmm_pfn_to_map_order, hmm_range_fault, memremap_pages,

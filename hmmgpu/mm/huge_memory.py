@@ -28,7 +28,7 @@ from ..constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT
 from ..errors import oserror
 from . import pgtable as pt
 from .notifier import MMU_NOTIFY_CLEAR, invalidation
-from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_HUGETLB, PG_LOCKED, PG_ZONE_DEVICE
+from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_LOCKED, PG_ZONE_DEVICE
 from .vma import VM_HUGEPAGE, VM_HUGETLB, VM_NOHUGEPAGE, VM_WRITE, vma_is_anonymous
 
 THP_MODES = ("always", "madvise", "never")
@@ -89,6 +89,19 @@ def split_huge_pmd(mm, vma, i0, i1):
         with mm.phys.lock:
             vma.pte[a:b] &= _NOT_HUGE
     return -(-(b - a) // _NR)
+
+
+def split_huge_pmd_groups(mm, vma, groups):
+    """__split_huge_pmd() of the PMD mappings starting at entries ``groups`` of ``vma``, under
+    one invalidation: the others between them stay PMD mappings."""
+    groups = np.asarray(groups, dtype=np.int64)
+    if groups.size == 0:
+        return
+    lo = vma.start + (int(groups.min()) << PAGE_SHIFT)
+    hi = vma.start + ((int(groups.max()) + _NR) << PAGE_SHIFT)
+    with invalidation(mm, lo, hi, MMU_NOTIFY_CLEAR):
+        with mm.phys.lock:
+            vma.pte[_group_index(groups)] &= _NOT_HUGE
 
 
 def split_huge_pmd_edges(mm, vma, i0, i1):
@@ -179,7 +192,6 @@ def huge_pmd_fault(mm, vma, i0, i1, write, unshare):
                 hz = phys.huge_zero_folio()
                 if hz >= 0:
                     with phys.lock:
-                        g = groups[empty]
                         gi = idx[empty]
                         still = ~(vma.pte[gi] != 0).any(axis=1)
                         gi = gi[still].reshape(-1)
@@ -196,9 +208,6 @@ def huge_pmd_fault(mm, vma, i0, i1, write, unshare):
                 phys.put(phys.folio_pages(spare))
     if not huge.any():
         return
-    # Entries the caller asked for in each PMD-mapped group.
-    lo = np.maximum(groups, i0) - groups
-    hi = np.minimum(groups + _NR, i1) - groups
     if write:
         ro = huge & present & ((head & pt.PTE_WRITE) == 0)
         g_zero = np.nonzero(ro & zero)[0]
@@ -210,10 +219,9 @@ def huge_pmd_fault(mm, vma, i0, i1, write, unshare):
                     spare = _install(mm, vma, groups[g_zero], heads, wflags)
             phys.put(phys.folio_pages(spare))
             # what could not get a THP falls back to 4 KiB pages
-            for k in g_zero.tolist():
-                g = int(groups[k])
-                if vma.pte[g] & pt.PTE_PRESENT and int(vma.pte[g] >> _PFN) == hz:
-                    split_huge_pmd(mm, vma, g, g + _NR)
+            left = groups[g_zero]
+            left = left[(vma.pte[left] >> _PFN).astype(np.int64) == hz]
+            split_huge_pmd_groups(mm, vma, left)
         g_anon = np.nonzero(ro & ~zero)[0]
         if g_anon.size:
             pages = _group_index(hpfn[g_anon])
@@ -221,10 +229,7 @@ def huge_pmd_fault(mm, vma, i0, i1, write, unshare):
             rc = pg.refcount[pages].reshape(g_anon.size, _NR)
             # folio_test_anon && (PageAnonExclusive || we hold the only reference): reuse
             reuse = (((fl & PG_ANON) != 0) & (((fl & PG_ANON_EXCLUSIVE) != 0) | (rc == 1))).all(axis=1)
-            reuse &= ((fl & PG_HUGETLB) == 0).all(axis=1)
-            for k in g_anon[~reuse].tolist():
-                g = int(groups[k])
-                split_huge_pmd(mm, vma, g + int(lo[k]), g + int(hi[k]))
+            split_huge_pmd_groups(mm, vma, groups[g_anon[~reuse]])
             r = g_anon[reuse]
             if r.size:
                 with phys.lock:
@@ -242,9 +247,7 @@ def huge_pmd_fault(mm, vma, i0, i1, write, unshare):
             pages = _group_index(hpfn[g_anon])
             fl = pg.flags[pages].reshape(g_anon.size, _NR)
             shared = (((fl & PG_ANON) != 0) & ((fl & PG_ANON_EXCLUSIVE) == 0)).any(axis=1)
-            for k in g_anon[shared].tolist():
-                g = int(groups[k])
-                split_huge_pmd(mm, vma, g + int(lo[k]), g + int(hi[k]))
+            split_huge_pmd_groups(mm, vma, groups[g_anon[shared]])
 
 
 def madvise_collapse(mm, vma, s, e):

@@ -15,7 +15,7 @@ import errno
 
 import numpy as np
 
-from ..constants import (MADV_COLLAPSE, MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE,
+from ..constants import (HPAGE_PMD_NR, MADV_COLLAPSE, MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE,
                          MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MAP_ANONYMOUS,
                          MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_HUGETLB, MAP_POPULATE,
                          MAP_PRIVATE, MAP_SHARED, MMAP_BASE, MMAP_MIN_ADDR, MREMAP_DONTUNMAP,
@@ -1114,9 +1114,8 @@ class MM:
             return
         p = (v.pte[huge] >> _PFN_SHIFT).astype(np.int64)
         pinned = huge[(self.phys.pages.pincount[p] > 0) & ((self.phys.pages.flags[p] & PG_HUGETLB) == 0)]
-        for i in pinned.tolist():
-            if v.pte[i] & pt.PTE_HUGE:
-                huge_memory.split_huge_pmd(self, v, i, i + 1)
+        base = v.start >> PAGE_SHIFT
+        huge_memory.split_huge_pmd_groups(self, v, np.unique(pinned - (base + pinned) % HPAGE_PMD_NR))
 
     def _copy_ptes(self, v, child):
         """copy_page_range() for one VMA: the child's entries, its references and rss."""
