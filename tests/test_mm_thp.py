@@ -402,3 +402,27 @@ def test_splitting_one_folio_leaves_its_neighbours_pmd_mapped():
     assert not huge(e[:NR]).any() and huge(e[NR:2 * NR]).all() and not huge(e[2 * NR:]).any()
     assert (s.phys.pages.order[pt.pte_pfn(e[NR:2 * NR])] == 9).all()
     assert (s.phys.pages.order[pt.pte_pfn(e[:NR])] == 0).all()
+
+
+def test_a_freed_thp_block_stays_whole_until_small_pages_need_it():
+    s = system(ram=8 << 20, hugetlb_pages=0)
+    p = s.spawn()
+    base, ptr = thp_region(p)
+    p.write(ptr, b"a")
+    head = int(pt.pte_pfn(ptes(p, ptr, 1))[0])
+    p.munmap(base, 2 * PMD_SIZE)
+    free = s.phys.nr_free()
+    small = p.mmap(16 * PAGE_SIZE, RW, ANON)
+    p.write(small, pattern(16 * PAGE_SIZE))
+    got = pt.pte_pfn(ptes(p, small, 16))
+    assert not ((got >= head) & (got < head + NR)).any()        # the block was left whole
+    base, ptr = thp_region(p)
+    p.write(ptr, b"b")
+    assert int(pt.pte_pfn(ptes(p, ptr, 1))[0]) == head          # and the next THP takes it
+    p.munmap(base, 2 * PMD_SIZE)
+    # small pages take the block when nothing else is left
+    n = s.phys.nr_free()
+    assert n == free - 16
+    big = p.mmap(n * PAGE_SIZE, RW, ANON | hmmgpu.MAP_POPULATE)
+    assert s.phys.nr_free() == 0 and p.rss["anon"] == 16 + n
+    assert not p.read(big, n * PAGE_SIZE).any()

@@ -138,11 +138,25 @@ class PhysicalMemory:
         # Free RAM frames as a stack; low pfns come out first, which keeps dumps readable.
         self._free = np.arange(self.nr_ram - 1, 0, -1, dtype=np.int64)
         self._nfree = self._free.size
+        # Whole 2 MiB blocks that came back as folios, by head: a THP allocation takes them
+        # first, an order-0 one only when the stack runs dry (a buddy allocator keeps them whole).
+        self._blocks = np.empty(self.nr_ram // HPAGE_PMD_NR + 1, dtype=np.int64)
+        self._nblocks = 0
         self._next_region = self.nr_ram
 
     # -- RAM frame allocator ---------------------------------------------------------
     def nr_free(self):
-        return self._nfree
+        return self._nfree + self._nblocks * HPAGE_PMD_NR
+
+    def _break_blocks(self, npages):
+        """Order-0 allocations need ``npages`` more frames than the stack has: free 2 MiB
+        blocks go onto it, lowest frames on top."""
+        k = min(self._nblocks, -(-npages // HPAGE_PMD_NR))
+        heads = self._blocks[self._nblocks - k:self._nblocks]
+        self._nblocks -= k
+        pages = np.sort(self.folio_pages(heads))[::-1]
+        self._free[self._nfree:self._nfree + pages.size] = pages
+        self._nfree += pages.size
 
     def alloc(self, n, memcg=None, zero=True):
         """Allocate ``n`` RAM pages with refcount 1, charged to ``memcg``.
@@ -159,6 +173,8 @@ class PhysicalMemory:
         while True:
             with self.lock:
                 charged = memcg is None or memcg.try_charge(n)
+                if charged and self._nfree < n and self._nblocks:
+                    self._break_blocks(n - self._nfree)
                 if charged and self._nfree >= n:
                     pfns = self._free[self._nfree - n:self._nfree][::-1].copy()
                     self._nfree -= n
@@ -168,7 +184,7 @@ class PhysicalMemory:
                 if charged and memcg is not None:
                     memcg.uncharge(n)
                 why = (None if charged else memcg)
-                free = self._nfree
+                free = self.nr_free()
             if not (self.oom and self.oom(n, why)):
                 if why is not None:
                     raise oserror(errno.ENOMEM, f"memory cgroup {memcg.name!r} is over its limit "
@@ -202,15 +218,20 @@ class PhysicalMemory:
         since order-0 allocations take the lowest frames first.
         """
         n, nr = int(n), 1 << order
-        if n <= 0 or self._nfree < nr:
+        if n <= 0 or self.nr_free() < nr:
             return np.zeros(0, np.int64)
         with self.lock:
-            stack = self._free[:self._nfree]
-            free = np.zeros(self.nr_ram, dtype=bool)
-            free[stack] = True
-            nb = self.nr_ram >> order
-            blocks = np.nonzero(free[:nb << order].reshape(nb, nr).all(axis=1))[0]
-            take = blocks[-n:]            # the highest, in ascending order: one run where possible
+            k = min(n, self._nblocks) if order == HPAGE_PMD_ORDER else 0
+            take = np.sort(self._blocks[self._nblocks - k:self._nblocks]) >> order
+            if k < n and self._nfree >= nr:
+                # whole free blocks in the order-0 stack: the highest, in ascending order (one
+                # run of frames where possible)
+                stack = self._free[:self._nfree]
+                free = np.zeros(self.nr_ram, dtype=bool)
+                free[stack] = True
+                nb = self.nr_ram >> order
+                blocks = np.nonzero(free[:nb << order].reshape(nb, nr).all(axis=1))[0]
+                take = np.concatenate((take, blocks[-(n - k):] if n > k else blocks[:0]))
             if memcg is not None and take.size:
                 room = max(0, (memcg.limit - memcg.usage) // PAGE_SIZE) if memcg.limit is not None else None
                 if room is not None:
@@ -221,10 +242,19 @@ class PhysicalMemory:
                 return np.zeros(0, np.int64)
             heads = take << order
             pages = (heads[:, None] + np.arange(nr, dtype=np.int64)).reshape(-1)
-            free[pages] = False
-            kept = stack[free[stack]]
-            self._free[:kept.size] = kept
-            self._nfree = kept.size
+            from_blocks = np.isin(heads, self._blocks[self._nblocks - k:self._nblocks]) if k else None
+            if from_blocks is not None:
+                self._nblocks -= k
+                # blocks taken from the list but not used (the memcg had room for fewer)
+                unused = np.setdiff1d(self._blocks[self._nblocks:self._nblocks + k], heads)
+                self._blocks[self._nblocks:self._nblocks + unused.size] = unused
+                self._nblocks += unused.size
+            stacked = pages if from_blocks is None else pages[np.repeat(~from_blocks, nr)]
+            if stacked.size:
+                free[stacked] = False
+                kept = stack[free[stack]]
+                self._free[:kept.size] = kept
+                self._nfree = kept.size
             pg = self.pages
             pg.refcount[pages] = 1
             pg.memcg[pages] = -1 if memcg is None else memcg.id
@@ -323,14 +353,14 @@ class PhysicalMemory:
                 self.nr_folios -= int(fh.size)
                 ram = fh[fh < self.nr_ram]
                 if ram.size:
-                    # back under the free stack, so that small allocations leave the block whole
                     fp = self.folio_pages(ram, order)
                     self._uncharge(fp)
                     self.pages.reset(fp)
-                    k = fp.size
-                    self._free[k:self._nfree + k] = self._free[:self._nfree]
-                    self._free[:k] = fp[::-1]
-                    self._nfree += k
+                    if order == HPAGE_PMD_ORDER:       # kept whole for the next THP
+                        self._blocks[self._nblocks:self._nblocks + ram.size] = ram
+                        self._nblocks += ram.size
+                    else:
+                        self._free_ram(fp)
                 dev = fh[fh >= self.nr_ram]
                 if dev.size:
                     self._free_device(dev, order)
