@@ -37,6 +37,7 @@ import pytest
 import hmmgpu
 from hmmgpu import (MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED, MREMAP_DONTUNMAP, MREMAP_FIXED,
                     MREMAP_MAYMOVE, PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE)
+from hmmgpu.device.pagetable import PTE_HUGE
 from hmmgpu.drivers import dmirror
 
 NPAGES = 1024                  # HMM_BUFFER_SIZE >> PAGE_SHIFT
@@ -571,6 +572,12 @@ def _thp(use_thp):
     return hmmgpu.MADV_HUGEPAGE if use_thp else hmmgpu.MADV_NOHUGEPAGE
 
 
+def _device_leaves(fd, ptr):
+    """Is the 2 MiB at ``ptr`` mapped by one 2 MiB leaf of the open's device page table?"""
+    ent = fd.pt.lookup(np.arange(ptr // PAGE_SIZE, ptr // PAGE_SIZE + PMD_PAGES))
+    return bool((ent & np.uint64(PTE_HUGE)).all())
+
+
 def test_anon_write_huge(hmm):
     p = hmm.proc
     base, ptr = _pmd_aligned(p, 2 * PMD, hmmgpu.MADV_HUGEPAGE)
@@ -581,6 +588,8 @@ def test_anon_write_huge(hmm):
     m = hmm.fd.snapshot(ptr, PMD_PAGES).data
     assert (m == dmirror.PROT_WRITE | dmirror.PROT_PMD).all()
     assert p.rss["anon"] == PMD_PAGES
+    # ...which the device maps by one 2 MiB leaf
+    assert _device_leaves(hmm.fd, ptr)
     p.munmap(base, 2 * PMD)
 
 
@@ -663,6 +672,7 @@ def test_migrate_anon_huge_fault(hmm):
     r = hmm.fd.migrate_to_dev(ptr, PMD_PAGES)
     assert r.cpages == PMD_PAGES
     check_ints(r.data)
+    assert _device_leaves(hmm.fd, ptr)            # one 2 MiB device folio, one 2 MiB leaf
     if hmm.kind == "private":
         r = hmm.fd.snapshot(ptr, PMD_PAGES)
         assert r.cpages == PMD_PAGES
@@ -732,6 +742,7 @@ def test_migrate_anon_huge_err(hmm):
     r = hmm.fd.migrate_to_dev(ptr, PMD_PAGES)
     assert r.cpages == PMD_PAGES
     check_ints(r.data)
+    assert not _device_leaves(hmm.fd, ptr)        # 512 small device pages
     if hmm.kind == "private":
         m = hmm.fd.snapshot(ptr, PMD_PAGES).data
         assert (m == dmirror.PROT_DEV_PRIVATE_LOCAL | dmirror.PROT_WRITE).all()

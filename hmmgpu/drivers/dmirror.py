@@ -514,6 +514,21 @@ VM_FAULT_OOM = 0x1
 VM_FAULT_SIGBUS = 0x2
 
 
+def _pmd_runs(vpns, pfns, w, pmd, device):
+    """Positions where 512 entries map one aligned 2 MiB folio at an aligned 2 MiB address with
+    one permission (``pmd``: the entries hmm_range_fault gave order 9), in RAM or in this
+    device's memory: what a 2 MiB device leaf can map."""
+    cand = np.flatnonzero(pmd & ((vpns & (_NR - 1)) == 0) & ((pfns & (_NR - 1)) == 0))
+    cand = cand[cand + _NR <= vpns.size]
+    if cand.size == 0:
+        return cand
+    blk = cand[:, None] + _ARANGE
+    ok = (pfns[blk] == pfns[cand][:, None] + _ARANGE).all(axis=1) & (w[blk] == w[cand][:, None]).all(axis=1)
+    p = pfns[cand]
+    ok &= ((p + _NR <= device.nr_ram) | ((p >= device.pfn_base) & (p + _NR <= device.pfn_base + device.nframes)))
+    return cand[ok]
+
+
 def _device_selection(system, src, n):
     """Positions of the src entries that are device pages to bring back (a folio's head)."""
     src = src[:n]
@@ -862,8 +877,19 @@ class DMirror:
         if ((e & _U(HMM_PFN_ERROR)) != 0).any() or ((e & _U(HMM_PFN_VALID)) == 0).any():
             return -errno.EFAULT
         # queued on the device's in-order queue: the replay that follows translates through it
-        self.pt.map(np.arange(rng.start >> PAGE_SHIFT, rng.end >> PAGE_SHIFT, dtype=np.int64),
-                    hmm_pfn_to_pfn(e), np.where(w, DPT_WRITE, 0))
+        vpns = np.arange(rng.start >> PAGE_SHIFT, rng.end >> PAGE_SHIFT, dtype=np.int64)
+        pfns = hmm_pfn_to_pfn(e)
+        if self.mm.maybe_huge:
+            # what the CPU maps by a PMD (HMM_PFN_ORDER 9), the device maps by a 2 MiB leaf
+            heads = _pmd_runs(vpns, pfns, w, hmm_pfn_to_map_order(e) == HPAGE_PMD_ORDER,
+                              self.mdevice.device)
+            if heads.size:
+                self.pt.map_huge(vpns[heads], pfns[heads], np.where(w[heads], DPT_WRITE, 0))
+                rest = np.ones(vpns.size, bool)
+                rest[(heads[:, None] + _ARANGE).reshape(-1)] = False
+                vpns, pfns, w = vpns[rest], pfns[rest], w[rest]
+        if vpns.size:
+            self.pt.map(vpns, pfns, np.where(w, DPT_WRITE, 0))
         return 0
 
     # -- migration ----------------------------------------------------------------------------
@@ -1000,19 +1026,20 @@ class DMirror:
         pfns = dpfn[sel]
         w = (dst[sel] & _MPFN_WRITE) != 0
         comp = (dst[sel] & _MPFN_COMPOUND) != 0
-        if comp.any():
-            reps = np.where(comp, _NR, 1)
-            first = np.repeat(sel, reps)
-            k = np.arange(first.size) - np.repeat(np.cumsum(reps) - reps, reps)
-            sel, pfns, w = first + k, np.repeat(pfns, reps) + k, np.repeat(w, reps)
-        flags = DPT_WRITE if np.count_nonzero(w) == w.size else np.where(w, DPT_WRITE, 0)
+        vpns = (args.start >> PAGE_SHIFT) + sel
         # Other opens of this device on this mm ignored the MMU_NOTIFY_MIGRATE too (it
         # carries our owner): their entries for these pages are stale now.  (The kernel's
         # test driver leaves them; a real driver cannot.)
-        vpns = (args.start >> PAGE_SHIFT) + sel
-        self.mdevice._erase_in_mirrors(self.mm, vpns, skip=self)
+        every = vpns if not comp.any() else np.concatenate((vpns, (vpns[comp][:, None] + _ARANGE[1:]).reshape(-1)))
+        self.mdevice._erase_in_mirrors(self.mm, every, skip=self)
         with self.mutex:
-            self.pt.map(vpns, pfns, flags)
+            if comp.any():
+                # a 2 MiB device folio: one 2 MiB leaf
+                self.pt.map_huge(vpns[comp], pfns[comp], np.where(w[comp], DPT_WRITE, 0))
+                vpns, pfns, w = vpns[~comp], pfns[~comp], w[~comp]
+            if vpns.size:
+                flags = DPT_WRITE if np.count_nonzero(w) == w.size else np.where(w, DPT_WRITE, 0)
+                self.pt.map(vpns, pfns, flags)
 
     def migrate_to_sys(self, addr, npages):
         """HMM_DMIRROR_MIGRATE_TO_SYS: bring this device's pages in the range back to system memory."""
