@@ -5,7 +5,10 @@ the device appends records to a ring in its own memory, the host fetches them in
 (256 by default), drops duplicates, sorts by address, services the rest and tells the device to replay.
 
 A record is four uint64 words: (vaddr, lane, access, job_id), access being ACCESS_READ,
-ACCESS_WRITE or ACCESS_ATOMIC.  A lane that finds the buffer full still stops and is marked
+ACCESS_WRITE or ACCESS_ATOMIC.  A fault no driver can service (a misaligned access, or a
+page-table entry pointing outside memory: on a GPU both would be a sticky error that kills the
+context) carries its reason and the access size in the access word's upper bits (``FATAL_*``,
+hmm.cuh's HMM_FATAL_*); it is never handed to the driver, it cancels the job.  A lane that finds the buffer full still stops and is marked
 faulted; its fault is simply raised again on replay (as a GPU re-raises a dropped fault), and
 the overflow is counted.
 """
@@ -17,6 +20,12 @@ ACCESS_READ = 0
 ACCESS_WRITE = 1
 ACCESS_ATOMIC = 2
 ACCESS_NAMES = ("read", "write", "atomic")
+
+# a fatal record's access word: access | reason << FATAL_SHIFT | size << SIZE_SHIFT
+FATAL_SHIFT = 8
+SIZE_SHIFT = 16
+FATAL_MISALIGNED = 1
+FATAL_BAD_PFN = 2
 
 FAULT_RECORD_WORDS = 4
 DEFAULT_FAULT_BUFFER_ENTRIES = 256      # UVM's default fault batch size
@@ -67,6 +76,22 @@ class JobFault(OSError):
         self.access = int(access)
         self.lane = int(lane)
         self.job = int(job)
+
+
+def fatal_word(access, reason, size):
+    """The access word of a fatal fault record (hmm.cuh's hmm_fatal)."""
+    return np.uint64(int(access) | (int(reason) << FATAL_SHIFT) | (int(size) << SIZE_SHIFT))
+
+
+def fatal_reason(word):
+    """Why a fatal record's access could not be made, from its access word."""
+    word = int(word)
+    reason, size = (word >> FATAL_SHIFT) & 0xFF, (word >> SIZE_SHIFT) & 0xFF
+    if reason == FATAL_MISALIGNED:
+        return f"misaligned {size}-byte access (accesses must be naturally aligned)"
+    if reason == FATAL_BAD_PFN:
+        return "its device page-table entry points outside system RAM and the device's memory"
+    return f"unknown fatal fault reason {reason}"
 
 
 def dedupe_batches(records, batch_size):
@@ -121,11 +146,17 @@ class FaultBuffer:
         self.batch_size = int(batch_size)
         self.counters = counters if counters is not None else dict.fromkeys(FAULT_COUNTERS, 0)
         self.last_put = 0
+        self.last_fatal = np.zeros((0, FAULT_RECORD_WORDS), np.uint64)
 
     def drain(self):
-        """Fetch every recorded fault; returns (list of FaultBatch, overflowed lanes)."""
+        """Fetch every recorded fault; returns (list of FaultBatch, overflowed lanes).  Fatal
+        records (see the module docstring) are kept apart in ``last_fatal``."""
         records, put = self.hw.drain()
         self.last_put = int(put)          # every faulting lane counts here, recorded or not
+        fatal = (records[:, 2] >> np.uint64(FATAL_SHIFT)) != 0 if len(records) else np.zeros(0, bool)
+        self.last_fatal = records[fatal]
+        if fatal.any():
+            records = records[~fatal]
         overflow = max(0, int(put) - self.capacity)
         c = self.counters
         c["num_buffer_overflows"] += overflow

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..constants import PAGE_SIZE
 from ._trace import span
-from .faults import ACCESS_NAMES, JobFault, fatal_errno
+from .faults import ACCESS_NAMES, JobFault, fatal_errno, fatal_reason
 
 DEFAULT_SLICE_LANES = 1 << 16
 MAX_STALLED_ROUNDS = 8
@@ -180,6 +180,8 @@ class JobEngine:
                     rounds.append(npending)
                     self.ex.sync()
                 batches, overflow = dev.fault_buffer.drain()
+                if len(dev.fault_buffer.last_fatal):     # nothing to service: the job is cancelled
+                    self._fatal(dev, dev.fault_buffer.last_fatal, job_id, spec.name)
                 if dev.fault_buffer.last_put == 0:       # no lane faulted: no lane scan needed
                     break
                 faulted, nfaulted = self.ex.faulted(h)
@@ -223,6 +225,12 @@ class JobEngine:
             raise
         outputs = self.ex.finish(h)
         return JobResult(spec.name, job_id, rounds, nfaults, outputs=outputs)
+
+    @staticmethod
+    def _fatal(dev, records, job_id, name):
+        dev.counters["num_fatal_faults"] += len(records)
+        r = records[np.lexsort((records[:, 1], records[:, 0]))[0]]      # the lowest address
+        raise JobFault(_errno.EFAULT, int(r[0]), int(r[2]) & 0xFF, int(r[1]), job_id, name, fatal_reason(r[2]))
 
     @staticmethod
     def _service(service, batch):

@@ -8,7 +8,8 @@ lanes or pages.  Completion is immediate; nothing here is a timing.
 import numpy as np
 
 from ..device.backend import DONE
-from ..device.faults import ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE
+from ..device.faults import (ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE, FATAL_BAD_PFN, FATAL_MISALIGNED,
+                             fatal_word)
 from ..device.jobs import LANE_DONE, LANE_FAULTED, Zeros
 from ..device.pagetable import PTE_ACCESSED, PTE_ATOMIC, PTE_DIRTY, PTE_VALID, PTE_WRITE
 from .pagetable import pt_read, pt_walk
@@ -68,8 +69,10 @@ class NumpyMMU:
         self.nodes = None
         self.job_id = 0
 
-    def translate(self, vaddr, access, lanes, record=True):
-        """(ok, pte) per address; sets ACCESSED/DIRTY on success; records the failures in order."""
+    def translate(self, vaddr, access, lanes, record=True, size=1):
+        """(ok, pte) per address; sets ACCESSED/DIRTY on success; records the failures in order.
+
+        An entry whose pfn is outside memory (``pfn_ok``) fails too, as a fatal fault."""
         vaddr = np.asarray(vaddr, dtype=np.uint64)
         slots = pt_walk(self.nodes, (vaddr >> _U64(12)).astype(np.int64))
         e = pt_read(self.nodes, slots)
@@ -79,10 +82,19 @@ class NumpyMMU:
         if need.any():
             flat = self.nodes.reshape(-1)
             flat[slots[need]] |= want
+        wild = ok & ~self.pfn_ok(e)
+        ok &= ~wild
         if record and not ok.all():
             bad = ~ok
-            self.faults.append(vaddr[bad], access, np.asarray(lanes)[bad], self.job_id)
+            words = np.where(wild, fatal_word(access, FATAL_BAD_PFN, size), _U64(access))
+            self.faults.append(vaddr[bad], words[bad], np.asarray(lanes)[bad], self.job_id)
         return ok, e
+
+    def pfn_ok(self, pte):
+        """hmm_pfn_ok: the leaf points at system RAM or at this device's frames."""
+        pfn = (np.asarray(pte, np.uint64) >> _U64(12)).astype(np.int64)
+        d = pfn - self.pfn_base
+        return ((pfn >= 0) & (pfn < self.host.shape[0])) | ((d >= 0) & (d < self.nframes))
 
     def _where(self, pte, off, itemsize):
         pfn = (np.asarray(pte, np.uint64) >> _U64(12)).astype(np.int64)
@@ -148,14 +160,22 @@ class NumpyLaneContext:
     def faulted(self):
         return ~self.active
 
-    def _xlate(self, vaddr, access, sel):
+    def _xlate(self, vaddr, access, sel, size=1):
         sel = np.arange(self.lanes.size) if sel is None else np.asarray(sel, dtype=np.int64)
         vaddr = np.broadcast_to(np.asarray(vaddr, dtype=np.uint64), sel.shape)
         live = self.active[sel]
+        if size > 1:
+            # hmm_xlate: a misaligned access is never made; it is a fatal fault of the lane
+            mis = live & ((vaddr & _U64(size - 1)) != 0)
+            if mis.any():
+                self.mmu.faults.append(vaddr[mis], fatal_word(access, FATAL_MISALIGNED, size),
+                                       self.lanes[sel[mis]], self.mmu.job_id)
+                self.active[sel[mis]] = False
+                live = live & ~mis
         ok = np.zeros(sel.size, bool)
         pte = np.zeros(sel.size, np.uint64)
         s = sel[live]
-        o, e = self.mmu.translate(vaddr[live], access, self.lanes[s])
+        o, e = self.mmu.translate(vaddr[live], access, self.lanes[s], size=size)
         self.active[s[~o]] = False
         ok[live] = o
         pte[live] = e
@@ -165,20 +185,22 @@ class NumpyLaneContext:
         return self._xlate(vaddr, access, sel)[0]
 
     def load(self, vaddr, dtype, sel=None):
-        ok, pte, vaddr = self._xlate(vaddr, ACCESS_READ, sel)
+        ok, pte, vaddr = self._xlate(vaddr, ACCESS_READ, sel, np.dtype(dtype).itemsize)
         out = np.zeros(ok.size, dtype=dtype)
         out[ok] = self.mmu.load(pte[ok], vaddr[ok] & _U64(4095), dtype)
         return out
 
     def store(self, vaddr, values, sel=None):
-        ok, pte, vaddr = self._xlate(vaddr, ACCESS_WRITE, sel)
+        values = np.asarray(values)
+        ok, pte, vaddr = self._xlate(vaddr, ACCESS_WRITE, sel, values.dtype.itemsize)
         if not self.probe_pass and ok.any():
-            values = np.broadcast_to(np.asarray(values), ok.shape)
+            values = np.broadcast_to(values, ok.shape)
             self.mmu.store(pte[ok], vaddr[ok] & _U64(4095), values[ok], values.dtype)
 
     def atomic_add(self, vaddr, values, sel=None):
-        ok, pte, vaddr = self._xlate(vaddr, ACCESS_ATOMIC, sel)
-        values = np.broadcast_to(np.asarray(values), ok.shape)
+        values = np.asarray(values)
+        ok, pte, vaddr = self._xlate(vaddr, ACCESS_ATOMIC, sel, values.dtype.itemsize)
+        values = np.broadcast_to(values, ok.shape)
         old = np.zeros(ok.size, dtype=values.dtype)
         if not self.probe_pass and ok.any():
             old[ok] = self.mmu.atomic_add(pte[ok], vaddr[ok] & _U64(4095), values[ok], values.dtype)
@@ -211,18 +233,20 @@ def _bulk_translate(mmu, lanes, args, ops):
             o, e = mmu.translate(vB[two] << _U64(12), acc, lanes[two], record=False)
             okB[two] = o
             eB[two] = e
-        for which, (ok, va) in enumerate(((okA, first), (okB, vB << _U64(12)))):
+        for which, (ok, e, va) in enumerate(((okA, eA, first), (okB, eB, vB << _U64(12)))):
             p = np.flatnonzero(~ok)
             rec_pos.append(p)
             rec_ord.append(np.full(p.size, 2 * j + which))
             rec_va.append(va[p])
-            rec_acc.append(np.full(p.size, acc))
+            # translated, but to a pfn outside memory: fatal (bulk_translate's hmm_pfn_ok)
+            wild = pte_allows(e[p], acc)
+            rec_acc.append(np.where(wild, fatal_word(acc, FATAL_BAD_PFN, 16), _U64(acc)))
         allok &= okA & okB
         per_op.append((first, eA, eB))
     pos = np.concatenate(rec_pos)
     if pos.size:
         order = np.lexsort((np.concatenate(rec_ord), pos))
-        mmu.faults.append(np.concatenate(rec_va)[order], np.concatenate(rec_acc)[order],
+        mmu.faults.append(np.concatenate(rec_va)[order], np.concatenate(rec_acc).astype(np.uint64)[order],
                           lanes[pos[order]], mmu.job_id)
     return allok, nu, per_op
 

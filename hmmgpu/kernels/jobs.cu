@@ -42,9 +42,13 @@ __device__ __forceinline__ bool bulk_translate(const hmm_job_params& P, hmm_u64*
         bool second = t & 1;
         if (!second || vB != vA) {
             hmm_u64 vpn = second ? vB : vA;
+            hmm_u64 va = second ? (vB << HMM_PAGE_SHIFT) : first;
             if (!hmm_translate(pt, vpn, acc, &mine)) {
                 ok = false;
-                hmm_fault_record(P, second ? (vB << HMM_PAGE_SHIFT) : first, acc, lane);
+                hmm_fault_record(P, va, (hmm_u64)acc, lane);
+            } else if (!hmm_pfn_ok(P, mine)) {
+                ok = false;
+                hmm_fault_record(P, va, hmm_fatal(acc, HMM_FATAL_BAD_PFN, 16), lane);
             }
         }
     }
