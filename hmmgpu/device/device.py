@@ -77,6 +77,7 @@ Concurrency
 """
 import collections
 import threading
+import weakref
 
 import numpy as np
 
@@ -113,7 +114,10 @@ class EmulatedDevice:
         self.pt = self._new_pagetable(self.name)
         self.fault_buffer = FaultBuffer(backend.fault_buffer_hw(fault_buffer_entries, self.gpu),
                                         fault_buffer_entries, fault_batch_size, self.counters)
-        self.jobs = JobEngine(self, backend.job_executor(self), slice_lanes)
+        # the engines see the device through weak proxies: no reference cycle, so dropping the
+        # last reference to the device frees its memory at once, not at the next gc pass
+        me = weakref.proxy(self)
+        self.jobs = JobEngine(me, backend.job_executor(me), slice_lanes)
         self.contexts = []                       # live DeviceContexts besides the default one
         self._next_context = 1
 
@@ -231,12 +235,12 @@ class DeviceContext:
     """
 
     def __init__(self, device, cid, service, name):
-        self.device = device
+        self.device = weakref.proxy(device)      # the device owns its contexts (no cycle)
         self.id = cid
         self.name = name
         self.service = service
         self.pt = device._new_pagetable(name)
-        self.jobs = JobEngine(device, device.jobs.ex, device.jobs.slice_lanes, space=self,
+        self.jobs = JobEngine(self.device, device.jobs.ex, device.jobs.slice_lanes, space=weakref.proxy(self),
                               queue=device.jobs.queue)
         self.live = True
 
