@@ -59,6 +59,7 @@ class Workload:
         pattern = np.full(self.nbytes // 8, 0x0123456789ABCDEF, np.uint64)
         pattern[::513] = np.arange(pattern[::513].size, dtype=np.uint64)
         self.proc.write(self.addr, pattern)
+        self.pattern = pattern                 # what the range must hold after any round trip
         self.vma = self.proc.mm.find_vma(self.addr)
 
     def pfns(self):
@@ -164,6 +165,7 @@ class Cuda:
         return mem, view
 
     def prefetch(self, ptr, nbytes, device):
-        """cudaMemPrefetchAsync (device -1: to the CPU)."""
+        """cudaMemPrefetchAsync to GPU ``device``.  Not to the CPU: CuPy 14 built for CUDA 13 reads
+        the device argument as a device location, so -1 (cudaCpuDeviceId) is refused there."""
         s = self.cp.cuda.get_current_stream()
         self.rt.memPrefetchAsync(int(ptr), int(nbytes), int(device), s.ptr)
