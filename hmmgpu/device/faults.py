@@ -8,7 +8,9 @@ A record is four uint64 words: (vaddr, lane, access, job_id), access being ACCES
 ACCESS_WRITE or ACCESS_ATOMIC.  A fault no driver can service (a misaligned access, or a
 page-table entry pointing outside memory: on a GPU both would be a sticky error that kills the
 context) carries its reason and the access size in the access word's upper bits (``FATAL_*``,
-hmm.cuh's HMM_FATAL_*); it is never handed to the driver, it cancels the job.  A lane that finds the buffer full still stops and is marked
+hmm.cuh's HMM_FATAL_*); it is never handed to the driver, it cancels the job.
+
+A lane that finds the buffer full still stops and is marked
 faulted; its fault is simply raised again on replay (as a GPU re-raises a dropped fault), and
 the overflow is counted.
 """

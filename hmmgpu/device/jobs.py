@@ -230,7 +230,8 @@ class JobEngine:
     def _fatal(dev, records, job_id, name):
         dev.counters["num_fatal_faults"] += len(records)
         r = records[np.lexsort((records[:, 1], records[:, 0]))[0]]      # the lowest address
-        raise JobFault(_errno.EFAULT, int(r[0]), int(r[2]) & 0xFF, int(r[1]), job_id, name, fatal_reason(r[2]))
+        raise JobFault(_errno.EFAULT, int(r[0]), int(r[2]) & 0xFF, int(r[1]), job_id, name,
+                       fatal_reason(r[2]))
 
     @staticmethod
     def _service(service, batch):
