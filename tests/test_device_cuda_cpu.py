@@ -134,6 +134,23 @@ def test_shim_is_strict(shim_env):
     assert r.returncode < 0 and "Segmentation fault" in r.stderr, (r.returncode, r.stderr[-3000:])
 
 
+def test_auto_backend_needs_a_kernel_to_run(shim_env):
+    """A GPU and CuPy without NVRTC (a driver-only machine): auto must not pick cupy, and
+    ``hmmgpu info`` says why; asking for cupy explicitly fails with the same reason."""
+    env = dict(shim_env, HMMGPU_SHIM_NO_NVRTC="1")
+    r = run(env, "-m", "hmmgpu.cli", "info", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout)
+    assert info["auto_backend"] == "numpy" and info["backend"] == "numpy", info
+    assert "test kernel does not run" in info["auto_reason"] and "NVRTC" in info["auto_reason"], info
+    assert info["nvrtc"] is None and "libnvrtc" in info["nvrtc_error"]
+    r = run(env, "-c", "import hmmgpu; hmmgpu.System(backend='cupy')")
+    assert r.returncode != 0 and "test kernel does not run" in r.stderr, r.stderr[-2000:]
+    r = run(shim_env, "-m", "hmmgpu.cli", "info", "--json")
+    info = json.loads(r.stdout)
+    assert info["auto_backend"] == "cupy" and "ran it correctly" in info["auto_reason"], info
+
+
 @pytest.mark.parametrize("path", ["tests/test_device_pagetable.py", "tests/test_device_dma.py",
                                   "tests/test_device_jobs.py", "tests/test_device_fatal.py",
                                   "tests/test_device_parity.py", "tests/test_device_lifetime.py"])

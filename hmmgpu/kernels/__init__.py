@@ -5,7 +5,9 @@
     pagetable.cu   the page table's command processor and lookup
     jobs.cu        built-in jobs: memset, copy, axpy, reduce, gather, list chase, tree search
     dma.cu         the copy engine's page scatter/gather kernel
-    backend.py     CupyBackend, arenas (pinned mapped host memory, GPU memory), module cache, info
+    source.py      the translation units NVRTC compiles (headers pasted in) and its options
+    backend.py     CupyBackend, arenas (pinned mapped host memory, GPU memory), NVRTC compile and
+                   module cache, the auto probe's test kernel, info
     dma.py / pagetable.py / jobs.py   the engines that launch those kernels
 
 Nothing is imported from here at ``import hmmgpu`` time; CuPy is loaded only when the cupy

@@ -23,7 +23,6 @@ import ctypes
 import glob
 import hashlib
 import os
-import re
 import site
 import sys
 import tempfile
@@ -35,11 +34,7 @@ import cupy
 
 from ..constants import PAGE_SIZE
 from ..device.backend import Arena, Backend, Fence
-
-KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
-# IEEE float semantics, bit for bit what the NumPy twins compute (see the module docstring)
-NVRTC_OPTIONS = ("--std=c++17", "-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=false",
-                 "--generate-line-info")
+from .source import NVRTC_OPTIONS, kernel_source
 
 cudaHostAllocPortable = 0x01
 cudaHostAllocMapped = 0x02
@@ -49,39 +44,10 @@ cudaMemcpyDefault = 4
 _modules = {}
 _functions = {}
 _modules_lock = threading.Lock()
-_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$')
 
 
 class KernelCompileError(RuntimeError):
     """NVRTC rejected a source (the message carries its log), or no NVRTC library was found."""
-
-
-def kernel_source(filename, source=None):
-    """The translation unit NVRTC compiles for hmmgpu/kernels/<filename> (or for a user job's
-    ``source`` under that name): every ``#include "x"`` of a file in hmmgpu/kernels pasted in
-    once, between ``#line`` markers.  The text alone therefore determines the binary."""
-    if source is None:
-        with open(os.path.join(KERNEL_DIR, filename)) as f:
-            source = f.read()
-    else:
-        source = f'#include "hmm.cuh"\n#line 1 "{filename}"\n' + source
-    return _expand(source, filename, set())
-
-
-def _expand(text, name, seen):
-    out = [f'#line 1 "{name}"']
-    for i, line in enumerate(text.split("\n"), 1):
-        m = _INCLUDE.match(line)
-        if m and os.path.isfile(os.path.join(KERNEL_DIR, m.group(1))):
-            hdr = m.group(1)
-            if hdr not in seen:
-                seen.add(hdr)
-                with open(os.path.join(KERNEL_DIR, hdr)) as f:
-                    out.append(_expand(f.read(), hdr, seen))
-            out.append(f'#line {i + 1} "{name}"')
-        elif line.strip() != "#pragma once":        # the seen set does its job once pasted
-            out.append(line)
-    return "\n".join(out)
 
 
 def _nvrtc():
@@ -173,6 +139,36 @@ def load_module(filename, gpu=0, source=None):
                 mod = cupy.RawModule(path=path)
             _modules[key] = mod
     return mod
+
+
+def nvrtc_version():
+    """(major, minor) of the NVRTC library hmmgpu compiles with (KernelCompileError if none)."""
+    return tuple(_nvrtc().getVersion())
+
+
+SELFTEST_SOURCE = r"""
+extern "C" __global__ void hmmgpu_selftest(hmm_u64 out) {
+    hmm_u64 i = threadIdx.x;
+    ((hmm_u64*)out)[i] = (hmm_u64)__float_as_uint(__fmul_rn(1e-38f, 0.25f)) + i;   // a subnormal
+}
+"""
+
+
+def selftest(gpu=0):
+    """Compile a tiny kernel (with hmm.cuh, as every job is) through load_module, run it on
+    ``gpu`` and check what it wrote, subnormal float included; returns a one-line account."""
+    mod = load_module("selftest.cu", gpu, source=SELFTEST_SOURCE)
+    with cupy.cuda.Device(gpu):
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            out = cupy.zeros(32, dtype=cupy.uint64)
+        launch(mod, "hmmgpu_selftest", 32, (out,), stream, block=32)
+        got = out.get(stream=stream)
+    want = int(np.array([np.float32(1e-38) * np.float32(0.25)], np.float32).view(np.uint32)[0]) + np.arange(32)
+    if not np.array_equal(got, want.astype(np.uint64)):
+        raise RuntimeError(f"the test kernel ran on GPU {gpu} but wrote {got[:4]}..., not {want[:4]}...")
+    major, minor = nvrtc_version()
+    return f"NVRTC {major}.{minor} compiled a test kernel and GPU {gpu} ran it correctly"
 
 
 def kernel(mod, name):

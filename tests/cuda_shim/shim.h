@@ -29,6 +29,7 @@ inline unsigned long long atomicOr(unsigned long long* p, unsigned long long v) 
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 inline double __longlong_as_double(long long u) { double f; memcpy(&f, &u, 8); return f; }
 
 // Warp collectives (launch.cpp runs a warp's 32 lanes as coroutines): emu_gather publishes this

@@ -1,5 +1,6 @@
 """cupy.cuda.nvrtc of the CUDA shim: "compiles" with g++ (cupy/_emu.py), honouring -ftz/-fmad."""
 import itertools
+import os
 
 from .. import _emu
 
@@ -13,6 +14,9 @@ _ids = itertools.count(1)
 
 
 def getVersion():
+    if os.environ.get("HMMGPU_SHIM_NO_NVRTC"):          # a driver-only machine: no toolkit
+        raise RuntimeError("CuPy failed to load libnvrtc.so.12: OSError: libnvrtc.so.12: cannot open "
+                           "shared object file: No such file or directory")
     return (12, 9)
 
 
@@ -21,6 +25,7 @@ def getSupportedArchs():
 
 
 def createProgram(src, name, headers, include_names):
+    getVersion()
     p = next(_ids)
     _progs[p] = {"src": src, "name": name, "log": "", "so": None}
     return p
