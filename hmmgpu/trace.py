@@ -5,9 +5,10 @@ Two things stand for what a UVM developer reads on a real machine:
 * **counters**, like ``/proc/driver/nvidia-uvm/gpus/UVM-GPU-.../fault_stats``
   (``num_read_faults``, ``num_write_faults``, ``num_duplicate_faults``,
   ``num_fault_batches``, ``num_replays``, ``num_pages_in``, ``num_pages_out``,
-  ...).  The layers keep their own counters; :func:`read_counters` and
-  :func:`collect_counters` only *read* them, from whatever objects exist
-  (an ``EmulatedDevice``, a dmirror device, a DMA engine, a memcg).
+  ...).  The layers keep their own counters; :func:`read_counters` reads those of
+  any device kind through one interface (an ``EmulatedDevice``, a dmirror device, a
+  MirrorGpu, a DMA engine), and :func:`collect_counters` gathers them for a whole
+  System, finding every driver that hotplugged device memory by itself.
 * **an event trace**: a timeline of faults, fault-batch services, migrations,
   mmu-notifier invalidations, evictions and device job slices, written as
   Chrome trace JSON (``hmmgpu ... --trace FILE.json``) that Perfetto
@@ -335,7 +336,8 @@ KNOWN_COUNTERS = ("num_read_faults", "num_write_faults", "num_atomic_faults", "n
                   "num_duplicate_faults", "num_fatal_faults", "num_fault_batches", "num_replays",
                   "num_buffer_overflows", "num_throttles", "num_pages_in", "num_pages_out",
                   "num_evictions", "num_invalidations", "num_jobs", "num_remote_maps",
-                  "pages_copied", "bytes_copied", "batches")
+                  "pages_copied", "bytes_copied", "batches",
+                  "calloc", "cfree")        # struct dmirror_device: device pages allocated, freed
 
 
 def _as_int_dict(d):
@@ -385,16 +387,39 @@ def read_counters(obj):
     return out
 
 
+def source_name(obj, i=0):
+    """How a counter source is shown: its ``name``, else its kind and id (``DMirrorDevice#0``)."""
+    name = getattr(obj, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return f"{type(obj).__name__}#{getattr(obj, 'id', i)}"
+
+
+def device_drivers(system):
+    """Every driver object that owns device memory hotplugged into ``system`` (each live
+    dev_pagemap's owner, once, in hotplug order): dmirror devices and the like."""
+    owners = []
+    for pgmap in list(getattr(system.phys, "pgmaps", ()) or ()):
+        owner = getattr(pgmap, "owner", None)
+        if owner is not None and getattr(pgmap, "live", False) and not any(owner is o for o in owners):
+            owners.append(owner)
+    return owners
+
+
 def collect_counters(system=None, devices=(), **named):
     """Counters of everything given: {source name: {counter: value}}.
 
-    ``devices``: EmulatedDevice / dmirror devices (their DMA engines too, when they
-    have one as ``.dma``); ``named``: any other object by the name to show.  From
-    ``system`` it reads physical-memory and memcg figures that mm keeps.
+    ``devices``: any device kind (EmulatedDevice, dmirror device, MirrorGpu, ...), read with
+    :func:`read_counters`, with their DMA engines and fault buffers when they have them;
+    ``named``: any other object by the name to show.  From ``system`` it adds every driver
+    that owns device memory there (:func:`device_drivers`: a dmirror device's ``calloc`` and
+    ``cfree``) unless given already, and the physical-memory and memcg figures mm keeps.
     """
     out = {}
-    for i, dev in enumerate(devices):
-        name = getattr(dev, "name", None) or f"device{i}"
+    given = list(devices)
+    if system is not None:
+        given += [d for d in device_drivers(system) if not any(d is g for g in given)]
+    for i, dev in enumerate(given):
         c = read_counters(dev)
         for sub in ("dma", "fault_buffer", "faults", "engine"):
             part = getattr(dev, sub, None)
@@ -402,7 +427,7 @@ def collect_counters(system=None, devices=(), **named):
                 for k, v in read_counters(part).items():
                     c.setdefault(f"{sub}.{k}", v)
         if c:
-            out[str(name)] = c
+            out[source_name(dev, i)] = c
     for name, obj in named.items():
         c = read_counters(obj)
         if c:

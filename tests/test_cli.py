@@ -40,12 +40,20 @@ def test_info_json(capsys):
     names = [d["device"] for d in info["emulated_devices"]]
     assert "system RAM" in names
     assert any("dmirror" in n for n in names)
+    # the UVM driver's policies and their knobs, with nvidia-uvm's names and defaults
+    knobs = info["uvm_knobs"]
+    assert knobs["prefetch"]["policy"] == "DensityPrefetcher"
+    assert knobs["prefetch"]["uvm_perf_prefetch_threshold"] == 51
+    assert knobs["thrashing"]["uvm_perf_thrashing_lapse_usec"] == 500
+    assert knobs["access_counters"]["uvm_perf_access_counter_threshold"] == 256
+    assert knobs["eviction"] == {"policy": "UvmLru"}
 
 
 def test_info_table(capsys):
     assert cli.main(["info", "--backend", "numpy"]) == 0
     out = capsys.readouterr().out
     assert "backend in use" in out and "numpy" in out and "emulated devices" in out
+    assert "uvm_perf_thrashing_pin_threshold" in out and "UVM driver policies" in out
 
 
 def test_demo_end_to_end(capsys, tmp_path):
@@ -71,6 +79,20 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert {"fault", "migrate_to_dev", "migrate_to_ram", "release", "page_free"} <= names
     assert after["device_pages"] == 0
     assert trace.current() is None
+    # the fault figures add up: every lane that faulted wrote a record or overflowed the buffer;
+    # every record was a duplicate or a serviced fault; the steps account for all of gpu0's
+    steps = [st for st in res["steps"] if st.get("faults", {}).get("lanes")]
+    assert [st["step"] for st in steps] == ["pointer chase", "device jobs"]
+    for st in steps:
+        f = st["faults"]
+        assert f["lanes"] == f["records"] + f["overflows"] and f["records"] == f["duplicates"] + f["serviced"]
+        assert f["serviced"] > 0
+    records = sum(st["faults"]["records"] for st in res["steps"] if "faults" in st)
+    assert records == gpu["num_read_faults"] + gpu["num_write_faults"] + gpu["num_atomic_faults"]
+    assert sum(st["faults"]["duplicates"] for st in res["steps"] if "faults" in st) == gpu["num_duplicate_faults"]
+    assert sum(st["faults"]["overflows"] for st in res["steps"] if "faults" in st) == gpu["num_buffer_overflows"]
+    dm = [c for k, c in res["counters"].items() if k.startswith("DMirrorDevice")]
+    assert len(dm) == 1 and dm[0]["calloc"] == dm[0]["cfree"] == middle["device_pages"]
 
 
 def test_mirror_gpu_refuses_faults_outside_its_interval():
@@ -130,3 +152,73 @@ def test_mirror_gpu_migrate_on_fault():
     assert r.value == expect and r.faults > 0 and gpu.stats()["num_pages_in"] == 2 * n
     m.close()
     gpu.close()
+
+
+def exit_status(argv):
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_demo_tables_go_to_stdout(capsys):
+    """``hmmgpu demo > out.txt`` keeps the tables: without --json they are on stdout."""
+    assert cli.main(["demo", "--backend", "numpy", "--mib", "0.25"]) == 0
+    cap = capsys.readouterr()
+    assert "hmmgpu demo: the main job" in cap.out and "device faults, step by step" in cap.out
+    assert "checks:" in cap.out and cap.err == ""
+
+
+def test_demo_mib_is_the_size_of_each_array(capsys):
+    assert cli.main(["demo", "--backend", "numpy", "--mib", "0.5", "--json"]) == 0
+    assert _json_out(capsys)["array_bytes"] == 512 * 1024
+
+
+def test_user_errors_are_one_line_before_any_work(capsys, monkeypatch, tmp_path):
+    from hmmgpu.cli import demo
+    ran = []
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: ran.append(a))
+    monkeypatch.delenv("HMMGPU_BACKEND", raising=False)
+    cases = [
+        (["demo", "--mib", "100000000"], "of host memory but"),
+        (["demo", "--mib", "0"], "--mib must be a positive number"),
+        (["demo", "--mib", "-1"], "--mib must be a positive number"),
+        (["demo", "--trace", str(tmp_path / "nonexistent" / "t.json")], "does not exist"),
+        (["demo", "--trace", str(tmp_path)], "it is a directory"),
+        (["info", "--backend", "bogus"], "invalid choice"),
+    ]
+    try:
+        import cupy  # noqa: F401
+    except Exception:
+        cases.append((["demo", "--backend", "cupy"], "pip install 'hmmgpu[cuda12]'"))
+    for argv, words in cases:
+        assert exit_status(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, (argv, err)
+    monkeypatch.setenv("HMMGPU_BACKEND", "bogus")
+    for argv in (["demo"], ["bench", "jobs"], ["info"]):
+        assert exit_status(argv) == 2
+        err = capsys.readouterr().err
+        assert "HMMGPU_BACKEND='bogus' is not a backend" in err and err.count("\n") == 1
+    assert not ran
+
+
+def test_empty_backend_variable_means_unset(capsys, monkeypatch):
+    from hmmgpu.device.backend import backend_info, get_backend
+    monkeypatch.setenv("HMMGPU_BACKEND", "")
+    assert backend_info()["env"] is None
+    assert get_backend().name == backend_info()["backend"]
+    assert cli.main(["info", "--json"]) == 0
+    info = _json_out(capsys)
+    assert info["HMMGPU_BACKEND"] is None and info["requested_backend"] == "auto"
+
+
+def test_version_and_python_m_hmmgpu():
+    import subprocess
+    import sys
+
+    import hmmgpu
+    out = subprocess.run([sys.executable, "-m", "hmmgpu", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"hmmgpu {hmmgpu.__version__}"
+    out = subprocess.run([sys.executable, "-m", "hmmgpu.cli", "bench", "--list"], capture_output=True, text=True)
+    assert out.returncode == 0 and "migration" in out.stdout

@@ -12,8 +12,8 @@ With it this file runs, each in a subprocess whose failure names what broke:
 * the gpu-marked device tests (page table, DMA, jobs, fatal faults, parity with the twins);
 * the dmirror driver tests and the hmm-tests port (tests/test_hmm_selftests.py) on the cupy
   backend;
-* ``hmmgpu demo --backend cupy``, every bench suite's GPU branch at its --quick size, and
-  bench/device_bench.py at a tiny size.
+* ``hmmgpu demo --backend cupy``, every bench suite's GPU branch at its --quick size, the
+  device suite through bench/device_bench.py at 4 MiB.
 
 It says nothing about speed, the real toolchain or the hardware: tests/test_device_nvrtc.py
 compiles the sources with NVRTC when it is installed, and ../shared/gpu-check.sh on a GPU
@@ -100,7 +100,7 @@ def axpy(mod):
         mod.get_function("k")((1,), (1,), (y, x))
         return y.get(stream=stream)[0]
 want = np.float32(0.5) * np.float32(2e-38) + np.float32(1e-39)
-from hmmgpu.kernels.backend import compile_source
+from hmmgpu.kernels.module import compile_source
 assert axpy(cupy.RawModule(path=compile_source(code, "k.cu"))) == want
 assert axpy(cupy.RawModule(code=code)) != want, "CuPy's -ftz=true path did not flush"
 
@@ -184,8 +184,9 @@ def test_bench_gpu_branch(shim_env, suite):
 
 
 def test_device_bench(shim_env, tmp_path):
+    """The device suite, through bench/device_bench.py as gpu-check.sh runs it (4 MiB here)."""
     out = tmp_path / "device_bench.json"
-    r = run(shim_env, "bench/device_bench.py", "--gib", "0.004",
-            "--reps", "1", "--json", str(out))
+    r = run(shim_env, "bench/device_bench.py", "--gib", "0.004", "--reps", "1", "--json", str(out))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert json.loads(out.read_text())["control_plane_cupy"]
+    figures = json.loads(out.read_text())["figures"]
+    assert figures and all(f["ratio"] is not None for f in figures.values()), figures

@@ -297,3 +297,34 @@ def test_oom_kill_of_a_process_busy_in_another_thread(mm_system_factory, mmh):
     assert np.all(a_proc.read(a, 120 * P) == 1)
     a_proc.exit()
     assert mmh.nr_free(system) == free0
+
+
+def test_store_racing_a_zap_leaves_no_garbage_entry(mm_system, monkeypatch):
+    """The cause of a rare IndexError in the mirror test above, replayed deterministically.
+
+    A store to present, writable pages only marks them dirty; MADV_DONTNEED (which holds
+    mmap_lock for reading too) may zap those pages between the fault's look at the PTEs and
+    that marking.  Marking must then leave the zapped entries empty: OR-ing DIRTY|YOUNG into a
+    cleared PTE made a non-present entry of no known type, which the retried fault took for a
+    device-private entry of a pgmap that does not exist.
+    """
+    from hmmgpu import MADV_DONTNEED
+    from hmmgpu.mm.mm import MM
+
+    p = mm_system.spawn()
+    a = p.mmap(2 * P, RW, ANON)
+    p.write(a, np.full(2 * P, 1, np.uint8))
+    mark = MM._mark_dirty
+    raced = []
+
+    def zap_first(self, vma, i0, i1):
+        if not raced:
+            raced.append(True)
+            p.madvise(a, 2 * P, MADV_DONTNEED)      # the other thread's zap lands here
+        return mark(self, vma, i0, i1)
+
+    monkeypatch.setattr(MM, "_mark_dirty", zap_first)
+    p.write(a, np.full(2 * P, 9, np.uint8))
+    assert raced
+    assert [int(e) & 0xFFF for e in p.pages(a, 2)] == [0xF, 0xF]   # present, write, dirty, young
+    assert (p.read(a, 2 * P) == 9).all()

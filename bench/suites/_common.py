@@ -1,11 +1,15 @@
 """Pieces the suites share: a process with data and a dmirror device, the migration itself,
-and the baselines (CUDA ones on the CuPy backend, NumPy ones on the fallback)."""
+and the baselines (CUDA ones on the CuPy backend, NumPy ones on the fallback).
+
+A NumPy baseline is the fastest plain NumPy way to do the same work, chosen in the same run
+from several (``numpy_copy`` / ``numpy_sum``: fancy indexing, ``np.take`` into a buffer, one
+contiguous copy of as many bytes), so a sceptical reader cannot say it was a weak one."""
 import ctypes
 import gc
 
 import numpy as np
 
-from ..bench import Unavailable
+from ..measure import BestOf, Unavailable
 
 PAGE = 4096
 RW = 0x3            # PROT_READ | PROT_WRITE
@@ -103,19 +107,36 @@ class Workload:
 
 # -- NumPy baselines ------------------------------------------------------------------------------
 
-def numpy_gather(frames, pfns, out):
-    """Gather the same frames with NumPy into a preallocated array (one pass)."""
-    np.take(frames, pfns, axis=0, out=out)
+def numpy_copy(frames, pfns):
+    """BestOf the plain NumPy ways to copy pages ``pfns`` of ``frames`` somewhere else: fancy
+    indexing (a new array), ``np.take`` into a buffer, and one contiguous copy of as many bytes
+    (what a memcpy of the same bytes costs: the bound for scattered pages)."""
+    pfns = np.asarray(pfns, dtype=np.int64)
+    n = pfns.size
+    out = np.empty((n, PAGE), np.uint8)
+    out.fill(1)                          # touched: the copies write into memory that is there
+    lo = min(n, frames.shape[0] - n)              # frames the gather does not read
+    src = frames[lo:lo + n]
+    return BestOf([("fancy indexing", lambda: frames[pfns]),
+                   ("np.take", lambda: np.take(frames, pfns, axis=0, out=out)),
+                   ("contiguous copy", lambda: np.copyto(out, src))])
 
 
-def pick_gather(ctx, frames, pfns):
-    """The fallback's baseline: a NumPy gather of the same frames into a preallocated array
-    (``np.take(out=)``: one pass, no allocation, like ours writing into existing frames)."""
-    out = np.empty((pfns.size, PAGE), np.uint8)
+def numpy_sum(frames, pfns):
+    """BestOf the plain NumPy ways to sum (as uint32) the bytes of pages ``pfns``: gather by
+    fancy indexing or ``np.take`` then sum, and a sum over contiguous frames of as many bytes."""
+    pfns = np.asarray(pfns, dtype=np.int64)
+    n = pfns.size
+    out = np.empty((n, PAGE), np.uint8)
+    out.fill(1)
+    src = frames[:n]
 
-    def gather():
-        numpy_gather(frames, pfns, out)
-    return gather
+    def take_sum():
+        np.take(frames, pfns, axis=0, out=out)
+        return out.view(np.uint32).sum(dtype=np.uint64)
+    return BestOf([("fancy indexing + sum", lambda: frames[pfns].view(np.uint32).sum(dtype=np.uint64)),
+                   ("np.take + sum", take_sum),
+                   ("contiguous sum", lambda: src.view(np.uint32).sum(dtype=np.uint64))])
 
 
 # -- CUDA baselines (CuPy backend only) ---------------------------------------------------------
@@ -141,7 +162,7 @@ class Cuda:
     def reduce_kernel(self):
         """The jobs' own flat reduce kernel (the same code the page-table job runs, minus the walk)."""
         try:
-            from hmmgpu.kernels.backend import launch, load_module
+            from hmmgpu.kernels.module import launch, load_module
         except Exception as e:
             raise Unavailable(f"hmmgpu.kernels.backend has no load_module/launch ({e})")
         mod = load_module("jobs.cu", 0)

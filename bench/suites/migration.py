@@ -3,29 +3,31 @@
 Ours is the migration itself through the HMM core and dmirror (migrate_vma_setup, device page
 allocation, one DMA-engine batch, migrate_vma_pages, the device page-table update,
 migrate_vma_finalize) and, back, HMM_DMIRROR_MIGRATE_TO_SYS.  Baselines in the same run: one
-pinned cudaMemcpyAsync of the same bytes each way (GPU), or a NumPy gather of the same frames
-(fallback).  "scattered": the RAM free list is shuffled first, so no two pages are adjacent
-frames; "contiguous": pages faulted in order into consecutive frames.
+pinned cudaMemcpyAsync of the same bytes each way (GPU), or the fastest plain NumPy copy of the
+same pages (fallback: fancy indexing, np.take into a buffer, or one contiguous copy of as many
+bytes, whichever is fastest in the run).  "scattered": the RAM free list is shuffled first, so
+no two pages are adjacent frames; "contiguous": pages faulted in order into consecutive frames.
 """
 import numpy as np
 
-from ._common import PAGE, Cuda, Workload, pick_gather, size_label
+from ._common import PAGE, Cuda, Workload, numpy_copy, size_label
 
 NAME = "migration"
-DESCRIPTION = "migrate anon pages to device and back (scattered vs contiguous) vs cudaMemcpy / NumPy gather"
+DESCRIPTION = "migrate anon pages to device and back (scattered vs contiguous) vs cudaMemcpy / NumPy copy"
+QUICK_BYTES = 32 << 20
 
 
 def sizes(ctx):
     if ctx.quick:
-        return [4 << 20]
+        return [QUICK_BYTES]
     return [1 << 30] if ctx.gpu else [256 << 20]
 
 
-def run(ctx, backend_name=None, nbytes_list=None, target=">= 0.85"):
+def run(ctx, backend_name=None, nbytes_list=None, target=">= 0.85", layouts=("scattered", "contiguous")):
     backend_name = backend_name or ctx.backend_name
     gpu = backend_name == "cupy"
     for nbytes in (nbytes_list or sizes(ctx)):
-        for layout in ("scattered", "contiguous"):
+        for layout in layouts:
             ctx.progress(f"{layout} {size_label(nbytes)}")
             w = Workload(backend_name, nbytes // PAGE, scattered=(layout == "scattered"))
             try:
@@ -68,8 +70,8 @@ def _measure(ctx, w, layout, gpu, target):
         base_sys = lambda: cu.memcpy(host_buf.ptr, dev_buf.data.ptr, nbytes)      # noqa: E731
         names = ("pinned cudaMemcpy H2D", "pinned cudaMemcpy D2H")
     else:
-        base_dev = base_sys = pick_gather(ctx, w.system.phys.ram.frames, w.pfns())
-        names = ("NumPy gather of the same frames",) * 2
+        base_dev = base_sys = numpy_copy(w.system.phys.ram.frames, w.pfns())
+        names = ("fastest NumPy way",) * 2
     t_dev, b_dev = ctx.compare(to_dev, base_dev, ours_setup=back_to_sys, base_device_only=gpu)
     t_sys, b_sys = ctx.compare(to_sys, base_sys, ours_setup=ensure_dev, base_device_only=gpu)
     back_to_sys()

@@ -83,7 +83,7 @@ import numpy as np
 
 from ..constants import PAGE_SIZE
 from ._trace import span
-from .backend import DONE
+from .hw import DONE
 from .faults import DEFAULT_FAULT_BATCH, DEFAULT_FAULT_BUFFER_ENTRIES, FAULT_COUNTERS, FaultBuffer
 from .jobs import DEFAULT_SLICE_LANES, JobEngine
 from .pagetable import DevicePageTable

@@ -9,6 +9,7 @@ returning a CUDA-event fence; the NumPy one copies in one vectorised step).
 import numpy as np
 
 from ..constants import PAGE_SIZE
+from .hw import DONE
 
 
 def coalesce_runs(dst_idx, src_idx):
@@ -58,7 +59,6 @@ class DmaEngine:
         if dst_idx.shape != src_idx.shape:
             raise ValueError(f"DMA batch mismatch: {dst_idx.size} destination vs {src_idx.size} source frames")
         if dst_idx.size == 0:
-            from .backend import DONE
             return DONE
         self.batches += 1
         self.pages_copied += int(dst_idx.size)

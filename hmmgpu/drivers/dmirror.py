@@ -15,7 +15,10 @@ is open(): a ``DMirror`` bound to that process's address space, with
   it) and ignores the driver's own MMU_NOTIFY_MIGRATE events, which the
   migration code handles itself;
 * read and write as device jobs: the built-in copy job between the mirrored range
-  and a device-side bounce buffer, translating through ``m.pt``.  Lanes that miss
+  and this open's own bounce buffer (system RAM, as dmirror_bounce_init vmallocs
+  one; mapped above every user address in this open's page table only, kept from
+  one call to the next and given back at close), translating through ``m.pt``.
+  Lanes that miss
   (or write a page mapped read-only) stop and land in the fault buffer; the job's
   service callback is ``dmirror_fault``: the fault/retry loop of
   ``dmirror_range_fault`` (``mmu_interval_read_begin``, ``hmm_range_fault`` under
@@ -43,7 +46,7 @@ import numpy as np
 from ..constants import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from ..device import EmulatedDevice, JobFault
 from ..device.pagetable import PTE_ATOMIC, PTE_VALID, PTE_WRITE
-from ..errors import oserror
+from ..errors import ProcessKilled, oserror
 from ..hmm.exclusive import make_device_exclusive_range
 from ..hmm.hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID,
                        HMM_PFN_WRITE, HMM_RANGE_DEFAULT_TIMEOUT, HmmRange, hmm_pfn_to_map_order,
@@ -61,7 +64,9 @@ from ..hmm.migrate_device import (MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRAT
 from ..mm.notifier import (MMU_NOTIFY_MIGRATE, MmuIntervalNotifier, mmu_interval_notifier_insert,
                            mmu_interval_notifier_remove, mmu_interval_read_begin,
                            mmu_interval_read_retry, mmu_interval_set_seq)
+from ..mm.mm import MM
 from ..mm.physmem import PG_LOCKED
+from ..mm.validate import ULONG_MAX, check_buffer, check_user_range, raw_bytes, ulong
 from ..mm.vma import VM_READ, VM_WRITE
 
 _U = np.uint64
@@ -90,15 +95,17 @@ DEVMEM_CHUNK_PAGES = (256 << 20) >> PAGE_SHIFT      # DEVMEM_CHUNK_SIZE, 256 MiB
 # The device's memory is fixed when it is built (GPU memory is): max_chunks chunks, 8 unless
 # given.  The kernel driver's chunk array starts at DEVMEM_CHUNKS_RESERVE (16) and grows.
 DEVMEM_DEFAULT_CHUNKS = 8
+DEVMEM_MAX_CHUNKS = 64
 FAULT_CHUNK_PAGES = 1 << 14                          # pages per hmm_range_fault (the C driver: 64)
 ULONG_MAX_PAGE = (1 << 64) - PAGE_SIZE
 USER_VA_END = TASK_SIZE + PAGE_SIZE                  # every user address is below this
 
-# The bounce buffer of read/write (struct dmirror_bounce), in device memory past the chunks.
-# Every open maps it at BOUNCE_VA of its address space: above every user address, so no mmu
-# notifier range (they are clipped to USER_VA_END) ever unmaps it.
+# The bounce buffer of read/write (struct dmirror_bounce): system RAM of the open's own, mapped
+# at BOUNCE_VA of its address space: above every user address, so no mmu notifier range (they
+# are clipped to USER_VA_END) ever unmaps it, and no ioctl can name it (their ranges must lie
+# below TASK_SIZE).
 BOUNCE_PAGES = 4096                                  # 16 MiB: longer ranges go a piece at a time
-BOUNCE_VA = 1 << 47
+BOUNCE_VA = USER_VA_END
 
 # Device page table entry bits (the C driver's xarray tags), as the hardware's PTE bits.  An
 # exclusive (atomic) entry is VALID | ATOMIC without WRITE: dmirror_do_write stores only through
@@ -150,30 +157,31 @@ class DMirrorDevice:
     """struct dmirror_device: /dev/hmm_dmirrorN.
 
     ``self.device`` is its EmulatedDevice: ``max_chunks`` (default DEVMEM_DEFAULT_CHUNKS) slots
-    of ``chunk_pages`` frames, hotplugged one chunk at a time as pages are needed, then the
-    bounce buffer.  ``gpu`` picks the GPU on the CuPy backend.
+    of ``chunk_pages`` frames, hotplugged one chunk at a time as pages are needed.  ``gpu``
+    picks the GPU on the CuPy backend.
     """
 
     def __init__(self, system, memory="private", chunk_pages=DEVMEM_CHUNK_PAGES, max_chunks=None, gpu=0):
         if memory not in ("private", "coherent"):
-            raise ValueError(f"memory must be 'private' or 'coherent', not {memory!r}")
+            raise oserror(errno.EINVAL, f"memory must be 'private' or 'coherent', not {memory!r:.40}")
         self.system = system
         self.memory = memory
         self.zone_device_type = (HMM_DMIRROR_MEMORY_DEVICE_PRIVATE if memory == "private"
                                  else HMM_DMIRROR_MEMORY_DEVICE_COHERENT)
         self.id = next(_device_ids)
-        self.chunk_pages = int(chunk_pages)
-        self.max_chunks = DEVMEM_DEFAULT_CHUNKS if max_chunks is None else int(max_chunks)
+        self.chunk_pages = ulong(chunk_pages, "chunk_pages")
+        self.max_chunks = DEVMEM_DEFAULT_CHUNKS if max_chunks is None else ulong(max_chunks, "max_chunks")
+        if not 0 < self.chunk_pages <= DEVMEM_CHUNK_PAGES or not 0 < self.max_chunks <= DEVMEM_MAX_CHUNKS:
+            raise oserror(errno.EINVAL, f"{self.max_chunks} chunks of {self.chunk_pages} pages: at most "
+                          f"{DEVMEM_MAX_CHUNKS} chunks of at most {DEVMEM_CHUNK_PAGES} pages")
         self.gpu = gpu
-        # The hardware: its arena holds max_chunks chunk slots, then the bounce buffer; its pfns
-        # are taken now so that every chunk hotplugs at the pfns its MMU knows.
+        # The hardware: its arena holds max_chunks chunk slots; its pfns are taken now so that
+        # every chunk hotplugs at the pfns its MMU knows.
         phys = system.phys
         nslots = self.max_chunks * self.chunk_pages
-        base = phys.request_free_mem_region(nslots + BOUNCE_PAGES)
-        self.device = EmulatedDevice(system.backend, nslots + BOUNCE_PAGES, base, phys.ram, gpu=gpu,
+        base = phys.request_free_mem_region(nslots)
+        self.device = EmulatedDevice(system.backend, nslots, base, phys.ram, gpu=gpu,
                                      name=f"dmirror{self.id}")
-        self.bounce_pfns = base + nslots + np.arange(BOUNCE_PAGES, dtype=np.int64)
-        self.bounce_lock = threading.Lock()     # one read/write at a time uses the bounce buffer
         self.chunks = []
         self.devmem_lock = threading.Lock()     # protects chunks
         self.lock = threading.Lock()            # protects the free list and counters
@@ -192,6 +200,10 @@ class DMirrorDevice:
     # -- open / close -----------------------------------------------------------------
     def open(self, proc):
         """dmirror_fops_open(): mirror ``proc``'s address space."""
+        if not isinstance(getattr(proc, "mm", None), MM):
+            raise oserror(errno.EINVAL, f"open() needs a process, not {type(proc).__name__}")
+        if not proc.alive or proc.mm.dead:
+            raise ProcessKilled(proc.pid, proc.killed_reason or "exited")
         m = DMirror(self, proc)
         with self.lock:
             self.mirrors.append(m)
@@ -504,8 +516,8 @@ class DMirror:
         self.ctx = mdevice.device.create_context(
             name=f"{mdevice.device.name}/pid{getattr(proc, 'pid', '?')}")
         self.pt = self.ctx.pt
-        self.pt.map(np.arange(BOUNCE_PAGES, dtype=np.int64) + (BOUNCE_VA >> PAGE_SHIFT),
-                    mdevice.bounce_pfns, PTE_WRITE)
+        self.bounce_lock = threading.Lock()     # one read/write of this open at a time uses it
+        self.bounce = np.zeros(0, np.int64)     # pfns of this open's bounce buffer (driver references)
         self.mutex = threading.RLock()
         self.flags = 0
         self.closed = False
@@ -540,10 +552,15 @@ class DMirror:
         self.closed = True
         mmu_interval_notifier_remove(self.notifier)
         self.ctx.destroy()                  # empties self.pt and gives its tables back
+        with self.bounce_lock:
+            self.system.phys.put(self.bounce)
+            self.bounce = np.zeros(0, np.int64)
         self.mdevice._forget(self)
 
     def mmap(self, vma):
         """dmirror_fops_mmap(): fill a mixed map with zeroed driver pages."""
+        if self.closed:
+            raise oserror(errno.EBADF, "dmirror file is closed", vma.start, vma.end)
         phys = self.system.phys
         n = vma.npages
         pfns = phys.alloc(n, None, zero=True)
@@ -553,15 +570,22 @@ class DMirror:
             phys.put(pfns)      # the mapping holds its own reference
 
     def _cmd(self, addr, npages):
-        """dmirror_fops_unlocked_ioctl()'s checks."""
+        """dmirror_fops_unlocked_ioctl()'s checks: the __u64 fields of struct hmm_dmirror_cmd."""
         if self.closed:
             raise oserror(errno.EINVAL, "dmirror file is closed")
-        addr, npages = int(addr), int(npages)
+        addr = ulong(addr, "address")
+        npages = ulong(npages, "page count", addr)
         if addr & (PAGE_SIZE - 1):
             raise oserror(errno.EINVAL, "address is not page aligned", addr)
-        if npages <= 0 or addr + (npages << PAGE_SHIFT) >= 1 << 64:
-            raise oserror(errno.EINVAL, f"bad page count {npages}", addr)
-        return addr, addr + (npages << PAGE_SHIFT)
+        end = addr + ((npages << PAGE_SHIFT) & ULONG_MAX)
+        if end <= addr or end > ULONG_MAX:             # cmd.addr >= cmd.addr + (npages << PAGE_SHIFT)
+            raise oserror(errno.EINVAL, f"bad page count {npages:#x}", addr)
+        return addr, end
+
+    def _user(self, start, end, err):
+        """What the device may reach is below TASK_SIZE: beyond it there is no VMA, which
+        hmm_range_fault answers with EFAULT and vma_lookup() with EINVAL."""
+        check_user_range(start, end - start, "range", err)
 
     def _mm_alive(self, start, end):
         if getattr(self.mm, "dead", False):
@@ -569,32 +593,51 @@ class DMirror:
 
     # -- device reads and writes ---------------------------------------------------------
     def _device_copy(self, start, end, write, handler, data=None):
-        """The device copies [start, end) to (read) or from (``write``) its bounce buffer: copy
-        jobs in this open's address space, one bounce-buffer piece at a time, faults going to
-        ``handler.service`` (``handler.start`` is the piece's start).  Returns the bytes read
-        (a read) or None."""
-        mdev = self.mdevice
-        dev = mdev.device
+        """The device copies [start, end) to (read) or from (``write``) this open's bounce
+        buffer: copy jobs in this open's address space, one bounce-buffer piece at a time, faults
+        going to ``handler.service`` (``handler.start`` is the piece's start).  Returns the bytes
+        read (a read) or None."""
+        dev = self.mdevice.device
         piece = BOUNCE_PAGES << PAGE_SHIFT
         parts = []
-        try:
-            with mdev.bounce_lock:
+        with self.bounce_lock:
+            bounce = self._bounce_pages(min((end - start) >> PAGE_SHIFT, BOUNCE_PAGES), start, end)
+            try:
                 for s in range(start, end, piece):         # one iteration per bounce-full
                     e = min(end, s + piece)
-                    bounce = mdev.bounce_pfns[:(e - s) >> PAGE_SHIFT]
+                    b = bounce[:(e - s) >> PAGE_SHIFT]
                     handler.start = s
                     if write:
                         i = (s - start) >> PAGE_SHIFT
-                        dev.write_pages(bounce, data[i:i + bounce.size])
+                        dev.write_pages(b, data[i:i + b.size])
                         self.ctx.jobs.copy(s, BOUNCE_VA, e - s, service=handler.service)
                     else:
                         self.ctx.jobs.copy(BOUNCE_VA, s, e - s, service=handler.service)
-                        parts.append(dev.read_pages(bounce))
-        except JobFault as ex:
-            what = "write" if write else "read"
-            raise oserror(ex.errno, f"device {what} fault at 0x{ex.address:x} could not be serviced",
-                          start, end) from ex
+                        parts.append(dev.read_pages(b))
+            except JobFault as ex:
+                what = "write" if write else "read"
+                raise oserror(ex.errno, f"device {what} fault at 0x{ex.address:x} could not be serviced",
+                              start, end) from ex
         return None if write else _bounce(parts)
+
+    def _bounce_pages(self, n, start, end):
+        """This open's bounce buffer, at least ``n`` pages (dmirror_bounce_init); bounce_lock held.
+
+        System RAM the open keeps (the driver's references) and maps at BOUNCE_VA of its own
+        page table only, so nothing in it ever reaches another open or process."""
+        if self.bounce.size >= n:
+            return self.bounce
+        phys = self.system.phys
+        try:
+            new = phys.alloc(n, None, zero=False)
+        except OSError as ex:
+            raise oserror(errno.ENOMEM, f"no system memory for a bounce buffer of {n} pages",
+                          start, end) from ex
+        # the device lets go of the old frames before they are freed
+        self.pt.map(np.arange(n, dtype=np.int64) + (BOUNCE_VA >> PAGE_SHIFT), new, PTE_WRITE).wait()
+        phys.put(self.bounce)
+        self.bounce = new
+        return new
 
     def _read_mapped(self, start, end, why):
         """dmirror_do_read() without faulting: the device reads what its page table maps
@@ -609,6 +652,8 @@ class DMirror:
     def read(self, addr, npages):
         """HMM_DMIRROR_READ: the device reads ``npages`` at ``addr`` through its page table."""
         start, end = self._cmd(addr, npages)
+        check_buffer(end - start, self.system.phys, "device read", start, end)
+        self._user(start, end, errno.EFAULT)
         self._mm_alive(start, end)
         f = _DeviceFault(self, end, write=False)
         data = self._device_copy(start, end, False, f)
@@ -616,10 +661,10 @@ class DMirror:
 
     def write(self, addr, data):
         """HMM_DMIRROR_WRITE: the device writes ``data`` (whole pages) at ``addr``."""
-        buf = np.ascontiguousarray(np.asarray(data)).view(np.uint8).reshape(-1) if isinstance(
-            data, np.ndarray) else np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        buf = raw_bytes(data, addr if isinstance(addr, int) else None)
         npages = buf.size // PAGE_SIZE
         start, end = self._cmd(addr, npages)
+        self._user(start, end, errno.EFAULT)
         self._mm_alive(start, end)
         f = _DeviceFault(self, end, write=True)
         self._device_copy(start, end, True, f, buf[:npages * PAGE_SIZE].reshape(npages, PAGE_SIZE))
@@ -702,6 +747,8 @@ class DMirror:
     def migrate_to_dev(self, addr, npages):
         """HMM_DMIRROR_MIGRATE_TO_DEV: migrate the range to device memory and read it back."""
         start, end = self._cmd(addr, npages)
+        check_buffer(end - start, self.system.phys, "migrate_to_dev readback", start, end)
+        self._user(start, end, errno.EINVAL)
         self._mm_alive(start, end)
         with self.mm.mmap_lock.read():
             for vma, s, e in self._vma_pieces(start, end):
@@ -776,6 +823,7 @@ class DMirror:
     def migrate_to_sys(self, addr, npages):
         """HMM_DMIRROR_MIGRATE_TO_SYS: bring this device's pages in the range back to system memory."""
         start, end = self._cmd(addr, npages)
+        self._user(start, end, errno.EINVAL)
         self._mm_alive(start, end)
         cpages = 0
         with self.mm.mmap_lock.read():
@@ -798,6 +846,7 @@ class DMirror:
     def snapshot(self, addr, npages):
         """HMM_DMIRROR_SNAPSHOT: what the CPU page table says, one byte per page, no faults."""
         start, end = self._cmd(addr, npages)
+        check_buffer((end - start) >> PAGE_SHIFT, self.system.phys, "snapshot", start, end)
         self._mm_alive(start, end)
         n = (end - start) >> PAGE_SHIFT
         out = np.zeros(n, dtype=np.uint8)
@@ -862,6 +911,8 @@ class DMirror:
     def exclusive(self, addr, npages):
         """HMM_DMIRROR_EXCLUSIVE: take the pages for device atomics, then read them back."""
         start, end = self._cmd(addr, npages)
+        check_buffer(end - start, self.system.phys, "exclusive readback", start, end)
+        self._user(start, end, errno.EFAULT)
         self._mm_alive(start, end)
         with self.mm.mmap_lock.read():
             pfns = make_device_exclusive_range(self.mm, start, end, None)
@@ -880,13 +931,19 @@ class DMirror:
     def check_exclusive(self, addr, npages):
         """HMM_DMIRROR_CHECK_EXCLUSIVE: EPERM while any page is still mapped for atomics."""
         start, end = self._cmd(addr, npages)
-        with self.mutex:
-            ent = self.pt.lookup(np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64))
-        atomic = (ent & _U(DPT_ATOMIC)) != 0
-        if atomic.any():
-            a = start + (int(np.argmax(atomic)) << PAGE_SHIFT)
-            raise oserror(errno.EPERM, f"{int(atomic.sum())} pages still mapped for device atomics "
-                          f"(first at 0x{a:x})", start, end)
+        # The device maps nothing where the CPU maps nothing: look where the VMAs are only.
+        natomic, first = 0, None
+        with self.mm.mmap_lock.read(), self.mutex:
+            for v in self.mm.vmas_in(start, min(end, USER_VA_END)):
+                s, e = max(v.start, start), min(v.end, end)
+                ent = self.pt.lookup(np.arange(s >> PAGE_SHIFT, e >> PAGE_SHIFT, dtype=np.int64))
+                atomic = (ent & _U(DPT_ATOMIC)) != 0
+                if atomic.any():
+                    natomic += int(atomic.sum())
+                    first = first if first is not None else s + (int(np.argmax(atomic)) << PAGE_SHIFT)
+        if natomic:
+            raise oserror(errno.EPERM, f"{natomic} pages still mapped for device atomics "
+                          f"(first at 0x{first:x})", start, end)
         return DmirrorResult(None, 0)
 
     # -- device-wide ------------------------------------------------------------------------------
@@ -899,5 +956,7 @@ class DMirror:
 
     def set_flags(self, flags):
         """HMM_DMIRROR_FLAGS."""
-        self.flags = int(flags)
+        if self.closed:
+            raise oserror(errno.EINVAL, "dmirror file is closed")
+        self.flags = ulong(flags, "flags")
         return DmirrorResult(None, 0)

@@ -7,7 +7,7 @@ once, and every figure measured on it is labelled "numpy fallback".
 import numpy as np
 
 from ..constants import PAGE_SIZE
-from ..device.backend import Arena, Backend
+from ..device.hw import Arena, Backend
 
 
 class NumpyArena(Arena):

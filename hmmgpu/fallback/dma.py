@@ -4,7 +4,7 @@ A batch is copied in chunks of ``CHUNK_PAGES`` pages: each chunk is gathered int
 stays in the CPU cache and scattered from there, so the copy reads and writes memory about once,
 like a single NumPy gather, instead of twice (gather to a temporary, then scatter).
 """
-from ..device.backend import DONE
+from ..device.hw import DONE
 from ..device.dma import DmaEngine
 
 CHUNK_PAGES = 256          # 1 MiB: fits in L2

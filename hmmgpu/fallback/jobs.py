@@ -7,7 +7,7 @@ lanes or pages.  Completion is immediate; nothing here is a timing.
 """
 import numpy as np
 
-from ..device.backend import DONE
+from ..device.hw import DONE
 from ..device.faults import (ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE, FATAL_BAD_PFN, FATAL_MISALIGNED,
                              fatal_word)
 from ..device.jobs import LANE_DONE, LANE_FAULTED, Zeros

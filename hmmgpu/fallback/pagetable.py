@@ -5,7 +5,7 @@ hmmgpu/device/pagetable.py for the encoding and the command set).
 """
 import numpy as np
 
-from ..device.backend import DONE
+from ..device.hw import DONE
 from ..device.pagetable import (PT_BITS, PT_ENTRIES, PT_LEVELS, PT_OP_CLEAR, PT_OP_LINK, PT_OP_MAP,
                                 PT_OP_SET, PT_OP_UNMAP, PTE_PFN_SHIFT, PTE_VALID, VPN_BITS)
 

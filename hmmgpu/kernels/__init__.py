@@ -6,8 +6,9 @@
     jobs.cu        built-in jobs: memset, copy, axpy, reduce, gather, list chase, tree search
     dma.cu         the copy engine's page scatter/gather kernel
     source.py      the translation units NVRTC compiles (headers pasted in) and its options
-    backend.py     CupyBackend, arenas (pinned mapped host memory, GPU memory), NVRTC compile and
-                   module cache, the auto probe's test kernel, info
+    backend.py     CupyBackend, arenas (pinned mapped host memory, GPU memory), fences, info
+    module.py      NVRTC compile and the module cache (each source compiled once, loaded once
+                   per GPU), kernel launches, the staging uploader, the auto probe's test kernel
     dma.py / pagetable.py / jobs.py   the engines that launch those kernels
 
 Nothing is imported from here at ``import hmmgpu`` time; CuPy is loaded only when the cupy

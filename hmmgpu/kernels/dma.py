@@ -11,7 +11,7 @@ import numpy as np
 
 from ..constants import PAGE_SIZE
 from ..device.dma import DmaEngine, long_runs
-from .backend import Uploader, cudaMemcpyDefault, launch, load_module
+from .module import Uploader, cudaMemcpyDefault, launch, load_module
 
 DEFAULT_MIN_RUN = 64          # 256 KiB: below this a run rides in the gather kernel
 

@@ -8,7 +8,7 @@ import cupy
 import numpy as np
 
 from ..device.jobs import LANE_FAULTED, Zeros
-from .backend import launch, load_module
+from .module import launch, load_module
 
 _U64 = np.uint64
 

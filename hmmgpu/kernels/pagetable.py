@@ -7,7 +7,7 @@ import cupy
 import numpy as np
 
 from ..device.pagetable import PT_ENTRIES
-from .backend import Uploader, launch, load_module
+from .module import Uploader, launch, load_module
 
 
 class CupyPageTableHW:

@@ -22,7 +22,7 @@ from ..constants import (MADV_COLLAPSE, MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE,
                          MAP_PRIVATE, MAP_SHARED, MMAP_BASE, MMAP_MIN_ADDR, MREMAP_DONTUNMAP,
                          MREMAP_FIXED, MREMAP_MAYMOVE, MS_ASYNC, MS_INVALIDATE, MS_SYNC, PAGE_MASK,
                          PAGE_SHIFT, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, TASK_SIZE)
-from ..errors import BusError, SegmentationFault, oserror
+from ..errors import BusError, ProcessKilled, SegmentationFault, oserror
 from . import pgtable as pt
 from .filemap import PageCache, open_file_cache
 from .locks import RWLock
@@ -30,6 +30,8 @@ from .notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_PROTEC
                        MMU_NOTIFY_PROTECTION_VMA, MMU_NOTIFY_UNMAP, NotifierSubscriptions,
                        invalidation)
 from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_SWAPBACKED, PG_ZONE_DEVICE, add_at
+from .validate import (ULONG_MAX, check_aligned, check_buffer, check_flags, check_map_budget,
+                       check_no_wrap, check_user_range, ulong)
 from .vma import (VM_ACCESS, VM_DONTEXPAND, VM_PFNMAP, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
                   VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, VMA, prot_to_vm,
                   vma_is_anonymous)
@@ -45,6 +47,9 @@ _MAX_FAULT_ROUNDS = 64
 
 def page_align(n):
     return (int(n) + PAGE_SIZE - 1) & PAGE_MASK
+
+
+_PROT_BITS = PROT_READ | PROT_WRITE | PROT_EXEC
 
 
 class VmFault:
@@ -345,9 +350,15 @@ class MM:
 
     def _mark_dirty(self, vma, i0, i1):
         with self.phys.lock:
-            vma.pte[i0:i1] |= pt.PTE_DIRTY | pt.PTE_YOUNG
+            # Only entries still present: a zap (MADV_DONTNEED holds mmap_lock for reading
+            # too) may have cleared some since the fault looked, and a bit OR-ed into an empty
+            # entry would make a non-present entry of no known type.  The caller re-checks
+            # under this lock and faults again.
+            ptes = vma.pte[i0:i1]
+            present = pt.pte_present(ptes)
+            vma.pte[i0:i1] = np.where(present, ptes | (pt.PTE_DIRTY | pt.PTE_YOUNG), ptes)
             if vma.file is not None or vma.driver is not None:
-                p = pt.pte_pfn(vma.pte[i0:i1])
+                p = pt.pte_pfn(ptes[present])
                 p = p[(self.phys.pages.flags[p] & PG_ANON) == 0]
                 self.phys.pages.flags[p] |= PG_DIRTY
 
@@ -395,8 +406,8 @@ class MM:
         """Check a CPU access of [addr, addr+n): returns [(vma, start, end)] or raises."""
         kind = "write" if write else "read"
         end = addr + n
-        if addr < 0 or end > TASK_SIZE + PAGE_SIZE:
-            raise SegmentationFault(max(addr, 0), "address outside the user address space", kind)
+        if n > TASK_SIZE or addr > TASK_SIZE - n:
+            raise SegmentationFault(addr, "address outside the user address space", kind)
         cur = addr & PAGE_MASK
         pieces = []
         for v in self.vmas_in(cur, end):
@@ -416,9 +427,12 @@ class MM:
 
     def access(self, addr, n, write, data=None):
         """A CPU load (returns bytes as uint8 array) or store of ``data``."""
-        addr, n = int(addr), int(n)
+        addr = ulong(addr, "address")
+        n = ulong(n, "byte count", addr)
         if n == 0:
             return np.zeros(0, np.uint8)
+        if data is None:
+            check_buffer(n, self.phys, "CPU load", addr)
         with self.mmap_lock.read():
             # Permissions of the whole range are checked first: a store that would SIGSEGV
             # part-way changes nothing.  Then each VMA's piece is faulted and copied in
@@ -484,24 +498,31 @@ class MM:
         return cand
 
     def mmap(self, length, prot, flags, fd=None, offset=0, addr=0):
-        length, offset, addr = int(length), int(offset), int(addr)
-        if length <= 0:
-            raise oserror(errno.EINVAL, f"mmap length {length} must be positive", addr)
+        addr = ulong(addr, "mmap address")
+        length = ulong(length, "mmap length", addr)
+        prot = ulong(prot, "mmap prot", addr)
+        flags = ulong(flags, "mmap flags", addr)
+        offset = ulong(offset, "mmap offset", addr)
+        if length == 0:
+            raise oserror(errno.EINVAL, "mmap length must not be 0", addr)
+        check_aligned(offset, "mmap offset")
         mtype = flags & (MAP_SHARED | MAP_PRIVATE)
         if mtype not in (MAP_SHARED, MAP_PRIVATE):
             raise oserror(errno.EINVAL, "mmap flags need exactly one of MAP_SHARED and MAP_PRIVATE", addr)
-        if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
-            raise oserror(errno.EINVAL, f"unknown prot bits 0x{prot:x}", addr)
-        if offset % PAGE_SIZE:
-            raise oserror(errno.EINVAL, f"offset 0x{offset:x} is not page aligned", addr)
+        check_flags(prot, _PROT_BITS, "prot", addr)
         length = page_align(length)
+        if length == 0 or length > TASK_SIZE:
+            raise oserror(errno.ENOMEM, "mmap length is larger than the user address space", addr)
         fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)
-        if fixed and addr % PAGE_SIZE:
-            raise oserror(errno.EINVAL, "MAP_FIXED address is not page aligned", addr, addr + length)
-        if fixed and (addr < MMAP_MIN_ADDR or addr + length > TASK_SIZE):
-            raise oserror(errno.ENOMEM if addr + length > TASK_SIZE else errno.EPERM,
-                          "MAP_FIXED range outside the user address space", addr, addr + length)
+        if fixed:
+            check_aligned(addr, "MAP_FIXED address")
+            check_user_range(addr, length, "MAP_FIXED", errno.ENOMEM)
+            if addr < MMAP_MIN_ADDR:
+                raise oserror(errno.EPERM, f"MAP_FIXED below mmap_min_addr 0x{MMAP_MIN_ADDR:x}",
+                              addr, addr + length)
         anonymous = bool(flags & MAP_ANONYMOUS)
+        if anonymous:
+            offset = 0          # do_mmap(): an anonymous mapping ignores the offset
         driver = None
         cache = None
         vm_flags = prot_to_vm(prot) | VM_MAYREAD | VM_MAYEXEC | VM_MAYWRITE
@@ -527,6 +548,7 @@ class MM:
                     raise oserror(errno.EEXIST, "MAP_FIXED_NOREPLACE over an existing mapping",
                                   addr, addr + length)
                 start = addr if flags & MAP_FIXED else self.get_unmapped_area(length, addr)
+                self._check_budget(start, start + length, length >> PAGE_SHIFT)
                 if anonymous and mtype == MAP_SHARED:
                     # shmem_zero_setup(): an object of exactly the mapping's size
                     cache = PageCache(self.system, self.system._new_cache_id(), name=f"shmem@0x{start:x}",
@@ -555,8 +577,20 @@ class MM:
                     cache.unmapped()
             raise
         if flags & MAP_POPULATE:
-            self.populate(start, start + length, bool(prot & PROT_WRITE))
+            # __mm_populate(ignore_errors=1): the mapping stands whatever the fault-in met
+            try:
+                self.populate(start, start + length, bool(prot & PROT_WRITE))
+            except ProcessKilled:
+                raise
+            except OSError:
+                pass
         return start
+
+    def _check_budget(self, start, end, npages):
+        """``npages`` more pages mapped over [start, end) (what is mapped there now goes)."""
+        gone = sum(min(v.end, end) - max(v.start, start) for v in self.vmas_in(start, end)) >> PAGE_SHIFT
+        total = sum(v.npages for v in self.vmas)
+        check_map_budget(total - gone + npages, self.phys, start, end)
 
     def _file_mapping_checks(self, fd, prot, flags, vm_flags, addr, length):
         import fcntl
@@ -582,6 +616,7 @@ class MM:
 
     def populate(self, start, end, write):
         """MAP_POPULATE / mm_populate(): fault the range in."""
+        start, end = ulong(start, "populate start"), ulong(end, "populate end")
         with self.mmap_lock.read():
             for v in self.vmas_in(start, end):
                 if v.vm_flags & VM_ACCESS and v.driver is None:
@@ -589,13 +624,15 @@ class MM:
                                          write and bool(v.vm_flags & VM_WRITE))
 
     def munmap(self, addr, length):
-        addr, length = int(addr), int(length)
-        if addr % PAGE_SIZE or length <= 0 or addr + length > TASK_SIZE + PAGE_SIZE or addr < 0:
-            why = ("address is not page aligned" if addr % PAGE_SIZE else
-                   "length must be positive" if length <= 0 else "range outside the user address space")
-            raise oserror(errno.EINVAL, f"munmap: {why}", addr, addr + max(length, 0))
+        addr = ulong(addr, "munmap address")
+        length = ulong(length, "munmap length", addr)
+        check_aligned(addr, "munmap address")
+        check_user_range(addr, length, "munmap")
+        length = page_align(length)
+        if length == 0:
+            raise oserror(errno.EINVAL, "munmap length must not be 0", addr)
         with self.mmap_lock.write():
-            self._munmap_locked(addr, page_align(length))
+            self._munmap_locked(addr, length)
 
     def _munmap_locked(self, start, length):
         end = start + length
@@ -622,16 +659,17 @@ class MM:
 
     # -- mprotect ----------------------------------------------------------------------
     def mprotect(self, addr, length, prot):
-        addr, length = int(addr), int(length)
-        if addr % PAGE_SIZE:
-            raise oserror(errno.EINVAL, "mprotect: address is not page aligned", addr)
-        if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
-            raise oserror(errno.EINVAL, f"mprotect: unknown prot bits 0x{prot:x}", addr)
+        addr = ulong(addr, "mprotect address")
+        length = ulong(length, "mprotect length", addr)
+        prot = ulong(prot, "mprotect prot", addr)
+        check_aligned(addr, "mprotect address")
+        check_flags(prot, _PROT_BITS, "prot", addr)
         if length == 0:
             return
-        end = addr + page_align(length)
-        if length < 0 or end > TASK_SIZE + PAGE_SIZE:
-            raise oserror(errno.ENOMEM, "mprotect: range outside the user address space", addr, end)
+        length = page_align(length)
+        if length == 0:
+            raise oserror(errno.ENOMEM, "mprotect: range wraps past 2**64", addr)
+        end = check_user_range(addr, length, "mprotect", errno.ENOMEM)
         new = prot_to_vm(prot)
         with self.mmap_lock.write():
             first = self.find_vma(addr)
@@ -672,14 +710,18 @@ class MM:
                      MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE}
 
     def madvise(self, addr, length, advice):
-        addr, length = int(addr), int(length)
-        if addr % PAGE_SIZE or advice not in self._KNOWN_ADVICE or length < 0:
-            raise oserror(errno.EINVAL, f"madvise({advice}): "
-                          + ("address is not page aligned" if addr % PAGE_SIZE else
-                             "negative length" if length < 0 else "unknown advice"), addr)
+        addr = ulong(addr, "madvise address")
+        length = ulong(length, "madvise length", addr)
+        advice = ulong(advice, "madvise advice", addr)
+        if advice not in self._KNOWN_ADVICE:
+            raise oserror(errno.EINVAL, f"madvise: unknown advice {advice}", addr)
+        check_aligned(addr, "madvise address")
         if length == 0:
             return
-        end = addr + page_align(length)
+        aligned = page_align(length)
+        if aligned == 0:
+            raise oserror(errno.EINVAL, "madvise: length wraps past 2**64", addr)
+        end = check_no_wrap(addr, aligned, "madvise")
         if advice == MADV_COLLAPSE:
             raise oserror(errno.EINVAL, "MADV_COLLAPSE: transparent huge pages are not emulated", addr, end)
         lock = self.mmap_lock.write if advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE) else self.mmap_lock.read
@@ -706,11 +748,16 @@ class MM:
                 raise oserror(errno.ENOMEM, "madvise: part of the range is not mapped", addr, end)
 
     def msync(self, addr, length, flags=MS_SYNC):
-        addr, length = int(addr), int(length)
-        if addr % PAGE_SIZE or flags & ~(MS_ASYNC | MS_SYNC | MS_INVALIDATE) or (
-                flags & MS_ASYNC and flags & MS_SYNC):
-            raise oserror(errno.EINVAL, "msync: unaligned address or bad flags", addr)
-        end = addr + page_align(length)
+        addr = ulong(addr, "msync address")
+        length = ulong(length, "msync length", addr)
+        flags = ulong(flags, "msync flags", addr)
+        check_flags(flags, MS_ASYNC | MS_SYNC | MS_INVALIDATE, "msync flag", addr)
+        check_aligned(addr, "msync address")
+        if flags & MS_ASYNC and flags & MS_SYNC:
+            raise oserror(errno.EINVAL, "msync: MS_ASYNC and MS_SYNC together", addr)
+        end = check_no_wrap(addr, page_align(length), "msync", errno.ENOMEM)
+        if end == addr:
+            return
         with self.mmap_lock.read():
             cur = addr
             for v in self.vmas_in(addr, end):
@@ -749,9 +796,13 @@ class MM:
 
     # -- mremap ----------------------------------------------------------------------------
     def mremap(self, old_addr, old_size, new_size, flags, new_addr=0):
-        old_addr, old_size, new_size = int(old_addr), int(old_size), int(new_size)
-        if flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP) or old_addr % PAGE_SIZE:
-            raise oserror(errno.EINVAL, "mremap: bad flags or unaligned address", old_addr)
+        old_addr = ulong(old_addr, "mremap address")
+        old_size = ulong(old_size, "mremap old size", old_addr)
+        new_size = ulong(new_size, "mremap new size", old_addr)
+        flags = ulong(flags, "mremap flags", old_addr)
+        new_addr = ulong(new_addr, "mremap new address", old_addr)
+        check_flags(flags, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, "mremap flag", old_addr)
+        check_aligned(old_addr, "mremap address")
         if flags & MREMAP_FIXED and not flags & MREMAP_MAYMOVE:
             raise oserror(errno.EINVAL, "mremap: MREMAP_FIXED needs MREMAP_MAYMOVE", old_addr)
         if flags & MREMAP_DONTUNMAP and (not flags & MREMAP_MAYMOVE or old_size != new_size):
@@ -761,15 +812,21 @@ class MM:
         if new_size == 0 or old_size == 0:
             raise oserror(errno.EINVAL, "mremap: zero size (duplicating shared mappings is not emulated)",
                           old_addr)
-        if flags & MREMAP_FIXED:
-            if new_addr % PAGE_SIZE:
-                raise oserror(errno.EINVAL, "mremap: new address is not page aligned", new_addr)
+        if new_size > TASK_SIZE:
+            raise oserror(errno.EINVAL, f"mremap: new size {new_size:#x} is larger than the user "
+                          "address space", old_addr)
+        if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP):
+            check_aligned(new_addr, "mremap new address")
+            check_user_range(new_addr, new_size, "mremap new range")
             if new_addr < old_addr + old_size and old_addr < new_addr + new_size:
                 raise oserror(errno.EINVAL, "mremap: old and new ranges overlap", new_addr, new_addr + new_size)
         with self.mmap_lock.write():
+            # Everything is checked before anything changes: a rejected mremap leaves the
+            # address space as it was.
             vma = self.find_vma(old_addr)
-            if vma is None or vma.end < old_addr + old_size:
-                raise oserror(errno.EFAULT, "mremap: old range is not one mapping", old_addr, old_addr + old_size)
+            if vma is None or old_size > vma.end - old_addr:
+                raise oserror(errno.EFAULT, "mremap: old range is not one mapping", old_addr,
+                              min(old_addr + old_size, 1 << 64))
             if flags & MREMAP_DONTUNMAP and vma.vm_flags & (VM_DONTEXPAND | VM_PFNMAP):
                 raise oserror(errno.EINVAL, "mremap: MREMAP_DONTUNMAP on a VM_DONTEXPAND/VM_PFNMAP mapping",
                               old_addr, old_addr + old_size)
@@ -781,6 +838,7 @@ class MM:
                 # grow in place when the VMA ends here and the room after it is free
                 if vma.end == old_addr + old_size and not self.vmas_in(vma.end, old_addr + new_size) \
                         and old_addr + new_size <= TASK_SIZE:
+                    self._check_budget(vma.end, old_addr + new_size, (new_size - old_size) >> PAGE_SHIFT)
                     extra = (old_addr + new_size - vma.end) >> PAGE_SHIFT
                     vma.pte = np.concatenate((vma.pte, np.zeros(extra, np.uint64)))
                     vma.end = old_addr + new_size
@@ -791,9 +849,12 @@ class MM:
                 dest = self.get_unmapped_area(new_size)
             elif flags & MREMAP_FIXED:
                 dest = new_addr
-                self._munmap_locked(dest, new_size)
             else:
                 dest = self.get_unmapped_area(new_size)
+            kept = 0 if flags & MREMAP_DONTUNMAP else old_size
+            self._check_budget(dest, dest + new_size, (new_size - kept) >> PAGE_SHIFT)
+            if flags & MREMAP_FIXED:
+                self._munmap_locked(dest, new_size)
             return self._move_vma(vma, old_addr, old_size, dest, new_size, bool(flags & MREMAP_DONTUNMAP))
 
     def _move_vma(self, vma, old_addr, old_size, dest, new_size, dontunmap):
@@ -823,12 +884,13 @@ class MM:
     # -- GUP ----------------------------------------------------------------------------------
     def get_user_pages(self, addr, npages, write, longterm=False, pin=True):
         """__get_user_pages(): fault in and return the pfns (NumPy) of [addr, +npages)."""
-        addr, npages = int(addr) & PAGE_MASK, int(npages)     # start is rounded down, as in Linux
-        if npages < 0:
-            raise oserror(errno.EINVAL, f"GUP of {npages} pages", addr)
+        addr = ulong(addr, "GUP address") & PAGE_MASK     # start is rounded down, as in Linux
+        npages = ulong(npages, "GUP page count", addr)
         if npages == 0:
             return np.zeros(0, np.int64)
-        end = addr + npages * PAGE_SIZE
+        if npages > TASK_SIZE >> PAGE_SHIFT:
+            raise oserror(errno.EFAULT, f"GUP of {npages:#x} pages: more than the user address space", addr)
+        end = check_user_range(addr, npages * PAGE_SIZE, "GUP", errno.EFAULT)
         kind = "write" if write else "read"
         with self.mmap_lock.read():
             cur = addr

@@ -13,6 +13,7 @@ from ..constants import MS_SYNC, PAGE_SIZE
 from ..errors import ProcessKilled, oserror
 from .mm import MM
 from .physmem import add_at
+from .validate import check_no_wrap, raw_bytes, ulong
 
 
 def _alive(method):
@@ -28,12 +29,6 @@ def _alive(method):
                 self.system._reap(self, "killed by the OOM killer")
             raise
     return call
-
-
-def _as_bytes(data):
-    if isinstance(data, np.ndarray):
-        return np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-    return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
 
 
 class Pin:
@@ -114,7 +109,7 @@ class Process:
     @_alive
     def write(self, addr, data):
         """A CPU store of bytes-like or ndarray ``data`` at ``addr``."""
-        b = _as_bytes(data)
+        b = raw_bytes(data, addr if isinstance(addr, int) else None)
         self.mm.access(addr, b.size, write=True, data=b)
 
     @_alive
@@ -138,7 +133,9 @@ class Process:
 
     @_alive
     def populate(self, addr, length, write=False):
-        self.mm.populate(int(addr), int(addr) + length, write)
+        addr = ulong(addr, "populate address")
+        end = check_no_wrap(addr, ulong(length, "populate length", addr), "populate")
+        self.mm.populate(addr, end, write)
 
     def pages(self, addr, npages):
         """Debug view: the raw PTEs of [addr, +npages) (0 where unmapped)."""
