@@ -100,6 +100,7 @@ def axpy(mod):
         mod.get_function("k")((1,), (1,), (y, x))
         return y.get(stream=stream)[0]
 want = np.float32(0.5) * np.float32(2e-38) + np.float32(1e-39)
+from hmmgpu.kernels.backend import load_module   # noqa: F401 (where gpu-check.sh's probe finds it)
 from hmmgpu.kernels.module import compile_source
 assert axpy(cupy.RawModule(path=compile_source(code, "k.cu"))) == want
 assert axpy(cupy.RawModule(code=code)) != want, "CuPy's -ftz=true path did not flush"

@@ -16,6 +16,7 @@ import cupy
 
 from ..constants import PAGE_SIZE
 from ..device.hw import Arena, Backend, Fence
+from .module import load_module  # noqa: F401  (the GPU check's probe imports it from here)
 
 cudaHostAllocPortable = 0x01
 cudaHostAllocMapped = 0x02

@@ -405,7 +405,12 @@ def get_default_pinned_memory_pool():
 
 
 class RawKernel:
-    def __init__(self, library, name):
+    """A kernel of a built module; ``RawKernel(code, name, options)`` compiles ``code`` the way
+    CuPy does (RawModule below)."""
+
+    def __init__(self, library, name, options=(), **kw):
+        if isinstance(library, str):
+            library = RawModule(code=library, options=options).library
         self.library = library
         self.name = name
         library.function(name)                           # AttributeError now if it does not exist
