@@ -109,7 +109,19 @@ assert axpy(cupy.RawModule(code=code)) != want, "CuPy's -ftz=true path did not f
 if sys.argv[1] == "deref":
     print(ctypes.c_uint8.from_address(src.data.ptr).value)
 
-# 4. a misaligned access fails the launch and the context stays lost
+# 4. a frame of a lazy arena that was never committed is not there, even for the device
+if sys.argv[1] == "uncommitted":
+    from hmmgpu.device import EmulatedDevice
+    from hmmgpu.device.backend import get_backend
+    be = get_backend("cupy")
+    dev = EmulatedDevice(be, 1024, 1 << 20, be.host_arena(16), lazy_memory=True)
+    dev.arena.commit(0, 512)                          # the first granule only
+    dev.pt.map(np.array([0x1000, 0x1001]), np.array([(1 << 20) + 5, (1 << 20) + 600])).wait()
+    dev.jobs.memset(0x1000 << 12, 1, 4096, service=lambda f: None)     # committed: fine
+    print("committed frame written", flush=True)
+    dev.jobs.memset(0x1001 << 12, 1, 4096, service=lambda f: None)     # crashes
+
+# 5. a misaligned access fails the launch and the context stays lost
 bad = r"""extern "C" __global__ void m(unsigned long long p) { *(unsigned long long*)(p + 4) = 1; }"""
 mod = cupy.RawModule(path=compile_source(bad, "m.cu"))
 with stream:
@@ -128,10 +140,14 @@ print("shim ok")
 
 def test_shim_is_strict(shim_env):
     """The shim's own promises: asynchronous streams, FTZ as compiled, device memory off-limits to
-    the host, misaligned accesses fatal.  If one of them lapses, the tests below prove less."""
+    the host, uncommitted memory of a lazy arena off-limits to the device too, misaligned
+    accesses fatal.  If one of them lapses, the tests below prove less."""
     r = run(shim_env, "-c", SHIM_CHECKS, "checks")
     assert r.returncode == 0 and "shim ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     r = run(shim_env, "-c", SHIM_CHECKS, "deref")
+    assert r.returncode < 0 and "Segmentation fault" in r.stderr, (r.returncode, r.stderr[-3000:])
+    r = run(shim_env, "-c", SHIM_CHECKS, "uncommitted")
+    assert "committed frame written" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.returncode < 0 and "Segmentation fault" in r.stderr, (r.returncode, r.stderr[-3000:])
 
 

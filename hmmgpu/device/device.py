@@ -10,7 +10,9 @@ what to map.
 
 Memory
     dev.arena                 this device's frames (Arena of kind "device"); global pfns
-                              [pfn_base, pfn_base + nframes) are frames [0, nframes) of it
+                              [pfn_base, pfn_base + nframes) are frames [0, nframes) of it.
+                              With lazy_memory=True only address space until the driver calls
+                              dev.arena.commit(first, n) for the frames it is about to use
     dev.host_arena            system RAM, pfns [0, nr_ram) (the backend's host arena)
     dev.owns(pfns)            bool mask: which pfns are this device's frames
     dev.read_pages(pfns) / dev.write_pages(pfns, data) / dev.fill_pages(pfns, value)
@@ -92,7 +94,8 @@ from .pagetable import DevicePageTable
 class EmulatedDevice:
     def __init__(self, backend, nframes, pfn_base, host_arena, gpu=0, *,
                  fault_buffer_entries=DEFAULT_FAULT_BUFFER_ENTRIES, fault_batch_size=DEFAULT_FAULT_BATCH,
-                 slice_lanes=DEFAULT_SLICE_LANES, pt_initial_nodes=64, service=None, name=None):
+                 slice_lanes=DEFAULT_SLICE_LANES, pt_initial_nodes=64, service=None, name=None,
+                 lazy_memory=False):
         if pfn_base < host_arena.nframes:
             raise ValueError(f"device pfns start at 0x{pfn_base:x}, inside system RAM "
                              f"[0, 0x{host_arena.nframes:x})")
@@ -108,7 +111,7 @@ class EmulatedDevice:
         self.inflight = collections.deque()
         self.counters = dict.fromkeys(FAULT_COUNTERS, 0)
         self.service = service
-        self.arena = backend.device_arena(self.nframes, self.gpu)
+        self.arena = backend.device_arena(self.nframes, self.gpu, lazy=lazy_memory)
         self.dma = backend.dma_engine(self.gpu)
         self._pt_initial_nodes = pt_initial_nodes
         self.pt = self._new_pagetable(self.name)

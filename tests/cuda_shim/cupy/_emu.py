@@ -13,7 +13,9 @@ memory the device has not written yet.  Freed memory is returned only once every
 (cudaFree and cudaFreeHost synchronise the device).
 
 Kernels are the real .cu sources compiled by g++ against shim.h (see launch.cpp for how a grid
-runs).  A launch that made a misaligned access fails as the GPU's sticky error does: this call
+runs).  libcuda.cpp stands for the driver's virtual memory management (reserved address space
+backed range by range); its reserved-but-unmapped parts stay inaccessible even while the device
+works.  A launch that made a misaligned access fails as the GPU's sticky error does: this call
 and every later one raise CUDARuntimeError.
 """
 import collections
@@ -71,6 +73,12 @@ class Device:
         self.lock = threading.RLock()
         self.open_count = 0
         self.free_ranges = {}                # size -> [ptr]: released, zero again, reusable
+        # libcuda.cpp's reservations live in a region of their own, inaccessible but for the
+        # mapped ranges (toggled with the heap), so the heap stays one mapping cheap to toggle
+        self.vbase = _mmap(HEAP_BYTES, PROT_NONE)
+        self.vtop = self.vbase
+        self.vfree = {}                      # size -> [ptr] of released reservations
+        self.vmapped = {}                    # ptr -> size of mapped (committed) ranges
         self.queues = {}                     # stream ptr -> Queue
         self.pending_free = []               # callables run when every queue is idle
         self.host = {}                       # pinned / managed allocations: ptr -> size
@@ -125,7 +133,7 @@ class Device:
             _libc.munmap(p, size)
 
     def is_device(self, p):
-        return self.base <= p < self.top
+        return self.base <= p < self.top or self.vbase <= p < self.vtop
 
     def kind(self, p):
         """cudaMemoryType of an address: 2 device, 1 registered host, 3 managed, 0 unregistered."""
@@ -144,20 +152,63 @@ class Device:
         def __enter__(self):
             d = self.dev
             with d.lock:
-                if d.open_count == 0 and d.top > d.base:
-                    _check(_libc.mprotect(d.base, d.top - d.base, PROT_RW), "mprotect")
+                if d.open_count == 0:
+                    d._protect(PROT_RW)
                 d.open_count += 1
 
         def __exit__(self, *exc):
             d = self.dev
             with d.lock:
                 d.open_count -= 1
-                if d.open_count == 0 and d.top > d.base:
-                    _check(_libc.mprotect(d.base, d.top - d.base, PROT_NONE), "mprotect")
+                if d.open_count == 0:
+                    d._protect(PROT_NONE)
 
     def access(self):
         """While the device works: device memory is reachable (for the device's own threads)."""
         return Device._Access(self)
+
+    def _protect(self, prot):
+        if self.top > self.base:
+            _check(_libc.mprotect(self.base, self.top - self.base, prot), "mprotect")
+        for p, n in self.vmapped.items():
+            _check(_libc.mprotect(p, n, prot), "mprotect")
+
+    # -- virtual memory management (libcuda.cpp's callbacks) -----------------------------------
+    def vmm_reserve(self, size):
+        """Address space aligned to libcuda.cpp's 2 MiB granule, nothing mapped."""
+        with self.lock:
+            spare = self.vfree.get(size)
+            if spare:
+                return spare.pop()
+            p = _round(self.vtop, 2 << 20)
+            self.vtop = p + size
+            return p
+
+    def vmm_map(self, p, size):
+        with self.lock:
+            self.vmapped[p] = size
+            if self.open_count:
+                _check(_libc.mprotect(p, size, PROT_RW), "mprotect")
+
+    def vmm_unmap(self, p, size):
+        """Fresh zero pages, inaccessible again."""
+        with self.lock:
+            self.vmapped.pop(p, None)
+            q = _libc.mmap(p, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+            if q != p:
+                raise MemoryError("unmapping emulated device memory failed")
+
+    def zero(self, p, size):
+        """Zero device memory without touching it (fresh pages), while the device works: what a
+        memset to 0 does, minus populating hundreds of MiB of a chunk nobody has used yet."""
+        with self.lock:
+            q = _libc.mmap(p, size, PROT_RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+            if q != p:
+                raise MemoryError("zeroing emulated device memory failed")
+
+    def vmm_free(self, p, size):
+        with self.lock:
+            self.vfree.setdefault(size, []).append(p)
 
     # -- queues --------------------------------------------------------------------------------
     def queue(self, ptr):
@@ -222,6 +273,34 @@ class Queue:
 
 
 DEVICE = Device()
+
+
+def _load_libcuda():
+    """Build libcuda.cpp (soname libcuda.so.1) and load it first, globally: hmmgpu's
+    ctypes.CDLL("libcuda.so.1") then finds this one."""
+    out_dir = os.environ.get("HMMGPU_SHIM_BUILD") or os.path.join(tempfile.gettempdir(),
+                                                                    f"hmmgpu-shim-build-{os.getuid()}")
+    os.makedirs(out_dir, exist_ok=True)
+    src = os.path.join(HERE, "libcuda.cpp")
+    with open(src, "rb") as f:
+        key = hashlib.sha256(f.read()).hexdigest()[:16]
+    so = os.path.join(out_dir, f"libcuda-{key}", "libcuda.so.1")
+    if not os.path.exists(so):
+        os.makedirs(os.path.dirname(so), exist_ok=True)
+        tmp = so + f".{os.getpid()}.tmp"
+        subprocess.run(["g++", "-std=c++17", "-O1", "-fPIC", "-shared", "-Wl,-soname,libcuda.so.1", "-o", tmp,
+                        src], check=True, capture_output=True)
+        os.replace(tmp, so)
+    lib = ctypes.CDLL(so, mode=ctypes.RTLD_GLOBAL)
+    reserve_t = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64)
+    range_t = ctypes.CFUNCTYPE(None, ctypes.c_uint64, ctypes.c_uint64)
+    hooks = (reserve_t(DEVICE.vmm_reserve), range_t(DEVICE.vmm_map), range_t(DEVICE.vmm_unmap),
+             range_t(DEVICE.vmm_free))
+    lib.emu_vmm_hooks(*hooks)
+    return lib, hooks
+
+
+LIBCUDA = _load_libcuda()              # the callbacks must outlive every call
 
 
 # -- the compiler ----------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class Device:
 class Stream:
     def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
         self.ptr = 0 if null else next(_stream_ids)
+        self.queue = DEVICE.queue(self.ptr)
         self._prev = []
 
     def __enter__(self):
@@ -44,11 +45,11 @@ class Stream:
         _local.stream = self._prev.pop()
 
     def synchronize(self):
-        DEVICE.queue(self.ptr).run()
+        self.queue.run()
 
     @property
-    def done(self):
-        return DEVICE.queue(self.ptr).idle()
+    def done(self):                     # no lock: finalizers ask, from anywhere
+        return self.queue.idle()
 
     def use(self):
         _local.stream = self
@@ -123,6 +124,13 @@ class ManagedMemoryPointer:
 def malloc_managed(nbytes):
     """Managed memory: reachable from the host and the device at one address."""
     return ManagedMemoryPointer(_HostMemory(nbytes))
+
+
+class UnownedMemory:
+    """Memory allocated by someone else (here: the driver's virtual memory management)."""
+
+    def __init__(self, ptr, size, owner, device_id=-1):
+        self.ptr, self.size, self.owner, self.device_id = int(ptr), int(size), owner, device_id
 
 
 MemoryPointer = None          # replaced below (cupy.MemoryPointer is cupy.cuda.MemoryPointer)

@@ -76,8 +76,13 @@ def memcpyAsync(dst, src, size, kind, stream):
 
 
 def memsetAsync(ptr, value, size, stream):
+    ptr, value, size = int(ptr), int(value), int(size)
+
     def op():
-        ctypes.memset(int(ptr), int(value), int(size))
+        if value == 0 and DEVICE.is_device(ptr) and ptr % 4096 == 0 and size % 4096 == 0:
+            DEVICE.zero(ptr, size)
+        else:
+            ctypes.memset(ptr, value, size)
     _queue(stream).submit(op)
 
 
