@@ -5,8 +5,9 @@
 
 It runs ``bench/suites/device.py`` through the framework (same timing, same baselines) and
 writes ``{"date", "device", "backend", "bytes", "figures": {figure: {"ratio", "target",
-"GBps", "baseline_GBps", "time_s", "baseline_s", "spread", "baseline", "note"}}}``, where
-``target`` is the number x of ">= x".
+"GBps", "baseline_GBps", "time_s", "baseline_s", "spread", "baseline", "note"}}, "without_ratio":
+{figure: {"GBps", "baseline"}}, "unavailable": {...}}``, where ``target`` is the number x of
+">= x"; a figure whose baseline could not be measured here is under "without_ratio".
 """
 import argparse
 import json
@@ -28,23 +29,32 @@ def main(argv=None):
     options = {"device_bytes": int(opt.gib * (1 << 30))}
     if opt.only:
         options["only"] = set(opt.only.split(","))
-    res = framework.run(["device"], backend="numpy" if opt.cpu else "cupy", repeat=opt.reps, options=options)
-    figures = {}
+    from hmmgpu.errors import BackendUnavailable
+    try:
+        res = framework.run(["device"], backend="numpy" if opt.cpu else "cupy", repeat=opt.reps, options=options)
+    except BackendUnavailable as e:
+        print(f"device_bench.py: the GPU figures need CuPy and a GPU ({e}); --cpu measures the NumPy "
+              "backend's", file=sys.stderr)
+        return 2
+    figures, no_ratio = {}, {}
     for r in res["rows"]:
         nbytes = options["device_bytes"]
+        if r["ratio"] is None:          # the baseline could not be measured here: says why
+            no_ratio[r["figure"]] = {"GBps": r["ours"], "baseline": r["baseline_name"]}
+            print(f"{r['figure'][:48]:48s} {r['ours']:8.1f} GB/s  no ratio: {r['baseline_name']}", flush=True)
+            continue
         figures[r["figure"]] = {
             "ratio": r["ratio"], "target": measure.target_value(r["target"]), "GBps": r["ours"],
             "baseline_GBps": r["baseline"], "time_s": nbytes / (r["ours"] * 1e9),
             "baseline_s": None if not r["baseline"] else nbytes / (r["baseline"] * 1e9),
             "spread": r["ratio_spread"], "baseline": r["baseline_name"], "note": r["note"]}
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:5.2f}"
-        print(f"{r['figure'][:48]:48s} {r['ours']:8.1f} GB/s  ratio {ratio} (target {r['target']})  "
+        print(f"{r['figure'][:48]:48s} {r['ours']:8.1f} GB/s  ratio {r['ratio']:5.2f} (target {r['target']})  "
               f"vs {r['baseline_name']}", flush=True)
     for name, why in res["unavailable"].items():
         print(f"{name}: not available: {why}", flush=True)
     out = {"date": time.strftime("%Y-%m-%d"), "device": res["meta"]["device"].get("name"),
            "backend": res["meta"]["backend"], "label": res["meta"]["label"], "bytes": options["device_bytes"],
-           "repeat": opt.reps, "figures": figures, "unavailable": res["unavailable"]}
+           "repeat": opt.reps, "figures": figures, "without_ratio": no_ratio, "unavailable": res["unavailable"]}
     if opt.json:
         with open(opt.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -28,6 +28,7 @@ call is bracketed by CUDA events on the current stream (with a device synchroniz
 event, so host work of the emulation is inside the bracket; ``device_only=True`` leaves it out
 for pure GPU baselines such as one cudaMemcpyAsync); on the NumPy backend ``time.perf_counter``.
 """
+import gc
 import importlib
 import sys
 import time
@@ -62,10 +63,11 @@ def _load_suites():
 SUITES = _load_suites()
 
 
-def run(suites=None, quick=False, backend=None, repeat=None, console=None, options=None):
+def run(suites=None, quick=False, backend=None, repeat=None, console=None, options=None, timer="cpu"):
     """Run ``suites`` (names; all by default); returns the results dict (what --json prints).
 
-    ``console``: a rich Console for progress bars (None: none).
+    ``console``: a rich Console for progress bars (None: none).  ``timer``: on the NumPy backend,
+    "cpu" (this process's CPU time, the default) or "wall"; a GPU run uses CUDA events.
     """
     import hmmgpu
     from hmmgpu.device.backend import backend_info
@@ -90,8 +92,9 @@ def run(suites=None, quick=False, backend=None, repeat=None, console=None, optio
         if progress is not None:
             progress.update(task, description=what)
 
-    ctx = Ctx(backend, quick, repeat, on_progress, options)
+    ctx = Ctx(backend, quick, repeat, on_progress, options, timer)
     meta["backend"] = ctx.backend_name
+    meta["timer"] = ctx.timer
     meta["label"] = ctx.label
     meta["repeat"] = ctx.repeat
     meta["device"] = _device_meta(ctx)
@@ -112,6 +115,7 @@ def run(suites=None, quick=False, backend=None, repeat=None, console=None, optio
             except Exception as e:     # a broken suite is reported, never hidden
                 unavailable[name] = f"failed: {type(e).__name__}: {e}"
             timings[name] = round(time.perf_counter() - t0, 3)
+            gc.collect()       # a suite's Systems hold GiB arenas in reference cycles: free them now
             if progress is not None:
                 progress.advance(task)
     finally:
@@ -151,6 +155,9 @@ def fmt_value(v, unit):
     return f"{v:,.4g} {unit}"
 
 
+_TIMER_NAMES = {"cpu": "process CPU time", "wall": "wall clock"}
+
+
 def _fmt_ratio(x):
     return "-" if x is None else f"{x:.2f}"
 
@@ -161,7 +168,8 @@ def print_results(res, console):
     from rich.table import Table
     meta = res["meta"]
     t = Table(title=f"hmmgpu bench -- {meta['label']} -- {meta['date']}"
-                    + (" -- quick" if meta["quick"] else "") + f" -- {meta['repeat']} repeats",
+                    + (" -- quick" if meta["quick"] else "")
+                    + f" -- {meta['repeat']} repeats, timer: {_TIMER_NAMES.get(meta['timer'], meta['timer'])}",
               title_justify="left")
     for c, j in (("suite", "left"), ("figure", "left"), ("size", "left"), ("ratio", "right"),
                  ("min..max", "left"), ("target", "left"), ("result", "left"), ("ours", "right"),

@@ -9,6 +9,7 @@ import time
 
 EMULATED_LABEL = "emulated (numpy fallback)"
 GPU_LABEL = "GPU (cupy)"
+TIMERS = ("cpu", "wall")
 
 
 class Unavailable(Exception):
@@ -63,13 +64,19 @@ def ratio_spread(ours, base):
 class Ctx:
     """What a suite gets: the backend, the mode, a timer and the row makers."""
 
-    def __init__(self, backend=None, quick=False, repeat=None, progress=None, options=None):
+    def __init__(self, backend=None, quick=False, repeat=None, progress=None, options=None, timer="cpu"):
         from hmmgpu.device.backend import get_backend
         self.quick = bool(quick)
         self.backend = get_backend(None if backend in (None, "auto") else backend)
         self.backend_name = self.backend.name
         self.gpu = self.backend_name == "cupy"
         self.label = GPU_LABEL if self.gpu else EMULATED_LABEL
+        if timer not in TIMERS:
+            raise ValueError(f"timer must be one of {', '.join(TIMERS)}, not {timer!r}")
+        # CUDA events on a GPU; on the fallback, this process's CPU time by default: on a shared
+        # machine wall time also counts the time other processes held the CPU
+        self.timer = "cuda events" if self.gpu else timer
+        self._clock = time.process_time if self.timer == "cpu" else time.perf_counter
         self.repeat = int(repeat) if repeat else 5
         if self.repeat < 1:
             raise ValueError(f"repeat must be at least 1 (got {repeat})")
@@ -152,8 +159,10 @@ class Ctx:
         if self.gpu:
             self._cupy.cuda.Device().synchronize()
 
-    def _once(self, fn, setup=None, device_only=False):
-        """Seconds of one ``fn()`` (``setup()`` untimed before it)."""
+    def _once(self, fn, setup=None, device_only=False, inner=1):
+        """Seconds of ``fn()``, ``inner`` times over (``setup()`` untimed before each call)."""
+        if inner > 1:
+            return sum(self._once(fn, setup, device_only) for _ in range(inner))
         if setup:
             setup()
             self.sync()
@@ -168,9 +177,9 @@ class Ctx:
             e1.record(stream)
             e1.synchronize()
             return cp.cuda.get_elapsed_time(e0, e1) / 1e3
-        t0 = time.perf_counter()
+        t0 = self._clock()
         fn()
-        return time.perf_counter() - t0
+        return self._clock() - t0
 
     def time(self, fn, setup=None, repeat=None, warmup=None, device_only=False):
         """Timing of ``fn()`` over repeats after a warm-up (``setup()`` untimed, each time)."""
@@ -183,7 +192,8 @@ class Ctx:
         self.sync()
         return Timing([self._once(fn, setup, device_only) for _ in range(repeat)])
 
-    def compare(self, ours, base, ours_setup=None, base_setup=None, base_device_only=False, repeat=None):
+    def compare(self, ours, base, ours_setup=None, base_setup=None, base_device_only=False, repeat=None,
+                ours_inner=1, base_inner=1):
         """Time ``ours`` and ``base`` alternately, repeat by repeat, after a warm-up of each.
 
         Interleaving puts both under the same conditions (a shared machine's load, clocks,
@@ -191,7 +201,9 @@ class Ctx:
         may be a ``BestOf`` (every candidate timed each repeat; the fastest is returned, with
         ``.name`` and ``.candidates``), an exception (a baseline that could not be prepared
         here) or raise while running: then ``ours`` is still measured and the exception is
-        returned in its place.  Returns (Timing of ours, Timing of base or the exception).
+        returned in its place.  ``ours_inner`` / ``base_inner`` > 1 time that many calls per
+        sample (a short or small piece of work then spans enough time to measure).  Returns (Timing of
+        ours, Timing of base or the exception).
         """
         repeat = self.repeat if repeat is None else repeat
         if isinstance(base, BestOf):
@@ -216,11 +228,11 @@ class Ctx:
         self.sync()
         a, b = [], [[] for _ in cands]
         for _ in range(repeat):
-            a.append(self._once(ours, ours_setup))
+            a.append(self._once(ours, ours_setup, False, ours_inner))
             if err is None:
                 try:
                     for k, (_name, fn, setup) in enumerate(cands):
-                        b[k].append(self._once(fn, setup, base_device_only))
+                        b[k].append(self._once(fn, setup, base_device_only, base_inner))
                 except Exception as e:
                     err = e
         t_ours = Timing(a)

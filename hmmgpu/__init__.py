@@ -16,13 +16,13 @@ from .constants import (MADV_COLLAPSE, MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, 
                         MS_ASYNC, MS_INVALIDATE, MS_SYNC, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PROT_EXEC,
                         PROT_NONE, PROT_READ, PROT_WRITE)
 from .device.backend import backend_info
-from .errors import BackendUnavailable, BusError, ProcessKilled, SegmentationFault
+from .errors import BackendUnavailable, BusError, DriverBug, ProcessKilled, SegmentationFault
 from .system import System
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "System", "backend_info", "SegmentationFault", "BusError", "ProcessKilled", "BackendUnavailable",
+    "System", "backend_info", "SegmentationFault", "BusError", "ProcessKilled", "BackendUnavailable", "DriverBug",
     "PAGE_SIZE", "PAGE_SHIFT", "PMD_SIZE", "PROT_NONE", "PROT_READ", "PROT_WRITE", "PROT_EXEC",
     "MAP_PRIVATE", "MAP_SHARED", "MAP_ANONYMOUS", "MAP_FIXED", "MAP_FIXED_NOREPLACE", "MAP_HUGETLB",
     "MAP_NORESERVE", "MAP_POPULATE", "MADV_NORMAL", "MADV_RANDOM", "MADV_SEQUENTIAL", "MADV_WILLNEED",

@@ -48,3 +48,8 @@ class ProcessKilled(OSError):
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
+
+
+class DriverBug(AssertionError):
+    """A device driver broke a rule of the kernel API (what VM_BUG_ON would catch under
+    CONFIG_DEBUG_VM): the message says which rule, where, and what the driver should do."""

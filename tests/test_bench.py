@@ -41,6 +41,7 @@ def test_rows_are_labelled_with_same_run_baselines_and_spreads(quick_results):
         assert r["result"] == {True: "pass", False: "fail", None: None}[r["meets_target"]]
     assert quick_results["meta"]["backend"] == "numpy"
     assert quick_results["meta"]["label"] == "emulated (numpy fallback)"
+    assert quick_results["meta"]["timer"] == "cpu"       # process CPU time: the box is shared
 
 
 def test_numpy_baselines_are_the_fastest_of_three_and_named(quick_results):
@@ -54,14 +55,35 @@ def test_numpy_baselines_are_the_fastest_of_three_and_named(quick_results):
 
 
 def test_scaling_compares_the_largest_size_with_smaller_ones(quick_results):
-    rows = [r for r in quick_results["rows"] if r["suite"] == "scaling"]
+    # the per-size rows (the fault-driven rows and the fixed per-call costs have their own sizes)
+    rows = [r for r in quick_results["rows"] if r["suite"] == "scaling" and r["figure"].endswith(" per page")]
     ops = {r["figure"] for r in rows}
     assert ops == {f"{op} per page" for op in ("fault-in", "mprotect", "fork", "writeback", "munmap",
                                                "hmm_range_fault", "migrate")}
     for r in rows:
-        assert r["size"] == "2^14 / 2^11 pages" and r["target"] == ">= 0.67"
+        assert r["size"] == "2^15 / 2^12 pages" and r["target"] == ">= 0.67"
         # higher is better: the smaller size's cost per page over the largest's
         assert r["ratio"] == pytest.approx(r["baseline"] / r["ours"])
+
+
+def test_fault_driven_rows(quick_results):
+    """Issue 8's rows: a fault-driven reduce against itself at 8 MiB, and the targets given as
+    fixed costs (control plane per page, list chase per step, the demo's chase) as ratios."""
+    rows = {(r["suite"], r["figure"]): r for r in quick_results["rows"]}
+    r = rows[("scaling", "fault-driven reduce per page (remote map)")]
+    assert r["size"] == "32 MiB / 8 MiB" and r["target"] == ">= 0.77"
+    assert r["ratio"] == pytest.approx(r["baseline"] / r["ours"])
+    for key, unit, target in ((("faults", "host control plane per faulting page (remote map)"), "us/page", 0.5),
+                              (("jobs", "list chase per step (one lane, warm page table)"), "us/step", 2.0),
+                              (("jobs", "demo pointer-chase step (cold: list + 586 tree lookups)"), "ms", 50.0)):
+        r = rows[key]
+        assert r["ours_unit"] == unit and r["baseline"] == target and r["target"] == ">= 1"
+        assert r["ratio"] == pytest.approx(target / r["ours"]) and r["result"] in ("pass", "fail")
+    for fig in ("reduce job faulting on host-resident pages (remote map)",
+                "memset job faulting on untouched pages (demand-zero)"):
+        assert rows[("faults", fig)]["target"] == ">= 0.5"
+    assert rows[("jobs", "reduce job via page table, remote system pages")]["baseline_name"].startswith(
+        "NumPy gather + sum of the same frames")
 
 
 def test_cli_bench_json_on_stdout_tables_on_stderr(capsys):
@@ -79,6 +101,21 @@ def test_cli_bench_table_on_stdout(capsys):
     assert cli.main(["bench", "fallback", "--quick", "--repeat", "1", "--backend", "numpy", "--no-progress"]) == 0
     cap = capsys.readouterr()
     assert "hmmgpu bench" in cap.out and "fallback: skipped" in cap.out and cap.err == ""
+    assert "timer: process CPU time" in cap.out
+    assert cli.main(["bench", "fallback", "--timer", "wall", "--backend", "numpy", "--no-progress"]) == 0
+    assert "timer: wall clock" in capsys.readouterr().out
+
+
+def test_inner_calls_cover_short_work():
+    ctx = Ctx("numpy", quick=True, repeat=2)
+    calls = {"ours": 0, "base": 0, "setup": 0}
+
+    def count(k):
+        calls[k] += 1
+    ctx.warmup = 0
+    ctx.compare(lambda: count("ours"), lambda: count("base"), base_setup=lambda: count("setup"),
+                ours_inner=3, base_inner=8)
+    assert calls == {"ours": 6, "base": 16, "setup": 16}    # a setup before every timed call
 
 
 def test_unavailable_suite_is_reported_not_faked(monkeypatch):
@@ -95,7 +132,7 @@ def test_unavailable_suite_is_reported_not_faked(monkeypatch):
     assert res["unavailable"] == {"jobs": "the job engine is not there yet"}
 
 
-def test_a_broken_suite_is_reported_as_failed(monkeypatch):
+def test_a_broken_suite_is_reported_as_failed(monkeypatch, capsys):
     class Broken:
         NAME = "jobs"
         DESCRIPTION = "x"
@@ -106,6 +143,20 @@ def test_a_broken_suite_is_reported_as_failed(monkeypatch):
     monkeypatch.setitem(framework.SUITES, "jobs", Broken)
     res = framework.run(["jobs"], quick=True, backend="numpy", repeat=1)
     assert res["unavailable"] == {"jobs": "failed: ZeroDivisionError: oops"}
+    assert cli.main(["bench", "jobs", "--backend", "numpy", "--no-progress"]) == 1     # not exit 0
+
+
+def test_a_missing_piece_is_not_a_failure(monkeypatch, capsys):
+    class Missing:
+        NAME = "jobs"
+        DESCRIPTION = "x"
+
+        @staticmethod
+        def run(ctx):
+            raise Unavailable("no GPU here")
+    monkeypatch.setitem(framework.SUITES, "jobs", Missing)
+    assert cli.main(["bench", "jobs", "--backend", "numpy", "--no-progress"]) == 0
+    assert "jobs: not available: no GPU here" in capsys.readouterr().out
 
 
 def exit_status(argv):
@@ -185,7 +236,7 @@ def test_ratio_is_higher_is_better_and_bands_have_no_upper_end():
 def test_interleaved_pairs_give_the_spread_of_per_repeat_ratios():
     ctx = Ctx("numpy", quick=True, repeat=3)
     seq = iter([1.0, 2.0, 1.0, 3.0, 1.0, 4.0] * 2)      # ours, base alternately: ratios 2, 3, 4
-    ctx._once = lambda fn, setup=None, device_only=False: next(seq)
+    ctx._once = lambda fn, setup=None, device_only=False, inner=1: next(seq)
     ctx.warmup = 0
     ours, base = ctx.compare(lambda: None, lambda: None)
     assert ours.partner is base
@@ -198,7 +249,7 @@ def test_interleaved_pairs_give_the_spread_of_per_repeat_ratios():
 def test_best_of_picks_the_fastest_candidate_in_the_same_run():
     ctx = Ctx("numpy", quick=True, repeat=2)
     times = {"slow": 3.0, "fast": 1.0, "ours": 2.0}
-    ctx._once = lambda fn, setup=None, device_only=False: times[fn()]
+    ctx._once = lambda fn, setup=None, device_only=False, inner=1: times[fn()]
     ctx.warmup = 0
     ours, base = ctx.compare(lambda: "ours", BestOf([("slow", lambda: "slow"), ("fast", lambda: "fast")]))
     assert base.name == "fast" and base.candidates == {"slow": 3.0, "fast": 1.0}
@@ -213,3 +264,24 @@ def test_plot_with_matplotlib(quick_results, tmp_path):
     msg = framework.plot(quick_results, str(path))
     assert str(path) in msg
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_device_bench_script_writes_the_figures_a_gpu_check_reads(tmp_path, capsys):
+    """bench/device_bench.py is a thin entry over the device suite: figures[name] has ratio,
+    target (a number) and GBps; without a GPU it asks for --cpu in one line."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(framework.__file__), "device_bench.py")
+    spec = importlib.util.spec_from_file_location("device_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "db.json"
+    assert mod.main(["--cpu", "--gib", "0.01", "--reps", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["backend"] == "numpy" and len(doc["figures"]) == 2
+    for f in doc["figures"].values():
+        assert f["ratio"] > 0 and f["target"] == 0.7 and f["GBps"] > 0
+    from hmmgpu.device.backend import backend_info
+    if backend_info()["backend"] != "cupy":
+        assert mod.main(["--gib", "0.01"]) == 2
+        assert "--cpu" in capsys.readouterr().err

@@ -23,6 +23,7 @@ there (the real tests run instead).
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -41,15 +42,20 @@ def _real_gpu():
     return backend_info()["backend"] == "cupy"
 
 
-@pytest.fixture(scope="module")
-def shim_env(tmp_path_factory):
+def shim_environment(d):
+    """The environment of a subprocess that runs on the shim (builds and caches under ``d``);
+    skips the calling test where a real GPU runs the gpu-marked tests itself."""
     if _real_gpu():
         pytest.skip("a real GPU is here: the gpu-marked tests run on it instead")
-    d = tmp_path_factory.mktemp("cuda_shim")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SHIM, REPO]), HMMGPU_SHIM_BUILD=str(d / "build"),
-               HMMGPU_KERNEL_CACHE=str(d / "kernels"), HMMGPU_SHIM_SEED="7", PYTHONFAULTHANDLER="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SHIM, REPO]), HMMGPU_SHIM_BUILD=os.path.join(d, "build"),
+               HMMGPU_KERNEL_CACHE=os.path.join(d, "kernels"), HMMGPU_SHIM_SEED="7", PYTHONFAULTHANDLER="1")
     env.pop("HMMGPU_BACKEND", None)
     return env
+
+
+@pytest.fixture(scope="module")
+def shim_env(tmp_path_factory):
+    return shim_environment(str(tmp_path_factory.mktemp("cuda_shim")))
 
 
 def run(env, *args, backend=None, timeout=600):
@@ -63,7 +69,7 @@ def run(env, *args, backend=None, timeout=600):
 def pytest_under_shim(env, *args, backend=None):
     r = run(env, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, backend=backend)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "failed" not in r.stdout and "error" not in r.stdout.lower()
+    assert " passed" in r.stdout and not re.search(r"\b\d+ (failed|errors?)\b", r.stdout), r.stdout[-3000:]
     return r
 
 
@@ -170,7 +176,8 @@ def test_auto_backend_needs_a_kernel_to_run(shim_env):
 
 @pytest.mark.parametrize("path", ["tests/test_device_pagetable.py", "tests/test_device_dma.py",
                                   "tests/test_device_jobs.py", "tests/test_device_fatal.py",
-                                  "tests/test_device_parity.py", "tests/test_device_lifetime.py"])
+                                  "tests/test_device_parity.py", "tests/test_device_lifetime.py",
+                                  "tests/test_docs.py"])
 def test_gpu_marked_device_tests(shim_env, path):
     pytest_under_shim(shim_env, "--require-gpu", "-m", "gpu", path)
 
@@ -197,7 +204,8 @@ def test_bench_gpu_branch(shim_env, suite):
     res = json.loads(r.stdout)
     assert not res.get("unavailable"), res["unavailable"]
     rows = [row for row in res["rows"] if row["suite"] == suite]
-    assert rows and all(row["ratio"] is not None for row in rows), rows
+    # every figure with a target was measured against its baseline (fixed costs have neither)
+    assert rows and all(row["ratio"] is not None for row in rows if row["target"]), rows
 
 
 def test_device_bench(shim_env, tmp_path):

@@ -102,3 +102,41 @@ def test_sub_arenas_are_views(backend):
     hsub = host.sub(2, 4)
     assert np.array_equal(hsub.read(np.arange(2)), data[2:4])
     assert hsub.host is not None and np.array_equal(hsub.host[0], data[2])
+
+
+def test_copy_pages_with_one_consecutive_side(backend):
+    """A batch whose destination (or source) is one run of consecutive frames, as a driver's
+    fresh device pages are, of a length that is not a whole number of the engine's chunks."""
+    rng = np.random.default_rng(5)
+    host = backend.host_arena(2000)
+    dev = EmulatedDevice(backend, 2000, BASE_PFN, host)
+    data = rng.integers(0, 256, (2000, PAGE), dtype=np.uint8)
+    host.write(np.arange(2000), data)
+    n = 2 * 256 + 37
+    scattered = rng.permutation(2000)[:n]
+    run = np.arange(700, 700 + n)
+    dev.copy_pages(BASE_PFN + run, scattered).wait()            # gathered into the run
+    assert np.array_equal(dev.arena.read(run), data[scattered])
+    back = rng.permutation(2000)[:n]
+    dev.copy_pages(back, BASE_PFN + run).wait()                 # scattered from the run
+    assert np.array_equal(host.read(back), data[scattered])
+    assert np.array_equal(dev.arena.read(run[::-1]), data[scattered][::-1])
+
+
+def test_arena_runs_and_scattered_frames_agree(backend):
+    """Arena read/write/fill take runs of consecutive frames as slices and the rest as one
+    gather: every mix of the two must touch exactly the frames asked for, in order."""
+    rng = np.random.default_rng(11)
+    arena = backend.device_arena(512)
+    ref = rng.integers(0, 256, (512, PAGE), dtype=np.uint8)
+    arena.write(np.arange(512), ref)
+    runs = np.concatenate((np.arange(40, 104), np.arange(300, 340), [7, 3], np.arange(200, 232)))
+    for idx in (runs, rng.permutation(512)[:100], np.arange(128, 256)):
+        assert np.array_equal(arena.read(idx), ref[idx])
+        data = rng.integers(0, 256, (idx.size, PAGE), dtype=np.uint8)
+        arena.write(idx, data)
+        ref[idx] = data
+        assert np.array_equal(arena.read(np.arange(512)), ref)
+        arena.fill(idx[::2], 0x3C)
+        ref[idx[::2]] = 0x3C
+        assert np.array_equal(arena.read(np.arange(512)), ref)

@@ -91,9 +91,11 @@ def scenario(backend, seed):
     from test_device_jobs import _lists, _tree
     lb, heads, _ = _lists(rng, drv, 100, 30, 24)
     drv.map(drv.vpns(lb, 24)[rng.random(24) < 0.5]).wait()
+    out["list_few"] = dev.jobs.list_chase(heads[:5]).value      # the fallback's scalar path
     out["list"] = dev.jobs.list_chase(heads).value
     tb, root, keys, _ = _tree(rng, drv, 2000, 24)
     drv.map(drv.vpns(tb, 24)[rng.random(24) < 0.3], flags=0).wait()
+    out["tree_few"] = dev.jobs.tree_search(root, np.concatenate((keys[700:720], keys[:3] + np.uint64(1)))).value
     out["tree"] = dev.jobs.tree_search(root, np.concatenate((keys[:700], keys[:50] + np.uint64(1)))).value
     out["pt"] = dev.pt.lookup(drv.vpns(drv.base, drv.next_va))
     out["ram"] = host.read(np.arange(1500))
@@ -127,6 +129,15 @@ def test_cuda_kernels_match_numpy_twins(seed):
     got = scenario(get_backend("cupy"), seed)
     assert sum(len(ref[k]["faults"][0]) for k in ("memset", "copy", "axpy", "reduce", "gather", "user")) > 0
     _eq(ref, got, "scenario")
+
+
+def test_scalar_chases_match_the_vectorised_twins(monkeypatch):
+    """The fallback's scalar path for a few pointer-chasing lanes and its vectorised path give
+    the same scenario: outputs, memory, page-table A/D bits, faults, counters."""
+    import hmmgpu.fallback.jobs as fj
+    ref = scenario(get_backend("numpy"), 1)
+    monkeypatch.setattr(fj, "SCALAR_LANES", 0)
+    _eq(ref, scenario(get_backend("numpy"), 1), "scenario")
 
 
 def test_scenario_runs_on_numpy():

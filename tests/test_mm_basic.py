@@ -716,3 +716,16 @@ def test_shared_anon_grown_by_mremap_is_sigbus_past_the_object(mm_system):
         p.read(n + 2 * P, 1)
     assert ei.value.errno == errno.EFAULT
     assert not isinstance(ei.value, hmmgpu.SegmentationFault)
+
+
+def test_freed_frames_come_back_as_ascending_runs(mm_system, mmh):
+    """A range freed and faulted in again gets consecutive ascending frames, so demand-zero
+    fills and device mappings of a fresh range are one run each, not one piece per page."""
+    p = mm_system.spawn()
+    n = 256
+    for _ in range(3):
+        a = p.mmap(n * PAGE_SIZE, RW, ANON)
+        p.write(a, np.full(n * PAGE_SIZE, 1, np.uint8))
+        pfns = np.array([mmh.pfn(p, a + i * PAGE_SIZE) for i in range(n)])
+        assert (np.diff(pfns) == 1).all(), pfns[:8]
+        p.munmap(a, n * PAGE_SIZE)

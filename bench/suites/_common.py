@@ -55,16 +55,32 @@ class Workload:
         self.system = hmmgpu.System(backend=backend_name, ram_bytes=(2 * self.npages + ram_extra_pages) * PAGE)
         if scattered:
             shuffle_free_list(self.system.phys)
-        chunk = max(512, ((self.npages + 511) // 512) * 512)
-        self.dev = dmirror.DMirrorDevice(self.system, memory=memory, chunk_pages=chunk, max_chunks=1)
+        # device memory for every page, in as few chunks (memremap_pages) as dmirror allows
+        chunk = min(dmirror.DEVMEM_CHUNK_PAGES, max(512, ((self.npages + 511) // 512) * 512))
+        self.dev = dmirror.DMirrorDevice(self.system, memory=memory, chunk_pages=chunk,
+                                         max_chunks=-(-self.npages // chunk))
         self.proc = self.system.spawn()
         self.mirror = self.dev.open(self.proc)
         self.addr = self.proc.mmap(self.nbytes, RW, PRIV_ANON)
-        pattern = np.full(self.nbytes // 8, 0x0123456789ABCDEF, np.uint64)
-        pattern[::513] = np.arange(pattern[::513].size, dtype=np.uint64)
-        self.proc.write(self.addr, pattern)
-        self.pattern = pattern                 # what the range must hold after any round trip
+        # the same pattern as one array would give, written 64 MiB at a time (no GiB temporary)
+        for lo, chunk in self.pattern_chunks():
+            self.proc.write(self.addr + lo * 8, chunk)
         self.vma = self.proc.mm.find_vma(self.addr)
+
+    def pattern_chunks(self, step=1 << 23):
+        """(first word, uint64 words) of the range's pattern, 64 MiB at a time."""
+        words = self.nbytes // 8
+        for lo in range(0, words, step):
+            w = np.arange(lo, min(words, lo + step), dtype=np.int64)
+            yield lo, np.where(w % 513 == 0, (w // 513).astype(np.uint64), np.uint64(0x0123456789ABCDEF))
+
+    def check_pattern(self):
+        """Raise AssertionError unless the range still holds its pattern, every word of it."""
+        for lo, want in self.pattern_chunks():
+            got = self.proc.read(self.addr + lo * 8, want.nbytes).view(np.uint64)
+            bad = np.flatnonzero(got != want)
+            assert bad.size == 0, (f"migration corrupted the data ({bad.size} words of a 64 MiB piece, "
+                                   f"first at byte {8 * (lo + int(bad[0]))})")
 
     def pfns(self):
         from hmmgpu.mm import pgtable as pt
@@ -139,6 +155,37 @@ def numpy_sum(frames, pfns):
                    ("contiguous sum", lambda: src.view(np.uint32).sum(dtype=np.uint64))])
 
 
+def numpy_gather_sum(frames, pfns):
+    """BestOf the plain NumPy ways to gather pages ``pfns`` of ``frames`` and sum them as uint32:
+    fancy indexing or ``np.take`` into a buffer, then the sum."""
+    pfns = np.asarray(pfns, dtype=np.int64)
+    out = np.empty((pfns.size, PAGE), np.uint8)
+    out.fill(1)
+
+    def take_sum():
+        np.take(frames, pfns, axis=0, out=out)
+        return out.view(np.uint32).sum(dtype=np.uint64)
+    return BestOf([("fancy indexing + sum", lambda: frames[pfns].view(np.uint32).sum(dtype=np.uint64)),
+                   ("np.take + sum", take_sum)])
+
+
+def numpy_fresh_fill(nbytes, value):
+    """BestOf the plain NumPy ways to make a fresh array filled with ``value``."""
+    return BestOf([("np.empty + fill", lambda: np.empty(nbytes, np.uint8).fill(value)),
+                   ("np.full", lambda: np.full(nbytes, value, np.uint8))])
+
+
+def target_row(ctx, figure, samples, target, unit, scale, *, size, note="", label=None):
+    """A cost row against a fixed target (seconds per item ``samples``; ``target`` in ``unit``,
+    ``scale`` converting seconds to it): ratio = target / ours, higher is better, passes at 1."""
+    s = sorted(float(x) * scale for x in samples)
+    med = float(np.median(s))
+    return ctx.row(figure, ours=med, ours_unit=unit, ours_spread=(s[0], med, s[-1]),
+                   baseline_name=f"target: {target:g} {unit}", baseline=target,
+                   ratio=target / med, spread=(target / s[-1], target / med, target / s[0]),
+                   target=">= 1", size=size, note=note, label=label)
+
+
 # -- CUDA baselines (CuPy backend only) ---------------------------------------------------------
 
 class Cuda:
@@ -190,3 +237,52 @@ class Cuda:
         the device argument as a device location, so -1 (cudaCpuDeviceId) is refused there."""
         s = self.cp.cuda.get_current_stream()
         self.rt.memPrefetchAsync(int(ptr), int(nbytes), int(device), s.ptr)
+
+
+# -- fault-driven jobs ----------------------------------------------------------------------------
+
+class DeviceClock:
+    """Seconds spent inside a job engine's executor: the device's own work (on the fallback the
+    lanes' NumPy twins run there).  Whatever else a fault-driven job costs is the host's control
+    plane: draining the fault buffer, servicing (hmm_range_fault, page-table updates), replaying.
+
+    ``with DeviceClock(engine) as clk: ...`` then ``clk.seconds``; the engine's executor is
+    swapped for a timing proxy only inside the block.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.seconds = 0.0
+
+    def __enter__(self):
+        import time
+        real, clk = self.engine.ex, self
+
+        class _Timed:
+            def __getattr__(self, name):
+                attr = getattr(real, name)
+                if not callable(attr):
+                    return attr
+
+                def timed(*a, **k):
+                    t0 = time.perf_counter()
+                    try:
+                        return attr(*a, **k)
+                    finally:
+                        clk.seconds += time.perf_counter() - t0
+                return timed
+        self._real = real
+        self.engine.ex = _Timed()
+        return self
+
+    def __exit__(self, *exc):
+        self.engine.ex = self._real
+        return False
+
+
+def frames_sum(frames, pfns, chunk=8192):
+    """The uint32 sum (mod 2**64) of frames ``pfns``, a chunk at a time (no GiB temporaries)."""
+    total = np.uint64(0)
+    for lo in range(0, pfns.size, chunk):
+        total += frames[pfns[lo:lo + chunk]].view(np.uint32).sum(dtype=np.uint64)
+    return int(total)

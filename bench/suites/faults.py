@@ -14,10 +14,20 @@ Baselines in the same run: CUDA managed memory with the same access pattern -- C
 then read by the same reduce kernel, and freshly allocated then first touched by a fill
 kernel (GPU); a NumPy gather + sum of the same frames, and a NumPy fill of a fresh array
 (fallback).
+
+A fourth figure splits the remote-map reduce at 256 MiB (quick: 8 MiB) into the device's work
+(time inside the job engine's executor) and the host's control plane (everything else: fault
+buffer drain, hmm_range_fault, page-table updates, replay), per faulting page, against the
+target of 0.5 us (UVM's whole on-demand path costs about 0.7 us per 4 KiB page on an H100).
 """
+import time
+
 import numpy as np
 
-from ._common import PAGE, PRIV_ANON, RW, Cuda, Workload, need, size_label
+from ._common import (PAGE, PRIV_ANON, RW, Cuda, DeviceClock, Workload, frames_sum, need,
+                      numpy_fresh_fill, numpy_gather_sum, size_label, target_row)
+
+CONTROL_PLANE_TARGET_US = 0.5
 
 NAME = "faults"
 DESCRIPTION = "a device job faulting on host-resident and untouched memory vs CUDA managed memory"
@@ -26,7 +36,7 @@ DESCRIPTION = "a device job faulting on host-resident and untouched memory vs CU
 def run(ctx):
     need("hmmgpu.device", "the device layer (EmulatedDevice)")
     from hmmgpu.drivers.mirrorgpu import MirrorGpu
-    nbytes = (2 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (64 << 20))
+    nbytes = (16 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (64 << 20))
     npages = nbytes // PAGE
     w = Workload(ctx.backend_name, npages, scattered=True, ram_extra_pages=npages + 16384)
     st = {"gpu": None, "region": None}
@@ -42,7 +52,7 @@ def run(ctx):
         fresh_gpu(w.addr, migrate=True)
 
     try:
-        expect = int(w.proc.read(w.addr, nbytes).view(np.uint32).sum(dtype=np.uint64))
+        expect = frames_sum(w.system.phys.ram.host, w.pfns())
         if ctx.gpu:
             cu = Cuda(ctx)
             cp = cu.cp
@@ -70,33 +80,29 @@ def run(ctx):
             bname_zero = "fresh managed memory, first touch by a fill kernel"
             targets = (None, ">= 1.0", ">= 1.0")
         else:
-            frames = w.system.phys.ram.frames
-            pfns = w.pfns()
-            out = np.empty((npages, PAGE), np.uint8)
-
-            def gather_sum():
-                np.take(frames, pfns, axis=0, out=out)
-                out.view(np.uint32).sum(dtype=np.uint64)
-            read_base = (gather_sum, None)
-            zero_base = (lambda: np.empty(nbytes, np.uint8).fill(0x5A), None)
+            read_base = (numpy_gather_sum(w.system.phys.ram.frames, w.pfns()), None)
+            zero_base = (numpy_fresh_fill(nbytes, 0x5A), None)
             bname = "NumPy gather + sum of the same frames"
             bname_zero = "NumPy fill of a fresh array"
-            targets = (None, None, None)
+            targets = (">= 0.5", None, ">= 0.5")
 
         # host-resident data, a new device (empty page table) for each repeat
         ctx.progress("job faulting on host-resident pages")
         faults = {}
 
         def reduce():
+            before = dict(st["gpu"].counters)
             r = st["gpu"].jobs.reduce_sum(w.addr, nbytes)
             assert r.value == expect, "reduce over faulted pages computed a wrong sum"
             faults["n"] = r.faults
+            faults["rounds"] = len(r.rounds)
+            faults["counts"] = {k: v - before[k] for k, v in st["gpu"].counters.items()}
 
         def unpack(b):
             return (b, None) if isinstance(b, BaseException) else b
         fn, setup = unpack(read_base)
         ours, base = ctx.compare(reduce, fn, ours_setup=lambda: fresh_gpu(w.addr), base_setup=setup)
-        fstats = dict(st["gpu"].counters)
+        fstats = faults["counts"]
         # the same, with a driver that migrates each faulted 2 MiB block to device memory first
         ctx.progress("job faulting with migration on fault")
         fn, setup = unpack(read_base)
@@ -117,8 +123,10 @@ def run(ctx):
         assert (check == 0x5A).all(), "memset job result not visible to the CPU"
         if ctx.gpu:
             held.clear()
-        note = (f"{faults.get('n', 0):,} faults per run; {fstats.get('num_fault_batches', 0)} batches, "
-                f"{fstats.get('num_duplicate_faults', 0)} duplicates (first device)")
+        note = (f"{faults.get('n', 0):,} faults per run in {faults.get('rounds', 0)} rounds; "
+                f"{fstats.get('num_fault_batches', 0)} batches, {fstats.get('num_replays', 0)} replays, "
+                f"{fstats.get('num_duplicate_faults', 0)} duplicates, "
+                f"{fstats.get('num_buffer_overflows', 0)} overflows (last run)")
         ctx.figure("reduce job faulting on host-resident pages (remote map)", nbytes=nbytes, ours=ours,
                    base=base, baseline_name=bname, target=targets[0], size=size_label(nbytes), note=note)
         ctx.figure("reduce job faulting on host-resident pages (migrate on fault)", nbytes=nbytes,
@@ -129,4 +137,58 @@ def run(ctx):
     finally:
         if st["gpu"] is not None:
             st["gpu"].close()
+        w.close()
+    control_plane(ctx, (8 << 20) if ctx.quick else (256 << 20))
+
+
+def control_plane(ctx, nbytes):
+    """Host control-plane cost per faulting page of the remote-map reduce (see the docstring);
+    on the GPU also the kernel launches and host synchronisations per fault round."""
+    from hmmgpu.drivers.mirrorgpu import MirrorGpu
+    npages = nbytes // PAGE
+    ctx.progress(f"host control plane per faulting page, {size_label(nbytes)}")
+    w = Workload(ctx.backend_name, npages, scattered=True, ram_extra_pages=16384)
+    calls = getattr(ctx.backend, "counters", None)
+    gpu = None
+    try:
+        expect = frames_sum(w.system.phys.ram.host, w.pfns())
+        host, device, counts = [], [], {}
+        for i in range(ctx.warmup + ctx.repeat):
+            if gpu is not None:
+                gpu.close()
+            gpu = MirrorGpu(w.system, w.proc, w.dev, w.addr, w.addr + nbytes, name="bench-gpu")
+            ctx.sync()
+            before = dict(gpu.counters)
+            c0 = dict(calls) if calls is not None else None
+            with DeviceClock(gpu.jobs) as clk:
+                t0 = time.perf_counter()
+                r = gpu.jobs.reduce_sum(w.addr, nbytes)
+                ctx.sync()
+                total = time.perf_counter() - t0
+            assert r.value == expect, "reduce over faulted pages computed a wrong sum"
+            if i >= ctx.warmup:
+                host.append((total - clk.seconds) / r.faults)
+                device.append(clk.seconds / r.faults)
+                counts = {k: gpu.counters[k] - before[k] for k in before}
+                counts["rounds"] = len(r.rounds)
+                counts["lanes_launched"] = sum(r.rounds)
+                if calls is not None:
+                    counts.update({k: calls[k] - c0[k] for k in calls})
+        note = (f"device (executor) {float(np.median(device)) * 1e6:.2f} us/page; "
+                f"{counts['rounds']} rounds, {counts['lanes_launched']:,} lanes launched, "
+                f"{counts['num_fault_batches']} batches, {counts['num_replays']} replays, "
+                f"{counts['num_buffer_overflows']} overflows")
+        target_row(ctx, "host control plane per faulting page (remote map)", host, CONTROL_PLANE_TARGET_US,
+                   "us/page", 1e6, size=size_label(nbytes), note=note)
+        if calls is not None:            # the CuPy backend counts its launches and syncs
+            rounds = counts["rounds"]
+            for key, what, limit in (("kernel_launches", "kernel launches", 3), ("host_syncs", "host syncs", 1)):
+                per = counts[key] / rounds
+                ctx.row(f"{what} per fault round", ours=per, ours_unit=f"{what}/round",
+                        baseline_name=f"target: {limit}", baseline=limit, ratio=limit / per,
+                        spread=(limit / per,) * 3, target=">= 1", size=size_label(nbytes),
+                        note=f"{counts[key]} over {rounds} rounds (one job; its output read included)")
+    finally:
+        if gpu is not None:
+            gpu.close()
         w.close()

@@ -23,7 +23,7 @@ def console(json_on_stdout=False):
     stderr = bool(json_on_stdout)
     con = Console(stderr=stderr, highlight=False)
     if not con.is_terminal and not os.environ.get("COLUMNS"):   # logs, pipes: room for the tables
-        con = Console(stderr=stderr, highlight=False, width=max(con.width, 150))
+        con = Console(stderr=stderr, highlight=False, width=max(con.width, 200))
     return con
 
 

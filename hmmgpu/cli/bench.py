@@ -53,6 +53,10 @@ def add_parser(sub, common):
                     help="smaller sizes (tens of MiB): about a minute on 2 CPU cores")
     sp.add_argument("--repeat", type=positive_int, default=None, metavar="N",
                     help="timed repeats per figure after one warm-up (default 5); the median is reported")
+    sp.add_argument("--timer", choices=("cpu", "wall"), default="cpu",
+                    help="on the NumPy backend: time this process's CPU time (default; on a shared machine "
+                         "wall time also counts other processes' turns) or the wall clock; a GPU run uses "
+                         "CUDA events")
     sp.add_argument("--plot", metavar="FILE.png", help=f"bar chart of the ratios (needs matplotlib: {PLOT_HINT})")
     sp.add_argument("--trace", metavar="FILE.json", help="write a Chrome trace of the run")
     sp.add_argument("--list", action="store_true", help="list the suites and exit (with --json: as JSON)")
@@ -90,7 +94,7 @@ def cmd_bench(opt):
     tr = trace.enable() if opt.trace else None
     try:
         res = b.run(names, quick=opt.quick, backend=backend, repeat=opt.repeat,
-                    console=None if opt.no_progress else progress_console())
+                    console=None if opt.no_progress else progress_console(), timer=opt.timer)
     finally:
         if tr is not None:
             trace.disable()
@@ -105,4 +109,6 @@ def cmd_bench(opt):
         print_trace_summary(con, tr, opt.trace)
     if opt.json:
         emit_json(res)
-    return 0
+    # a suite that broke (an exception, not a missing piece) fails the command; a figure that
+    # misses its target is a measurement, not a failure of the command
+    return 1 if any(why.startswith("failed") for why in res["unavailable"].values()) else 0

@@ -263,6 +263,7 @@ def run_demo(mib_each=DEFAULT_MIB, backend=None, seed=7, on_step=None):
     gpu.device.synchronize()
     result["rss_memcg"] = [state["before"], state["middle"], state["after"]]
     result["counters"] = trace.collect_counters(system, devices=[gpu, state["dmdev"]])
+    result["fault_buffer_entries"] = gpu.device.fault_buffer.capacity
     result["notifier_events"] = trace.notifier_event_counts(proc.mm)
     result["ok"] = all(result["checks"].values())
     gpu.close()
@@ -341,22 +342,23 @@ def print_demo_summary(con, res):
                   fmt_bytes(s["memcg_bytes"]), fmt_bytes(s["memcg_peak_bytes"]),
                   f"{s.get('device_pages', 0):,} pages")
     con.print(t)
-    print_faults(con, res["steps"])
+    print_faults(con, res["steps"], res.get("fault_buffer_entries"))
     print_counters(con, res["counters"], res.get("notifier_events"))
     checks = ", ".join(f"{k}: {'ok' if v else '[red]FAILED[/]'}" for k, v in res["checks"].items())
     con.print(f"checks: {checks}")
 
 
-def print_faults(con, steps):
+def print_faults(con, steps, entries=None):
     """The device faults of each step, so that the counters below add up."""
     from rich.table import Table
     rows = [s for s in steps if s.get("faults", {}).get("lanes")]
     if not rows:
         return
     t = Table(title="device faults, step by step", title_justify="left",
-              caption="lanes = records + overflows (a lane that finds the 256-entry fault buffer full "
-                      "faults again on replay); records = duplicates + serviced (a duplicate names a page "
-                      "already in its batch); the serviced pages go to hmm_range_fault",
+              caption=f"lanes = records + overflows (a lane that finds the fault buffer"
+                      f"{f' ({entries:,} entries)' if entries else ''} full faults again on replay); "
+                      "records = duplicates + serviced (a duplicate names a page already in its batch); the "
+                      "serviced pages go to hmm_range_fault",
               caption_justify="left")
     for c in ("step", "lanes that faulted", "fault records", "overflows", "duplicates", "serviced",
               "batches", "replays"):

@@ -5,7 +5,8 @@ never processes or VMAs: the driver resolves those through the HMM core and tell
 what to map.
 
     dev = EmulatedDevice(backend, nframes, pfn_base, host_arena, gpu=0,
-                         fault_buffer_entries=256, fault_batch_size=256,
+                         fault_buffer_entries=None, fault_batch_size=256,
+                         max_batches_per_service=20, replay_policy="batch_flush",
                          slice_lanes=65536, service=None)
 
 Memory
@@ -57,17 +58,27 @@ Jobs (dev.jobs, a JobEngine; hmmgpu/device/jobs.py)
     arguments (NumPy arrays, or Zeros(n) made on the device) are lane-private scratch returned in
     ``result.outputs``.  A job runs in slices of ``slice_lanes`` lanes (the preemption points).
     Each takes ``service=``; the default is ``dev.service``, the driver's fault handler:
-    ``service(faults)`` gets a FaultBatch (NumPy arrays vaddr, access, lane, job; one entry per
-    page, deduplicated), maps what it can through dev.pt, and returns None, or a bool/errno
-    array marking the faults it cannot service (no VMA, PROT_NONE): the job is then cancelled
-    with JobFault (an OSError naming the address).  Only faulted lanes are replayed.
+    ``service(faults)`` gets a FaultBatch -- with the default replay policy a FaultDrain, every
+    batch of one service pass (up to 20 x 256 records) in one call -- (NumPy arrays vaddr,
+    access, lane, job; one entry per page, deduplicated, sorted by address), maps what it can
+    through dev.pt (one map call, no wait: the replay is queued behind it), and returns None,
+    or a bool/errno array marking the faults it cannot service (no VMA, PROT_NONE): the job is
+    then cancelled with JobFault (an OSError naming the faulting address).  Only the lanes whose
+    faults were serviced are replayed.
 
 Observability
     dev.counters              UVM fault_stats names: num_read_faults, num_write_faults,
                               num_atomic_faults, num_duplicate_faults, num_fatal_faults,
                               num_fault_batches, num_replays, num_buffer_overflows
     dev.stats()               counters + page-table, DMA and job-engine figures
-    dev.fault_buffer          capacity / batch_size (defaults 256 / 256, as UVM's batch)
+    dev.fault_buffer          capacity (default: what a slice can raise, 4 records a lane, at
+                              most 2^22 records: 128 MiB),
+                              batch_size (256, uvm_perf_fault_batch_count), max_batches (20,
+                              uvm_perf_fault_max_batches_per_service), policy (REPLAY_BLOCK,
+                              REPLAY_BATCH, REPLAY_BATCH_FLUSH (default), REPLAY_ONCE; see
+                              hmmgpu/device/faults.py)
+    On the CuPy backend ``dev.stats()`` also has ``kernel_launches`` and ``host_syncs`` (the
+    backend's totals): a fault round costs at most 3 launches and 1 host synchronisation.
     Chrome-trace events (job rounds, fault services, invalidations, DMA) go to hmmgpu.trace
     when tracing is on.
 
@@ -86,14 +97,16 @@ import numpy as np
 from ..constants import PAGE_SIZE
 from ._trace import span
 from .hw import DONE
-from .faults import DEFAULT_FAULT_BATCH, DEFAULT_FAULT_BUFFER_ENTRIES, FAULT_COUNTERS, FaultBuffer
+from .faults import (DEFAULT_FAULT_BATCH, DEFAULT_REPLAY_POLICY, FAULT_COUNTERS, MAX_BATCHES_PER_SERVICE,
+                     MAX_FAULT_BUFFER_ENTRIES, MAX_FAULTS_PER_LANE, FaultBuffer)
 from .jobs import DEFAULT_SLICE_LANES, JobEngine
 from .pagetable import DevicePageTable
 
 
 class EmulatedDevice:
     def __init__(self, backend, nframes, pfn_base, host_arena, gpu=0, *,
-                 fault_buffer_entries=DEFAULT_FAULT_BUFFER_ENTRIES, fault_batch_size=DEFAULT_FAULT_BATCH,
+                 fault_buffer_entries=None, fault_batch_size=DEFAULT_FAULT_BATCH,
+                 max_batches_per_service=MAX_BATCHES_PER_SERVICE, replay_policy=DEFAULT_REPLAY_POLICY,
                  slice_lanes=DEFAULT_SLICE_LANES, pt_initial_nodes=64, service=None, name=None,
                  lazy_memory=False):
         if pfn_base < host_arena.nframes:
@@ -115,8 +128,11 @@ class EmulatedDevice:
         self.dma = backend.dma_engine(self.gpu)
         self._pt_initial_nodes = pt_initial_nodes
         self.pt = self._new_pagetable(self.name)
+        if fault_buffer_entries is None:           # what one slice of lanes can raise
+            fault_buffer_entries = min(int(slice_lanes) * MAX_FAULTS_PER_LANE, MAX_FAULT_BUFFER_ENTRIES)
         self.fault_buffer = FaultBuffer(backend.fault_buffer_hw(fault_buffer_entries, self.gpu),
-                                        fault_buffer_entries, fault_batch_size, self.counters)
+                                        fault_buffer_entries, fault_batch_size, self.counters,
+                                        max_batches=max_batches_per_service, policy=replay_policy)
         # the engines see the device through weak proxies: no reference cycle, so dropping the
         # last reference to the device frees its memory at once, not at the next gc pass
         me = weakref.proxy(self)
@@ -154,14 +170,19 @@ class EmulatedDevice:
     def _split(self, pfns):
         p = np.asarray(pfns, dtype=np.int64).reshape(-1)
         dev = self.owns(p)
+        if np.count_nonzero(dev) == dev.size:
+            return p, dev
         bad = ~dev & ((p < 0) | (p >= self.nr_ram))
-        if bad.any():
+        if np.count_nonzero(bad):
             raise ValueError(f"{self.name}: pfn 0x{int(p[bad][0]):x} is neither system RAM nor this "
                              "device's memory")
         return p, dev
 
     def read_pages(self, pfns):
         p, dev = self._split(pfns)
+        if p.size and np.count_nonzero(dev) == p.size:
+            with self.lock:
+                return self.arena.read(p - self.pfn_base)     # one gather, no second copy
         out = np.empty((p.size, PAGE_SIZE), dtype=np.uint8)
         with self.lock:
             if dev.any():
@@ -190,23 +211,44 @@ class EmulatedDevice:
                 self.synchronize()
                 self.host_arena.fill(p[~dev], value)
 
+    def _side(self, p):
+        """1 if every pfn of ``p`` is this device's, 0 if every one is system RAM, else None."""
+        if p.size <= 16:
+            lst = p.tolist()
+            lo, hi = (min(lst), max(lst)) if lst else (0, -1)
+        else:
+            lo, hi = int(p.min()), int(p.max())
+        if self.pfn_base <= lo and hi < self.pfn_base + self.nframes:
+            return 1
+        if 0 <= lo and hi < self.nr_ram:
+            return 0
+        return None
+
     def copy_pages(self, dst_pfns, src_pfns):
         """Copy frames by global pfn on the DMA engine; returns the Fence of the whole batch."""
+        d = np.asarray(dst_pfns, dtype=np.int64).reshape(-1)
+        s = np.asarray(src_pfns, dtype=np.int64).reshape(-1)
+        dk, sk = self._side(d), self._side(s)
+        if dk is not None and sk is not None and d.size == s.size:
+            # the usual batch: every page one way (RAM -> device, or back): one DMA batch
+            with span("dma copy", "migrate", self.name, npages=int(d.size)), self.lock:
+                return self.dma.copy(self.arena if dk else self.host_arena, d - self.pfn_base if dk else d,
+                                     self.arena if sk else self.host_arena, s - self.pfn_base if sk else s)
         d, ddev = self._split(dst_pfns)
         s, sdev = self._split(src_pfns)
         if d.size != s.size:
             raise ValueError(f"{self.name}: copy of {s.size} source pages to {d.size} destinations")
         fence = DONE
         with span("dma copy", "migrate", self.name, npages=int(d.size)), self.lock:
-            for dd in (False, True):              # at most four batches: RAM/device x RAM/device
-                for sd in (False, True):
-                    m = (ddev == dd) & (sdev == sd)
-                    if not m.any():
-                        continue
-                    fence = self.dma.copy(self.arena if dd else self.host_arena,
-                                          d[m] - (self.pfn_base if dd else 0),
-                                          self.arena if sd else self.host_arena,
-                                          s[m] - (self.pfn_base if sd else 0))
+            kind = ddev * 2 + sdev                # RAM/device x RAM/device: at most four batches
+            kinds = [int(kind[0])] if d.size and (kind == kind[0]).all() else np.unique(kind).tolist()
+            for k in kinds:
+                dd, sd = k >= 2, k & 1
+                m = slice(None) if len(kinds) == 1 else kind == k
+                fence = self.dma.copy(self.arena if dd else self.host_arena,
+                                      d[m] - (self.pfn_base if dd else 0),
+                                      self.arena if sd else self.host_arena,
+                                      s[m] - (self.pfn_base if sd else 0))
         return fence                             # one in-order queue: the last fence covers all
 
     def synchronize(self):
@@ -222,6 +264,7 @@ class EmulatedDevice:
         for k in ("memcpy_calls", "kernel_launches"):
             if hasattr(self.dma, k):
                 s["dma_" + k] = getattr(self.dma, k)
+        s.update(getattr(self.backend, "counters", None) or {})     # CuPy: launches, host syncs
         return s
 
 
@@ -243,8 +286,8 @@ class DeviceContext:
         self.name = name
         self.service = service
         self.pt = device._new_pagetable(name)
-        self.jobs = JobEngine(self.device, device.jobs.ex, device.jobs.slice_lanes, space=weakref.proxy(self),
-                              queue=device.jobs.queue)
+        self.jobs = JobEngine(self.device, device.jobs.ex, device.jobs.slice_lanes,
+                              space=weakref.proxy(self), queue=device.jobs.queue)
         self.live = True
 
     def __repr__(self):

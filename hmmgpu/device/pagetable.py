@@ -71,6 +71,8 @@ def pte_pfn(entries):
 def make_commands(op, targets, counts, values):
     """Pack command records (n, 4) uint64; ``first`` is the running sum of counts."""
     n = len(targets)
+    if n == 1:          # one run (the common small update): no array arithmetic
+        return np.array([[op | (int(counts[0]) << 8), int(targets[0]), int(values[0]), 0]], dtype=np.uint64)
     cmds = np.empty((n, 4), dtype=np.uint64)
     counts = np.asarray(counts, dtype=np.uint64)
     cmds[:, 0] = _U64(op) | (counts << _U64(8))
@@ -81,11 +83,25 @@ def make_commands(op, targets, counts, values):
     return cmds
 
 
+_ONE_RUN = (np.zeros(1, np.int64), np.ones(1, np.int64))
+_SMALL = 16         # arrays up to this size are checked with Python integers
+
+
+def _bounds(a):
+    """(min, max) of a non-empty int64 array."""
+    if a.size <= _SMALL:
+        lst = a.tolist()
+        return min(lst), max(lst)
+    return int(a.min()), int(a.max())
+
+
 def _runs(*arrays):
     """Start positions and lengths of runs where every array steps by exactly +1."""
     n = len(arrays[0])
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if n == 1:
+        return _ONE_RUN
     cont = np.ones(n - 1, dtype=bool)
     for a in arrays:
         a = np.asarray(a, dtype=np.int64)
@@ -96,7 +112,10 @@ def _runs(*arrays):
 
 
 def _strictly_increasing(a):
-    return a.size < 2 or bool((a[1:] > a[:-1]).all())
+    if a.size <= _SMALL:
+        lst = a.tolist()
+        return all(x < y for x, y in zip(lst, lst[1:]))
+    return bool((a[1:] > a[:-1]).all())
 
 
 class DevicePageTable:
@@ -124,11 +143,17 @@ class DevicePageTable:
         self._inflight = inflight if inflight is not None else collections.deque()
         self.stats = {"pt_commands": 0, "pt_entries_updated": 0, "pt_links": 0,
                       "pt_submissions": 0, "pt_invalidations": 0, "pt_nodes": 1}
+        # map_check(vpns, pfns): a driver's debug check run before every map (it may raise);
+        # hmmgpu.hmm.debug.check_device_mappings sets the notifier-sequence check
+        self.map_check = None
 
     # -- the host side of the directory ------------------------------------------------------
     def _check_vpns(self, vpns):
         vpns = np.asarray(vpns, dtype=np.int64).reshape(-1)
-        if vpns.size and (vpns.min() < 0 or vpns.max() >> VPN_BITS):
+        if not vpns.size:
+            return vpns
+        lo, hi = _bounds(vpns)
+        if lo < 0 or hi >> VPN_BITS:
             bad = int(vpns[(vpns < 0) | (vpns >> VPN_BITS != 0)][0])
             raise ValueError(f"device page table: vpn 0x{bad:x} (address 0x{bad << 12:x}) is outside "
                              f"the device's {VPN_BITS + 12}-bit virtual address space")
@@ -136,6 +161,11 @@ class DevicePageTable:
 
     def _check_pfns(self, pfns):
         pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)
+        if not pfns.size:
+            return pfns
+        lo, hi = _bounds(pfns)
+        if (0 <= lo and hi < self.nr_ram) or (self.pfn_base <= lo and hi < self.pfn_base + self.nframes):
+            return pfns                            # all RAM, or all this device's memory
         ok = ((pfns >= 0) & (pfns < self.nr_ram)) | (
             (pfns >= self.pfn_base) & (pfns < self.pfn_base + self.nframes))
         if not ok.all():
@@ -151,8 +181,8 @@ class DevicePageTable:
         have = self._keys[PT_LEVELS - 1]
         if have.size:
             keys = vpns_sorted >> PT_BITS
-            pos = np.searchsorted(have, keys)
-            if (pos < have.size).all() and (have[np.minimum(pos, have.size - 1)] == keys).all():
+            pos = have.searchsorted(keys)             # nondecreasing: keys are sorted
+            if pos[-1] < have.size and not np.count_nonzero(have[pos] != keys):
                 return None
         links_t, links_v = [], []
         for level in range(1, PT_LEVELS):
@@ -194,13 +224,13 @@ class DevicePageTable:
         self.stats["pt_links"] += int(t.size)
         return make_commands(PT_OP_LINK, t, np.ones(t.size, np.int64), np.concatenate(links_v))
 
-    def _submit(self, cmds):
+    def _submit(self, cmds, nentries):
         if cmds is None or len(cmds) == 0:
             return
-        self.stats["pt_commands"] += len(cmds)
-        self.stats["pt_submissions"] += 1
-        counts = cmds[:, 0] >> _U64(8)
-        self.stats["pt_entries_updated"] += int(counts.sum())
+        stats = self.stats
+        stats["pt_commands"] += len(cmds)
+        stats["pt_submissions"] += 1
+        stats["pt_entries_updated"] += int(nentries)
         self.hw.execute(self.nodes, cmds)
 
     # -- updates -----------------------------------------------------------------------------
@@ -214,28 +244,36 @@ class DevicePageTable:
         pfns = self._check_pfns(pfns)
         if vpns.shape != pfns.shape:
             raise ValueError(f"device page table: {vpns.size} vpns but {pfns.size} pfns")
-        flags = np.broadcast_to(np.asarray(flags, dtype=np.int64), vpns.shape)
+        if self.map_check is not None:
+            self.map_check(vpns, pfns)
         if vpns.size == 0:
             return self.hw.fence()
+        if np.ndim(flags) == 0:                 # one value for every page
+            f = (int(flags) & PTE_FLAGS_MASK) | PTE_VALID
+        else:
+            f = (np.broadcast_to(np.asarray(flags, dtype=np.int64), vpns.shape) & PTE_FLAGS_MASK) | PTE_VALID
         # last one wins, then sort by vpn: runs of consecutive vpn and pfn become one command
         if _strictly_increasing(vpns):          # the common case needs no sort
-            v, p, f = vpns, pfns, (flags & PTE_FLAGS_MASK) | PTE_VALID
+            v, p = vpns, pfns
         else:
             rev_unique, rev_idx = np.unique(vpns[::-1], return_index=True)
             pick = vpns.size - 1 - rev_idx
-            v, p, f = rev_unique, pfns[pick], (flags[pick] & PTE_FLAGS_MASK) | PTE_VALID
+            v, p = rev_unique, pfns[pick]
+            if not isinstance(f, int):
+                f = f[pick]
         starts, lengths = _runs(v, p)
-        # a run must also keep its flags
-        fl_break = np.flatnonzero(np.diff(f) != 0) + 1
-        if fl_break.size:
-            cut = np.union1d(starts, fl_break)
-            starts = cut
-            lengths = np.diff(np.concatenate((cut, [v.size])))
+        if not isinstance(f, int):
+            # a run must also keep its flags
+            fl_break = np.flatnonzero(np.diff(f) != 0) + 1
+            if fl_break.size:
+                starts = np.union1d(starts, fl_break)
+                lengths = np.diff(np.concatenate((starts, [v.size])))
+            f = f[starts]
         with self.lock:
             links = self._ensure_tables(v)
-            self._submit(links)
-            self._submit(make_commands(PT_OP_MAP, v[starts], lengths,
-                                       (p[starts] << PTE_PFN_SHIFT) | f[starts]))
+            self._submit(links, 0 if links is None else len(links))
+            self._submit(make_commands(PT_OP_MAP, v[starts], lengths, (p[starts] << PTE_PFN_SHIFT) | f),
+                         v.size)
             return self.hw.fence()
 
     def _leaf_op(self, op, vpns, value):
@@ -246,7 +284,8 @@ class DevicePageTable:
             return self.hw.fence()
         starts, lengths = _runs(vpns)
         with self.lock:
-            self._submit(make_commands(op, vpns[starts], lengths, np.full(starts.size, value, np.uint64)))
+            self._submit(make_commands(op, vpns[starts], lengths, np.full(starts.size, value, np.uint64)),
+                         vpns.size)
             return self.hw.fence()
 
     def unmap(self, vpns):
@@ -292,7 +331,8 @@ class DevicePageTable:
         with self.lock:
             starts, lengths = self._range_runs(start_vpn, int(start_vpn) + int(npages))
             if starts.size:
-                self._submit(make_commands(op, starts, lengths, np.full(starts.size, value, np.uint64)))
+                self._submit(make_commands(op, starts, lengths, np.full(starts.size, value, np.uint64)),
+                             lengths.sum())
             return self.hw.fence()
 
     def unmap_range(self, start_vpn, npages):

@@ -45,14 +45,15 @@ import numpy as np
 
 from ..constants import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from ..device import EmulatedDevice, JobFault
-from ..device.pagetable import PTE_ATOMIC, PTE_VALID, PTE_WRITE
+from ..device.pagetable import PTE_ATOMIC, PTE_VALID, PTE_WRITE, pte_pfn
 from ..errors import ProcessKilled, oserror
+from ..hmm.debug import check_device_mappings
 from ..hmm.exclusive import make_device_exclusive_range
 from ..hmm.hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID,
                        HMM_PFN_WRITE, HMM_RANGE_DEFAULT_TIMEOUT, HmmRange, hmm_pfn_to_map_order,
                        hmm_pfn_to_pfn, hmm_range_fault)
 from ..hmm.memremap import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE, DevPagemap,
-                            is_device_coherent_page, is_device_private_page, is_zone_device_page,
+                            is_device_coherent_page, is_device_private_page,
                             memremap_pages, memunmap_pages, pgmap_owner_is, zone_device_page_init)
 from ..hmm.migrate_device import (MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
                                   MIGRATE_VMA_SELECT_DEVICE_COHERENT,
@@ -70,6 +71,10 @@ from ..mm.validate import ULONG_MAX, check_buffer, check_user_range, raw_bytes, 
 from ..mm.vma import VM_READ, VM_WRITE
 
 _U = np.uint64
+_MPFN_VALID = _U(MIGRATE_PFN_VALID)
+_MPFN_MIGRATE = _U(MIGRATE_PFN_MIGRATE)
+_MPFN_WRITE = _U(MIGRATE_PFN_WRITE)
+_NOT_MIGRATE = ~_MPFN_MIGRATE
 
 # HMM_DMIRROR_PROT_* of lib/test_hmm_uapi.h: one byte per page of a snapshot.
 PROT_ERROR = 0xFF
@@ -126,6 +131,43 @@ class DmirrorResult:
     def __repr__(self):
         n = None if self.data is None else self.data.size
         return f"DmirrorResult(cpages={self.cpages}, faults={self.faults}, data={n} bytes)"
+
+
+class _FreeList:
+    """The free device pages: a stack in one array as large as the device (pages come off the
+    top), so a page freed or taken costs the same however many are free."""
+
+    def __init__(self, capacity):
+        self.a = np.empty(capacity, dtype=np.int64)
+        self.n = 0
+
+    def pages(self):
+        return self.a[:self.n]
+
+    def push(self, pfns):
+        """Onto the top: the next to come off."""
+        self.a[self.n:self.n + pfns.size] = pfns
+        self.n += pfns.size
+
+    def push_under(self, pfns):
+        """Under every page there: the last to come off."""
+        k = pfns.size
+        self.a[k:self.n + k] = self.a[:self.n]           # NumPy copies overlapping ranges safely
+        self.a[:k] = pfns
+        self.n += k
+
+    def pop(self, k):
+        """Up to ``k`` pages off the top, the topmost first."""
+        k = min(int(k), self.n)
+        got = self.a[self.n - k:self.n][::-1].copy()
+        self.n -= k
+        return got
+
+    def keep(self, mask):
+        """Only the pages where ``mask`` (over ``pages()``) is true stay, in order."""
+        kept = self.a[:self.n][mask]
+        self.a[:kept.size] = kept
+        self.n = kept.size
 
 
 class _Chunk:
@@ -187,7 +229,7 @@ class DMirrorDevice:
         self.chunks = []
         self.devmem_lock = threading.Lock()     # protects chunks
         self.lock = threading.Lock()            # protects the free list and counters
-        self._free = np.zeros(0, dtype=np.int64)
+        self._free = _FreeList(nslots)
         self.calloc = 0
         self.cfree = 0
         self.mirrors = []
@@ -224,7 +266,7 @@ class DMirrorDevice:
         return self.calloc - self.cfree
 
     def nr_free(self):
-        return int(self._free.size)
+        return self._free.n
 
     def _allocate_chunk(self):
         """dmirror_allocate_chunk(): one more memremap_pages; False when out of device memory."""
@@ -247,9 +289,9 @@ class DMirrorDevice:
             return False
         self.chunks.append(_Chunk(pgmap, slot))
         with self.lock:
-            # pages come off the end of the stack: keep low pfns first
-            self._free = np.concatenate((np.arange(first + self.chunk_pages - 1, first - 1, -1,
-                                                   dtype=np.int64), self._free))
+            # pages come off the top of the stack: the new chunk's go under the others,
+            # lowest pfn on top
+            self._free.push_under(np.arange(first + self.chunk_pages - 1, first - 1, -1, dtype=np.int64))
         return True
 
     def alloc_pages(self, n):
@@ -260,10 +302,8 @@ class DMirrorDevice:
                 if not self._allocate_chunk():
                     break
             with self.lock:
-                k = min(n, self._free.size)
-                got = self._free[self._free.size - k:][::-1].copy()
-                self._free = self._free[:self._free.size - k]
-                self.calloc += k
+                got = self._free.pop(n)
+                self.calloc += got.size
         zone_device_page_init(self.system, got)
         return got
 
@@ -278,7 +318,7 @@ class DMirrorDevice:
                 for pgm in removing:
                     keep &= ~((pfns >= pgm.pfn_first) & (pfns < pgm.pfn_last))
                 pfns = pfns[keep]
-            self._free = np.concatenate((self._free, pfns[::-1]))
+            self._free.push(pfns[::-1])
 
     def _devmem_fault(self, vmf):
         """dmirror_devmem_fault(): migrate_to_ram for a CPU access to device-private pages.
@@ -305,7 +345,7 @@ class DMirrorDevice:
         """dmirror_devmem_fault_alloc_and_copy(): system pages for device pages, and the copy."""
         src = args.src[:args.npages]
         spfn = migrate_pfn_to_pfn(src)
-        sel = np.nonzero((spfn >= 0) & ((src & _U(MIGRATE_PFN_MIGRATE)) != 0))[0]
+        sel = np.nonzero((spfn >= 0) & ((src & _MPFN_MIGRATE) != 0))[0]
         if sel.size == 0:
             return 0
         sp = spfn[sel]
@@ -317,27 +357,25 @@ class DMirrorDevice:
         except OSError:
             return VM_FAULT_OOM
         phys.pages.flags[dpages] |= PG_LOCKED
-        addrs = args.start + (sel << PAGE_SHIFT)
         # xa_erase() of the device mappings, in every mirror of this device on that mm
-        self._erase_in_mirrors(mm, addrs)
+        self._erase_in_mirrors(mm, (args.start >> PAGE_SHIFT) + sel)
         try:
             # the CPU may touch the new pages as soon as migrate_vma_pages maps them: wait
             self.device.copy_pages(dpages, sp).wait()
         except BaseException:
             _release_new(phys, dpages)
             raise
-        wr = (src[sel] & _U(MIGRATE_PFN_WRITE)) != 0
-        args.dst[sel] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
+        wr = (src[sel] & _MPFN_WRITE) != 0
+        args.dst[sel] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
         return 0
 
-    def _erase_in_mirrors(self, mm, addrs, skip=None):
-        """Invalidate ``addrs`` in every open of this device on ``mm`` (but ``skip``): they all
-        ignored the MMU_NOTIFY_MIGRATE that carried this device as owner."""
+    def _erase_in_mirrors(self, mm, vpns, skip=None):
+        """Invalidate the pages ``vpns`` in every open of this device on ``mm`` (but ``skip``):
+        they all ignored the MMU_NOTIFY_MIGRATE that carried this device as owner."""
         with self.lock:
             mirrors = [m for m in self.mirrors if m.mm is mm and m is not skip]
-        if not mirrors or addrs.size == 0:
+        if not mirrors or vpns.size == 0:
             return
-        vpns = addrs >> PAGE_SHIFT
         for m in mirrors:
             with m.mutex:
                 m.pt.invalidate(vpns)
@@ -349,8 +387,8 @@ class DMirrorDevice:
                 with self.lock:
                     chunk.remove = True
                     pgm = chunk.pgmap
-                    f = self._free
-                    self._free = f[(f < pgm.pfn_first) | (f >= pgm.pfn_last)]
+                    f = self._free.pages()
+                    self._free.keep((f < pgm.pfn_first) | (f >= pgm.pfn_last))
                 try:
                     self._evict_chunk(chunk)
                     memunmap_pages(chunk.pgmap)
@@ -360,12 +398,12 @@ class DMirrorDevice:
                         chunk.remove = False
                         pg = self.system.phys.pages
                         f = np.arange(pgm.pfn_last - 1, pgm.pfn_first - 1, -1, dtype=np.int64)
-                        self._free = np.concatenate((f[pg.refcount[f] == 0], self._free))
+                        self._free.push_under(f[pg.refcount[f] == 0])
                     self.chunks = [c for c in self.chunks if c.remove is False or c is chunk]
                     raise
             self.chunks = []
             with self.lock:
-                self._free = np.zeros(0, dtype=np.int64)
+                self._free.n = 0
 
     def _evict_chunk(self, chunk):
         """dmirror_device_evict_chunk(): migrate_device_range over the whole chunk."""
@@ -375,7 +413,7 @@ class DMirrorDevice:
         dst = np.zeros(n, dtype=_U)
         migrate_device_range(self.system, src, pgm.pfn_first, n)
         spfn = migrate_pfn_to_pfn(src)
-        sel = np.nonzero((spfn >= 0) & ((src & _U(MIGRATE_PFN_MIGRATE)) != 0))[0]
+        sel = np.nonzero((spfn >= 0) & ((src & _MPFN_MIGRATE) != 0))[0]
         if sel.size:
             phys = self.system.phys
             try:
@@ -387,8 +425,8 @@ class DMirrorDevice:
                 raise
             phys.pages.flags[dpages] |= PG_LOCKED
             self.device.copy_pages(dpages, spfn[sel]).wait()
-            wr = (src[sel] & _U(MIGRATE_PFN_WRITE)) != 0
-            dst[sel] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
+            wr = (src[sel] & _MPFN_WRITE) != 0
+            dst[sel] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
             # No device page table needs fixing here: migrate_device_range unmapped every CPU
             # mapping of these pages under MMU_NOTIFY_CLEAR, which every mirror's notifier
             # applied, and a mirror maps nothing the CPU does not.
@@ -426,7 +464,7 @@ class _migrating:
     def __exit__(self, typ, exc, tb):
         args = self.args
         if typ is not None and not _pages_ran(args):
-            args.src[:args.npages] &= ~_U(MIGRATE_PFN_MIGRATE)
+            args.src[:args.npages] &= _NOT_MIGRATE
         migrate_vma_finalize(args)
         return False
 
@@ -529,6 +567,7 @@ class DMirror:
         self.closed = False
         self.notifier = MmuIntervalNotifier()
         mmu_interval_notifier_insert(self.notifier, self.mm, 0, ULONG_MAX_PAGE, self)
+        check_device_mappings(self.pt, self.notifier, self.system)   # DriverBug on a map without read_retry
 
     def __repr__(self):
         return f"DMirror({self.mdevice.memory}, pid={getattr(self.proc, 'pid', '?')})"
@@ -767,64 +806,80 @@ class DMirror:
                     migrate_vma_pages(args)
                     self._migrate_finalize_and_map(args)
         # Return the migrated data for verification, read by the device through its page table.
-        data = self._read_mapped(start, end, "pages are not in device memory (not migratable: "
-                                 "shared, file-backed or on another device)")
+        data = self._read_back(start, end, "pages are not in device memory (not migratable: "
+                               "shared, file-backed or on another device)")
         return DmirrorResult(data, (end - start) >> PAGE_SHIFT)
+
+    def _read_back(self, start, end, why):
+        """dmirror_do_read() of what the device page table maps, in one step: the device's MMU
+        translates every page (pt.lookup, its walker) and its DMA engine copies the frames out.
+        A page with no entry is ENOENT.  The driver mutex keeps invalidations out meanwhile, so
+        no page can be freed between the translation and the copy."""
+        vpns = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64)
+        with self.mutex:
+            ent = self.pt.lookup(vpns)
+            valid = (ent & _U(DPT_VALID)) != 0
+            if np.count_nonzero(valid) < valid.size:
+                a = start + (int(np.argmin(valid)) << PAGE_SHIFT)
+                raise oserror(errno.ENOENT, f"{why} (no device mapping at 0x{a:x})", start, end)
+            return self.mdevice.device.read_pages(pte_pfn(ent)).reshape(-1)
 
     def _migrate_alloc_and_copy(self, args):
         """dmirror_migrate_alloc_and_copy(): device pages for the collected ones, and the copy."""
         src = args.src[:args.npages]
-        sel = (src & _U(MIGRATE_PFN_MIGRATE)) != 0
         spfn = migrate_pfn_to_pfn(src)
-        has = spfn >= 0
-        if has.any():
-            # Device pages (ours or another device's) are never copied device to device here.
-            zd = np.zeros(src.size, dtype=bool)
-            zd[has] = is_zone_device_page(self.system, spfn[has])
-            sel &= ~zd
-        idx = np.nonzero(sel)[0]
+        phys = self.system.phys
+        # Device pages (ours or another device's) are never copied device to device here.
+        idx = (((src & _MPFN_MIGRATE) != 0) & (spfn < phys.nr_ram)).nonzero()[0]
         if idx.size == 0:
             return
         if self.flags & FLAG_FAIL_ALLOC:
             # the injected failure hits the huge allocation; small pages follow
             self.flags &= ~FLAG_FAIL_ALLOC
         dpages = self.mdevice.alloc_pages(idx.size)
-        idx = idx[:dpages.size]
+        if dpages.size < idx.size:
+            idx = idx[:dpages.size]
         if idx.size == 0:
             return
         sp = spfn[idx]
-        phys = self.system.phys
         dev = self.mdevice.device
         with_src = sp >= 0
+        every = np.count_nonzero(with_src) == with_src.size
         try:
-            if with_src.any():
-                # waited for: migrate_vma_finalize frees the source pages, which the CPU may
-                # reuse at once
-                dev.copy_pages(dpages[with_src], sp[with_src]).wait()
-            if (~with_src).any():
+            # waited for: migrate_vma_finalize frees the source pages, which the CPU may reuse
+            # at once
+            if every:
+                dev.copy_pages(dpages, sp).wait()
+            else:
+                if np.count_nonzero(with_src):
+                    dev.copy_pages(dpages[with_src], sp[with_src]).wait()
                 dev.fill_pages(dpages[~with_src], 0)
         except BaseException:
             _release_new(phys, dpages)
             raise
-        wr = ((src[idx] & _U(MIGRATE_PFN_WRITE)) != 0) | (~with_src & bool(args.vma.vm_flags & VM_WRITE))
+        wr = (src[idx] & _MPFN_WRITE) != 0
+        if not every and args.vma.vm_flags & VM_WRITE:
+            wr |= ~with_src                  # a hole filled in a writable VMA
         phys.pages.zone_device_data[dpages] = id(self)
-        args.dst[idx] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
+        args.dst[idx] = migrate_pfn(dpages) | (wr.astype(_U) << _U(3))
 
     def _migrate_finalize_and_map(self, args):
         """dmirror_migrate_finalize_and_map(): map the new device pages in the device page table."""
         src = args.src[:args.npages]
         dst = args.dst[:args.npages]
         dpfn = migrate_pfn_to_pfn(dst)
-        sel = np.nonzero(((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (dpfn >= 0))[0]
+        sel = (((src & _MPFN_MIGRATE) != 0) & (dpfn >= 0)).nonzero()[0]
         if sel.size == 0:
             return
-        w = (dst[sel] & _U(MIGRATE_PFN_WRITE)) != 0
+        w = (dst[sel] & _MPFN_WRITE) != 0
+        flags = DPT_WRITE if np.count_nonzero(w) == w.size else np.where(w, DPT_WRITE, 0)
         # Other opens of this device on this mm ignored the MMU_NOTIFY_MIGRATE too (it
         # carries our owner): their entries for these pages are stale now.  (The kernel's
         # test driver leaves them; a real driver cannot.)
-        self.mdevice._erase_in_mirrors(self.mm, args.start + (sel << PAGE_SHIFT), skip=self)
+        vpns = (args.start >> PAGE_SHIFT) + sel
+        self.mdevice._erase_in_mirrors(self.mm, vpns, skip=self)
         with self.mutex:
-            self.pt.map((args.start >> PAGE_SHIFT) + sel, dpfn[sel], np.where(w, DPT_WRITE, 0))
+            self.pt.map(vpns, dpfn[sel], flags)
 
     def migrate_to_sys(self, addr, npages):
         """HMM_DMIRROR_MIGRATE_TO_SYS: bring this device's pages in the range back to system memory."""
@@ -842,8 +897,8 @@ class DMirror:
                     ret = self.mdevice._fault_alloc_and_copy(args, self.mm)
                     migrate_vma_pages(args)
                     src = args.src[:args.npages]
-                    cpages += int((((src & _U(MIGRATE_PFN_VALID)) != 0)
-                                   & ((src & _U(MIGRATE_PFN_MIGRATE)) != 0)).sum())
+                    cpages += int((((src & _MPFN_VALID) != 0)
+                                   & ((src & _MPFN_MIGRATE) != 0)).sum())
                 if ret:
                     raise oserror(errno.ENOMEM, "no system memory to migrate device pages back", s, e)
         return DmirrorResult(None, cpages)

@@ -1,17 +1,41 @@
 """MirrorGpu: a GPU-like driver that mirrors part of a process, in the manner of NVIDIA's UVM.
 
 Where dmirror (lib/test_hmm.c) answers ioctls, MirrorGpu runs device jobs: its EmulatedDevice
-context takes replayable faults in batches, services each run of faulted pages with the
-textbook HMM loop (mmu_interval_read_begin, hmm_range_fault, mmu_interval_read_retry under the
-driver lock, then the device page table), maps system pages remotely (zero-copy) and its own
-device pages locally, and can migrate each faulted 2 MiB block first (migrate on fault).  The
-demo (`hmmgpu demo`) and the bench suites drive it.
+context takes replayable faults, and the device's service loop hands it a whole drain at a time
+(every batch of one pass, sorted by address).  It services a drain as UVM's
+uvm_hmm_va_block_service_locked() path does a batch: faults split by VMA (no VMA or PROT_NONE is
+fatal EFAULT, a write to a read-only VMA EPERM, each fault named by its own address), one
+hmm_range_fault per run of faulted pages in a VMA under one mmu_interval_read_begin /
+read_retry, and one device page-table command buffer for the whole drain, never waited for (the
+replay is queued behind it on the device's queue).  System pages are mapped remotely (zero-copy),
+its own device pages locally.  With migrate on fault, the faulted 2 MiB blocks first migrate to
+device memory through migrate_vma_* with MirrorGpu's own allocate-and-copy step, and the new
+device pages are mapped straight into its page table before migrate_vma_finalize; only the
+faulted pages that did not migrate go through hmm_range_fault.  The demo (`hmmgpu demo`) and the
+bench suites drive it.
 """
+import errno
 import threading
 
 import numpy as np
 
 from .. import trace
+from ..constants import PAGE_SHIFT, PAGE_SIZE
+from ..device.faults import ACCESS_ATOMIC
+from ..device.pagetable import PTE_ATOMIC, PTE_WRITE
+from ..errors import oserror
+from ..hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE,
+                   HMM_RANGE_DEFAULT_TIMEOUT, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE,
+                   MIGRATE_VMA_SELECT_SYSTEM, HmmRange, MigrateVma, MmuIntervalNotifier, hmm_pfn_to_pfn,
+                   hmm_range_fault, migrate_device_coherent_pages, migrate_pfn, migrate_pfn_to_pfn,
+                   migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup, mmu_interval_notifier_insert,
+                   mmu_interval_notifier_remove, mmu_interval_read_begin, mmu_interval_read_retry,
+                   mmu_interval_set_seq)
+from ..hmm.debug import check_device_mappings
+from ..mm.vma import VM_READ, VM_WRITE
+
+_U = np.uint64
+RUN_GAP_PAGES = 512          # faulted pages this close in one VMA share one hmm_range_fault
 
 
 class MirrorGpu:
@@ -19,30 +43,33 @@ class MirrorGpu:
 
     Its hardware is the dmirror device's ``EmulatedDevice`` (whose memory holds the pages that
     dmirror migrates there): MirrorGpu opens an address space of its own on it (a device
-    context: its own page table and job engine).  Its fault handler is the textbook HMM driver
-    loop: ``mmu_interval_read_begin``, ``hmm_range_fault`` under mmap_lock, then under the driver
-    lock ``mmu_interval_read_retry`` before the device page table is written.  System pages are
-    mapped remotely (zero-copy); device-private pages of the dmirror device are mapped locally.
-    The mmu interval notifier unmaps the device page table on every invalidation, and returns
-    only after the device has executed the unmap.
+    context: its own page table and job engine, ``gpu.jobs``).  Its fault handler ``service``
+    takes a whole drain of faults (see the module docstring); the mmu interval notifier unmaps
+    the device page table on every invalidation and returns only after the device executed it.
 
     ``migrate_on_fault=True`` makes it a fault-driven migrating driver (as UVM is): each faulted
     run of pages, widened to its 2 MiB blocks within the mirrored range, is first migrated to
-    device memory with migrate_vma_* (pages that cannot migrate -- shared, file-backed -- stay
-    where they are and are mapped remotely), then mapped locally.
+    device memory (pages that cannot migrate -- shared, file-backed -- stay where they are and
+    are mapped remotely).  ``start`` and ``end`` must be page-aligned with ``start < end``
+    (EINVAL otherwise); after ``close()`` jobs and services raise OSError(EBADF).
     """
 
     BLOCK_PAGES = 512            # 2 MiB, UVM's va_block
 
     def __init__(self, system, proc, dmdev, start, end, name="gpu0", migrate_on_fault=False):
-        from ..mm.notifier import MmuIntervalNotifier, mmu_interval_notifier_insert
+        start, end = int(start), int(end)
+        if start % PAGE_SIZE or end % PAGE_SIZE:
+            raise oserror(errno.EINVAL, f"MirrorGpu '{name}': the mirrored range must be page-aligned",
+                          start, end)
+        if end <= start:
+            raise oserror(errno.EINVAL, f"MirrorGpu '{name}': the mirrored range is empty", start, end)
         self.system, self.proc, self.dmdev = system, proc, dmdev
-        self.start, self.end = int(start), int(end)
+        self.start, self.end = start, end
         self.name = name
         # dmirror's EmulatedDevice is the hardware; we open an address space (context) of our own
         self.device = dmdev.device
         self.ctx = self.device.create_context(service=self.service, name=name)
-        self.jobs, self.pt = self.ctx.jobs, self.ctx.pt
+        self.pt = self.ctx.pt
         self.counters = self.device.counters      # the device's UVM fault_stats (all its contexts)
         self.lock = threading.RLock()
         self.serviced_pages = 0
@@ -51,15 +78,26 @@ class MirrorGpu:
         self.invalidated_pages = 0
         self.migrated_pages = 0
         self.migrate_on_fault = bool(migrate_on_fault)
-        self._mirror = None
         self._resident = set()       # 2 MiB blocks this driver migrated and nothing moved since
         self._migrating = False
+        self.closed = False
         self.mni = MmuIntervalNotifier()
         mmu_interval_notifier_insert(self.mni, proc.mm, self.start, self.end - self.start, self)
+        check_device_mappings(self.pt, self.mni, system)     # DriverBug on a map without read_retry
+
+    def _check_open(self, what):
+        if self.closed:
+            raise oserror(errno.EBADF, f"MirrorGpu '{self.name}' is closed: no {what} after close()",
+                          self.start, self.end)
+
+    @property
+    def jobs(self):
+        """The job engine of this address space (memset, reduce_sum, list_chase, run, ...)."""
+        self._check_open("job")
+        return self.ctx.jobs
 
     # the mmu interval notifier op
     def invalidate(self, mni, range, cur_seq):
-        from ..mm.notifier import mmu_interval_set_seq
         s, e = max(range.start, self.start), min(range.end, self.end)
         with self.lock:
             mmu_interval_set_seq(mni, cur_seq)
@@ -74,120 +112,258 @@ class MirrorGpu:
                 self.invalidated_pages += (e - s) >> 12
         return True
 
-    def fault_range(self, start, end, write):
-        """Mirror [start, end) into the device page table: 0 or a positive errno.
-
-        The HMM driver loop: mmu_interval_read_begin, hmm_range_fault (REQ_FAULT, +REQ_WRITE)
-        under mmap_lock, then under the driver lock mmu_interval_read_retry before the device
-        page table is written.  Device-private pages of the dmirror device map local.
-        """
-        import errno as _errno
-        from ..device.pagetable import PTE_WRITE
-        from ..hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_WRITE,
-                          HmmRange, hmm_pfn_to_pfn, hmm_range_fault, mmu_interval_read_begin,
-                          mmu_interval_read_retry)
-        rng = HmmRange(notifier=self.mni, start=start, end=end,
-                       default_flags=HMM_PFN_REQ_FAULT | (HMM_PFN_REQ_WRITE if write else 0),
-                       dev_private_owner=self.dmdev)
-        for _ in range(1000):
-            rng.notifier_seq = mmu_interval_read_begin(self.mni)
-            with self.proc.mm.mmap_lock.read():
-                ret = hmm_range_fault(rng)
-            if ret == -_errno.EBUSY:
-                continue
-            if ret:
-                return -ret
-            with self.lock:
-                if mmu_interval_read_retry(self.mni, rng.notifier_seq):
-                    continue
-                e = rng.hmm_pfns
-                if ((e & np.uint64(HMM_PFN_ERROR)) != 0).any():
-                    return _errno.EFAULT
-                pfns = hmm_pfn_to_pfn(e)
-                flags = np.where((e & np.uint64(HMM_PFN_WRITE)) != 0, PTE_WRITE, 0)
-                local = int(np.count_nonzero(self.device.owns(pfns)))
-                self.local_maps += local
-                self.remote_maps += int(pfns.size - local)
-                vpns = np.arange(start >> 12, end >> 12, dtype=np.int64)
-                self.pt.map(vpns, pfns, flags).wait()
-                self.serviced_pages += int(vpns.size)
-            return 0
-        return _errno.EBUSY
-
-    def migrate(self, start, end):
-        """migrate_vma_* of [start, end) to this device's memory, VMA by VMA; pages migrated."""
-        from .. import hmm
-        if self._mirror is None:
-            self._mirror = self.dmdev.open(self.proc)      # dmirror's allocator and copy steps
-        m = self._mirror
-        done = 0
-        with self.proc.mm.mmap_lock.read():
-            addr = start
-            while addr < end:
-                vma = self.proc.mm.find_vma(addr)
-                if vma is None or vma.start >= end:
-                    break
-                s, e = max(addr, vma.start), min(end, vma.end)
-                args = hmm.MigrateVma(vma, s, e, pgmap_owner=self.dmdev, flags=hmm.MIGRATE_VMA_SELECT_SYSTEM)
-                if hmm.migrate_vma_setup(args) == 0:
-                    m._migrate_alloc_and_copy(args)
-                    hmm.migrate_vma_pages(args)
-                    m._migrate_finalize_and_map(args)
-                    hmm.migrate_vma_finalize(args)
-                    done += int(getattr(args, "cpages", 0) or 0)
-                addr = e
-        self.migrated_pages += done
-        return done
-
+    # -- the fault path -------------------------------------------------------------------------
     def service(self, faults):
-        """Service one batch of device faults: one fault_range per run of consecutive pages."""
-        import errno as _errno
-        vpn = faults.vpn
-        write = faults.write
-        if trace.enabled:                     # one instant per faulting page, only while tracing
-            now = trace.now_us()
-            for a, acc in zip(faults.vaddr.tolist(), faults.access.tolist()):
-                trace.event("fault", trace.CAT_FAULT, now, None, track=f"{self.name}/faults",
-                            vaddr=hex(a), access=("read", "write", "atomic")[min(int(acc), 2)])
-        errs = np.zeros(len(faults), dtype=np.int64)
-        out_of_range = (vpn < (self.start >> 12)) | (vpn >= (self.end >> 12))
-        errs[out_of_range] = _errno.EFAULT
-        order = np.argsort(vpn, kind="stable")
-        v, w = vpn[order], write[order]
-        brk = np.flatnonzero((np.diff(v) != 1) | (w[1:] != w[:-1])) + 1
-        if self.migrate_on_fault:
-            ok = v[~out_of_range[order]]
-            if ok.size:
-                # whole 2 MiB blocks of the faulted pages, clipped to the mirrored range
-                blocks = np.unique(ok // self.BLOCK_PAGES)
-                blocks = blocks[[int(b) not in self._resident for b in blocks]]
-                bbrk = np.flatnonzero(np.diff(blocks) != 1) + 1
-                for grp in (np.split(blocks, bbrk) if blocks.size else ()):
-                    s = max(int(grp[0]) * self.BLOCK_PAGES << 12, self.start)
-                    e = min((int(grp[-1]) + 1) * self.BLOCK_PAGES << 12, self.end)
-                    with trace.span("migrate on fault", trace.CAT_MIGRATE, track=f"{self.name}/migrate",
-                                    npages=(e - s) >> 12):
-                        self._migrating = True
-                        try:
-                            self.migrate(s, e)
-                        finally:
-                            self._migrating = False
-                    self._resident.update(int(b) for b in grp)
-        for lo, hi in zip(np.concatenate(([0], brk)), np.concatenate((brk, [v.size]))):
-            idx = order[lo:hi]
-            if out_of_range[idx[0]]:
-                continue
-            err = self.fault_range(int(v[lo]) << 12, (int(v[hi - 1]) + 1) << 12, bool(w[lo]))
-            if err:
-                errs[idx] = err
+        """Service a drain of device faults (a FaultDrain, or any FaultBatch): 0 or an errno per
+        fault (None when all were serviced)."""
+        self._check_open("fault service")
+        vpn, write, atomic = faults.vpn, faults.write, faults.access == ACCESS_ATOMIC
+        errs = np.zeros(len(faults), np.int64)
+        order = np.arange(vpn.size) if (vpn.size < 2 or (vpn[1:] >= vpn[:-1]).all()) \
+            else np.argsort(vpn, kind="stable")
+        v, w, at = vpn[order], write[order], atomic[order]
+        inside = (v >= self.start >> PAGE_SHIFT) & (v < self.end >> PAGE_SHIFT)
+        errs[order[~inside]] = errno.EFAULT
+        pos = np.flatnonzero(inside)
+        if trace.enabled:                     # the drain's faults, one instant per drain
+            kinds = np.bincount(faults.access.astype(np.int64), minlength=3)
+            trace.instant("fault", trace.CAT_FAULT, track=f"{self.name}/faults", pages=len(faults),
+                          first=hex(int(faults.vaddr.min())), last=hex(int(faults.vaddr.max())),
+                          read=int(kinds[0]), write=int(kinds[1]), atomic=int(kinds[2]))
+        with trace.span("hmm service", trace.CAT_FAULT, track=f"{self.name}/faults", faults=int(pos.size)):
+            if pos.size and self.migrate_on_fault:
+                done = self._migrate_on_fault(v[pos])
+                pos = pos[~done]
+            if pos.size:
+                e = self._fault_pages(v[pos], w[pos], v[pos][at[pos]])
+                errs[order[pos]] = e
         return errs if errs.any() else None
 
+    def _runs(self, v, w):
+        """The hmm_range_fault calls for sorted faulted pages ``v`` (write mask ``w``): per VMA,
+        runs of faults at most RUN_GAP_PAGES apart.  Returns (runs, errs): a run is (first, last
+        position, vma); errs holds EFAULT / EPERM where a fault can never be serviced."""
+        errs = np.zeros(v.size, np.int64)
+        runs = []
+        covered = np.zeros(v.size, bool)
+        for vma in self.proc.mm.vmas_in(int(v[0]) << PAGE_SHIFT, (int(v[-1]) + 1) << PAGE_SHIFT):
+            a = int(np.searchsorted(v, vma.start >> PAGE_SHIFT))
+            b = int(np.searchsorted(v, vma.end >> PAGE_SHIFT))
+            if a == b:
+                continue
+            covered[a:b] = True
+            if not vma.vm_flags & VM_READ:          # PROT_NONE: HMM assumes no write-only maps
+                errs[a:b] = errno.EFAULT
+                continue
+            ok = np.arange(a, b)
+            if not vma.vm_flags & VM_WRITE:
+                bad = w[a:b]
+                errs[a:b][bad] = errno.EPERM
+                ok = ok[~bad]
+            if ok.size == 0:
+                continue
+            cut = np.flatnonzero(np.diff(v[ok]) > RUN_GAP_PAGES) + 1
+            for piece in np.split(ok, cut):           # one per run of nearby faults
+                runs.append((int(piece[0]), int(piece[-1]), vma, piece))
+        errs[~covered] = errno.EFAULT                 # no VMA there
+        return runs, errs
+
+    def _fault_pages(self, v, w, atomic=None):
+        """hmm_range_fault every run of ``v`` (sorted vpns, write mask ``w``) under one sequence
+        read, then one page-table update for all of them; returns an errno per page.  The
+        writable pages in ``atomic`` (vpns that took an atomic fault) are mapped with
+        PTE_ATOMIC: the emulated link carries device atomics to system memory."""
+        mm = self.proc.mm
+        for _ in range(HMM_RANGE_DEFAULT_TIMEOUT):
+            seq = mmu_interval_read_begin(self.mni)
+            with mm.mmap_lock.read():
+                runs, errs = self._runs(v, w)
+                got, busy = [], False
+                for lo, hi, vma, piece in runs:       # one hmm_range_fault per run
+                    rng = self._range(v, w, lo, hi, piece, seq)
+                    ret = hmm_range_fault(rng)
+                    if ret == -errno.EBUSY:
+                        busy = True
+                        break
+                    if ret:
+                        errs[piece] = -ret
+                        continue
+                    got.append((int(v[lo]), rng.hmm_pfns))
+            if busy:
+                continue
+            vpns, pfns, flags = self._entries(got, atomic)
+            if self._move_unreachable(pfns):
+                continue
+            with self.lock:
+                if mmu_interval_read_retry(self.mni, seq):
+                    continue
+                self._map(vpns, pfns, flags)
+            return errs
+        return np.full(v.size, errno.EBUSY, np.int64)
+
+    def _range(self, v, w, lo, hi, piece, seq):
+        first, npages = int(v[lo]), int(v[hi]) - int(v[lo]) + 1
+        dense = piece.size == npages
+        rng = HmmRange(notifier=self.mni, start=first << PAGE_SHIFT, end=(first + npages) << PAGE_SHIFT,
+                       dev_private_owner=self.dmdev, notifier_seq=seq)
+        ww = w[piece]
+        if dense and (ww.all() or not ww.any()):      # every page, one kind: no per-page flags
+            rng.default_flags = HMM_PFN_REQ_FAULT | (HMM_PFN_REQ_WRITE if ww[0] else 0)
+        else:                                         # only the faulted pages are faulted in
+            req = np.zeros(npages, _U)
+            k = v[piece] - first
+            req[k] = _U(HMM_PFN_REQ_FAULT)
+            req[k[ww]] |= _U(HMM_PFN_REQ_WRITE)
+            rng.hmm_pfns = req
+            rng.pfn_flags_mask = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE
+        return rng
+
+    def _entries(self, got, atomic=None):
+        """The (vpns, pfns, PTE flags) of every valid entry hmm_range_fault returned; the
+        writable pages in ``atomic`` get PTE_ATOMIC."""
+        if not got:
+            z = np.zeros(0, np.int64)
+            return z, z, z
+        vs, ps, fs = [], [], []
+        for first, e in got:
+            ok = np.flatnonzero(((e & _U(HMM_PFN_VALID)) != 0) & ((e & _U(HMM_PFN_ERROR)) == 0))
+            vs.append(first + ok)
+            ps.append(hmm_pfn_to_pfn(e[ok]))
+            fs.append(np.where((e[ok] & _U(HMM_PFN_WRITE)) != 0, PTE_WRITE, 0))
+        vpns, pfns, flags = (np.concatenate(x) for x in (vs, ps, fs))
+        if atomic is not None and atomic.size:
+            flags[(flags != 0) & np.isin(vpns, atomic)] |= PTE_ATOMIC
+        return vpns, pfns, flags
+
+    def _move_unreachable(self, pfns):
+        """Pages this device cannot address (another device's coherent memory) move to system
+        memory first, as dmirror does; True when some did (the caller walks again)."""
+        far = pfns[(pfns >= self.system.phys.nr_ram) & ~self.device.owns(pfns)]
+        if far.size == 0:
+            return False
+        migrate_device_coherent_pages(self.system, np.unique(far))
+        return True
+
+    def _map(self, vpns, pfns, flags):
+        """One page-table command buffer for all of a drain's entries (driver lock held).  Not
+        waited for: the replay is queued behind it on the device's queue."""
+        if vpns.size == 0:
+            return
+        local = int(np.count_nonzero(self.device.owns(pfns)))
+        self.local_maps += local
+        self.remote_maps += int(pfns.size - local)
+        self.pt.map(vpns, pfns, flags)
+        self.serviced_pages += int(vpns.size)
+
+    # -- migrate on fault -----------------------------------------------------------------------
+    def _migrate_on_fault(self, v):
+        """Migrate the 2 MiB blocks of faulted pages ``v`` (sorted) that are not resident yet and
+        map what moved; returns the mask of ``v`` mapped that way."""
+        blocks = np.unique(v // self.BLOCK_PAGES)
+        blocks = blocks[[int(b) not in self._resident for b in blocks]]   # one per faulted block
+        if blocks.size == 0:
+            return np.zeros(v.size, bool)
+        mapped = []
+        cut = np.flatnonzero(np.diff(blocks) != 1) + 1
+        with trace.span("migrate on fault", trace.CAT_MIGRATE, track=f"{self.name}/migrate",
+                        blocks=int(blocks.size)):
+            self._migrating = True
+            try:
+                for grp in np.split(blocks, cut):     # one per run of consecutive blocks
+                    s = max(int(grp[0]) * self.BLOCK_PAGES << PAGE_SHIFT, self.start)
+                    e = min((int(grp[-1]) + 1) * self.BLOCK_PAGES << PAGE_SHIFT, self.end)
+                    mapped.append(self.migrate(s, e))
+                    self._resident.update(grp.tolist())
+            finally:
+                self._migrating = False
+        moved = np.concatenate(mapped)
+        return np.isin(v, moved) if moved.size else np.zeros(v.size, bool)
+
+    def migrate(self, start, end):
+        """migrate_vma_* of [start, end) to this device's memory, VMA by VMA, the new pages
+        mapped into this address space before migrate_vma_finalize; returns the vpns mapped."""
+        mm = self.proc.mm
+        done = []
+        with mm.mmap_lock.read():
+            pieces = []
+            try:
+                for vma in mm.vmas_in(start, end):    # one per VMA
+                    args = MigrateVma(vma, max(start, vma.start), min(end, vma.end), pgmap_owner=self,
+                                      flags=MIGRATE_VMA_SELECT_SYSTEM)
+                    if migrate_vma_setup(args) != 0:
+                        continue
+                    pieces.append(args)
+                    self._alloc_and_copy(args)
+                    migrate_vma_pages(args)
+                with self.lock:                       # the pages are locked: no CPU access races
+                    done = self._map_migrated(pieces)
+            finally:
+                for args in pieces:
+                    migrate_vma_finalize(args)
+        n = sum(int(d.size) for d in done)
+        self.migrated_pages += n
+        return np.concatenate(done) if done else np.zeros(0, np.int64)
+
+    def _alloc_and_copy(self, args):
+        """Device pages for the collected system pages (zeroed for holes), and the copy."""
+        src = args.src[:args.npages]
+        idx = np.flatnonzero((src & _U(MIGRATE_PFN_MIGRATE)) != 0)
+        if idx.size == 0:
+            return
+        dpages = self.dmdev.alloc_pages(idx.size)     # locked, one reference each
+        idx = idx[:dpages.size]
+        if idx.size == 0:
+            return
+        spfn = migrate_pfn_to_pfn(src[idx])
+        has = spfn >= 0
+        try:
+            if has.any():
+                # waited for: migrate_vma_finalize frees the source pages, which the CPU may
+                # reuse at once
+                self.device.copy_pages(dpages[has], spfn[has]).wait()
+            if (~has).any():
+                self.device.fill_pages(dpages[~has], 0)
+        except BaseException:
+            self.system.phys.unlock(dpages)
+            self.system.phys.put(dpages, unique=True)
+            raise
+        wr = ((src[idx] & _U(MIGRATE_PFN_WRITE)) != 0) | (~has & bool(args.vma.vm_flags & VM_WRITE))
+        args.dst[idx] = migrate_pfn(dpages) | np.where(wr, _U(MIGRATE_PFN_WRITE), _U(0))
+
+    def _map_migrated(self, pieces):
+        """One page-table command buffer for every page that moved (driver lock held)."""
+        vs, ps, fs = [], [], []
+        for args in pieces:
+            src, dst = args.src[:args.npages], args.dst[:args.npages]
+            dpfn = migrate_pfn_to_pfn(dst)
+            k = np.flatnonzero(((src & _U(MIGRATE_PFN_MIGRATE)) != 0) & (dpfn >= 0))
+            vs.append((args.start >> PAGE_SHIFT) + k)
+            ps.append(dpfn[k])
+            fs.append(np.where((dst[k] & _U(MIGRATE_PFN_WRITE)) != 0, PTE_WRITE, 0))
+        if not vs:
+            return []
+        vpns = np.concatenate(vs)
+        if vpns.size:
+            self.pt.map(vpns, np.concatenate(ps), np.concatenate(fs))
+            self.local_maps += int(vpns.size)
+            self.serviced_pages += int(vpns.size)
+        return vs
+
+    def fault_range(self, start, end, write):
+        """Mirror [start, end) into the device page table (every page faulted in, as a prefetch
+        would): 0 or the first positive errno."""
+        self._check_open("fault service")
+        v = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64)
+        errs = self._fault_pages(v, np.full(v.size, bool(write)))
+        bad = np.flatnonzero(errs)
+        return int(errs[bad[0]]) if bad.size else 0
+
     def close(self):
-        from ..mm.notifier import mmu_interval_notifier_remove
+        """Stop mirroring: the notifier goes, the address space is destroyed (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
         mmu_interval_notifier_remove(self.mni)
-        if self._mirror is not None:
-            self._mirror.close()
-            self._mirror = None
         self.ctx.destroy()
         self.device.synchronize()
 

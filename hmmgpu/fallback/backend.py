@@ -30,13 +30,52 @@ class NumpyArena(Arena):
         return view
 
     def read(self, idx):
-        return self.frames[np.asarray(idx, dtype=np.int64)]
+        idx = np.asarray(idx, dtype=np.int64)
+        runs = _few_runs(idx)
+        if runs is None:
+            return self.frames[idx]
+        out = np.empty((idx.size, PAGE_SIZE), np.uint8)
+        for (a, b), o in zip(*runs):                 # one copy per run of consecutive frames
+            out[o:o + b - a] = self.frames[a:b]
+        return out
 
     def write(self, idx, data):
-        self.frames[np.asarray(idx, dtype=np.int64)] = np.asarray(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        idx = np.asarray(idx, dtype=np.int64)
+        data = np.asarray(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        runs = _few_runs(idx)
+        if runs is None:
+            self.frames[idx] = data
+            return
+        for (a, b), o in zip(*runs):
+            self.frames[a:b] = data[o:o + b - a]
 
     def fill(self, idx, value=0):
-        self.frames[np.asarray(idx, dtype=np.int64)] = value
+        idx = np.asarray(idx, dtype=np.int64)
+        runs = _few_runs(idx)
+        if runs is None:
+            self.frames[idx] = value
+            return
+        for a, b in runs[0]:                       # a memset per run (fresh pages come in runs)
+            self.frames[a:b] = value
+
+
+MIN_PAGES_PER_RUN = 16      # below this many pages per run on average, one fancy-index op wins
+
+
+def _few_runs(idx):
+    """``idx`` as runs of consecutive ascending frames -- ([(first, end), ...], [offset in idx,
+    ...]) -- when they average at least MIN_PAGES_PER_RUN pages; None otherwise."""
+    n = idx.size
+    if n < MIN_PAGES_PER_RUN:
+        return None
+    if int(idx[-1]) - int(idx[0]) == n - 1 and not np.count_nonzero(np.diff(idx) != 1):
+        return [(int(idx[0]), int(idx[-1]) + 1)], [0]
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    if (brk.size + 1) * MIN_PAGES_PER_RUN > n:
+        return None
+    starts = np.concatenate(([0], brk))
+    ends = np.concatenate((brk, [n]))
+    return list(zip(idx[starts].tolist(), (idx[ends - 1] + 1).tolist())), starts.tolist()
 
 
 class NumpyBackend(Backend):

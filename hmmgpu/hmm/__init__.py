@@ -7,6 +7,9 @@
 * ``exclusive.py``       make_device_exclusive() (mm/rmap.c)
 * ``legacy.py``          the 2017 API (hmm_mirror, hmm_vma_get_pfns/fault, hmm_devmem, migrate_vma)
                          as a thin layer over the modern one
+* ``debug.py``           CONFIG_DEBUG_VM for drivers: DriverBug when a driver breaks a rule of
+                         this API (unlocked destination pages, a pfn outside its pgmap, a device
+                         mapping without the sequence check, a missing migrate_vma_finalize)
 
 The mmu interval notifiers the sequence protocol needs live in ``hmmgpu.mm.notifier``
 and are re-exported here.  Return values follow the kernel: 0 or a negative errno.
@@ -18,6 +21,7 @@ from ..mm.notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_MI
                            mmu_interval_notifier_remove, mmu_interval_read_begin,
                            mmu_interval_read_retry, mmu_interval_set_seq,
                            mmu_notifier_range_blockable)
+from .debug import DriverBug, check_device_mappings
 from .exclusive import make_device_exclusive, make_device_exclusive_range
 from .hmm import (HMM_PFN_DMA_MAPPED, HMM_PFN_ERROR, HMM_PFN_FLAGS, HMM_PFN_ORDER_SHIFT,
                   HMM_PFN_P2PDMA, HMM_PFN_P2PDMA_BUS, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE,

@@ -33,7 +33,7 @@ import numpy as np
 from ..constants import PAGE_SHIFT, PAGE_SIZE
 from ..mm import pgtable as pt
 from ..mm.notifier import mmu_interval_check_retry
-from . import mmcompat
+from . import debug, mmcompat
 
 _U = np.uint64
 
@@ -57,7 +57,16 @@ _HMM_NEED_WRITE_FAULT = 2
 
 
 class HmmRange:
-    """struct hmm_range."""
+    """struct hmm_range: what ``hmm_range_fault`` fills in.
+
+    ``notifier`` (the driver's MmuIntervalNotifier covering the range) and ``notifier_seq``
+    (``mmu_interval_read_begin``'s value, set before each call); ``[start, end)`` page-aligned;
+    ``hmm_pfns`` a uint64 array of (end - start) / PAGE_SIZE entries, input flags in, output
+    entries out; ``default_flags`` (HMM_PFN_REQ_FAULT, | HMM_PFN_REQ_WRITE) apply to every page,
+    ``pfn_flags_mask`` selects the per-page input flags that also count;
+    ``dev_private_owner``: device-private pages of the pgmap with this owner are returned as they
+    are (the driver's own memory) instead of being migrated back to the CPU.
+    """
 
     __slots__ = ("notifier", "notifier_seq", "start", "end", "hmm_pfns", "default_flags",
                  "pfn_flags_mask", "dev_private_owner")
@@ -77,11 +86,13 @@ class HmmRange:
 
 
 def hmm_pfn_to_pfn(hmm_pfns):
-    """The pfns of output entries (hmm_pfn_to_page's pfn), vectorised."""
+    """hmm_pfn_to_page()'s pfn for every output entry, vectorised (the flags stripped)."""
     return (np.asarray(hmm_pfns, dtype=_U) & _U(~HMM_PFN_FLAGS & ((1 << 64) - 1))).astype(np.int64)
 
 
 def hmm_pfn_to_map_order(hmm_pfns):
+    """hmm_pfn_to_map_order(): log2 of the CPU mapping's size in pages (9 for a PMD-mapped THP)
+    for every output entry, so a driver can map a huge page with one device entry."""
     return ((np.asarray(hmm_pfns, dtype=_U) >> _U(HMM_PFN_ORDER_SHIFT)) & _U(0x1F)).astype(np.int64)
 
 
@@ -112,11 +123,24 @@ class _Walk:
 
 
 def hmm_range_fault(range):
-    """hmm_range_fault(): 0, or -EBUSY / -EFAULT / -EPERM / -ENOMEM.  mmap_lock held for read."""
+    """hmm_range_fault() of mm/hmm.c: snapshot (and fault in, as asked) the CPU page table of
+    ``range``, filling ``range.hmm_pfns``.
+
+    Call with mmap_lock held for read, after ``range.notifier_seq =
+    mmu_interval_read_begin(range.notifier)``.  Each output entry is HMM_PFN_VALID | pfn
+    (| HMM_PFN_WRITE, | the map order), or HMM_PFN_ERROR, or 0 where nothing was asked.  Pages
+    asked for with HMM_PFN_REQ_FAULT are faulted in like a CPU access (REQ_WRITE: a write
+    fault, breaking COW); device-private pages of another owner migrate back to the CPU.
+    Returns 0, or -EBUSY (an invalidation raced: read_begin again and retry), -EFAULT (no
+    VMA, PROT_NONE, or a fault that failed), -EPERM (a write to a read-only mapping),
+    -EINVAL (an unaligned range).  The result may be used only under the driver lock after
+    ``mmu_interval_read_retry(range.notifier, range.notifier_seq)`` returned False.
+    """
     notifier = range.notifier
     mm = notifier.mm
     if mm is None:
         return -errno.EFAULT
+    debug.check_no_unfinished_migration("hmm_range_fault", mm, range.start, range.end)
     npages = (range.end - range.start) >> PAGE_SHIFT
     if range.start & (PAGE_SIZE - 1) or range.end & (PAGE_SIZE - 1) or npages < 0:
         return -errno.EINVAL

@@ -54,10 +54,12 @@ HMM_UPDATE_INVALIDATE = 0
 
 
 def hmm_pfn_t_from_pfn(pfns):
+    """hmm_pfn_t_from_pfn(): 2017 hmm_pfn_t entries (pfn << HMM_PFN_SHIFT | HMM_PFN_VALID)."""
     return (np.asarray(pfns, dtype=np.int64).astype(_U) << _U(HMM_PFN_SHIFT)) | _U(HMM_PFN_VALID)
 
 
 def hmm_pfn_t_to_pfn(entries):
+    """hmm_pfn_t_to_pfn(): the pfn of each 2017 entry, -1 where HMM_PFN_VALID is clear."""
     e = np.asarray(entries, dtype=_U)
     return np.where((e & _U(HMM_PFN_VALID)) != 0, (e >> _U(HMM_PFN_SHIFT)).astype(np.int64), -1)
 
@@ -101,6 +103,7 @@ class Hmm(MmuNotifier):
         self.ranges = []
 
     def invalidate_range_start(self, mn, range):
+        """The mm's full notifier: mark the ranges being snapshotted invalid, tell the mirrors."""
         with self.lock:
             for r in self.ranges:
                 if range.start < r.end and r.start < range.end:
@@ -115,9 +118,10 @@ class Hmm(MmuNotifier):
                 m.ops.update(m, HMM_UPDATE_INVALIDATE, range.start, range.end)
 
     def invalidate_range_end(self, mn, range):
-        pass
+        """Nothing to do: the 2017 mirrors act at the start."""
 
     def release(self, mn, mm):
+        """The mm goes away: every range is invalid and every mirror released."""
         with self.lock:
             for r in self.ranges:
                 r.valid = False
@@ -150,6 +154,7 @@ def hmm_mirror_register(mirror, mm):
 
 
 def hmm_mirror_unregister(mirror):
+    """hmm_mirror_unregister(): stop mirroring; the last mirror of an mm drops its notifier."""
     h = mirror.hmm
     if h is None:
         return

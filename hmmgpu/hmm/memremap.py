@@ -28,15 +28,9 @@ import errno
 
 import numpy as np
 
-from ..errors import oserror
-from ..mm.physmem import PG_LOCKED, PG_ZONE_DEVICE
-
-# enum memory_type (include/linux/memremap.h)
-MEMORY_DEVICE_PRIVATE = 1
-MEMORY_DEVICE_COHERENT = 2
-MEMORY_DEVICE_FS_DAX = 3
-MEMORY_DEVICE_GENERIC = 4
-MEMORY_DEVICE_PCI_P2PDMA = 5
+from ..errors import DriverBug, oserror
+from ..mm.physmem import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_FS_DAX, MEMORY_DEVICE_GENERIC,  # noqa: F401
+                          MEMORY_DEVICE_PCI_P2PDMA, MEMORY_DEVICE_PRIVATE, PG_LOCKED, PG_ZONE_DEVICE)
 
 # Capability mask of a coherent-memory node: what the kernel may do with its pages.
 NODE_ALLOW_NUMA_BALANCING = 1 << 0
@@ -48,12 +42,17 @@ NODE_ALLOW_ALL = (1 << 5) - 1
 
 
 class DevPagemapOps:
-    """struct dev_pagemap_ops.  ``page_free(pfns)``; ``migrate_to_ram(vmf) -> 0 or VM_FAULT_*``."""
+    """struct dev_pagemap_ops: what the kernel calls back into a driver about its pages."""
 
     def page_free(self, pfns):
+        """The last reference of each page in ``pfns`` (a NumPy array) went: the pages are the
+        driver's again (back on its free list).  Called once per pgmap with every such pfn."""
         raise NotImplementedError
 
     def migrate_to_ram(self, vmf):
+        """A CPU access faulted on device-private pages (``vmf.addresses`` / ``vmf.pfns``, in
+        ``vmf.vma``): migrate them to system memory with migrate_vma_setup (``fault_page``),
+        the copy, migrate_vma_pages and migrate_vma_finalize.  Returns 0 or VM_FAULT_*."""
         raise NotImplementedError
 
 
@@ -101,7 +100,15 @@ class DevPagemap:
 
 
 def memremap_pages(pgmap, system):
-    """memremap_pages(): hotplug ``pgmap.nr_pages`` device frames; returns the first pfn."""
+    """memremap_pages() of mm/memremap.c: hotplug ``pgmap.nr_pages`` frames of device memory.
+
+    The driver fills ``pgmap``: ``type`` (MEMORY_DEVICE_PRIVATE or _COHERENT), ``ops`` (with
+    ``page_free``, and ``migrate_to_ram`` for private memory), ``owner`` (matched by
+    hmm_range_fault's ``dev_private_owner`` and migrate_vma's ``pgmap_owner``) and
+    ``nr_pages``; optionally ``arena`` + ``pfn_first`` when the device's frames exist already.
+    Every frame gets a struct page, free (refcount 0) until ``zone_device_page_init``.  Returns
+    the first pfn; OSError(EINVAL) for a pgmap missing what its type needs, EBUSY if mapped.
+    """
     if pgmap.live:
         raise oserror(errno.EBUSY, f"{pgmap!r} is already mapped")
     if pgmap.nr_pages <= 0:
@@ -150,8 +157,8 @@ def memremap_pages(pgmap, system):
 
 
 def memunmap_pages(pgmap):
-    """memunmap_pages(): remove the frames.  Every page must be free (the driver
-    evicts them first, with migrate_device_range); EBUSY otherwise."""
+    """memunmap_pages(): unplug the pgmap's frames.  Every page must be free -- the driver
+    evicts what is in use first (migrate_device_range) -- or it raises OSError(EBUSY)."""
     if not pgmap.live:
         return
     phys = pgmap.system.phys
@@ -170,13 +177,19 @@ def _nodes(system):
 
 
 def zone_device_page_init(system, pfns):
-    """zone_device_page_init(): a driver takes free device pages (refcount 1, locked)."""
+    """zone_device_page_init(): a driver takes free device pages ``pfns`` for a migration's
+    destination: refcount 1 (the driver's reference) and locked, as migrate_vma_pages needs.
+    DriverBug for a page that is not device memory or still referenced."""
     pfns = np.asarray(pfns, dtype=np.int64)
     pages = system.phys.pages
     with system.phys.lock:
-        if pfns.size and (pages.refcount[pfns] != 0).any():
+        if pfns.size and not ((pages.flags[pfns] & PG_ZONE_DEVICE) != 0).all():
+            bad = pfns[(pages.flags[pfns] & PG_ZONE_DEVICE) == 0][0]
+            raise DriverBug(f"zone_device_page_init: pfn 0x{int(bad):x} is not device memory (no dev_pagemap)")
+        if pfns.size and np.count_nonzero(pages.refcount[pfns]):
             bad = pfns[pages.refcount[pfns] != 0][0]
-            raise AssertionError(f"device pfn {int(bad)} handed out while still referenced")
+            raise DriverBug(f"zone_device_page_init: device pfn 0x{int(bad):x} handed out while still "
+                            f"referenced (refcount {int(pages.refcount[bad])})")
         pages.refcount[pfns] = 1
         pages.flags[pfns] |= PG_LOCKED
 
@@ -188,29 +201,23 @@ def page_pgmap(system, pfns):
     return pages.pgmap[pfns]
 
 
-def _type_mask(system, pfns, mtype):
-    phys = system.phys
-    pfns = np.asarray(pfns, dtype=np.int64)
-    out = np.zeros(pfns.shape, dtype=bool)
-    dev = pfns >= phys.nr_ram
-    if not dev.any():
-        return out
-    idx = phys.pages.pgmap[pfns[dev]]
-    types = np.array([getattr(p, "type", 0) if p is not None else 0 for p in phys.pgmaps] + [0],
-                     dtype=np.int64)
-    out[dev] = types[idx] == mtype
-    return out
+def zone_device_type(system, pfns):
+    """The memory_type of each pfn's pgmap, 0 for system RAM (one pass for every type test)."""
+    return system.phys.zone_device_type(pfns)
 
 
 def is_device_private_page(system, pfns):
-    return _type_mask(system, pfns, MEMORY_DEVICE_PRIVATE)
+    """is_device_private_page() for many pfns: a bool mask."""
+    return zone_device_type(system, pfns) == MEMORY_DEVICE_PRIVATE
 
 
 def is_device_coherent_page(system, pfns):
-    return _type_mask(system, pfns, MEMORY_DEVICE_COHERENT)
+    """is_device_coherent_page() for many pfns: a bool mask."""
+    return zone_device_type(system, pfns) == MEMORY_DEVICE_COHERENT
 
 
 def is_zone_device_page(system, pfns):
+    """is_zone_device_page() for many pfns: a bool mask."""
     pfns = np.asarray(pfns, dtype=np.int64)
     return (system.phys.pages.flags[pfns] & PG_ZONE_DEVICE) != 0
 
@@ -231,10 +238,10 @@ def pgmap_owner_is(system, pfns, owner):
     pfns = np.asarray(pfns, dtype=np.int64)
     out = np.zeros(pfns.shape, dtype=bool)
     dev = pfns >= phys.nr_ram
-    if not dev.any() or owner is None:
+    if not np.count_nonzero(dev) or owner is None:
         return out
-    match = np.array([p is not None and (owner is ANY_OWNER or p.owner is owner) for p in phys.pgmaps]
-                     + [False], dtype=bool)
+    match = phys.pgmap_table(("owner", id(owner)),
+                             lambda p: owner is ANY_OWNER or p.owner is owner).astype(bool)
     out[dev] = match[phys.pages.pgmap[pfns[dev]]]
     return out
 

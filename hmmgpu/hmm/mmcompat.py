@@ -10,6 +10,7 @@ from ..errors import ProcessKilled
 
 
 def vmas_in(mm, start, end):
+    """The VMAs that intersect [start, end), in address order."""
     return mm.vmas_in(start, end)
 
 
@@ -25,4 +26,5 @@ def handle_mm_fault(vma, start, end, write):
 
 
 def migration_entry_wait(phys, pfn):
+    """migration_entry_wait(): sleep until the page under a migration entry is unlocked."""
     phys.wait_unlocked(int(pfn))

@@ -16,6 +16,7 @@ import cupy
 
 from ..constants import PAGE_SIZE
 from ..device.hw import Arena, Backend, Fence
+from .module import COUNTERS, host_sync
 from .module import load_module  # noqa: F401  (the GPU check's probe imports it from here)
 
 cudaHostAllocPortable = 0x01
@@ -34,6 +35,7 @@ class CudaFence(Fence):
         self.event = event
 
     def wait(self):
+        host_sync()
         self.event.synchronize()
 
     def done(self):
@@ -278,6 +280,7 @@ class CupyArena(Arena):
             return self.host[idx]
         with cupy.cuda.Device(self.gpu), self.stream:
             out = self.frames[self._dev_idx(idx)]           # one gather kernel
+            host_sync()
             return out.get(stream=self.stream)              # one copy
 
     def write(self, idx, data):
@@ -301,6 +304,7 @@ class CupyArena(Arena):
 class CupyBackend(Backend):
     name = "cupy"
     emulated = False
+    counters = COUNTERS            # kernel launches and host synchronisations (module.py)
 
     def __init__(self):
         self._streams = {}

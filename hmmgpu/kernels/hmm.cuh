@@ -18,14 +18,17 @@
 //     }
 //     HMM_DEFINE_JOB(scale, scale_lane)
 //
-// HMM_DEFINE_JOB runs each lane twice: a probe pass (loads happen, stores and atomics only
-// translate) and, when the probe raised no fault, the real pass.  So a lane that faults leaves
-// nothing behind, and a lane is never half-done when it is replayed.  Accesses must be naturally
-// aligned (an access never crosses a page): a misaligned one is not executed (on a GPU it would
-// be a sticky error that kills the context) but recorded as a fatal fault, which cancels the job
-// with EFAULT naming the address.  So is an access whose page-table entry points outside system
-// RAM and this device's memory.  Inside a lane, check `L.faulted` before looping on loaded
-// values: after a fault every load returns 0.
+// HMM_DEFINE_JOB runs each lane twice (the probe/commit contract of hmmgpu.device.UserJob):
+// a probe pass -- loads happen, stores and atomics only translate, and `args` points at a copy
+// of the job's scratch arrays, so scratch writes are dropped -- and, when the probe raised no
+// fault, the commit pass, on the real scratch.  So a lane that faults leaves nothing behind,
+// in memory or in scratch, a lane is never half-done when it is replayed, and `out[lane] += v`
+// on scratch adds v exactly once.  Accesses must be naturally aligned (an access never crosses
+// a page): a misaligned one is not executed (on a GPU it would be a sticky error that kills the
+// context) but recorded as a fatal fault, which cancels the job with EFAULT naming the address.
+// So is an access whose page-table entry points outside system RAM and this device's memory.
+// Inside a lane, check `L.faulted` before looping on loaded values: after a fault every load
+// returns 0.
 #pragma once
 
 typedef unsigned long long hmm_u64;
@@ -67,7 +70,7 @@ struct hmm_job_params {
     hmm_u64 dev_nframes;
     hmm_u8* host_frames;     // system RAM, pinned and mapped: pfns [0, nr_ram), read over PCIe
     hmm_u64 nr_ram;
-    hmm_u64* fault_buf;      // [fault_cap][4]: vaddr, lane, access, job id
+    hmm_u64* fault_buf;      // [fault_cap][4]: vaddr, lane, access, job id (mapped host memory)
     hmm_u64* fault_put;      // records written so far (keeps counting past fault_cap: overflow)
     hmm_u64 fault_cap;
     hmm_u8* lane_state;      // per lane: HMM_LANE_*
@@ -79,7 +82,7 @@ struct hmm_job_params {
     hmm_u64 p_dev_frames, hmm_u64 p_dev_pfn_base, hmm_u64 p_dev_nframes, hmm_u64 p_host_frames, \
         hmm_u64 p_nr_ram, hmm_u64 p_fault_buf, hmm_u64 p_fault_put, hmm_u64 p_fault_cap,        \
         hmm_u64 p_lane_state, hmm_u64 p_job_id, hmm_u64 *pt, const hmm_u64 *lanes,              \
-        hmm_u64 lane_base, hmm_u64 nlanes, const hmm_u64 *args
+        hmm_u64 lane_base, hmm_u64 nlanes, const hmm_u64 *args, const hmm_u64 *probe_args
 
 #define HMM_JOB_PARAMS_INIT(P)                                                                  \
     hmm_job_params P;                                                                           \
@@ -230,17 +233,19 @@ __device__ __forceinline__ hmm_u64 hmm_lane_index(const hmm_u64* lanes, hmm_u64 
     return lanes ? lanes[i] : lane_base + i;
 }
 
-// One thread per lane; LaneFn(hmm_lane&, lane, args).  two_phase: probe first (see the top).
+// One thread per lane; LaneFn(hmm_lane&, lane, args).  two_phase: probe first, on probe_args
+// (the arguments with every scratch pointer aimed at a copy; see the top).
 template <void (*LaneFn)(hmm_lane&, hmm_u64, const hmm_u64*), bool TwoPhase>
 __device__ __forceinline__ void hmm_run_lanes(const hmm_job_params& P, hmm_u64* pt, const hmm_u64* lanes,
-                                              hmm_u64 lane_base, hmm_u64 nlanes, const hmm_u64* args) {
+                                              hmm_u64 lane_base, hmm_u64 nlanes, const hmm_u64* args,
+                                              const hmm_u64* probe_args) {
     hmm_u64 i = (hmm_u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= nlanes) return;
     hmm_lane L;
     hmm_lane_init(L, P, pt, hmm_lane_index(lanes, lane_base, i));
     if (TwoPhase) {
         L.probe = true;
-        LaneFn(L, L.lane, args);
+        LaneFn(L, L.lane, probe_args);
         if (L.faulted) {
             P.lane_state[L.lane] = HMM_LANE_FAULTED;
             return;
@@ -254,5 +259,5 @@ __device__ __forceinline__ void hmm_run_lanes(const hmm_job_params& P, hmm_u64* 
 #define HMM_DEFINE_JOB(name, lane_fn)                                                  \
     extern "C" __global__ void name(HMM_JOB_PARAMS) {                                  \
         HMM_JOB_PARAMS_INIT(P);                                                        \
-        hmm_run_lanes<lane_fn, true>(P, pt, lanes, lane_base, nlanes, args);          \
+        hmm_run_lanes<lane_fn, true>(P, pt, lanes, lane_base, nlanes, args, probe_args); \
     }

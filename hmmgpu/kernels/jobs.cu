@@ -272,15 +272,15 @@ __device__ void tree_lane(hmm_lane& L, hmm_u64 i, const hmm_u64* a) {
 
 extern "C" __global__ void job_gather(HMM_JOB_PARAMS) {
     HMM_JOB_PARAMS_INIT(P);
-    hmm_run_lanes<gather_lane, false>(P, pt, lanes, lane_base, nlanes, args);
+    hmm_run_lanes<gather_lane, false>(P, pt, lanes, lane_base, nlanes, args, args);
 }
 
 extern "C" __global__ void job_list_chase(HMM_JOB_PARAMS) {
     HMM_JOB_PARAMS_INIT(P);
-    hmm_run_lanes<list_lane, false>(P, pt, lanes, lane_base, nlanes, args);
+    hmm_run_lanes<list_lane, false>(P, pt, lanes, lane_base, nlanes, args, args);
 }
 
 extern "C" __global__ void job_tree_search(HMM_JOB_PARAMS) {
     HMM_JOB_PARAMS_INIT(P);
-    hmm_run_lanes<tree_lane, false>(P, pt, lanes, lane_base, nlanes, args);
+    hmm_run_lanes<tree_lane, false>(P, pt, lanes, lane_base, nlanes, args, args);
 }

@@ -1,4 +1,5 @@
-"""The module cache: each CUDA source compiled with NVRTC once, loaded once per GPU; launches.
+"""The module cache: each CUDA source compiled with NVRTC once, loaded once per GPU; launches,
+and the launch / host-synchronisation counters.
 
 Sources are compiled here, not through ``cupy.RawModule(code=...)``, for two reasons.  CuPy
 appends ``-ftz=true`` after the caller's options (cupy/cuda/compiler.py,
@@ -12,8 +13,8 @@ own, what NumPy computes), and the binary is cached on disk under a hash of that
 options and the NVRTC version.  It is loaded with ``cupy.RawModule(path=...)`` once per GPU,
 and kernel functions are looked up once.
 
-Also here: the staging uploader the engines use for small command arrays, and the probe's test
-kernel.  The engines (dma.py, pagetable.py, jobs.py) and the benchmarks import this module;
+Also here: the staging uploader the engines use for small command arrays, pinned mapped host
+memory, and the probe's test kernel.  The engines (dma.py, pagetable.py, jobs.py) and the benchmarks import this module;
 backend.py, which hands the engines out, imports them, so nothing here imports backend.py back.
 """
 import contextlib
@@ -33,12 +34,24 @@ import cupy
 from .source import NVRTC_OPTIONS, kernel_source
 
 cudaHostAllocPortable = 0x01
+cudaHostAllocMapped = 0x02
 cudaMemcpyHostToDevice = 1
 cudaMemcpyDefault = 4
 
 _modules = {}
 _functions = {}
 _modules_lock = threading.Lock()
+
+# Kernel launches (``launch``) and blocking host synchronisations (``host_sync``) made through
+# this backend: a fault round costs at most 3 launches and 1 synchronisation
+# (hmmgpu/device/faults.py); ``CupyBackend.counters``, ``EmulatedDevice.stats()``, the trace and
+# ``hmmgpu bench --json`` report them.
+COUNTERS = {"kernel_launches": 0, "host_syncs": 0}
+
+
+def host_sync():
+    """Count one point where the host blocks on the GPU (call it beside the blocking call)."""
+    COUNTERS["host_syncs"] += 1
 
 
 class KernelCompileError(RuntimeError):
@@ -179,6 +192,7 @@ def launch(mod, name, nthreads, args, stream, block=256):
     if nthreads <= 0:
         return
     grid = (int(-(-nthreads // block)),)
+    COUNTERS["kernel_launches"] += 1
     with stream:
         kernel(mod, name)(grid, (block,), args)
 
@@ -216,8 +230,9 @@ class Uploader:
         with self.lock, cupy.cuda.Device(self.gpu):
             slot = self.slots[self.next]
             self.next ^= 1
-            if slot[3]:
-                slot[2].synchronize()            # its last copy has read the staging bytes
+            if slot[3] and not slot[2].done:     # its last copy must have read the staging bytes
+                host_sync()
+                slot[2].synchronize()
             if slot[0] is None or slot[0].size < total:
                 slot[0], slot[1] = _pinned(max(total, 2 * (0 if slot[0] is None else slot[0].size)))
             if self.dev is None or self.dev.size < total:
@@ -242,3 +257,19 @@ def _pinned(nbytes):
     view = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
     weakref.finalize(view, cupy.cuda.runtime.freeHost, ptr)
     return view, ptr
+
+
+def pinned_mapped(nbytes, gpu=0):
+    """Pinned host memory mapped into the GPU's address space: (owner, NumPy uint8 view,
+    device pointer).  Keep ``owner`` alive as long as the memory is used."""
+    with cupy.cuda.Device(gpu):
+        hptr = cupy.cuda.runtime.hostAlloc(max(int(nbytes), 1), cudaHostAllocMapped | cudaHostAllocPortable)
+        owner = _Pinned(hptr)
+        attrs = cupy.cuda.runtime.pointerGetAttributes(hptr)
+    buf = (ctypes.c_uint8 * max(int(nbytes), 1)).from_address(hptr)
+    return owner, np.ctypeslib.as_array(buf)[:int(nbytes)], int(attrs.devicePointer) or hptr
+
+
+class _Pinned:
+    def __init__(self, hptr):
+        weakref.finalize(self, cupy.cuda.runtime.freeHost, hptr)

@@ -7,7 +7,7 @@ import cupy
 import numpy as np
 
 from ..device.pagetable import PT_ENTRIES
-from .module import Uploader, launch, load_module
+from .module import Uploader, host_sync, launch, load_module
 
 
 class CupyPageTableHW:
@@ -46,4 +46,5 @@ class CupyPageTableHW:
             out = cupy.empty(vpns.size, dtype=cupy.uint64)
             launch(self._mod(), "pt_lookup", vpns.size, (nodes, np.uint64(dv), np.uint64(vpns.size), out),
                    self.stream)
+            host_sync()
             return out.get(stream=self.stream)

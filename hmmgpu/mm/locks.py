@@ -6,7 +6,23 @@ thread that holds it for writing, so a fault taken inside a write-locked
 operation does not deadlock against itself.
 """
 import threading
-from contextlib import contextmanager
+
+_ident = threading.get_ident
+
+
+class _Hold:
+    """``with lock.read():`` / ``with lock.write():`` -- one reusable guard per mode (the
+    holder is the calling thread, so the guard itself keeps no state)."""
+
+    __slots__ = ("__enter__", "_release")
+
+    def __init__(self, acquire, release):
+        self.__enter__ = acquire
+        self._release = release
+
+    def __exit__(self, *exc):
+        self._release()
+        return False
 
 
 class RWLock:
@@ -16,45 +32,66 @@ class RWLock:
         self._writer = None
         self._wdepth = 0
         self._waiting_writers = 0
+        self._sleepers = 0            # threads waiting on _cond: only then does a release notify
+        self._read = _Hold(self._read_lock, self._read_unlock)
+        self._write = _Hold(self._write_lock, self._write_unlock)
 
     def held_by_me(self):
-        me = threading.get_ident()
+        me = _ident()
         with self._cond:
             return self._writer == me or me in self._readers
 
-    @contextmanager
     def read(self):
-        me = threading.get_ident()
-        with self._cond:
-            if self._writer != me and me not in self._readers:
-                self._cond.wait_for(lambda: self._writer is None and not self._waiting_writers)
-            self._readers[me] = self._readers.get(me, 0) + 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers[me] -= 1
-                if not self._readers[me]:
-                    del self._readers[me]
-                self._cond.notify_all()
+        return self._read
 
-    @contextmanager
     def write(self):
-        me = threading.get_ident()
+        return self._write
+
+    def _wait(self, ready):
+        self._sleepers += 1
+        try:
+            self._cond.wait_for(ready)
+        finally:
+            self._sleepers -= 1
+
+    def _read_lock(self):
+        me = _ident()
+        with self._cond:
+            if self._writer != me and me not in self._readers and (
+                    self._writer is not None or self._waiting_writers):
+                self._wait(lambda: self._writer is None and not self._waiting_writers)
+            self._readers[me] = self._readers.get(me, 0) + 1
+
+    def _read_unlock(self):
+        me = _ident()
+        with self._cond:
+            depth = self._readers[me] - 1
+            if depth:
+                self._readers[me] = depth
+            else:
+                del self._readers[me]
+                if self._sleepers:
+                    self._cond.notify_all()
+
+    def _write_lock(self):
+        me = _ident()
         with self._cond:
             if self._writer != me:
                 if me in self._readers:
                     raise RuntimeError("mmap_lock: upgrading a read lock to write would deadlock")
-                self._waiting_writers += 1
-                self._cond.wait_for(lambda: self._writer is None and not self._readers)
-                self._waiting_writers -= 1
+                if self._writer is not None or self._readers:
+                    self._waiting_writers += 1
+                    try:
+                        self._wait(lambda: self._writer is None and not self._readers)
+                    finally:
+                        self._waiting_writers -= 1
                 self._writer = me
             self._wdepth += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._wdepth -= 1
-                if not self._wdepth:
-                    self._writer = None
-                self._cond.notify_all()
+
+    def _write_unlock(self):
+        with self._cond:
+            self._wdepth -= 1
+            if not self._wdepth:
+                self._writer = None
+                if self._sleepers:
+                    self._cond.notify_all()

@@ -31,10 +31,12 @@ def folio_migrate_mapping(system, new, old, extra=0):
     pg = phys.pages
     new = np.asarray(new, dtype=np.int64)
     old = np.asarray(old, dtype=np.int64)
-    ok = (pg.refcount[old] == migrate_expected_refs(system, old, extra)) & (pg.mapcount[old] == 0)
-    ok &= pg.pincount[old] == 0
-    filed = ok & (pg.mapping[old] >= 0)
-    if filed.any():
+    mapping = pg.mapping[old]
+    # folio_expected_ref_count(): the migrator's reference, and the page cache's
+    ok = (pg.refcount[old] - (mapping >= 0) == 1 + np.asarray(extra, dtype=np.int32)) & (
+        pg.mapcount[old] == 0) & (pg.pincount[old] == 0)
+    filed = ok & (mapping >= 0)
+    if np.count_nonzero(filed):
         caches = getattr(system, "caches", {})
         for mid in np.unique(pg.mapping[old[filed]]).tolist():
             sel = filed & (pg.mapping[old] == mid)
@@ -55,9 +57,18 @@ def folio_migrate_flags(system, new, old):
     new = np.asarray(new, dtype=np.int64)
     old = np.asarray(old, dtype=np.int64)
     pg.flags[new] = (pg.flags[new] & ~MIGRATE_FLAGS) | (pg.flags[old] & MIGRATE_FLAGS)
-    pg.mapping[new] = pg.mapping[old]
-    pg.index[new] = pg.index[old]
+    mapping = pg.mapping[old]
+    pg.mapping[new] = mapping
+    if np.count_nonzero(mapping >= 0):
+        pg.index[new] = pg.index[old]        # only page-cache pages have an index
+    if not system.phys.memcgs:
+        return                               # no memory cgroup: nothing is charged
     # mem_cgroup_migrate(): the charge moves; the old frame is freed uncharged.
-    moved = pg.memcg[old] >= 0
-    pg.memcg[new[moved]] = pg.memcg[old[moved]]
-    pg.memcg[old[moved]] = -1
+    cg = pg.memcg[old]
+    moved = cg >= 0
+    if np.count_nonzero(moved) == moved.size:
+        pg.memcg[new] = cg
+        pg.memcg[old] = -1
+    else:
+        pg.memcg[new[moved]] = cg[moved]
+        pg.memcg[old[moved]] = -1

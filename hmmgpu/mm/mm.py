@@ -10,7 +10,6 @@ writing; faults, GUP and HMM take it for reading.  A PTE changes state under
 ``phys.lock`` (the page-table lock), and a fault allocates before it takes that
 lock and re-checks that the entries did not move meanwhile (``pte_same``).
 """
-import bisect
 import contextlib
 import errno
 
@@ -34,7 +33,8 @@ from .validate import (ULONG_MAX, check_aligned, check_buffer, check_flags, chec
                        check_no_wrap, check_user_range, ulong)
 from .vma import (VM_ACCESS, VM_DONTEXPAND, VM_PFNMAP, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
                   VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, VMA, prot_to_vm,
-                  vma_is_anonymous)
+                  ptes_compact, ptes_join, vma_is_anonymous)
+from .vmatree import VmaTree
 
 FAULT_FLAG_WRITE = 0x1
 VM_FAULT_OOM = 0x1
@@ -42,6 +42,15 @@ VM_FAULT_SIGBUS = 0x2
 VM_FAULT_SIGSEGV = 0x40
 
 _RSS_KINDS = ("anon", "file", "shmem")
+_ANON_SWAPBACKED = PG_ANON | PG_SWAPBACKED
+_PFN_SHIFT = np.uint64(pt.PFN_SHIFT)
+_SWP_PRESENT = pt.SWP_MASK | pt.PTE_PRESENT
+_MIG_READ = np.uint64(pt.SWP_MIGRATION_READ << pt.SWP_SHIFT)
+_MIG_WRITE = np.uint64(pt.SWP_MIGRATION_WRITE << pt.SWP_SHIFT)
+_PRESENT_DIRTY = pt.PTE_PRESENT | pt.PTE_DIRTY
+_EXCL_READ = np.uint64(pt.SWP_DEVICE_EXCLUSIVE_READ << pt.SWP_SHIFT)
+_EXCL_WRITE = np.uint64(pt.SWP_DEVICE_EXCLUSIVE_WRITE << pt.SWP_SHIFT)
+_EMPTY = np.zeros(0, np.int64)
 _MAX_FAULT_ROUNDS = 64
 
 
@@ -76,8 +85,7 @@ class MM:
         self.system = system
         self.phys = system.phys
         self.owner = owner
-        self.vmas = []
-        self._starts = []
+        self.vmas = VmaTree()
         self.mmap_lock = RWLock()
         self.notifiers = NotifierSubscriptions()
         self.rss = {k: 0 for k in _RSS_KINDS}
@@ -90,38 +98,26 @@ class MM:
 
     # -- the VMA tree ---------------------------------------------------------------
     def _insert(self, vma):
-        i = bisect.bisect_left(self._starts, vma.start)
-        self.vmas.insert(i, vma)
-        self._starts.insert(i, vma.start)
+        self.vmas.insert(vma)
 
     def _remove(self, vma):
-        i = self.vmas.index(vma)
-        del self.vmas[i]
-        del self._starts[i]
+        self.vmas.remove(vma)
 
     def find_vma(self, addr):
         """The VMA containing ``addr``, or None."""
-        i = bisect.bisect_right(self._starts, addr) - 1
-        if i >= 0 and self.vmas[i].end > addr:
-            return self.vmas[i]
-        return None
+        return self.vmas.find(addr)
 
     def vmas_in(self, start, end):
         """VMAs overlapping [start, end), in address order."""
-        i = max(bisect.bisect_right(self._starts, start) - 1, 0)
-        out = []
-        for v in self.vmas[i:]:
-            if v.start >= end:
-                break
-            if v.end > start:
-                out.append(v)
-        return out
+        return self.vmas.overlapping(start, end)
 
     def _split_at(self, addr):
         """Make ``addr`` a VMA boundary if it falls inside one."""
         v = self.find_vma(addr)
         if v is not None and v.start < addr:
-            self._insert(v.split(addr))
+            right = v.split(addr)
+            self.vmas.update(v)
+            self._insert(right)
 
     def _try_merge(self, addr):
         """vma_merge(): join the VMAs meeting at ``addr`` when nothing tells them apart."""
@@ -134,24 +130,28 @@ class MM:
             return
         if prev.file is not None and prev.pgoff + prev.npages != nxt.pgoff:
             return
-        prev.pte = np.concatenate((prev.pte, nxt.pte))
+        prev.pte = ptes_join(prev.pte, nxt.pte)
         prev.end = nxt.end
         self._remove(nxt)
+        self.vmas.update(prev)
         if prev.file is not None:
             prev.file.nr_mappings -= 1
 
     # -- rss -------------------------------------------------------------------------
     def _rss_counts(self, pfns):
         """(anon, file, shmem) page counts of ``pfns``; the zero page counts nowhere."""
-        pfns = pfns[pfns != self.phys.zero_pfn]
-        flags = self.phys.pages.flags[pfns]
-        anon = (flags & PG_ANON) != 0
-        shmem = ~anon & ((flags & PG_SWAPBACKED) != 0)
-        return int(anon.sum()), int((~anon & ~shmem).sum()), int(shmem.sum())
+        kind = self.phys.pages.flags[pfns] & _ANON_SWAPBACKED
+        anon = np.count_nonzero(kind & PG_ANON)
+        shmem = np.count_nonzero(kind == PG_SWAPBACKED)
+        zero = np.count_nonzero(pfns == self.phys.zero_pfn)      # its flags say neither
+        return anon, pfns.size - anon - shmem - zero, shmem
 
     def _account(self, pfns, sign):
-        for k, n in zip(_RSS_KINDS, self._rss_counts(np.asarray(pfns, dtype=np.int64))):
-            self.rss[k] += sign * n
+        anon, file, shmem = self._rss_counts(np.asarray(pfns, dtype=np.int64))
+        rss = self.rss
+        rss["anon"] += sign * anon
+        rss["file"] += sign * file
+        rss["shmem"] += sign * shmem
 
     def add_rss(self, kind, n):
         self.rss[kind] += n
@@ -178,20 +178,23 @@ class MM:
         """
         with self.phys.lock:
             ptes = vma.pte[i0:i1]
-            live = ptes != 0
-            if not live.any():
+            live = (ptes != 0).nonzero()[0]
+            if live.size == 0:
                 return
-            ptes = ptes[live]
-            pfns = pt.pte_pfn(ptes)
-            mig = pt.is_migration(ptes)
+            if live.size < ptes.size:
+                ptes = ptes[live]
+            pfns = (ptes >> _PFN_SHIFT).astype(np.int64)
             pg = self.phys.pages
-            held = pfns[~mig]
             self._account(pfns, -1)
-            dirty = pt.pte_present(ptes) & ((ptes & pt.PTE_DIRTY) != 0)
-            d = pfns[dirty]
-            d = d[(pg.flags[d] & PG_ANON) == 0]
-            pg.flags[d] |= PG_DIRTY
-            counted = held[held != self.phys.zero_pfn]
+            # what the entries held: not migration entries (try_to_migrate dropped those), not
+            # the zero page
+            kind = ptes & _SWP_PRESENT
+            held = (kind != _MIG_READ) & (kind != _MIG_WRITE) & (pfns != self.phys.zero_pfn)
+            dirty = (ptes & _PRESENT_DIRTY) == _PRESENT_DIRTY
+            if np.count_nonzero(dirty):
+                d = pfns[dirty]
+                pg.flags[d[(pg.flags[d] & PG_ANON) == 0]] |= PG_DIRTY
+            counted = pfns if np.count_nonzero(held) == held.size else pfns[held]
             unique = vma.driver is None          # see _map
             add_at(pg.mapcount, counted, -1, unique)
             vma.pte[i0:i1] = 0
@@ -486,14 +489,8 @@ class MM:
         if hint and hint % PAGE_SIZE == 0 and MMAP_MIN_ADDR <= hint and hint + length <= TASK_SIZE:
             if not self.vmas_in(hint, hint + length):
                 return hint
-        cand = MMAP_BASE - length
-        for v in reversed(self.vmas):
-            if v.start >= cand + length:
-                continue
-            if v.end <= cand:
-                break
-            cand = v.start - length
-        if cand < MMAP_MIN_ADDR:
+        cand = self.vmas.empty_area_rev(length, MMAP_MIN_ADDR, MMAP_BASE)
+        if cand is None:
             raise oserror(errno.ENOMEM, f"no free range of {length} bytes in the address space")
         return cand
 
@@ -589,7 +586,7 @@ class MM:
     def _check_budget(self, start, end, npages):
         """``npages`` more pages mapped over [start, end) (what is mapped there now goes)."""
         gone = sum(min(v.end, end) - max(v.start, start) for v in self.vmas_in(start, end)) >> PAGE_SHIFT
-        total = sum(v.npages for v in self.vmas)
+        total = self.vmas.size >> PAGE_SHIFT         # mm->total_vm
         check_map_budget(total - gone + npages, self.phys, start, end)
 
     def _file_mapping_checks(self, fd, prot, flags, vm_flags, addr, length):
@@ -647,8 +644,18 @@ class MM:
             for v in vmas:
                 self._zap(v, 0, v.npages)
                 self._remove(v)
+        self._compact_around(start, end)
         for v in vmas:
             self._release_backing(v)
+
+    def _compact_around(self, start, end):
+        """[start, end) was unmapped: a neighbour left holding little of a page table it
+        shared with what went gets a table of its own (ptes_compact), so the rest is freed.
+        It costs at most a few times what the unmap did."""
+        for a in (start - PAGE_SIZE, end):
+            v = self.find_vma(a)
+            if v is not None:
+                ptes_compact(v)
 
     def _release_backing(self, vma):
         f = vma.file
@@ -842,6 +849,7 @@ class MM:
                     extra = (old_addr + new_size - vma.end) >> PAGE_SHIFT
                     vma.pte = np.concatenate((vma.pte, np.zeros(extra, np.uint64)))
                     vma.end = old_addr + new_size
+                    self.vmas.update(vma)
                     return old_addr
                 if not flags & MREMAP_MAYMOVE:
                     raise oserror(errno.ENOMEM, "mremap: cannot grow in place and MREMAP_MAYMOVE not given",
@@ -876,6 +884,8 @@ class MM:
                     src.pte[:] = 0          # the pages went with the move; the old range refaults empty
                 else:
                     self._remove(src)
+        if not dontunmap:
+            self._compact_around(old_addr, old_addr + old_size)
         if moved.file is not None and dontunmap:
             moved.file.nr_mappings += 1
         self._insert(moved)
@@ -964,61 +974,77 @@ class MM:
     def dup_into(self, child):
         """dup_mmap(): copy every VMA into ``child``, COW for private mappings."""
         for v in self.vmas:
-            if v.cow and pt.is_device_exclusive(v.pte).any():
-                # copy_nonpresent_pte(): exclusive entries are restored, then copied as present
-                ex = np.nonzero(pt.is_device_exclusive(v.pte))[0]
-                self.remove_device_exclusive_entries(v, v.start + (ex << PAGE_SHIFT))
             if v.cow:
+                kind = v.pte & _SWP_PRESENT
+                ex = ((kind == _EXCL_READ) | (kind == _EXCL_WRITE)).nonzero()[0]
+                if ex.size:
+                    # copy_nonpresent_pte(): exclusive entries are restored, then copied as present
+                    self.remove_device_exclusive_entries(v, v.start + (ex << PAGE_SHIFT))
                 with invalidation(self, v.start, v.end, MMU_NOTIFY_PROTECTION_PAGE):
                     self._copy_ptes(v, child)
             else:
                 self._copy_ptes(v, child)
-        for v in child.vmas:
-            child._account(pt.pte_pfn(v.pte[v.pte != 0]), +1)
 
     def _copy_ptes(self, v, child):
+        """copy_page_range() for one VMA: the child's entries, its references and rss."""
         phys = self.phys
         pg = phys.pages
-        spare = np.zeros(0, np.int64)
+        spare = _EMPTY
         if v.cow:
             # page_needs_cow_for_dma(): pinned anonymous pages are copied for the child at
             # once; allocate the copies before taking the page-table lock (the OOM killer may
             # run).  Our mmap_lock is held for writing, so no new pin can appear meanwhile.
-            p_all = pt.pte_pfn(v.pte)
-            maybe = pt.pte_present(v.pte) & (pg.pincount[p_all] > 0) & ((pg.flags[p_all] & PG_ANON) != 0)
-            spare = phys.alloc(int(maybe.sum()), child.memcg, zero=False)
+            p_all = (v.pte >> _PFN_SHIFT).astype(np.int64)
+            maybe = np.count_nonzero(((v.pte & pt.PTE_PRESENT) != 0) & (pg.pincount[p_all] > 0)
+                                     & ((pg.flags[p_all] & PG_ANON) != 0))
+            if maybe:
+                spare = phys.alloc(maybe, child.memcg, zero=False)
         with phys.lock:
             src = v.pte.copy()
             cv = VMA(child, v.start, v.end, v.vm_flags, v.file, v.pgoff, v.driver, v.anon_id, src)
             if v.file is not None:
                 v.file.nr_mappings += 1
-            live = (src != 0) & ~pt.is_migration(src)
-            pfns = pt.pte_pfn(src[live])
-            counted = pfns[pfns != phys.zero_pfn]
+            used = src.nonzero()[0]                    # every entry but pte_none
+            e = src[used]
+            p = (e >> _PFN_SHIFT).astype(np.int64)
+            kind = e & _SWP_PRESENT
+            # references and mapcounts: every entry but migration entries and the zero page
+            ref = (kind != _MIG_READ) & (kind != _MIG_WRITE) & (p != phys.zero_pfn)
+            counted = p if np.count_nonzero(ref) == ref.size else p[ref]
             add_at(pg.refcount, counted, 1, v.driver is None)
             add_at(pg.mapcount, counted, 1, v.driver is None)
-            if v.cow:
-                p_all = pt.pte_pfn(src)
-                pinned = live & pt.pte_present(src) & (pg.pincount[p_all] > 0) & (
-                    (pg.flags[p_all] & PG_ANON) != 0)
-                shared_anon = live & ~pinned & ((pg.flags[p_all] & PG_ANON) != 0)
-                pg.flags[p_all[shared_anon]] &= ~PG_ANON_EXCLUSIVE
-                v.pte[:] = np.where(pinned, v.pte, pt.pte_wrprotect(v.pte))
-                src = np.where(pinned, src, pt.pte_wrprotect(src))
-                old = p_all[pinned]
-                new, unused = spare[:old.size], spare[old.size:]
-                phys.put(unused)                 # pins released meanwhile need no copy
-                if old.size:
-                    phys.copy(new, old)
-                    pg.flags[new] |= PG_ANON | PG_ANON_EXCLUSIVE
-                    pg.mapcount[new] = 1
-                    add_at(pg.mapcount, old, -1)
-                    phys.put(old)
-                    # copy_present_page(): the copy gets the VMA's protection (maybe_mkwrite)
-                    w = pt.PTE_WRITE if v.vm_flags & VM_WRITE else np.uint64(0)
-                    src[pinned] = pt.mk_pte(new, w | pt.PTE_DIRTY | pt.PTE_YOUNG)
+            if v.cow and used.size:
+                anon = (pg.flags[p] & PG_ANON) != 0
+                pinned = ref & anon & ((kind & pt.PTE_PRESENT) != 0) & (pg.pincount[p] > 0) if spare.size else None
+                shared = anon if pinned is None else anon & ~pinned
+                pg.flags[p[shared & ref]] &= ~PG_ANON_EXCLUSIVE
+                if pinned is None:
+                    v.pte[:] = pt.pte_wrprotect(v.pte)
+                    src = pt.pte_wrprotect(src)
+                else:
+                    pin = used[pinned]
+                    keep = v.pte[pin]
+                    v.pte[:] = pt.pte_wrprotect(v.pte)
+                    v.pte[pin] = keep
+                    src = pt.pte_wrprotect(src)
+                    old = p[pinned]
+                    new, unused = spare[:old.size], spare[old.size:]
+                    phys.put(unused)                 # pins released meanwhile need no copy
+                    if old.size:
+                        phys.copy(new, old)
+                        pg.flags[new] |= PG_ANON | PG_ANON_EXCLUSIVE
+                        pg.mapcount[new] = 1
+                        add_at(pg.mapcount, old, -1)
+                        phys.put(old)
+                        # copy_present_page(): the copy gets the VMA's protection (maybe_mkwrite)
+                        w = pt.PTE_WRITE if v.vm_flags & VM_WRITE else np.uint64(0)
+                        src[pin] = pt.mk_pte(new, w | pt.PTE_DIRTY | pt.PTE_YOUNG)
+                        p = (src[used] >> _PFN_SHIFT).astype(np.int64)
                 cv.pte = src
+            elif spare.size:
+                phys.put(spare)
             child._insert(cv)
+        child._account(p, +1)
 
     def teardown(self):
         """exit_mmap(): every mapping goes (UNMAP events after the RELEASE)."""

@@ -46,6 +46,7 @@ class MmuNotifierRange:
 
 
 def mmu_notifier_range_blockable(range):
+    """mmu_notifier_range_blockable(): may the callback sleep (take a mutex) for this range?"""
     return bool(range.flags & MMU_NOTIFIER_RANGE_BLOCKABLE)
 
 
@@ -58,6 +59,9 @@ class MmuIntervalNotifier:
         self.last = -1
         self.ops = None
         self.invalidate_seq = 0
+        # per thread: the sequence mmu_interval_read_retry last found current (for the debug
+        # check that a device mapping was installed under it; hmmgpu.hmm.debug)
+        self.checked = {}
 
 
 class MmuNotifier:
@@ -81,6 +85,15 @@ class NotifierSubscriptions:
         self.full = []                   # MmuNotifier
         self.events = []                 # (event, start, end, owner): a trace, bounded, for observability
         self.trace_limit = 4096
+        self.sleepers = 0                # threads waiting on ``wq``: only then does an end notify
+
+    def wait_for(self, ready):
+        """Sleep on ``wq`` (its lock held) until ``ready()``."""
+        self.sleepers += 1
+        try:
+            self.wq.wait_for(ready)
+        finally:
+            self.sleepers -= 1
 
     def _record(self, range):
         if len(self.events) >= self.trace_limit:
@@ -89,6 +102,15 @@ class NotifierSubscriptions:
 
 
 def mmu_interval_notifier_insert(mni, mm, start, length, ops):
+    """mmu_interval_notifier_insert(): subscribe ``mni`` to [start, start + length) of ``mm``.
+
+    From now on every change to the CPU page tables of that range calls
+    ``ops.invalidate(mni, range, cur_seq)`` before it happens; the callback takes the driver
+    lock, calls ``mmu_interval_set_seq(mni, cur_seq)`` and tears down the device's mappings of
+    ``range`` (returning only when the device can no longer use them), then returns True.
+    Returns 0; ValueError for an empty or wrapping range.  Undo with
+    ``mmu_interval_notifier_remove``.
+    """
     subs = mm.notifiers
     if length <= 0 or start + length < start:
         raise ValueError(f"bad interval [0x{start:x}, +{length})")
@@ -108,7 +130,8 @@ def mmu_interval_notifier_insert(mni, mm, start, length, ops):
 
 
 def mmu_interval_notifier_remove(mni):
-    """Remove ``mni``; waits until no invalidation can still be calling it."""
+    """mmu_interval_notifier_remove(): unsubscribe ``mni``; waits until no invalidation can
+    still be calling its ops (so the driver may free what the callback uses afterwards)."""
     mm = mni.mm
     if mm is None:
         return
@@ -117,37 +140,54 @@ def mmu_interval_notifier_remove(mni):
         if subs.active_invalidate_ranges:
             subs.deferred.append(("remove", mni))
             seq = subs.invalidate_seq
-            subs.wq.wait_for(lambda: subs.invalidate_seq != seq)
+            subs.wait_for(lambda: subs.invalidate_seq != seq)
         elif mni in subs.intervals:
             subs.intervals.remove(mni)
     mni.mm = None
 
 
 def mmu_interval_read_begin(mni):
+    """mmu_interval_read_begin(): the sequence to pass to ``mmu_interval_read_retry`` later.
+
+    Waits while an invalidation of ``mni``'s range is running.  The driver then collects what
+    it wants to map (``hmm_range_fault``) without its lock, takes its lock, and installs device
+    mappings only if ``mmu_interval_read_retry(mni, seq)`` returns False.
+    """
     subs = mni.mm.notifiers
+    mni.checked.pop(threading.get_ident(), None)
     with subs.lock:
         seq = mni.invalidate_seq
         if seq == subs.invalidate_seq:       # an invalidation covering mni is running
-            subs.wq.wait_for(lambda: subs.invalidate_seq != seq)
+            subs.wait_for(lambda: subs.invalidate_seq != seq)
     return seq
 
 
 def mmu_interval_read_retry(mni, seq):
-    """Call under the driver lock that the invalidate callback also takes."""
-    return mni.invalidate_seq != seq
+    """mmu_interval_read_retry(): True if an invalidation of ``mni`` began since
+    ``mmu_interval_read_begin`` returned ``seq`` (start over); False means what was collected
+    still holds and may be mapped.  Call it under the driver lock that the invalidate callback
+    also takes, and keep the lock until the device mappings are installed."""
+    retry = mni.invalidate_seq != seq
+    if not retry:
+        mni.checked[threading.get_ident()] = seq
+    return retry
 
 
 def mmu_interval_check_retry(mni, seq):
-    """A lockless early hint; only read_retry under the lock is authoritative."""
+    """mmu_interval_check_retry(): a lockless early hint that ``seq`` is stale (hmm_range_fault
+    uses it to give up early); only ``mmu_interval_read_retry`` under the lock is authoritative."""
     return mni.invalidate_seq != seq
 
 
 def mmu_interval_set_seq(mni, cur_seq):
-    """Called by the invalidate callback, under the driver lock."""
+    """mmu_interval_set_seq(): the invalidate callback records the new sequence, under the
+    driver lock, so that a concurrent ``mmu_interval_read_retry`` sees the change."""
     mni.invalidate_seq = cur_seq
 
 
 def mmu_notifier_register(mn, mm):
+    """mmu_notifier_register(): a full notifier for all of ``mm`` (ops invalidate_range_start,
+    invalidate_range_end, release); the 2017 hmm_mirror sits on it.  Returns 0."""
     mn.mm = mm
     with mm.notifiers.lock:
         mm.notifiers.full.append(mn)
@@ -155,6 +195,7 @@ def mmu_notifier_register(mn, mm):
 
 
 def mmu_notifier_unregister(mn, mm):
+    """mmu_notifier_unregister(): remove a full notifier."""
     with mm.notifiers.lock:
         if mn in mm.notifiers.full:
             mm.notifiers.full.remove(mn)
@@ -162,6 +203,9 @@ def mmu_notifier_unregister(mn, mm):
 
 
 def mmu_notifier_invalidate_range_start(range, full=True):
+    """mmu_notifier_invalidate_range_start(): the CPU page tables of ``range`` are about to
+    change: make the mm-wide sequence odd and call every interval notifier it covers (and the
+    full notifiers' invalidate_range_start unless ``full`` is False)."""
     subs = range.mm.notifiers
     with subs.lock:
         subs._record(range)
@@ -181,6 +225,8 @@ def mmu_notifier_invalidate_range_start(range, full=True):
 
 
 def mmu_notifier_invalidate_range_end(range, full=True):
+    """mmu_notifier_invalidate_range_end(): the change is done; when the last one in flight
+    ends, the sequence becomes even again and waiting read_begin calls go on."""
     subs = range.mm.notifiers
     with subs.lock:
         full = list(subs.full) if full else []
@@ -198,7 +244,8 @@ def mmu_notifier_invalidate_range_end(range, full=True):
                 elif mni in subs.intervals:
                     subs.intervals.remove(mni)
             subs.deferred.clear()
-            subs.wq.notify_all()
+            if subs.sleepers:
+                subs.wq.notify_all()
 
 
 class invalidation:

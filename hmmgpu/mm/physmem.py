@@ -27,6 +27,13 @@ PG_SWAPBACKED = np.uint32(1 << 5)
 PG_RESERVED = np.uint32(1 << 6)
 PG_ANON_EXCLUSIVE = np.uint32(1 << 7)   # PageAnonExclusive: only this mapping may see the page
 
+# enum memory_type (include/linux/memremap.h): what kind of ZONE_DEVICE memory a pgmap holds
+MEMORY_DEVICE_PRIVATE = 1
+MEMORY_DEVICE_COHERENT = 2
+MEMORY_DEVICE_FS_DAX = 3
+MEMORY_DEVICE_GENERIC = 4
+MEMORY_DEVICE_PCI_P2PDMA = 5
+
 
 def add_at(counts, pfns, delta, unique=False):
     """counts[pfns] += delta with repeated pfns counted each time (np.add.at, but fast).
@@ -67,11 +74,15 @@ class StructPages:
             setattr(self, name, new)
         self.n = n
 
+    # A frame is freed when its refcount reaches 0, and mappings and pins hold references, so
+    # refcount, mapcount and pincount are 0 already; pgmap is the frame's owner and stays.
+    _RESET = tuple((name, fill) for name, _dtype, fill in FIELDS
+                   if name not in ("pgmap", "refcount", "mapcount", "pincount"))
+
     def reset(self, pfns):
-        """Back to the state of a free frame (keeps pgmap: it is the frame's owner)."""
-        for name, dtype, fill in self.FIELDS:
-            if name != "pgmap":
-                getattr(self, name)[pfns] = fill
+        """Back to the state of a free frame (what a free frame's counts already say aside)."""
+        for name, fill in self._RESET:
+            getattr(self, name)[pfns] = fill
 
 
 class Segment:
@@ -92,10 +103,12 @@ class PhysicalMemory:
         self.backend = backend
         self.lock = threading.RLock()
         self.unlocked = threading.Condition(self.lock)  # page-lock waiters (folio_wait_locked)
+        self._lock_waiters = 0                          # how many sleep on ``unlocked``
         self.nr_ram = int(nr_ram)
         self.ram = backend.host_arena(self.nr_ram)
         self.segments = [Segment(0, self.ram, -1)]
         self.pgmaps = []
+        self.pgmaps_seq = 0       # bumped whenever ``pgmaps`` changes (caches of it compare this)
         self.pages = StructPages(self.nr_ram)
         self.memcgs = []          # index -> MemCgroup, set by System
         self.oom = None           # callable(npages, memcg) -> bool: something was freed
@@ -152,10 +165,16 @@ class PhysicalMemory:
         self._uncharge(pfns)
         self.pages.reset(pfns)
         end = self._nfree + pfns.size
+        # Pushed highest first, so the next alloc() pops them lowest first: a freed range comes
+        # back as ascending runs, which the fault path zeroes and the device maps run by run.
+        if pfns.size > 1 and not (pfns[1:] < pfns[:-1]).all():
+            pfns = np.sort(pfns)[::-1]
         self._free[self._nfree:end] = pfns
         self._nfree = end
 
     def _uncharge(self, pfns):
+        if not self.memcgs:
+            return                         # no memory cgroup: nothing was ever charged
         cg = self.pages.memcg[pfns]
         cg = cg[cg >= 0]
         if cg.size:
@@ -191,18 +210,19 @@ class PhysicalMemory:
                 add_at(self.pages.refcount, pfns, -1)
                 cand = np.unique(pfns)
                 rc = self.pages.refcount[cand]
-            if (rc < 0).any():
+            if np.count_nonzero(rc < 0):
                 bad = cand[rc < 0]
                 raise AssertionError(f"refcount underflow on pfn(s) {bad[:8].tolist()}")
             dead = cand[rc == 0]
             if dead.size == 0:
                 return
+            if dead.max() < self.nr_ram:
+                self._free_ram(dead)
+                return
             ram = dead[dead < self.nr_ram]
             if ram.size:
                 self._free_ram(ram)
-            dev = dead[dead >= self.nr_ram]
-            if dev.size:
-                self._free_device(dev)
+            self._free_device(dead[dead >= self.nr_ram])
 
     def _free_device(self, pfns):
         """The last reference to device pages went: free_zone_device_folio() -> page_free."""
@@ -234,12 +254,17 @@ class PhysicalMemory:
         pfns = np.asarray(pfns, dtype=np.int64)
         with self.lock:
             self.pages.flags[pfns] &= ~PG_LOCKED
-            self.unlocked.notify_all()
+            if self._lock_waiters:
+                self.unlocked.notify_all()
 
     def wait_unlocked(self, pfn, timeout=10.0):
         """migration_entry_wait(): sleep until ``pfn`` is unlocked."""
         with self.lock:
-            ok = self.unlocked.wait_for(lambda: not (self.pages.flags[pfn] & PG_LOCKED), timeout)
+            self._lock_waiters += 1
+            try:
+                ok = self.unlocked.wait_for(lambda: not (self.pages.flags[pfn] & PG_LOCKED), timeout)
+            finally:
+                self._lock_waiters -= 1
         if not ok:
             raise oserror(errno.EDEADLK, f"page frame {pfn} stayed locked for {timeout} s")
 
@@ -261,6 +286,7 @@ class PhysicalMemory:
                                   f"pfn [{s.base}, {s.end})")
             idx = len(self.pgmaps)
             self.pgmaps.append(pgmap)
+            self.pgmaps_seq += 1
             self.segments.append(Segment(base, arena, idx))
             self.segments.sort(key=lambda s: s.base)
             self.pages.grow(seg_end)
@@ -279,6 +305,7 @@ class PhysicalMemory:
                               f"({busy.size} pages in use)")
             self.segments.remove(seg)
             self.pgmaps[seg.pgmap_index] = None
+            self.pgmaps_seq += 1
             self.pages.pgmap[seg.base:seg.end] = -1
             self.pages.flags[seg.base:seg.end] = 0
 
@@ -344,6 +371,32 @@ class PhysicalMemory:
         if not hasattr(self, "_dma"):
             self._dma = self.backend.dma_engine()
         return self._dma
+
+    def pgmap_table(self, key, make):
+        """An array indexed by pgmap index (+1 slot for "none" at the end) of ``make(pgmap)``
+        for every pgmap, kept until the set of pgmaps changes."""
+        cache = self.__dict__.setdefault("_pgmap_tables", {})
+        got = cache.get(key)
+        if got is None or got[0] != self.pgmaps_seq:
+            if len(cache) > 64:
+                cache.clear()
+            got = (self.pgmaps_seq, np.array([make(p) if p is not None else 0 for p in self.pgmaps] + [0]))
+            cache[key] = got
+        return got[1]
+
+    def zone_device_type(self, pfns):
+        """The memory_type of each pfn's pgmap, 0 for system RAM."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        dev = pfns >= self.nr_ram
+        ndev = np.count_nonzero(dev)
+        if not ndev:
+            return np.zeros(pfns.shape, dtype=np.int64)
+        types = self.pgmap_table("type", lambda p: getattr(p, "type", 0))
+        if ndev == pfns.size:
+            return types[self.pages.pgmap[pfns]]
+        out = np.zeros(pfns.shape, dtype=np.int64)
+        out[dev] = types[self.pages.pgmap[pfns[dev]]]
+        return out
 
     def is_device(self, pfns):
         return np.asarray(pfns, dtype=np.int64) >= self.nr_ram

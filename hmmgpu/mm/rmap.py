@@ -20,9 +20,32 @@ import numpy as np
 from ..constants import PAGE_SHIFT
 from . import pgtable as pt
 from .notifier import MMU_NOTIFY_CLEAR, invalidation
-from .physmem import PG_ANON, PG_DIRTY
+from .physmem import MEMORY_DEVICE_PRIVATE, PG_ANON, PG_DIRTY
 
 _U = np.uint64
+_PFN = _U(pt.PFN_SHIFT)
+_MIG_KIND = pt.PTE_PRESENT | pt.SWP_MASK
+_MIG_READ = _U(pt.SWP_MIGRATION_READ << pt.SWP_SHIFT)
+_MIG_WRITE = _U(pt.SWP_MIGRATION_WRITE << pt.SWP_SHIFT)
+_SWP = _U(pt.SWP_SHIFT)
+_DEVP_READ = _U(pt.SWP_DEVICE_PRIVATE_READ)
+_PRESENT_YOUNG = pt.PTE_PRESENT | pt.PTE_YOUNG
+_WRITE_DIRTY = pt.PTE_WRITE | pt.PTE_DIRTY
+
+
+def _mapped_entries(system, new, writable):
+    """The entries that map ``new`` where migration entries were: a device-private page
+    becomes a device-private entry, anything else a present, young PTE (dirty too when
+    writable); writability comes from the migration entry."""
+    w = writable.astype(_U)
+    devp = system.phys.zone_device_type(new) == MEMORY_DEVICE_PRIVATE
+    ndev = np.count_nonzero(devp)
+    if ndev == devp.size:                       # every page went to device-private memory
+        return (new.astype(_U) << _PFN) | ((_DEVP_READ + w) << _SWP)
+    out = (new.astype(_U) << _PFN) | _PRESENT_YOUNG | (w * _WRITE_DIRTY)
+    if ndev:
+        out[devp] = pt.mk_swp(new[devp], pt.SWP_DEVICE_PRIVATE_READ + w[devp])
+    return out
 
 
 def rmap_vmas(system, anon_ids=None, mappings=None, everything=False):
@@ -120,21 +143,18 @@ def remove_migration_ptes(system, src, dst, vmas, region=None, positions=None):
         return 0
     phys = system.phys
     pg = phys.pages
-    from ..hmm.memremap import is_device_private_page
     if region is not None and positions is not None:
         v, i0, i1 = region
         idx = i0 + np.asarray(positions, dtype=np.int64)
         with phys.lock:
             pte = v.pte[idx]
-            hit = pt.is_migration(pte) & (pt.pte_pfn(pte) == src)
-            idx, pte, new = idx[hit], pte[hit], dst[hit]
-            writable = pt.swp_type(pte) == pt.SWP_MIGRATION_WRITE
-            devp = is_device_private_page(system, new)
-            out = pt.mk_pte(new, pt.PTE_YOUNG) | np.where(writable, pt.PTE_WRITE | pt.PTE_DIRTY, _U(0)).astype(_U)
-            if devp.any():
-                out[devp] = pt.mk_swp(new[devp], np.where(writable[devp], pt.SWP_DEVICE_PRIVATE_WRITE,
-                                                          pt.SWP_DEVICE_PRIVATE_READ))
-            v.pte[idx] = out
+            kind = pte & _MIG_KIND
+            writable = kind == _MIG_WRITE
+            hit = (writable | (kind == _MIG_READ)) & ((pte >> _PFN) == src.astype(_U))
+            new = dst
+            if np.count_nonzero(hit) < hit.size:
+                idx, writable, new = idx[hit], writable[hit], dst[hit]
+            v.pte[idx] = _mapped_entries(system, new, writable)
             pg.refcount[new] += 1
             pg.mapcount[new] += 1
         return int(idx.size)
@@ -146,7 +166,7 @@ def remove_migration_ptes(system, src, dst, vmas, region=None, positions=None):
         for v, i0, i1 in targets:
             pte = v.pte[i0:i1]
             mig = pt.is_migration(pte)
-            if not mig.any():
+            if not np.count_nonzero(mig):
                 continue
             p = pt.pte_pfn(pte)
             pos = np.searchsorted(ssrc, p)
@@ -157,13 +177,7 @@ def remove_migration_ptes(system, src, dst, vmas, region=None, positions=None):
                 continue
             new = sdst[pos[idx]]
             writable = pt.swp_type(pte[idx]) == pt.SWP_MIGRATION_WRITE
-            devp = is_device_private_page(system, new)
-            ent = np.where(writable, pt.PTE_WRITE | pt.PTE_DIRTY, _U(0)).astype(_U)
-            out = pt.mk_pte(new, pt.PTE_YOUNG) | ent
-            if devp.any():
-                out[devp] = pt.mk_swp(new[devp], np.where(writable[devp], pt.SWP_DEVICE_PRIVATE_WRITE,
-                                                          pt.SWP_DEVICE_PRIVATE_READ))
-            v.pte[i0 + idx] = out
+            v.pte[i0 + idx] = _mapped_entries(system, new, writable)
             pg.refcount[new] += 1             # once per VMA
             pg.mapcount[new] += 1
             done += int(idx.size)

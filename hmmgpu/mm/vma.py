@@ -3,7 +3,14 @@
 A VMA is [start, end) with vm_flags, what backs it (nothing for private
 anonymous memory, a ``PageCache`` for files and shmem, a driver for mixed
 maps), the page offset into that backing, and ``pte``: one uint64 entry per page
-(see pgtable.py).  Splitting a VMA slices its PTE array; nothing is copied per page.
+(see pgtable.py).
+
+``pte`` is a view into a page table that neighbouring VMAs may share, as the
+VMAs of one PMD share a PTE page in Linux: splitting a VMA (mprotect, munmap of
+a part, mremap) gives both halves views of the same table, and merging two
+VMAs whose views lie side by side in one table (what a split made) widens the
+view again.  Neither copies an entry, so a one-page mprotect costs the same in
+a VMA of any size.  The table (``pte.base``) lives as long as some view of it.
 """
 import numpy as np
 
@@ -72,8 +79,8 @@ class VMA:
         i = self.idx(addr)
         right = VMA(self.mm, addr, self.end, self.vm_flags, self.file,
                     self.pgoff + (i if self.file is not None else 0), self.driver, self.anon_id,
-                    self.pte[i:].copy())
-        self.pte = self.pte[:i].copy()
+                    self.pte[i:])
+        self.pte = self.pte[:i]
         self.end = int(addr)
         if self.file is not None:
             self.file.nr_mappings += 1
@@ -84,6 +91,34 @@ class VMA:
                         (("r", VM_READ), ("w", VM_WRITE), ("x", VM_EXEC))) + ("s" if self.shared else "p")
         what = self.file.name if self.file is not None else ("driver" if self.driver is not None else "anon")
         return f"VMA([0x{self.start:x}, 0x{self.end:x}) {flags} {what})"
+
+
+def pte_table(pte):
+    """The page table that ``pte`` (a VMA's entries) is a view of."""
+    return pte if pte.base is None else pte.base
+
+
+def ptes_join(left, right):
+    """The entries of two VMAs side by side in the address space, as one array.
+
+    Views that sit side by side in one table (two halves of a split) become one wider
+    view of it, at no cost; anything else is copied into a new table.
+    """
+    table = pte_table(left)
+    if pte_table(right) is table:
+        lp, rp = left.ctypes.data, right.ctypes.data
+        if lp + left.nbytes == rp:
+            first = (lp - table.ctypes.data) // table.itemsize
+            return table[first:first + left.size + right.size]
+    return np.concatenate((left, right))
+
+
+def ptes_compact(vma):
+    """Give ``vma`` a table of its own when its view holds under a quarter of a shared
+    table (its neighbours were unmapped), so that the rest of the table can be freed."""
+    table = pte_table(vma.pte)
+    if table is not vma.pte and vma.pte.size * 4 < table.size:
+        vma.pte = vma.pte.copy()
 
 
 def vma_is_anonymous(vma):
