@@ -7,12 +7,16 @@ It runs ``bench/suites/device.py`` through the framework (same timing, same base
 writes ``{"date", "device", "backend", "bytes", "figures": {figure: {"ratio", "target",
 "GBps", "baseline_GBps", "time_s", "baseline_s", "spread", "baseline", "note"}}, "without_ratio":
 {figure: {"GBps", "baseline"}}, "unavailable": {...}}``, where ``target`` is the number x of
-">= x"; a figure whose baseline could not be measured here is under "without_ratio".
+">= x"; a figure whose baseline could not be measured here is under "without_ratio".  The
+suite's 2 MiB-folio rows (its part "thp": costs per folio and per lane, no targets) are not such
+figures: ``hmmgpu bench device`` shows them.
 """
 import argparse
 import json
 import sys
 import time
+
+PARTS = ("dma", "reduce", "remote", "prefetch", "fault")   # the parts whose rows are GB/s figures
 
 
 def main(argv=None):
@@ -26,9 +30,10 @@ def main(argv=None):
     opt = ap.parse_args(argv)
     if opt.gib <= 0 or opt.reps < 1:
         ap.error("--gib must be > 0 and --reps at least 1")
-    options = {"device_bytes": int(opt.gib * (1 << 30))}
-    if opt.only:
-        options["only"] = set(opt.only.split(","))
+    only = set(opt.only.split(",")) if opt.only else set(PARTS)
+    if not only <= set(PARTS):
+        ap.error(f"--only takes {','.join(PARTS)}")
+    options = {"device_bytes": int(opt.gib * (1 << 30)), "only": only}
     from hmmgpu.errors import BackendUnavailable
     try:
         res = framework.run(["device"], backend="numpy" if opt.cpu else "cupy", repeat=opt.reps, options=options)

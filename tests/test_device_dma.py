@@ -123,6 +123,29 @@ def test_copy_pages_with_one_consecutive_side(backend):
     assert np.array_equal(dev.arena.read(run[::-1]), data[scattered][::-1])
 
 
+def test_a_2mib_folio_moves_with_one_contiguous_copy(backend):
+    """A batch of three aligned 512-page folios (scattered among themselves, as migrate_vma hands
+    them over) and scattered 4 KiB pages: three contiguous copies on either backend, the rest in
+    one step, every byte where it belongs."""
+    rng = np.random.default_rng(12)
+    host = backend.host_arena(4096)
+    dev = EmulatedDevice(backend, 2048, BASE_PFN, host)
+    src_data = rng.integers(0, 256, (4096, PAGE), dtype=np.uint8)
+    host.write(np.arange(4096), src_data)
+    heads_s, heads_d = np.array([3, 1, 6]) * 512, np.array([0, 2, 1]) * 512
+    s = np.concatenate([h + np.arange(512) for h in heads_s] + [rng.permutation(np.arange(2560, 3072))[:200]])
+    d = np.concatenate([h + np.arange(512) for h in heads_d] + [1536 + rng.permutation(512)[:200]])
+    dev.copy_pages(BASE_PFN + d, s).wait()
+    assert np.array_equal(dev.arena.read(d), src_data[s])
+    assert dev.dma.contiguous_copies == 3 and dev.stats()["dma_contiguous_copies"] == 3
+    if hasattr(dev.dma, "memcpy_calls"):
+        assert dev.dma.memcpy_calls == 3 and dev.dma.kernel_launches == 1
+    # and back: one folio device -> RAM elsewhere, alone in its batch
+    dev.copy_pages(np.arange(512), BASE_PFN + 512 + np.arange(512)).wait()
+    assert np.array_equal(host.read(np.arange(512)), src_data[6 * 512:7 * 512])
+    assert dev.dma.contiguous_copies == 4
+
+
 def test_arena_runs_and_scattered_frames_agree(backend):
     """Arena read/write/fill take runs of consecutive frames as slices and the rest as one
     gather: every mix of the two must touch exactly the frames asked for, in order."""

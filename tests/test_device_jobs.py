@@ -578,3 +578,102 @@ def test_records_of_pages_a_pass_serviced_are_dropped(backend):
         assert r.rounds == [n, n] and c["num_fault_batches"] == 1 and c["num_replays"] == 1
     else:                              # a GPU records in no promised order
         assert r.rounds[0] == n and sum(r.rounds[1:]) == n
+
+
+def _thp_setup(backend, leaves):
+    """A toy driver whose first ``leaves`` * 2 MiB of window sit on aligned 512-frame runs, even
+    leaves in RAM and odd ones in device memory (as migrated THPs), with random data."""
+    rng = np.random.default_rng(31)
+    dev, drv = setup(backend, ram=512 * (leaves + 1) + 64, frames=512 * leaves, window=512 * leaves + 64,
+                     migrate="none")
+    drv.next_ram = 512                                 # aligned RAM frames from here on
+    data = rand_bytes(rng, 512 * leaves)
+    a = drv.region(512 * leaves, data)
+    for j in range(1, leaves, 2):
+        i = np.arange(512 * j, 512 * (j + 1))
+        new = drv.alloc_dev(512)
+        new += (BASE_PFN + 512 * j) - new[0]           # aligned device frames too
+        dev.copy_pages(new, drv.backing[i]).wait()
+        drv.backing[i] = new
+    return dev, drv, a, data
+
+
+def test_jobs_walk_2mib_leaves(backend):
+    """Bulk and lane jobs through 2 MiB leaves (RAM and device frames) give what they give
+    through 4 KiB leaves, take no fault, and the walker sets ACCESSED/DIRTY on the one entry."""
+    from hmmgpu.device.pagetable import PTE_ACCESSED, PTE_DIRTY, PTE_HUGE
+    results = []
+    rng = np.random.default_rng(5)
+    floats = rng.standard_normal(2 * 8 * 1024).astype(np.float32)
+    nodes = np.arange(40, dtype=np.uint64) * np.uint64(50 * PAGE + 48)      # one-node lists
+    idx_vals = (np.arange(512) * 4099) % (2048 * 1024)
+    for huge in (False, True):
+        dev, drv, a, data = _thp_setup(backend, 4)
+        data[1000 * PAGE:1008 * PAGE] = floats.view(np.uint8)[:8 * PAGE]    # axpy's x ...
+        data[1100 * PAGE:1108 * PAGE] = floats.view(np.uint8)[8 * PAGE:]   # ... and y
+        w = data.view(np.uint64)
+        w[(nodes // np.uint64(8)).astype(np.int64)] = 0                     # next = 0
+        x, y = (data[o * PAGE:(o + 8) * PAGE].view(np.float32).copy() for o in (1000, 1100))
+        dev.write_pages(drv.backing[:2048], data)
+        v = drv.vpns(a, 2048)
+        if huge:
+            dev.pt.map_huge(v[::512], drv.backing[v[::512] - drv.vpn0], PTE_WRITE | PTE_ATOMIC).wait()
+        else:
+            drv.map(v).wait()
+        out = [dev.jobs.reduce_sum(a + 490 * PAGE + 16, 30 * PAGE).value]      # leaves 0 and 1
+        e = dev.pt.lookup(v).reshape(4, 512)
+        if huge:                                       # a read of some pages: every page ACCESSED
+            assert (e & np.uint64(PTE_HUGE)).all()
+            ad = e & np.uint64(PTE_ACCESSED | PTE_DIRTY)
+            assert (ad[:2] == PTE_ACCESSED).all() and not ad[2:].any()
+        out.append(dev.jobs.list_chase(np.uint64(a) + nodes).value)
+        out.append(dev.jobs.list_chase(np.uint64(a) + nodes[:3]).value)    # the NumPy scalar path
+        dev.jobs.copy(a + 1536 * PAGE + 48, a + 100 * PAGE + 16, 3 * PAGE)  # RAM leaf -> device leaf
+        dev.jobs.memset(a + 600 * PAGE, 0x3C, 2 * PAGE)
+        dev.jobs.axpy(np.float32(0.25), a + 1000 * PAGE, a + 1100 * PAGE, 8 * 1024)
+        idx = drv.region(1, idx_vals.astype(np.int64).view(np.uint8))
+        drv.map(drv.vpns(idx, 1)).wait()
+        dev.jobs.gather(a + 1800 * PAGE, a, idx, 512)
+        out.append(drv.data(a, 2048))
+        out.append(dev.counters["num_read_faults"] + dev.counters["num_write_faults"])
+        if huge:                                       # written leaves: DIRTY, on every page
+            dirty = (dev.pt.lookup(v).reshape(4, 512) & np.uint64(PTE_DIRTY)) != 0
+            assert dirty[1:].all() and not dirty[0].any()
+        results.append(out)
+    small, big = results
+    assert big[-1] == small[-1] == 0                   # no fault either way
+    for p, q in zip(small, big):
+        assert np.array_equal(np.asarray(p), np.asarray(q))
+    assert big[0] == int(data[490 * PAGE + 16:520 * PAGE + 16].view(np.uint32).sum(dtype=np.uint64))
+    assert np.array_equal(big[1][0], w[(nodes // np.uint64(8)).astype(np.int64) + 1]) and (big[1][1] == 1).all()
+    got = big[3]
+    assert np.array_equal(got[1536 * PAGE + 48:1539 * PAGE + 48], data[100 * PAGE + 16:103 * PAGE + 16])
+    assert (got[600 * PAGE:602 * PAGE] == 0x3C).all()
+    want_y = np.float32(0.25) * x + y
+    assert np.array_equal(got[1100 * PAGE:1108 * PAGE].view(np.float32), want_y)
+    assert np.array_equal(got[1800 * PAGE:1800 * PAGE + 2048].view(np.uint32), got.view(np.uint32)[idx_vals])
+
+
+def test_numpy_page_runs_take_a_2mib_leaf_whole(monkeypatch):
+    """The NumPy twins' whole-page fast path sees a 2 MiB leaf's pages as one run of 512
+    consecutive frames (one slice of the arena), whatever memory it is in."""
+    import hmmgpu.fallback.jobs as fj
+    from hmmgpu.device.backend import get_backend
+    dev, drv, a, data = _thp_setup(get_backend("numpy"), 4)
+    v = drv.vpns(a, 2048)
+    dev.pt.map_huge(v[::512], drv.backing[v[::512] - drv.vpn0]).wait()
+    seen = []
+    real = fj.runs_of
+
+    def spy(idx, min_run=fj.MIN_RUN_PAGES):
+        runs, rest = real(idx, min_run)
+        seen.append(([ln for _, ln, _ in runs], rest.size))
+        return runs, rest
+    monkeypatch.setattr(fj, "runs_of", spy)
+    r = dev.jobs.reduce_sum(a, 2048 * PAGE)
+    assert r.value == int(data.view(np.uint32).sum(dtype=np.uint64))
+    assert seen == [([512, 512], 0), ([512, 512], 0)]   # per memory: one slice per leaf, nothing gathered
+    seen.clear()
+    dev.jobs.memset(a + 256 * PAGE, 7, 1024 * PAGE)     # half of leaf 0, leaf 1, half of leaf 2
+    assert sorted(seen) == [([256, 256], 0), ([512], 0)]
+    assert (drv.data(a, 2048)[256 * PAGE:1280 * PAGE] == 7).all()

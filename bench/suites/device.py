@@ -7,6 +7,11 @@ cost from the control plane's:
 * the DMA engine copying scattered 4 KiB pages host -> device and device -> host, against one
   pinned cudaMemcpyAsync of the same bytes (GPU) or the fastest plain NumPy copy of the same
   pages (fallback);
+* 2 MiB folios (both backends): the DMA engine moving whole folios against the same bytes as
+  scattered 4 KiB pages; the page table mapping them as 2 MiB leaves against 4 KiB leaves (the
+  commands and entries per folio in the note); a reduce and a gather job over device-resident
+  folios through 2 MiB leaves against the same jobs through 4 KiB leaves (two address spaces of
+  one device over the same frames);
 * GPU only: the reduce kernel walking the device page table over device pages and over system
   pages mapped remotely, against the same kernel on a flat array / on mapped pinned host memory
   (zero-copy); explicit prefetch (DMA of scattered system pages + page-table map) against
@@ -15,15 +20,19 @@ cost from the control plane's:
   CUDA managed memory first touched by the CPU.
 
 Sizes: 1 GiB on a GPU (``options["device_bytes"]`` sets another: bench/device_bench.py --gib),
-256 MiB on the fallback; quick: 64 MiB / 32 MiB.
+256 MiB on the fallback; quick: 64 MiB / 32 MiB.  The 2 MiB-folio rows: the same on a GPU, 64 MiB
+on the fallback (quick: 8 MiB).
 """
 import numpy as np
 
 from ..measure import Unavailable
 from ._common import PAGE, Cuda, numpy_copy, size_label
 
+FOLIO = 512                   # 4 KiB pages in a 2 MiB folio
+
 NAME = "device"
-DESCRIPTION = "the device's engines alone: DMA of scattered pages, page-table reduce, prefetch, first touch"
+DESCRIPTION = ("the device's engines alone: DMA of scattered pages, page-table reduce, prefetch, first touch, "
+               "2 MiB folios (DMA, 2 MiB leaves)")
 VA = 0x7F0000000000
 
 
@@ -49,6 +58,8 @@ def run(ctx):
     host = be.host_arena(npg + 16)
     if ctx.gpu:
         _gpu(ctx, be, host, npg, rng)
+        if _wanted(ctx, "thp"):
+            _thp(ctx, be, host, nbytes)
         return
     host.frames[:npg] = 0x5A
     dev = EmulatedDevice(be, npg, 1 << 32, host)
@@ -62,6 +73,74 @@ def run(ctx):
     ctx.figure("DMA engine: scattered pages device -> host", nbytes=nbytes, ours=ours, base=base,
                baseline_name="fastest NumPy way", target=">= 0.7", size=size_label(nbytes),
                note="the copy engine alone: no page table, no HMM")
+    del dev
+    if _wanted(ctx, "thp"):
+        _thp(ctx, be, host, (8 << 20) if ctx.quick else min(nbytes, 64 << 20))
+
+
+def _thp(ctx, be, host, nbytes):
+    """The 2 MiB-folio rows (see the module docstring); ``host`` holds at least ``nbytes``."""
+    from hmmgpu.device import EmulatedDevice
+    from hmmgpu.device.pagetable import PTE_WRITE
+    rng = np.random.default_rng(5)
+    nf = max(nbytes // (FOLIO * PAGE), 2)
+    nbytes = nf * FOLIO * PAGE
+    npg, size = nf * FOLIO, size_label(nbytes)
+    ramp = np.arange(FOLIO)
+    dev = EmulatedDevice(be, npg + 2 * FOLIO, 1 << 32, host, slice_lanes=1 << 30)
+
+    ctx.progress(f"2 MiB folios: DMA, {size}")
+    fd = (rng.permutation(nf)[:, None] * FOLIO + ramp).reshape(-1)       # folios scattered among
+    fs = (rng.permutation(nf)[:, None] * FOLIO + ramp).reshape(-1)       # themselves, whole inside
+    sd, ss = rng.permutation(npg), rng.permutation(npg)
+    before = dev.dma.contiguous_copies
+    dev.dma.copy(dev.arena, fd, host, fs).wait()
+    copies = dev.dma.contiguous_copies - before
+    ours, base = ctx.compare(lambda: dev.dma.copy(dev.arena, fd, host, fs).wait(),
+                             lambda: dev.dma.copy(dev.arena, sd, host, ss).wait())
+    ctx.figure("DMA engine: 2 MiB folios host -> device", nbytes=nbytes, ours=ours, base=base,
+               baseline_name="the same bytes as scattered 4 KiB pages, same engine", target=None, size=size,
+               note=f"{nf} folios in {copies} contiguous copies")
+
+    # one device, two address spaces over the same frames: folio j of the range at folio
+    # perm[j] of the device memory; the range is data, then a folio each for gather's idx, dst
+    total = npg + 2 * FOLIO
+    frames = dev.pfn_base + (rng.permutation(total // FOLIO)[:, None] * FOLIO + ramp).reshape(-1)
+    vpns = (VA >> 12) + np.arange(total)
+    lanes = min(npg * 16, FOLIO * PAGE // 8)                            # idx fits its folio
+    dev.fill_pages(frames[:npg], 0x5A)
+    dev.write_pages(frames[npg:npg + FOLIO], rng.integers(0, npg * (PAGE // 4), FOLIO * PAGE // 8).view(np.uint8))
+    small, huge = dev.create_context(name="4k"), dev.create_context(name="2m")
+    counts = {}
+    for name, sp, fn in (("4 KiB", small, lambda: small.pt.map(vpns, frames, PTE_WRITE).wait()),
+                         ("2 MiB", huge, lambda: huge.pt.map_huge(vpns[::FOLIO], frames[::FOLIO], PTE_WRITE).wait())):
+        fn()
+        before = dict(sp.pt.stats)
+        fn()
+        counts[name] = tuple((sp.pt.stats[k] - before[k]) / (total // FOLIO)
+                             for k in ("pt_commands", "pt_entries_updated"))
+    ctx.progress(f"2 MiB folios: page-table map, {size}")
+    ours, base = ctx.compare(lambda: huge.pt.map_huge(vpns[::FOLIO], frames[::FOLIO], PTE_WRITE).wait(),
+                             lambda: small.pt.map(vpns, frames, PTE_WRITE).wait())
+    ctx.cost("device page table: map device folios as 2 MiB leaves", ours=ours, base=base, per=total // FOLIO,
+             unit="us/folio", scale=1e6, baseline_name="the same folios as 4 KiB leaves", target=None, size=size,
+             note="per folio: %g command(s), %g entry with 2 MiB leaves; %g, %g with 4 KiB leaves"
+             % (counts["2 MiB"] + counts["4 KiB"]))
+
+    ctx.progress(f"2 MiB folios: jobs through 2 MiB leaves, {size}")
+    assert small.jobs.reduce_sum(VA, nbytes).value == huge.jobs.reduce_sum(VA, nbytes).value
+    ours, base = ctx.compare(lambda: huge.jobs.reduce_sum(VA, nbytes), lambda: small.jobs.reduce_sum(VA, nbytes))
+    ctx.figure("reduce job via page table, device-resident 2 MiB folios", nbytes=nbytes, ours=ours, base=base,
+               baseline_name="the same job through 4 KiB leaves", target=None, size=size,
+               note="folios scattered in device memory; the whole job, host work included")
+    idx, dst = VA + npg * PAGE, VA + (npg + FOLIO) * PAGE
+    ours, base = ctx.compare(lambda: huge.jobs.gather(dst, VA, idx, lanes),
+                             lambda: small.jobs.gather(dst, VA, idx, lanes))
+    ctx.cost("gather job via page table, device-resident 2 MiB folios", ours=ours, base=base, per=lanes,
+             unit="ns/lane", baseline_name="the same job through 4 KiB leaves", target=None, size=size,
+             note="one random 4-byte load per lane, three translations")
+    small.destroy()
+    huge.destroy()
 
 
 def _gpu(ctx, be, host, npg, rng):

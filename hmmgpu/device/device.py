@@ -26,6 +26,9 @@ Memory
 
 MMU (dev.pt, a DevicePageTable; hmmgpu/device/pagetable.py has the entry encoding)
     dev.pt.map(vpns, pfns, flags=PTE_WRITE) -> Fence     PTE_WRITE | PTE_ATOMIC; VALID implied
+    dev.pt.map_huge(head_vpns, head_pfns, flags=PTE_WRITE) -> Fence
+                              2 MiB leaves: one entry per aligned 2 MiB folio (every update
+                              below splits one that it covers only in part)
     dev.pt.unmap(vpns) -> Fence
     dev.pt.protect(vpns, clear=PTE_WRITE | PTE_ATOMIC) -> Fence
     dev.pt.set_bits(vpns, bits) -> Fence
@@ -259,8 +262,8 @@ class EmulatedDevice:
         s = dict(self.counters)
         s.update(self.pt.stats)
         s.update({"dma_batches": self.dma.batches, "dma_pages_copied": self.dma.pages_copied,
-                  "dma_bytes_copied": self.dma.bytes_copied, "jobs": self.jobs.next_job_id - 1,
-                  "lanes_launched": self.jobs.lanes_launched})
+                  "dma_bytes_copied": self.dma.bytes_copied, "dma_contiguous_copies": self.dma.contiguous_copies,
+                  "jobs": self.jobs.next_job_id - 1, "lanes_launched": self.jobs.lanes_launched})
         for k in ("memcpy_calls", "kernel_launches"):
             if hasattr(self.dma, k):
                 s["dma_" + k] = getattr(self.dma, k)

@@ -2,14 +2,18 @@
 
 Drivers hand it whole batches: destination frames and source frames as index
 arrays into two arenas.  The public method validates and counts once; each
-backend implements ``_copy`` (the CuPy one coalesces contiguous runs into single
-copies and moves scattered pages with one gather/scatter kernel, on a stream,
-returning a CUDA-event fence; the NumPy one copies in one vectorised step).
+backend implements ``_copy``: both copy every run of at least ``MIN_RUN`` pages
+that is consecutive on both sides as one contiguous copy (so a 2 MiB folio moves
+with one copy; ``contiguous_copies`` counts them), and the scattered rest in one
+step (the CuPy one with one gather/scatter kernel on a stream, returning a
+CUDA-event fence; the NumPy one with vectorised gathers).
 """
 import numpy as np
 
 from ..constants import PAGE_SIZE
 from .hw import DONE
+
+MIN_RUN = 64                  # 256 KiB: a run this long is one contiguous copy on either backend
 
 
 def coalesce_runs(dst_idx, src_idx):
@@ -51,6 +55,7 @@ class DmaEngine:
         self.pages_copied = 0
         self.bytes_copied = 0
         self.batches = 0
+        self.contiguous_copies = 0            # runs of >= MIN_RUN pages copied as one
 
     def copy(self, dst_arena, dst_idx, src_arena, src_idx):
         """Copy frames src_arena[src_idx] -> dst_arena[dst_idx]; returns a Fence."""

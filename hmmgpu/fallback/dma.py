@@ -1,6 +1,7 @@
 """The fallback DMA engine: vectorised NumPy copies, complete at once.
 
-A batch is copied in chunks of ``CHUNK_PAGES`` pages: each chunk is gathered into a buffer that
+Every run of at least ``MIN_RUN`` pages consecutive on both sides (a 2 MiB folio, say) is one
+slice assignment: one contiguous copy.  The rest is copied in chunks of ``CHUNK_PAGES`` pages: each chunk is gathered into a buffer that
 stays in the CPU cache and scattered from there, so the copy reads and writes memory about once,
 like a single NumPy gather, instead of twice (gather to a temporary, then scatter).  When one
 side of the batch is a single run of consecutive frames (a driver's freshly allocated device
@@ -10,7 +11,7 @@ batch is one scatter from it.
 import numpy as np
 
 from ..device.hw import DONE
-from ..device.dma import DmaEngine
+from ..device.dma import MIN_RUN, DmaEngine, long_runs
 
 CHUNK_PAGES = 256          # 1 MiB: fits in L2
 
@@ -18,6 +19,18 @@ CHUNK_PAGES = 256          # 1 MiB: fits in L2
 class NumpyDmaEngine(DmaEngine):
     def _copy(self, dst_arena, dst_idx, src_arena, src_idx):
         dst, src = dst_arena.frames, src_arena.frames
+        starts, lengths = long_runs(dst_idx, src_idx, MIN_RUN)
+        if starts.size:
+            d0, s0 = dst_idx[starts].tolist(), src_idx[starts].tolist()
+            for d, s, ln in zip(d0, s0, lengths.tolist()):    # one contiguous copy per long run
+                dst[d:d + ln] = src[s:s + ln]
+            self.contiguous_copies += int(starts.size)
+            if int(lengths.sum()) == dst_idx.size:
+                return DONE
+            rest = np.ones(dst_idx.size, bool)
+            rest[np.repeat(starts, lengths) + (np.arange(int(lengths.sum())) -
+                                               np.repeat(np.cumsum(lengths) - lengths, lengths))] = False
+            dst_idx, src_idx = dst_idx[rest], src_idx[rest]
         n = dst_idx.size
         if n > CHUNK_PAGES:
             if _one_run(dst_idx):

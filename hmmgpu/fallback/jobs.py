@@ -9,8 +9,10 @@ a step that touches 16 bytes).  Completion is immediate; nothing here is a timin
 
 Translation goes through a per-slice cache of leaf tables (the page-walk cache of a GPU MMU;
 hmm.cuh keeps a per-lane micro-TLB): a slice walks the upper levels once per 2 MiB of address
-space, then reads each leaf by index.  Data moves per run of contiguous frames: a run of pages
-is read or written as one slice of the arena, the scattered rest by one gather or scatter.
+space, then reads each leaf by index -- or, under a 2 MiB leaf, that one entry, whose pfn plus
+the page's index in the range is the page's frame.  Data moves per run of contiguous frames: a
+run of pages (a 2 MiB leaf's 512 pages are one) is read or written as one slice of the arena,
+the scattered rest by one gather or scatter.
 """
 import numpy as np
 
@@ -19,10 +21,11 @@ from ..device.faults import (ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE, FATAL_BAD
                              fatal_word)
 from ..device.jobs import LANE_DONE, LANE_FAULTED, Zeros
 from ..device.pagetable import (PT_BITS, PT_ENTRIES, PT_LEVELS, PTE_ACCESSED, PTE_ATOMIC, PTE_DIRTY,
-                                PTE_PFN_SHIFT, PTE_VALID, PTE_WRITE, VPN_BITS)
+                                PTE_HUGE, PTE_PFN_SHIFT, PTE_VALID, PTE_WRITE, VPN_BITS)
 
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
+_IN_LEAF = _U64((PT_ENTRIES - 1) << PTE_PFN_SHIFT)   # vaddr bits of the page in its 2 MiB range: the pfn offset
 BULK_UNITS = 256
 MIN_RUN_PAGES = 8            # a run of contiguous frames this long is read as a slice
 SCALAR_LANES = 32            # pointer chases with at most this many lanes run the scalar path
@@ -127,19 +130,27 @@ class NumpyMMU:
 
     # -- the walker ------------------------------------------------------------------------
     def _walk_upper(self, keys):
-        """Leaf-table node of each vpn >> 9 in ``keys`` (-1 where a table is missing)."""
+        """What the level-2 entry of each vpn >> 9 in ``keys`` leads to: its leaf table's node
+        (>= 0), -1 where a table is missing, or -2 - slot for a 2 MiB leaf at flat ``slot``."""
         flat = self.nodes.reshape(-1)
         node = np.zeros(keys.shape, np.int64)
         ok = np.ones(keys.shape, bool)
-        for level in range(PT_LEVELS - 1):
+        for level in range(PT_LEVELS - 2):
             shift = PT_BITS * (PT_LEVELS - 2 - level)
             e = flat[node * PT_ENTRIES + ((keys >> shift) & (PT_ENTRIES - 1))]
             ok &= (e & _U64(PTE_VALID)) != 0
             node = np.where(ok, (e >> _U64(PTE_PFN_SHIFT)).astype(np.int64), 0)
-        return np.where(ok, node, -1)
+        slot = node * PT_ENTRIES + (keys & (PT_ENTRIES - 1))
+        e = flat[slot]
+        huge = ok & ((e & _U64(PTE_HUGE)) != 0)
+        ok &= (e & _U64(PTE_VALID)) != 0
+        out = np.where(ok, (e >> _U64(PTE_PFN_SHIFT)).astype(np.int64), -1)
+        if np.count_nonzero(huge):
+            out[huge] = -2 - slot[huge]
+        return out
 
     def leaf_tables(self, keys):
-        """Leaf-table nodes of sorted unique ``keys``, through the slice's cache."""
+        """``_walk_upper`` of sorted unique ``keys``, through the slice's cache."""
         ck, cn = self._tlb_keys, self._tlb_nodes
         pos = np.searchsorted(ck, keys)
         hit = pos < ck.size
@@ -156,31 +167,72 @@ class NumpyMMU:
             self._tlb_keys, self._tlb_nodes = k2[o], n2[o]
         return out
 
-    def walk(self, vpns):
-        """Flat slot index (into nodes.reshape(-1)) of each vpn's leaf, -1 where a table is missing."""
-        vpns = np.asarray(vpns, dtype=np.int64)
+    def _walk_keys(self, vpns):
+        """(in range mask, None if all are; unique keys vpn >> 9; inverse; ``_walk_upper`` of them)."""
         good = (vpns >= 0) & ((vpns >> VPN_BITS) == 0)
-        keys = np.where(good, vpns >> PT_BITS, 0)
+        if np.count_nonzero(good) == good.size:
+            good, keys = None, vpns >> PT_BITS
+        else:
+            keys = np.where(good, vpns >> PT_BITS, 0)
         uk, inv = _unique_sorted(keys)
-        leaf = self.leaf_tables(uk)[inv]
-        ok = good & (leaf >= 0)
-        return np.where(ok, leaf * PT_ENTRIES + (vpns & (PT_ENTRIES - 1)), -1)
+        return good, inv, self.leaf_tables(uk)
+
+    def walk(self, vpns):
+        """(slot, huge): the flat slot (into nodes.reshape(-1)) of the entry that translates each
+        vpn, -1 where a table is missing, and which vpns are under 2 MiB leaves (whose slot is
+        the level-2 one), or None when none is."""
+        vpns = np.asarray(vpns, dtype=np.int64)
+        good, inv, lk = self._walk_keys(vpns)
+        return self._slots(vpns, good, inv, lk)
+
+    @staticmethod
+    def _slots(vpns, good, inv, lk):
+        big = lk < -1
+        if not np.count_nonzero(big):                              # one test per 2 MiB: 4 KiB leaves only
+            leaf = lk[inv]
+            ok = leaf >= 0 if good is None else good & (leaf >= 0)
+            return np.where(ok, leaf * PT_ENTRIES + (vpns & (PT_ENTRIES - 1)), -1), None
+        # per key: the slot of its first page and the step per page (0 under a 2 MiB leaf)
+        tab = lk >= 0
+        slot = np.where(tab, lk * PT_ENTRIES, np.where(big, -2 - lk, -1))[inv]
+        if tab.any():
+            slot += (vpns & (PT_ENTRIES - 1)) * tab[inv]
+        huge = big[inv]
+        if good is not None:
+            slot[~good] = -1
+            huge &= good
+        return slot, huge
 
     def translate(self, vaddr, access, lanes, record=True, size=1):
         """(ok, pte) per address; sets ACCESSED/DIRTY on success; records the failures in order.
-
-        An entry whose pfn is outside memory (``pfn_ok``) fails too, as a fatal fault of an
-        access of ``size`` bytes."""
+        A page under a 2 MiB leaf gets that entry with its own pfn (hmm_pte_of_page).  An entry
+        whose pfn is outside memory (``pfn_ok``) fails too, as a fatal fault of an access of
+        ``size`` bytes."""
         vaddr = np.asarray(vaddr, dtype=np.uint64)
-        slots = self.walk((vaddr >> _U64(12)).astype(np.int64))
+        vpns = (vaddr >> _U64(12)).astype(np.int64)
         flat = self.nodes.reshape(-1)
-        e = flat[np.maximum(slots, 0)]
-        e[slots < 0] = 0
-        ok = pte_allows(e, access)
         want = _U64(PTE_ACCESSED | (PTE_DIRTY if access != ACCESS_READ else 0))
-        need = ok & ((e & want) != want)
-        if need.any():
-            flat[slots[need]] |= want
+        good, inv, lk = self._walk_keys(vpns)
+        if good is None and lk.size and lk.max() < -1:
+            # every page under a 2 MiB leaf: one entry read, checked and marked per leaf
+            ks = -2 - lk
+            ek = flat[ks]
+            okk = pte_allows(ek, access)
+            need = okk & ((ek & want) != want)
+            if need.any():
+                flat[ks[need]] |= want
+            ok = okk[inv]
+            e = ek[inv] + (vaddr & _IN_LEAF)
+        else:
+            slots, huge = self._slots(vpns, good, inv, lk)
+            e = flat[np.maximum(slots, 0)]
+            e[slots < 0] = 0
+            ok = pte_allows(e, access)
+            need = ok & ((e & want) != want)
+            if need.any():
+                flat[slots[need]] |= want
+            if huge is not None:
+                e += (vaddr & _IN_LEAF) * huge
         wild = ok & ~self.pfn_ok(e)
         if wild.any():
             ok &= ~wild
@@ -286,13 +338,30 @@ class ScalarMMU:
         self.leaves = {}
         self.pages = {}            # vpn -> (memory, index of the page's first word)
 
+    def _walk_upper(self, key):
+        """NumpyMMU._walk_upper of one key, with Python integers."""
+        pt = self.pt
+        e = pt[(key >> (2 * PT_BITS)) & (PT_ENTRIES - 1)]
+        if not e & PTE_VALID:
+            return -1
+        e = pt[((e >> PTE_PFN_SHIFT) << PT_BITS) + ((key >> PT_BITS) & (PT_ENTRIES - 1))]
+        if not e & PTE_VALID:
+            return -1
+        slot = ((e >> PTE_PFN_SHIFT) << PT_BITS) + (key & (PT_ENTRIES - 1))
+        e = pt[slot]
+        if e & PTE_HUGE:
+            return -2 - slot
+        return e >> PTE_PFN_SHIFT if e & PTE_VALID else -1
+
     def _leaf(self, vpn):
         key = vpn >> PT_BITS
         node = self.leaves.get(key)
         if node is None:
-            node = int(self.mmu._walk_upper(np.array([key], np.int64))[0])
+            node = self._walk_upper(key)
             self.leaves[key] = node
-        return -1 if node < 0 else node * PT_ENTRIES + (vpn & (PT_ENTRIES - 1))
+        if node >= 0:
+            return node * PT_ENTRIES + (vpn & (PT_ENTRIES - 1))
+        return -2 - node if node < -1 else -1          # a 2 MiB leaf's slot, or none
 
     def _fault(self, vaddr, word, lane):
         self.mmu.faults.append(np.array([vaddr], np.uint64), word, np.array([lane], np.int64),
@@ -313,6 +382,8 @@ class ScalarMMU:
         if not e & PTE_ACCESSED:
             self.pt[slot] = e | PTE_ACCESSED
         pfn = e >> PTE_PFN_SHIFT
+        if e & PTE_HUGE:
+            pfn += vpn & (PT_ENTRIES - 1)
         d = pfn - self.mmu.pfn_base
         if not (0 <= d < self.mmu.nframes or pfn < len(self.mem[0]) >> 9):
             self._fault(vaddr, fatal_word(ACCESS_READ, FATAL_BAD_PFN, 8), lane)

@@ -10,10 +10,10 @@ import cupy
 import numpy as np
 
 from ..constants import PAGE_SIZE
-from ..device.dma import DmaEngine, long_runs
+from ..device.dma import MIN_RUN, DmaEngine, long_runs
 from .module import Uploader, cudaMemcpyDefault, launch, load_module
 
-DEFAULT_MIN_RUN = 64          # 256 KiB: below this a run rides in the gather kernel
+DEFAULT_MIN_RUN = MIN_RUN     # below this a run rides in the gather kernel
 
 
 def _ramp(lengths):
@@ -40,6 +40,7 @@ class CupyDmaEngine(DmaEngine):
                                               src_arena.ptr + int(src_idx[s]) * PAGE_SIZE,
                                               n * PAGE_SIZE, cudaMemcpyDefault, self.stream.ptr)
                 self.memcpy_calls += 1
+            self.contiguous_copies += int(starts.size)
             covered = int(lengths.sum())
             if covered == dst_idx.size:
                 return self.backend.fence(self.gpu)

@@ -2,7 +2,7 @@
 //
 // A job is a kernel over many lanes.  Every access a lane makes goes through the device page
 // table (hmmgpu/device/pagetable.py documents the encoding): a 4-level radix tree in device
-// memory, root at node 0.  A miss, a store to a read-only page or an atomic on a page without
+// memory, root at node 0, whose level-2 entries may be 2 MiB leaves (PTE_HUGE).  A miss, a store to a read-only page or an atomic on a page without
 // PTE_ATOMIC appends a record to the fault buffer, marks the lane FAULTED and makes the lane's
 // later accesses no-ops (loads return 0), so the lane stops without touching memory.  The host
 // services the faults and replays only the FAULTED lanes.
@@ -47,6 +47,7 @@ typedef unsigned char hmm_u8;
 #define HMM_PTE_DIRTY 0x4ULL
 #define HMM_PTE_ACCESSED 0x8ULL
 #define HMM_PTE_ATOMIC 0x10ULL
+#define HMM_PTE_HUGE 0x80ULL
 
 #define HMM_ACCESS_READ 0
 #define HMM_ACCESS_WRITE 1
@@ -91,16 +92,31 @@ struct hmm_job_params {
     P.fault_buf = (hmm_u64*)p_fault_buf; P.fault_put = (hmm_u64*)p_fault_put;                   \
     P.fault_cap = p_fault_cap; P.lane_state = (hmm_u8*)p_lane_state; P.job_id = p_job_id
 
-// The walker: the leaf slot of vpn, or nullptr when a table on the way is missing.
-__device__ __forceinline__ hmm_u64* hmm_pt_walk(hmm_u64* pt, hmm_u64 vpn) {
+// The level-2 slot of vpn (a link to its leaf table, or a 2 MiB leaf), or nullptr when a
+// directory on the way is missing.
+__device__ __forceinline__ hmm_u64* hmm_pt_pmd(hmm_u64* pt, hmm_u64 vpn) {
     if (vpn >> HMM_VPN_BITS) return nullptr;
     hmm_u64 e = pt[(vpn >> 27) & 511];
     if (!(e & HMM_PTE_VALID)) return nullptr;
     e = pt[(e >> HMM_PAGE_SHIFT) * HMM_PT_ENTRIES + ((vpn >> 18) & 511)];
     if (!(e & HMM_PTE_VALID)) return nullptr;
-    e = pt[(e >> HMM_PAGE_SHIFT) * HMM_PT_ENTRIES + ((vpn >> 9) & 511)];
+    return pt + (e >> HMM_PAGE_SHIFT) * HMM_PT_ENTRIES + ((vpn >> 9) & 511);
+}
+
+// The walker: the slot of the entry that translates vpn -- its 4 KiB leaf, or the 2 MiB leaf at
+// level 2 -- or nullptr when a table on the way is missing.
+__device__ __forceinline__ hmm_u64* hmm_pt_walk(hmm_u64* pt, hmm_u64 vpn) {
+    hmm_u64* pmd = hmm_pt_pmd(pt, vpn);
+    if (!pmd) return nullptr;
+    hmm_u64 e = *pmd;
+    if (e & HMM_PTE_HUGE) return pmd;
     if (!(e & HMM_PTE_VALID)) return nullptr;
     return pt + (e >> HMM_PAGE_SHIFT) * HMM_PT_ENTRIES + (vpn & 511);
+}
+
+// The entry read at vpn's slot as the page's own: a 2 MiB leaf's pfn is its first frame.
+__device__ __forceinline__ hmm_u64 hmm_pte_of_page(hmm_u64 e, hmm_u64 vpn) {
+    return (e & HMM_PTE_HUGE) ? e + ((vpn & (HMM_PT_ENTRIES - 1)) << HMM_PAGE_SHIFT) : e;
 }
 
 __device__ __forceinline__ bool hmm_pte_allows(hmm_u64 e, int access) {
@@ -111,14 +127,15 @@ __device__ __forceinline__ bool hmm_pte_allows(hmm_u64 e, int access) {
 }
 
 // Translate one page.  Like x86's walker, a successful translation sets ACCESSED (and DIRTY for
-// a write or atomic) in the leaf; the atomic is skipped when the bits are already there.
+// a write or atomic) in the leaf -- for a 2 MiB leaf the one entry, for all its pages -- and the
+// atomic is skipped when the bits are already there.  *pte is the page's own entry.
 __device__ __forceinline__ bool hmm_translate(hmm_u64* pt, hmm_u64 vpn, int access, hmm_u64* pte) {
     hmm_u64* slot = hmm_pt_walk(pt, vpn);
     hmm_u64 e = slot ? *slot : 0ULL;
     if (!hmm_pte_allows(e, access)) return false;
     hmm_u64 want = HMM_PTE_ACCESSED | (access != HMM_ACCESS_READ ? HMM_PTE_DIRTY : 0ULL);
     if ((e & want) != want) atomicOr(slot, want);
-    *pte = e;
+    *pte = hmm_pte_of_page(e, vpn);
     return true;
 }
 

@@ -3,7 +3,8 @@
 // The host never writes entries: it uploads command records (op | count << 8, target, value,
 // first) and this kernel applies them on the device's stream, one thread per affected entry.
 // A thread finds its command by binary search over `first` (the running sum of counts), so a
-// contiguous run of a million pages costs one 32-byte record.
+// contiguous run of a million pages costs one 32-byte record.  Commands in one buffer never
+// depend on each other (the host queues a split's copy and its link in two buffers).
 #include "hmm.cuh"
 
 #define PT_OP_LINK 1
@@ -11,6 +12,8 @@
 #define PT_OP_UNMAP 3
 #define PT_OP_CLEAR 4
 #define PT_OP_SET 5
+#define PT_OP_HUGE 6
+#define PT_OP_SPLIT 7
 
 extern "C" __global__ void pt_execute(hmm_u64* pt, const hmm_u64* cmds, hmm_u64 ncmds, hmm_u64 total) {
     hmm_u64 t = (hmm_u64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -23,8 +26,19 @@ extern "C" __global__ void pt_execute(hmm_u64* pt, const hmm_u64* cmds, hmm_u64 
     const hmm_u64* c = cmds + lo * 4;
     int op = (int)(c[0] & 0xff);
     hmm_u64 k = t - c[3];
-    if (op == PT_OP_LINK) {                // directory entries were allocated by the host
-        pt[c[1]] = c[2];
+    if (op == PT_OP_LINK) {                // slots of tables the host allocated: links, wipes
+        pt[c[1] + k] = c[2];
+        return;
+    }
+    if (op == PT_OP_HUGE) {                // 2 MiB leaf k of a run, 512 frames further on
+        hmm_u64* pmd = hmm_pt_pmd(pt, c[1] + (k << 9));
+        if (pmd) *pmd = c[2] + (k << (9 + HMM_PAGE_SHIFT));
+        return;
+    }
+    if (op == PT_OP_SPLIT) {               // entry k of the new leaf table c[2]
+        hmm_u64* pmd = hmm_pt_pmd(pt, c[1]);
+        hmm_u64 e = pmd ? *pmd : 0ULL;
+        if (e & HMM_PTE_HUGE) pt[c[2] * HMM_PT_ENTRIES + k] = (e & ~HMM_PTE_HUGE) + (k << HMM_PAGE_SHIFT);
         return;
     }
     hmm_u64* slot = hmm_pt_walk(pt, c[1] + k);
@@ -42,5 +56,5 @@ extern "C" __global__ void pt_lookup(hmm_u64* pt, const hmm_u64* vpns, hmm_u64 n
     hmm_u64 i = (hmm_u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     hmm_u64* slot = hmm_pt_walk(pt, vpns[i]);
-    out[i] = slot ? *slot : 0ULL;
+    out[i] = slot ? hmm_pte_of_page(*slot, vpns[i]) : 0ULL;
 }
