@@ -77,7 +77,7 @@ class Machine:
     """What the C fixtures open: /dev/hmm_dmirror0..3 on one machine."""
 
     def __init__(self, kind):
-        self.system = hmmgpu.System(backend="numpy", ram_bytes=128 << 20)
+        self.system = hmmgpu.System(backend=os.environ.get("HMMGPU_BACKEND", "numpy"), ram_bytes=128 << 20)
         self.kind = kind
         # hmm_dmirror0/1 are private; 2/3 coherent (present only with SPM configured).
         self.private = [dmirror.DMirrorDevice(self.system, memory="private") for _ in range(2)]

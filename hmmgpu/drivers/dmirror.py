@@ -234,8 +234,10 @@ class DMirrorDevice:
         phys = system.phys
         nslots = self.max_chunks * self.chunk_pages
         base = phys.request_free_mem_region(nslots)
+        # Only address space until a chunk is hotplugged (its memory is committed then), as the
+        # C driver allocates a chunk's memory in dmirror_allocate_chunk.
         self.device = EmulatedDevice(system.backend, nslots, base, phys.ram, gpu=gpu,
-                                     name=f"dmirror{self.id}")
+                                     name=f"dmirror{self.id}", lazy_memory=True)
         self.chunks = []
         self.devmem_lock = threading.Lock()     # protects chunks
         self.lock = threading.Lock()            # protects the free lists and counters
@@ -288,6 +290,10 @@ class DMirrorDevice:
         if slot is None:
             return False
         frame = slot * self.chunk_pages
+        try:
+            self.device.arena.commit(frame, self.chunk_pages)
+        except MemoryError:
+            return False
         pgmap = DevPagemap(MEMORY_DEVICE_PRIVATE if self.is_private else MEMORY_DEVICE_COHERENT,
                            self.ops, self, self.chunk_pages, gpu=self.gpu,
                            arena=self.device.arena.sub(frame, self.chunk_pages),
