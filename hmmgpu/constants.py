@@ -5,6 +5,10 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = ~(PAGE_SIZE - 1)
 PMD_SHIFT = 21
 PMD_SIZE = 1 << PMD_SHIFT
+PUD_SHIFT = 30
+# A PMD-level (transparent or hugetlb) huge page: HPAGE_PMD_ORDER of include/linux/huge_mm.h.
+HPAGE_PMD_ORDER = PMD_SHIFT - PAGE_SHIFT
+HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER
 
 PROT_NONE = 0x0
 PROT_READ = 0x1

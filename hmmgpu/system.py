@@ -5,12 +5,16 @@ machine, NumPy elsewhere), owns system RAM as an arena of page frames from that
 backend, and runs the kernel-wide parts of memory management: the registry of
 page caches, memory cgroups, writeback and the OOM killer.
 """
+import errno
 import itertools
 import threading
 
-from .constants import PAGE_SIZE
+from .constants import HPAGE_PMD_NR, PAGE_SIZE
 from .device.backend import get_backend
 from .errors import ProcessKilled
+from .errors import oserror
+from .mm.huge_memory import THP_MODES
+from .mm.hugetlb import DEFAULT_POOL_MIN_RAM_FACTOR, DEFAULT_POOL_PAGES, HugetlbPool
 from .mm.memcg import MemCgroup
 from .mm.physmem import PhysicalMemory
 from .mm.process import Process
@@ -19,11 +23,31 @@ DEFAULT_RAM_BYTES = 1 << 30
 
 
 class System:
-    def __init__(self, backend="auto", ram_bytes=DEFAULT_RAM_BYTES):
-        """``backend``: "auto" (or the HMMGPU_BACKEND variable), "cupy" or "numpy"."""
+    def __init__(self, backend="auto", ram_bytes=DEFAULT_RAM_BYTES, thp="madvise", hugetlb_pages=None):
+        """``backend``: "auto" (or the HMMGPU_BACKEND variable), "cupy" or "numpy".
+
+        ``thp``: the transparent huge page mode (sysfs transparent_hugepage/enabled): "always",
+        "madvise" (MADV_HUGEPAGE ranges only) or "never".  ``hugetlb_pages``: the 2 MiB pages
+        of the hugetlbfs pool (nr_hugepages); by default a small pool (DEFAULT_POOL_PAGES) when
+        RAM is large enough for it to be a small part of it, as the selftests' runner reserves.
+        """
+        if thp not in THP_MODES:
+            raise oserror(errno.EINVAL, f"thp must be one of {', '.join(THP_MODES)}, not {thp!r:.40}")
         self.backend = get_backend(None if backend == "auto" else backend)
         self.phys = PhysicalMemory(self.backend, int(ram_bytes) // PAGE_SIZE)
         self.phys.oom = self._oom
+        self.thp = thp
+        self.thp_use_zero_page = True          # transparent_hugepage/use_zero_page
+        nr_ram = self.phys.nr_ram
+        if hugetlb_pages is None:
+            fits = nr_ram >= DEFAULT_POOL_PAGES * HPAGE_PMD_NR * DEFAULT_POOL_MIN_RAM_FACTOR
+            hugetlb_pages = DEFAULT_POOL_PAGES if fits else 0
+        elif not isinstance(hugetlb_pages, int) or hugetlb_pages < 0:
+            raise oserror(errno.EINVAL, f"hugetlb_pages must be a count of 2 MiB pages, not {hugetlb_pages!r:.40}")
+        elif hugetlb_pages * HPAGE_PMD_NR >= nr_ram:
+            raise oserror(errno.ENOMEM, f"a hugetlb pool of {hugetlb_pages} pages does not fit in "
+                          f"{nr_ram * PAGE_SIZE >> 20} MiB of RAM")
+        self.phys.hugetlb = HugetlbPool(self.phys, hugetlb_pages)
         self.lock = threading.RLock()
         self.processes = []
         self.memcgs = self.phys.memcgs

@@ -288,7 +288,8 @@ def watch_notifiers(mm, track=None):
 
 def watch_pagemap_ops(ops, track="device/pagemap"):
     """Trace a driver's dev_pagemap ops: ``migrate_to_ram`` (CPU faults on device-private
-    pages) as ``migrate`` spans and ``page_free`` as ``evict``-category instants.
+    pages) as ``migrate`` spans and ``folio_free`` / ``page_free`` as ``evict``-category
+    ``page_free`` instants.
 
     Wraps the two methods on this one ops object (the pgmap keeps a reference to the same
     object, so the kernel side calls the wrappers).  Idempotent; returns ``ops``.
@@ -297,6 +298,7 @@ def watch_pagemap_ops(ops, track="device/pagemap"):
         return ops
     to_ram = getattr(ops, "migrate_to_ram", None)
     free = getattr(ops, "page_free", None)
+    folio_free = getattr(ops, "folio_free", None)
     if to_ram is not None:
         def migrate_to_ram(vmf):
             if _tracer is None:
@@ -313,6 +315,13 @@ def watch_pagemap_ops(ops, track="device/pagemap"):
                             {"npages": int(getattr(pfns, "size", 1))})
             return free(pfns)
         ops.page_free = page_free
+    if folio_free is not None:
+        def traced_folio_free(heads, order):
+            if _tracer is not None:
+                _tracer.add("i", "page_free", CAT_EVICT, now_us(), 0.0, track,
+                            {"npages": int(getattr(heads, "size", 1)) << int(order), "order": int(order)})
+            return folio_free(heads, order)
+        ops.folio_free = traced_folio_free
     ops._hmmgpu_traced = True
     return ops
 

@@ -33,6 +33,13 @@ from hmmgpu.mm.physmem import PG_ANON, PG_LOCKED, PG_SWAPBACKED
 U = np.uint64
 
 
+def _zero_pages(phys, n):
+    """A mask over the pfn space of the zero pages (the zero page and the huge zero folio),
+    which read faults map without a reference or a mapcount."""
+    pfns = np.arange(n, dtype=np.int64)
+    return phys.zero_mask(pfns) if hasattr(phys, "zero_mask") else pfns == phys.zero_pfn
+
+
 def live_processes(system):
     return [p for p in list(system.processes) if p.alive]
 
@@ -59,10 +66,9 @@ def check_system(system, pins=None, devices=(), quiescent=True):
     for d in devices:
         for m in list(d.mirrors):
             np.add.at(driver, np.asarray(getattr(m, "bounce", ()), np.int64), 1)
-    z = phys.zero_pfn
+    zero = _zero_pages(phys, n)
     mc = pg.mapcount.astype(np.int64)
-    bad = np.nonzero(mc != maps)[0]
-    bad = bad[bad != z]
+    bad = np.nonzero((mc != maps) & ~zero)[0]
     assert bad.size == 0, (f"mapcount of pfn {bad[:4].tolist()} is {mc[bad[:4]].tolist()}, "
                            f"but {maps[bad[:4]].tolist()} entries map them")
     pc = pg.pincount.astype(np.int64)
@@ -76,7 +82,7 @@ def check_system(system, pins=None, devices=(), quiescent=True):
         assert bad.size == 0, f"pincount of pfn {bad[:4].tolist()} is {pc[bad[:4]].tolist()}, pins {want[bad[:4]].tolist()}"
     rc = pg.refcount.astype(np.int64)
     expect = maps + cached + pc + driver
-    expect[z] = rc[z]
+    expect[zero] = rc[zero]
     bad = np.nonzero(rc != expect)[0]
     assert bad.size == 0, (
         f"refcount of pfn {bad[:4].tolist()} is {rc[bad[:4]].tolist()}, expected {expect[bad[:4]].tolist()} "
@@ -114,7 +120,6 @@ def _check_ptes(system, proc, quiescent):
     phys = system.phys
     pg = phys.pages
     n = pg.n
-    z = phys.zero_pfn
     vmas = list(proc.mm.vmas)
     rss = {"anon": 0, "file": 0, "shmem": 0}
     if not vmas:
@@ -152,9 +157,10 @@ def _check_ptes(system, proc, quiescent):
     bad = priv & ~devp & ~mig
     assert not bad.any(), f"{where(bad)}: a device-private page mapped by another entry"
     w = present & ((e & pt.PTE_WRITE) != 0)
-    bad = w & (pfn == z)
+    z = _zero_pages(phys, n)[pfn]
+    bad = w & z
     assert not bad.any(), f"{where(bad)}: the zero page mapped writable"
-    counted = ~(present & ((e & pt.PTE_SPECIAL) != 0)) & (pfn != z)
+    counted = ~(present & ((e & pt.PTE_SPECIAL) != 0)) & ~z
     wc = w & cow & counted
     bad = wc & ((pg.flags[pfn] & PG_ANON) == 0)
     assert not bad.any(), f"{where(bad)}: a writable private entry on a non-anon page"
@@ -175,8 +181,7 @@ def _check_memcgs(system):
         charged = int((live & (pg.memcg == cg.id)).sum())
         assert cg.pages == charged, f"{cg!r}: {cg.pages} pages charged, {charged} live pages say so"
     n = system.phys.nr_ram
-    free = np.nonzero(~live[:n] & (pg.memcg[:n] >= 0))[0]
-    free = free[free != system.phys.zero_pfn]
+    free = np.nonzero(~live[:n] & (pg.memcg[:n] >= 0) & ~_zero_pages(system.phys, n)[:n])[0]
     assert free.size == 0, f"free frame(s) {free[:4].tolist()} still charged to a memcg"
 
 
@@ -187,7 +192,9 @@ def _check_allocator(system):
     in_use = int((rc[1:] > 0).sum())
     assert phys.nr_free() == n - 1 - in_use, (
         f"the allocator has {phys.nr_free()} free frames, the refcounts say {n - 1 - in_use}")
-    stack = phys._free[:phys.nr_free()]
+    stack = phys._free[:phys._nfree]
+    if getattr(phys, "_nblocks", 0):                  # whole 2 MiB blocks kept aside
+        stack = np.concatenate((stack, phys.folio_pages(phys._blocks[:phys._nblocks])))
     assert np.bincount(stack, minlength=n).max(initial=0) <= 1, "a frame is on the free list twice"
     assert (rc[stack] == 0).all(), "a frame on the free list is referenced"
 
@@ -209,6 +216,9 @@ def _check_device(system, d):
         used += int((rc > 0).sum())
     assert d.nr_allocated() == used, f"{d!r}: {d.nr_allocated()} pages allocated, {used} in use"
     free = d._free.pages() if hasattr(d._free, "pages") else np.asarray(d._free, np.int64)
+    folios = getattr(d, "_free_folios", None)
+    if folios is not None and folios.n:                 # free 2 MiB device folios, by head
+        free = np.concatenate((free, system.phys.folio_pages(folios.pages())))
     assert np.bincount(free).max(initial=0) <= 1, f"{d!r}: a page on the free list twice"
     assert (pg.refcount[free] == 0).all(), f"{d!r}: a page on the free list is referenced"
     assert free.size + used == len(d.chunks) * d.chunk_pages, (

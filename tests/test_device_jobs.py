@@ -74,10 +74,14 @@ def test_replays_only_faulted_lanes_and_no_side_effects(backend):
     drv.map(drv.vpns(ctr, 1)).wait()
     r = dev.jobs.run(COUNT_JOB, n, [x, ctr])
     # 10 pages x 1024 lanes fault; a pass services 20 batches of 256 records, then replays
-    # those lanes only: two passes
-    assert r.rounds == [n, 5120, 5120]
+    # those lanes only (and those whose page the pass covered), each faulted lane once
+    assert r.rounds[0] == n and sum(r.rounds[1:]) == 10 * 1024
+    if backend.name == "numpy":
+        # records in lane order: the first pass's 5120 cover 5 pages, two passes
+        assert r.rounds == [n, 5120, 5120] and dev.counters["num_replays"] == 2
+    # (a GPU, like the CUDA shim, writes records in warp-scheduling order: 5120 of them may
+    # cover all 10 pages, and one pass replays every faulted lane)
     assert int(drv.data(ctr, 1)[:4].view(np.uint32)[0]) == int(xs.sum(dtype=np.uint64))
-    assert dev.counters["num_replays"] == 2
     assert dev.counters["num_read_faults"] > 0
 
 

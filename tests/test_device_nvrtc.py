@@ -1,8 +1,9 @@
 """The CUDA sources compile with NVRTC for Hopper (compute_90), no GPU needed.
 
 Uses the NVRTC library of the `nvidia-cuda-nvrtc` wheel (or CuPy's, or the system's) through
-ctypes; skipped when none is installed.  Catches what g++ in test_device_cuda_cpu.py cannot:
-CUDA-only syntax, intrinsics, device-code restrictions.
+ctypes; skipped when none is installed.  Compiles exactly what the CuPy backend loads (the units
+of hmmgpu.kernels.source, with its NVRTC options).  Catches what g++ in test_device_cuda_cpu.py
+cannot: CUDA-only syntax, intrinsics, device-code restrictions.
 """
 import ctypes
 import glob
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-KDIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hmmgpu", "kernels")
+from hmmgpu.kernels.source import NVRTC_OPTIONS, kernel_source
 
 
 def _find_nvrtc():
@@ -35,7 +36,7 @@ def _find_nvrtc():
 def _compile(lib, code, name):
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), name.encode(), 0, None, None) == 0
-    opts = [b"-I" + KDIR.encode(), b"--std=c++17", b"-arch=compute_90"]
+    opts = [o.encode() for o in NVRTC_OPTIONS] + [b"-arch=compute_90"]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     n = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
@@ -55,16 +56,15 @@ def nvrtc():
 
 @pytest.mark.parametrize("name", ["pagetable.cu", "dma.cu", "jobs.cu"])
 def test_kernel_sources_compile(nvrtc, name):
-    with open(os.path.join(KDIR, name)) as f:
-        code = f'#line 1 "{name}"\n' + f.read()
-    rc, log = _compile(nvrtc, code, name)
+    rc, log = _compile(nvrtc, kernel_source(name), name)
     assert rc == 0, log
     assert "warning" not in log.lower(), log
 
 
 def test_user_jobs_compile(nvrtc):
+    from test_device_fatal import COPY64_JOB
     from test_device_jobs import COUNT_JOB, STAMP_JOB
     from test_device_parity import SCALE_JOB
-    for job in (COUNT_JOB, STAMP_JOB, SCALE_JOB):
-        rc, log = _compile(nvrtc, '#include "hmm.cuh"\n#line 1 "user.cu"\n' + job.cuda_source, job.name)
+    for job in (COUNT_JOB, STAMP_JOB, SCALE_JOB, COPY64_JOB):
+        rc, log = _compile(nvrtc, kernel_source(job.name + ".cu", job.cuda_source), job.name)
         assert rc == 0, log

@@ -1,6 +1,7 @@
 """dmirror beyond the selftests: ioctl argument checks, the device page table, chunks,
 eviction, several opens of one device, and that device memory always comes back."""
 import errno
+import os
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ def kind(request):
 
 @pytest.fixture
 def system():
-    return hmmgpu.System(backend="numpy", ram_bytes=32 << 20)
+    return hmmgpu.System(backend=os.environ.get("HMMGPU_BACKEND", "numpy"), ram_bytes=32 << 20)
 
 
 def errno_of(fn, *a):

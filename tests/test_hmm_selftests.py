@@ -1,10 +1,15 @@
 """A port of the kernel's HMM selftests (tools/testing/selftests/mm/hmm-tests.c).
 
-Every case that does not need THP or hugetlbfs, written against the public
-contract only (docs: /work/shared/CONTRACT.md): a ``System``, processes, and the
-dmirror driver of ``hmmgpu.drivers.dmirror`` with the semantics of
-lib/test_hmm.c.  Each case runs for device-private and device-coherent memory,
-like the C fixture variants ``hmm_device_private`` / ``hmm_device_coherent``.
+Every case, the THP and hugetlbfs ones included (anon_write_huge,
+anon_write_hugetlbfs, compound, anon_write_child over migrate x use_thp,
+migrate_anon_huge_{empty,zero,free,fault,err,zero_err},
+migrate_partial_unmap_fault, migrate_remap_fault, benchmark_thp_migration's
+migrations), written against the public contract only (docs:
+/work/shared/CONTRACT.md): a ``System``, processes, and the dmirror driver of
+``hmmgpu.drivers.dmirror`` with the semantics of lib/test_hmm.c.  Each case runs
+for device-private and device-coherent memory, like the C fixture variants
+``hmm_device_private`` / ``hmm_device_coherent``.  The machine's default
+hugetlbfs pool stands for the runner's HUGETLB_SETUP_DEFAULT_PAGES.
 
 Differences from the C harness, all mechanical:
 
@@ -12,7 +17,12 @@ Differences from the C harness, all mechanical:
   a test runs inline and ends with ``child.exit(0)``;
 * ``pread`` on a shared file mapping sees the page cache in Linux; here the page
   cache is written back on ``msync``, so ``file_write`` calls it first;
-* gup_test's ioctls become ``proc.pin_user_pages`` + ``unpin``.
+* gup_test's ioctls become ``proc.pin_user_pages`` + ``unpin``;
+* /proc/self/pagemap becomes ``proc.pages`` (the raw PTEs);
+* the C loops over variants inside one TEST_F (use_thp, offsets, ...) stay loops where they
+  only share a buffer layout, and become parameters where they are separate cases;
+* the THP cases also check, through dmirror's snapshot, that the memory really was mapped by
+  a PMD where the kernel maps it by one (the C cases only check the data).
 
 Sizes are the C ones (HMM_BUFFER_SIZE is 1024 pages) except NTIMES loops,
 which keep the C count.
@@ -27,10 +37,13 @@ import pytest
 import hmmgpu
 from hmmgpu import (MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED, MREMAP_DONTUNMAP, MREMAP_FIXED,
                     MREMAP_MAYMOVE, PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE)
+from hmmgpu.device.pagetable import PTE_HUGE
 from hmmgpu.drivers import dmirror
 
 NPAGES = 1024                  # HMM_BUFFER_SIZE >> PAGE_SHIFT
 SIZE = NPAGES * PAGE_SIZE
+PMD_PAGES = 512                # read_pmd_pagesize() >> PAGE_SHIFT
+PMD = PMD_PAGES * PAGE_SIZE
 NTIMES = 10
 RW = PROT_READ | PROT_WRITE
 ANON = MAP_PRIVATE | MAP_ANONYMOUS
@@ -64,7 +77,7 @@ class Machine:
     """What the C fixtures open: /dev/hmm_dmirror0..3 on one machine."""
 
     def __init__(self, kind):
-        self.system = hmmgpu.System(backend="numpy", ram_bytes=128 << 20)
+        self.system = hmmgpu.System(backend=os.environ.get("HMMGPU_BACKEND", "numpy"), ram_bytes=128 << 20)
         self.kind = kind
         # hmm_dmirror0/1 are private; 2/3 coherent (present only with SPM configured).
         self.private = [dmirror.DMirrorDevice(self.system, memory="private") for _ in range(2)]
@@ -170,31 +183,40 @@ def test_anon_write_prot(hmm):
     check_ints(p.read(ptr, SIZE))
 
 
+@pytest.mark.parametrize("use_thp", [False, True])
 @pytest.mark.parametrize("migrate", [False, True])
-def test_anon_write_child(hmm, migrate):
+def test_anon_write_child(hmm, migrate, use_thp):
     p = hmm.proc
-    ptr = anon(p, size=2 * SIZE)
-    p.write(ptr, ints(SIZE // 4))
-    mirror = ints(SIZE // 4, sign=-1)
+    size = PMD if use_thp else SIZE
+    npages = size // PAGE_SIZE
+    base = anon(p, size=2 * size)
+    ptr = base
+    if use_thp:
+        ptr = (base + PMD - 1) & ~(PMD - 1)
+        p.madvise(ptr, size, hmmgpu.MADV_HUGEPAGE)
+    p.write(ptr, ints(size // 4))
+    if use_thp:
+        assert (hmm.fd.snapshot(ptr, npages).data & dmirror.PROT_PMD).all()
+    mirror = ints(size // 4, sign=-1)
     if migrate:
-        r = hmm.fd.migrate_to_dev(ptr, NPAGES)
-        assert r.cpages == NPAGES
+        r = hmm.fd.migrate_to_dev(ptr, npages)
+        assert r.cpages == npages
 
     child = p.fork()
     # Child: sees the parent's values...
-    check_ints(child.read(ptr, SIZE))
+    check_ints(child.read(ptr, size))
     # ...and needs its own mirror of its own mm (hmm_open(0): the first private device).
     cm = hmm.open(0, proc=child, devs=hmm.private)
     r = cm.write(ptr, mirror)
-    assert (r.cpages, r.faults) == (NPAGES, 1)
+    assert (r.cpages, r.faults) == (npages, 1)
     if not migrate:
-        check_ints(child.read(ptr, SIZE), sign=-1)
+        check_ints(child.read(ptr, size), sign=-1)
     cm.close()
     child.exit(0)
 
     # Parent: its buffer did not change.
-    check_ints(p.read(ptr, SIZE))
-    p.munmap(ptr, 2 * SIZE)
+    check_ints(p.read(ptr, size))
+    p.munmap(base, 2 * size)
 
 
 def test_anon_write_child_shared(hmm):
@@ -534,53 +556,258 @@ def test_hmm_cow_in_device(hmm):
     assert list(r.data) == [dmirror.PROT_WRITE] * npages
 
 
-# -- the non-THP halves of the newer cases ------------------------------------------------
+# -- huge pages ------------------------------------------------------------------------------
 
-PMD_PAGES = 512
-PMD = PMD_PAGES * PAGE_SIZE
-
-
-def _pmd_aligned(proc, size):
-    """mmap ``size`` and return (mapping, PMD-aligned address inside it)."""
+def _pmd_aligned(proc, size, advice=None):
+    """mmap ``size`` and return (mapping, PMD-aligned address inside it), the 2 MiB there
+    madvise()d with ``advice``."""
     base = anon(proc, size=size)
-    return base, (base + PMD - 1) & ~(PMD - 1)
+    ptr = (base + PMD - 1) & ~(PMD - 1)
+    if advice is not None:
+        proc.madvise(ptr, PMD, advice)
+    return base, ptr
 
 
-@pytest.mark.parametrize("offset", [0, PMD // 4, PMD // 2])
-def test_migrate_partial_unmap_fault(hmm, offset):
+def _thp(use_thp):
+    return hmmgpu.MADV_HUGEPAGE if use_thp else hmmgpu.MADV_NOHUGEPAGE
+
+
+def _device_leaves(fd, ptr):
+    """Is the 2 MiB at ``ptr`` mapped by one 2 MiB leaf of the open's device page table?"""
+    ent = fd.pt.lookup(np.arange(ptr // PAGE_SIZE, ptr // PAGE_SIZE + PMD_PAGES))
+    return bool((ent & np.uint64(PTE_HUGE)).all())
+
+
+def test_anon_write_huge(hmm):
     p = hmm.proc
-    base, ptr = _pmd_aligned(p, 2 * PMD)
-    p.madvise(ptr, PMD, hmmgpu.MADV_NOHUGEPAGE)
+    base, ptr = _pmd_aligned(p, 2 * PMD, hmmgpu.MADV_HUGEPAGE)
+    r = hmm.fd.write(ptr, ints(PMD // 4))
+    assert (r.cpages, r.faults) == (PMD_PAGES, 1)
+    check_ints(p.read(ptr, PMD))
+    # The device's write fault brought in one THP, mapped by a PMD.
+    m = hmm.fd.snapshot(ptr, PMD_PAGES).data
+    assert (m == dmirror.PROT_WRITE | dmirror.PROT_PMD).all()
+    assert p.rss["anon"] == PMD_PAGES
+    # ...which the device maps by one 2 MiB leaf
+    assert _device_leaves(hmm.fd, ptr)
+    p.munmap(base, 2 * PMD)
+
+
+def test_anon_write_hugetlbfs(hmm):
+    p = hmm.proc
+    ptr = p.mmap(PMD, RW, ANON | hmmgpu.MAP_HUGETLB)
+    r = hmm.fd.write(ptr, ints(PMD // 4))
+    assert (r.cpages, r.faults) == (PMD_PAGES, 1)
+    check_ints(p.read(ptr, PMD))
+    p.munmap(ptr, PMD)
+
+
+def test_compound(hmm):
+    """hmm_range_fault() reports a hugetlb page at PMD level, writable, then read-only."""
+    p = hmm.proc
+    ptr = p.mmap(PMD, RW, ANON | hmmgpu.MAP_HUGETLB)
+    p.write(ptr, ints(PMD // 4))
+    r = hmm.fd.snapshot(ptr, PMD_PAGES)
+    assert r.cpages == PMD_PAGES
+    assert (r.data == dmirror.PROT_WRITE | dmirror.PROT_PMD).all()
+    p.mprotect(ptr, PMD, PROT_READ)
+    r = hmm.fd.snapshot(ptr, PMD_PAGES)
+    assert (r.data == dmirror.PROT_READ | dmirror.PROT_PMD).all()
+    p.munmap(ptr, PMD)
+
+
+def test_migrate_anon_huge_empty(hmm):
+    p = hmm.proc
+    base = anon(p, size=2 * PMD, prot=PROT_READ)
+    ptr = (base + PMD - 1) & ~(PMD - 1)
+    p.madvise(ptr, PMD, hmmgpu.MADV_HUGEPAGE)
+    r = hmm.fd.migrate_to_dev(ptr, PMD_PAGES)
+    assert r.cpages == PMD_PAGES
+    assert not as_ints(r.data).any()
+    if hmm.kind == "private":
+        # the empty PMD was filled with one 2 MiB device folio
+        m = hmm.fd.snapshot(ptr, PMD_PAGES).data
+        assert (m == dmirror.PROT_DEV_PRIVATE_LOCAL | dmirror.PROT_READ | dmirror.PROT_PMD).all()
+    p.munmap(base, 2 * PMD)
+
+
+def test_migrate_anon_huge_zero(hmm):
+    p = hmm.proc
+    base = anon(p, size=2 * PMD, prot=PROT_READ)
+    ptr = (base + PMD - 1) & ~(PMD - 1)
+    p.madvise(ptr, PMD, hmmgpu.MADV_HUGEPAGE)
+    # A read maps the huge zero page (by a PMD, and not the 4 KiB zero page).
+    assert as_ints(p.read(ptr, 4))[0] == 0
+    assert (hmm.fd.snapshot(ptr, PMD_PAGES).data == dmirror.PROT_READ | dmirror.PROT_PMD).all()
+    r = hmm.fd.migrate_to_dev(ptr, PMD_PAGES)
+    assert r.cpages == PMD_PAGES
+    assert not as_ints(r.data).any()
+    # Fault the pages back to system memory and check them.
+    assert not as_ints(p.read(ptr, PMD)).any()
+    p.munmap(base, 2 * PMD)
+
+
+def test_migrate_anon_huge_free(hmm):
+    p = hmm.proc
+    base, ptr = _pmd_aligned(p, 2 * PMD, hmmgpu.MADV_HUGEPAGE)
     p.write(ptr, ints(PMD // 4))
     r = hmm.fd.migrate_to_dev(ptr, PMD_PAGES)
     assert r.cpages == PMD_PAGES
     check_ints(r.data)
-    p.munmap(ptr + offset, PMD // 2)
-    # Fault the rest back and check it.
-    if offset:
-        check_ints(p.read(ptr, offset))
-    tail = offset + PMD // 2
-    if tail < PMD:
-        check_ints(p.read(ptr + tail, PMD - tail), start=tail // 4)
+    used = hmm.devs[0].nr_allocated()
+    assert used >= PMD_PAGES
+    p.madvise(ptr, PMD, hmmgpu.MADV_FREE)
+    # the device folio went back to its driver with the mapping
+    assert hmm.devs[0].nr_allocated() == used - PMD_PAGES
+    p.munmap(base, 2 * PMD)
 
 
-@pytest.mark.parametrize("before", [False, True])
-@pytest.mark.parametrize("dont_unmap", [False, True])
-@pytest.mark.parametrize("offset", [0, PMD // 4])
-def test_migrate_remap_fault(hmm, before, dont_unmap, offset):
+def test_migrate_anon_huge_fault(hmm):
     p = hmm.proc
-    base, ptr = _pmd_aligned(p, 8 * PMD)
-    p.madvise(ptr, PMD, hmmgpu.MADV_NOHUGEPAGE)
-    p.munmap(ptr + PMD, 2 * PMD)
-    flags = MREMAP_MAYMOVE | MREMAP_FIXED | (MREMAP_DONTUNMAP if dont_unmap else 0)
+    base, ptr = _pmd_aligned(p, 2 * PMD)
     p.write(ptr, ints(PMD // 4))
-    cur = ptr
-    if before:
-        cur = p.mremap(ptr, PMD, PMD, flags, new_addr=ptr + PMD + offset)
-    r = hmm.fd.migrate_to_dev(cur, PMD_PAGES)
+    # The 4 KiB pages written above become one THP.
+    p.madvise(ptr, PMD, hmmgpu.MADV_COLLAPSE)
+    assert (hmm.fd.snapshot(ptr, PMD_PAGES).data == dmirror.PROT_WRITE | dmirror.PROT_PMD).all()
+    r = hmm.fd.migrate_to_dev(ptr, PMD_PAGES)
     assert r.cpages == PMD_PAGES
     check_ints(r.data)
-    if not before:
-        cur = p.mremap(ptr, PMD, PMD, flags, new_addr=ptr + PMD + offset)
-    check_ints(p.read(cur, PMD))
-    p.munmap(cur, PMD)
+    assert _device_leaves(hmm.fd, ptr)            # one 2 MiB device folio, one 2 MiB leaf
+    if hmm.kind == "private":
+        r = hmm.fd.snapshot(ptr, PMD_PAGES)
+        assert r.cpages == PMD_PAGES
+        assert (r.data == dmirror.PROT_DEV_PRIVATE_LOCAL | dmirror.PROT_WRITE | dmirror.PROT_PMD).all()
+        # pagemap: every page is a swap-like entry now, none is present
+        e = p.pages(ptr, PMD_PAGES)
+        assert (e != 0).all() and not (e & np.uint64(1)).any()
+    # Fault the pages back to system memory and check them.
+    check_ints(p.read(ptr, PMD))
+    p.munmap(base, 2 * PMD)
+
+
+@pytest.mark.parametrize("use_thp", [False, True])
+def test_migrate_partial_unmap_fault(hmm, use_thp):
+    p = hmm.proc
+    for offset in (0, PMD // 4, PMD // 2):
+        base, ptr = _pmd_aligned(p, 2 * PMD, _thp(use_thp))
+        p.write(ptr, ints(PMD // 4))
+        r = hmm.fd.migrate_to_dev(ptr, PMD_PAGES)
+        assert r.cpages == PMD_PAGES
+        check_ints(r.data)
+        if use_thp and hmm.kind == "private":
+            assert (hmm.fd.snapshot(ptr, PMD_PAGES).data & dmirror.PROT_PMD).all()
+        p.munmap(ptr + offset, PMD // 2)
+        # Fault the rest back to system memory and check it.
+        if offset:
+            check_ints(p.read(ptr, offset))
+        tail = offset + PMD // 2
+        if tail < PMD:
+            check_ints(p.read(ptr + tail, PMD - tail), start=tail // 4)
+        p.munmap(base, 2 * PMD)
+
+
+@pytest.mark.parametrize("use_thp", [False, True])
+@pytest.mark.parametrize("before", [False, True])
+def test_migrate_remap_fault(hmm, before, use_thp):
+    p = hmm.proc
+    for dont_unmap in (False, True):
+        for offset in (0, PMD // 4, PMD // 2):
+            base, ptr = _pmd_aligned(p, 8 * PMD, _thp(use_thp))
+            p.munmap(ptr + PMD, 2 * PMD)
+            flags = MREMAP_MAYMOVE | MREMAP_FIXED | (MREMAP_DONTUNMAP if dont_unmap else 0)
+            p.write(ptr, ints(PMD // 4))
+            cur = ptr
+            if before:
+                cur = p.mremap(ptr, PMD, PMD, flags, new_addr=ptr + PMD + offset)
+            r = hmm.fd.migrate_to_dev(cur, PMD_PAGES)
+            assert r.cpages == PMD_PAGES
+            check_ints(r.data)
+            if not before:
+                cur = p.mremap(ptr, PMD, PMD, flags, new_addr=ptr + PMD + offset)
+            if use_thp and hmm.kind == "private":
+                # a PMD moved by a 2 MiB multiple stays one; anywhere else it split
+                pmd = (hmm.fd.snapshot(cur, PMD_PAGES).data & dmirror.PROT_PMD) != 0
+                assert pmd.all() if offset == 0 else not pmd.any()
+            check_ints(p.read(cur, PMD))
+            p.munmap(cur, PMD)
+            p.munmap(base, 8 * PMD)
+
+
+def test_migrate_anon_huge_err(hmm):
+    p = hmm.proc
+    base, ptr = _pmd_aligned(p, 2 * PMD, hmmgpu.MADV_HUGEPAGE)
+    p.write(ptr, ints(PMD // 4))
+    # Migrate to the device with the 2 MiB allocation failing: 512 small pages instead.
+    hmm.fd.set_flags(dmirror.FLAG_FAIL_ALLOC)
+    r = hmm.fd.migrate_to_dev(ptr, PMD_PAGES)
+    assert r.cpages == PMD_PAGES
+    check_ints(r.data)
+    assert not _device_leaves(hmm.fd, ptr)        # 512 small device pages
+    if hmm.kind == "private":
+        m = hmm.fd.snapshot(ptr, PMD_PAGES).data
+        assert (m == dmirror.PROT_DEV_PRIVATE_LOCAL | dmirror.PROT_WRITE).all()
+    # Fault back a single 4 KiB page.
+    assert as_ints(p.read(ptr + 2048 * 4, 4))[0] == 2048
+    p.munmap(base, 2 * PMD)
+
+    # A THP on the device, and the 2 MiB allocation on the way back fails.
+    base, ptr = _pmd_aligned(p, 2 * PMD, hmmgpu.MADV_HUGEPAGE)
+    p.write(ptr, ints(PMD // 4))
+    r = hmm.fd.migrate_to_dev(ptr, PMD_PAGES)
+    assert r.cpages == PMD_PAGES
+    if hmm.kind == "private":
+        assert (hmm.fd.snapshot(ptr, PMD_PAGES).data & dmirror.PROT_PMD).all()
+    hmm.fd.set_flags(dmirror.FLAG_FAIL_ALLOC)
+    hmm.fd.migrate_to_sys(ptr, PMD_PAGES)
+    assert as_ints(p.read(ptr + 2048 * 4, 4))[0] == 2048
+    # system memory now: the device folio was split into 4 KiB pages on the way
+    assert (hmm.fd.snapshot(ptr, PMD_PAGES).data == dmirror.PROT_WRITE).all()
+    check_ints(p.read(ptr, PMD))
+    p.munmap(base, 2 * PMD)
+
+
+def test_migrate_anon_huge_zero_err(hmm):
+    p = hmm.proc
+    base = anon(p, size=2 * PMD, prot=PROT_READ)
+    ptr = (base + PMD - 1) & ~(PMD - 1)
+    p.madvise(ptr, PMD, hmmgpu.MADV_HUGEPAGE)
+    hmm.fd.set_flags(dmirror.FLAG_FAIL_ALLOC)
+    r = hmm.fd.migrate_to_dev(ptr, PMD_PAGES)
+    assert r.cpages == PMD_PAGES
+    assert not as_ints(r.data).any()
+    assert as_ints(p.read(ptr + 2048 * 4, 4))[0] == 0
+    p.munmap(base, 2 * PMD)
+
+    base = anon(p, size=2 * PMD, prot=PROT_READ)
+    ptr = (base + PMD - 1) & ~(PMD - 1)
+    p.madvise(ptr, PMD, hmmgpu.MADV_HUGEPAGE)
+    assert as_ints(p.read(ptr, 4))[0] == 0          # the huge zero page
+    hmm.fd.set_flags(dmirror.FLAG_FAIL_ALLOC)
+    r = hmm.fd.migrate_to_dev(ptr, PMD_PAGES)
+    assert r.cpages == PMD_PAGES
+    assert not as_ints(p.read(ptr, PMD)).any()
+    p.munmap(base, 2 * PMD)
+
+
+def test_benchmark_thp_migration(hmm):
+    """benchmark_thp_migration's migrations (up to 8 THPs; the timed sweep is the ``thp``
+    suite of ``hmmgpu bench``): both ways, with and without THP, the data intact, and the
+    THP runs on 2 MiB device folios."""
+    p = hmm.proc
+    for size in (PMD // 4, PMD // 2, PMD, 2 * PMD, 4 * PMD, 8 * PMD):
+        npages = size // PAGE_SIZE
+        for use_thp in (True, False):
+            ptr = anon(p, size=size)
+            p.madvise(ptr, size, _thp(use_thp))
+            data = (np.arange(size // 4, dtype=np.int64) & 0xFF).astype(np.int32).view(np.uint8)
+            p.write(ptr, data)
+            for _ in range(2):                       # the warm-up, then one timed iteration
+                r = hmm.fd.migrate_to_dev(ptr, npages)
+                assert np.array_equal(r.data, data)
+                if hmm.kind == "private":
+                    pmd = (hmm.fd.snapshot(ptr, npages).data & dmirror.PROT_PMD) != 0
+                    whole = use_thp and size >= PMD and ptr % PMD == 0
+                    assert pmd.all() if whole else not pmd.any()
+                hmm.fd.migrate_to_sys(ptr, npages)
+            assert np.array_equal(p.read(ptr, size), data)
+            p.munmap(ptr, size)

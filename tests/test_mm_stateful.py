@@ -15,6 +15,11 @@ data of every present PTE, the VMA layout and protections, refcount / mapcount /
 every frame against what the page tables, the page caches and the pins reference, rss counters,
 "writable private PTE => exclusive anonymous page", and the free-frame count.  At the end every
 process exits and every frame must be free again.
+
+``MMStateMachineTHP`` adds transparent huge pages: 2 MiB MADV_HUGEPAGE regions written (a
+THP) or read (the huge zero page), MADV_COLLAPSE, and every other rule cutting into them
+(splits), with one more invariant: a PMD mapping is 512 entries of one naturally aligned,
+unsplit folio at a 2 MiB aligned address.
 """
 import errno
 import functools
@@ -31,7 +36,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import hmmgpu
 from invariants import check_system
 from hmmgpu import (
+    MADV_COLLAPSE,
     MADV_DONTNEED,
+    MADV_HUGEPAGE,
     MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_PRIVATE,
@@ -61,9 +68,14 @@ RAM_PAGES = 1024
 PTE_PRESENT = np.uint64(1)
 PTE_WRITE = np.uint64(2)
 PTE_SPECIAL = np.uint64(16)
+PTE_HUGE = np.uint64(32)
+PG_ANON = 1 << 2
+PG_HEAD = 1 << 8
+NR = 512
 # a quiet part of the address space for MREMAP_FIXED / MAP_FIXED targets
 FIXED_BASE = 0x2000_0000
 FIXED_PAGES = 32
+THP_BASE = 0x4000_0000            # where the THP variant asks for its 2 MiB regions
 PROTS = (PROT_NONE, PROT_READ, RW)
 KINDS = ("anon", "shanon", "pvfile", "shfile")
 
@@ -178,10 +190,12 @@ def _oom_tolerant(rule_fn):
 class MMStateMachine(RuleBasedStateMachine):
     ram_pages = RAM_PAGES
     oom = False           # the OOM variant: processes may be killed at any allocation
+    thp = "madvise"
 
     def __init__(self):
         super().__init__()
-        self.system = hmmgpu.System(backend=os.environ.get("HMMGPU_BACKEND", "numpy"), ram_bytes=self.ram_pages * P)
+        self.system = hmmgpu.System(backend=os.environ.get("HMMGPU_BACKEND", "numpy"),
+                                    ram_bytes=self.ram_pages * P, thp=self.thp)
         self.free0 = int(self.system.phys.nr_free())
         self.dir = tempfile.mkdtemp(prefix="hmmgpu-stateful-")
         self.path = os.path.join(self.dir, "file")
@@ -591,7 +605,7 @@ class MMStateMachine(RuleBasedStateMachine):
             e = model[start + k]
             # R/O pins of the zero page and of not-yet-copied private file pages may legitimately
             # diverge after a later store (Linux unshares only anonymous pages for R/O pins)
-            if pfn == self.system.phys.zero_pfn or (not write and e.kind == "pvfile" and e.ref is None):
+            if self.system.phys.zero_mask(np.int64(pfn)) or (not write and e.kind == "pvfile" and e.ref is None):
                 continue
             self.pinned.setdefault((proc.pid, start + k), []).append((pin, pfn))
 
@@ -667,16 +681,23 @@ class MMStateMachine(RuleBasedStateMachine):
                 idx = np.nonzero(present)[0]
                 pfns = (pte[idx] >> np.uint64(12)).astype(np.int64)
                 data = phys.read(pfns)
+                zeroes = phys.zero_mask(pfns)
+                untouched = []
                 for k, i in enumerate(idx.tolist()):
                     vpn = v.start // P + i
                     e = model[vpn]
-                    assert np.array_equal(data[k], self.content(e)), (
-                        f"pid {proc.pid} page 0x{vpn * P:x} ({e.kind}) pfn {pfns[k]}: frame content differs")
-                    w = bool(pte[i] & PTE_WRITE)
-                    if w:
+                    if e.kind == "anon" and e.ref.data is None:
+                        untouched.append(k)          # checked all at once below
+                    else:
+                        assert np.array_equal(data[k], self.content(e)), (
+                            f"pid {proc.pid} page 0x{vpn * P:x} ({e.kind}) pfn {pfns[k]}: frame content differs")
+                    if pte[i] & PTE_WRITE:
                         assert e.prot & PROT_WRITE, f"writable PTE at 0x{vpn * P:x} in a {e.prot} mapping"
-                    if pfns[k] == phys.zero_pfn:
+                    if zeroes[k]:
                         assert e.kind == "anon", f"zero page mapped at 0x{vpn * P:x} ({e.kind})"
+                bad = np.nonzero(data[untouched].any(axis=1))[0]
+                assert bad.size == 0, (f"pid {proc.pid} page 0x{v.start + idx[untouched[bad[0]]] * P:x}: "
+                                       "a page never written holds data")
 
     @invariant()
     def pinned_pages_stay_mapped(self):
@@ -701,15 +722,18 @@ class MMStateMachine(RuleBasedStateMachine):
     def rss_is_what_the_model_maps(self):
         """Each process's rss by the kind the model says each mapped page is."""
         self.reap_dead()
-        z = self.system.phys.zero_pfn
+        phys = self.system.phys
         for proc, model in self.procs:
             counts = {"anon": 0, "file": 0, "shmem": 0}
             for v in proc.mm.vmas:
                 pte = np.asarray(v.pte, np.uint64)
                 sel = ((pte & PTE_PRESENT) != 0) & ((pte & PTE_SPECIAL) == 0)
-                for i in np.nonzero(sel)[0].tolist():
-                    if int(pte[i] >> np.uint64(12)) == z:
-                        continue
+                zero = np.zeros(pte.size, bool)
+                zero[sel] = phys.zero_mask((pte[sel] >> np.uint64(12)).astype(np.int64))
+                if v.file is None and not v.shared:
+                    counts["anon"] += int(np.count_nonzero(sel & ~zero))     # private anonymous
+                    continue
+                for i in np.nonzero(sel & ~zero)[0].tolist():
                     e = model[v.start // P + i]
                     if e.kind == "shanon":
                         counts["shmem"] += 1
@@ -730,9 +754,13 @@ class MMStateMachine(RuleBasedStateMachine):
             self.procs = []
             self.system.drop_caches()
             assert self.memcg.usage == 0, f"memcg still charged {self.memcg.usage} bytes after every exit"
-            assert int(self.system.phys.nr_free()) == self.free0, (
-                f"{self.free0 - int(self.system.phys.nr_free())} frames leaked after every process exited")
-            assert (self.system.phys.pages.refcount[1:self.system.phys.nr_ram] == 0).all()
+            phys = self.system.phys
+            kept = NR if phys.huge_zero_pfn >= 0 else 0          # the huge zero folio stays
+            assert int(phys.nr_free()) == self.free0 - kept, (
+                f"{self.free0 - kept - int(phys.nr_free())} frames leaked after every process exited")
+            rc = phys.pages.refcount[:phys.nr_ram].copy()
+            rc[phys.zero_mask(np.arange(phys.nr_ram, dtype=np.int64))] = 0
+            assert (rc == 0).all()
             with open(self.path, "rb") as f:
                 disk = np.frombuffer(f.read(), np.uint8)
             assert np.array_equal(disk, np.concatenate(self.file)), "file differs after exit"
@@ -784,3 +812,91 @@ MMStateMachineOOM.TestCase.settings = settings(
     max_examples=int(os.environ.get("HMMGPU_STATEFUL_OOM_EXAMPLES", "100")),
 )
 TestMMStatefulOOM = MMStateMachineOOM.TestCase
+
+
+class MMStateMachineTHP(MMStateMachine):
+    """The same machine with 2 MiB MADV_HUGEPAGE regions in the address spaces: THPs, the huge
+    zero page, MADV_COLLAPSE, and every other rule cutting into them."""
+
+    ram_pages = 4096
+
+    @precondition(lambda self: self.procs)
+    @rule(i=st.integers(0, 63), read_first=st.booleans(), seed=st.integers(0, 255))
+    @_oom_tolerant
+    def mmap_thp(self, i, read_first, seed):
+        """A 2 MiB-aligned MADV_HUGEPAGE region (inside a mapping one page longer each side),
+        faulted in by a read (the huge zero page) or a write (a THP)."""
+        proc, model = self.pick(i)
+        self.nthp = getattr(self, "nthp", 0) + 1
+        hint = THP_BASE + (self.nthp % 64) * 2 * NR * P - P
+        base = proc.mmap(NR * P + 2 * P, RW, MAP_PRIVATE | MAP_ANONYMOUS, addr=hint)
+        for k, e in enumerate(self.new_entries("anon", RW, NR + 2, None)):
+            assert base // P + k not in model
+            model[base // P + k] = e
+        start = -(-base // (NR * P)) * (NR * P)
+        if start + NR * P > base + NR * P + 2 * P:
+            return                                    # the hint was taken: no aligned 2 MiB here
+        proc.madvise(start, NR * P, MADV_HUGEPAGE)
+        if read_first:
+            assert not proc.read(start + seed * P, 1).any()
+        else:
+            b = np.array([seed | 1], np.uint8)
+            proc.write(start + seed * P, b)
+            self.store(model[start // P + seed], 0, b)
+
+    @precondition(lambda self: self.any_mapped())
+    @rule(i=st.integers(0, 63), j=st.integers(0, 1023))
+    @_oom_tolerant
+    def collapse(self, i, j):
+        """MADV_COLLAPSE of a mapped, anonymous, 2 MiB-aligned 2 MiB: the data stays."""
+        cands = []
+        for proc, model in self.procs:
+            starts = sorted({v - v % NR for v in model if (v - v % NR) in model})
+            cands += [(proc, s) for s in starts if all(
+                model.get(s + k) is not None and model[s + k].kind == "anon"
+                and model[s + k].prot != PROT_NONE for k in range(NR))]
+        if not cands:
+            return
+        proc, s = cands[(i * 1024 + j) % len(cands)]
+        try:
+            proc.madvise(s * P, NR * P, MADV_COLLAPSE)
+        except OSError as e:
+            # a pinned page (EAGAIN) or no free 2 MiB block (ENOMEM) are the only excuses
+            pinned = any(k[0] == proc.pid and s <= k[1] < s + NR for k in self.pinned)
+            assert e.errno == errno.ENOMEM or (e.errno == errno.EAGAIN and pinned), e
+            return
+        v = proc.mm.find_vma(s * P)
+        if v.end < (s + NR) * P:
+            return                # the 2 MiB spans two VMAs: no PMD can map it (and that is no error)
+        pte = np.asarray(v.pte[s - v.start // P:s - v.start // P + NR], np.uint64)
+        assert ((pte & PTE_HUGE) != 0).all(), "MADV_COLLAPSE succeeded without a PMD mapping"
+
+    @invariant()
+    def pmd_mappings_are_whole_folios(self):
+        self.reap_dead()
+        phys = self.system.phys
+        pg = phys.pages
+        for proc, _ in self.procs:
+            for v in proc.mm.vmas:
+                pte = np.asarray(v.pte, np.uint64)
+                huge = np.nonzero((pte & PTE_HUGE) != 0)[0]
+                if huge.size == 0:
+                    continue
+                assert huge.size % NR == 0, f"pid {proc.pid}: a PMD mapping of {huge.size} entries"
+                groups = huge.reshape(-1, NR)
+                assert (np.diff(groups, axis=1) == 1).all(), "a PMD mapping with holes"
+                assert ((v.start // P + groups[:, 0]) % NR == 0).all(), "a PMD mapping off a 2 MiB boundary"
+                pfn = (pte[groups] >> np.uint64(12)).astype(np.int64)
+                assert (pfn[:, 0] % NR == 0).all() and (np.diff(pfn, axis=1) == 1).all(), \
+                    "a PMD mapping of pages that are not one aligned folio"
+                assert (pg.order[pfn] == 9).all(), "a PMD maps a folio that was split"
+                assert (pg.flags[pfn[:, 0]] & PG_HEAD).all()
+                kinds = pte[groups] & np.uint64(0xF03)
+                assert (kinds == kinds[:, :1]).all(), "a PMD mapping mixes kinds or permissions"
+
+
+MMStateMachineTHP.TestCase.settings = settings(
+    MMStateMachine.TestCase.settings,
+    max_examples=int(os.environ.get("HMMGPU_STATEFUL_THP_EXAMPLES", "40")),
+)
+TestMMStatefulTHP = MMStateMachineTHP.TestCase

@@ -63,12 +63,24 @@ class Workload:
         self.mirror = self.dev.open(self.proc)
         self.addr = self.proc.mmap(self.nbytes, RW, PRIV_ANON)
         # the same pattern as one array would give, written 64 MiB at a time (no GiB temporary)
-        words, step = self.nbytes // 8, 1 << 23
-        for lo in range(0, words, step):
-            w = np.arange(lo, min(words, lo + step), dtype=np.int64)
-            chunk = np.where(w % 513 == 0, (w // 513).astype(np.uint64), np.uint64(0x0123456789ABCDEF))
+        for lo, chunk in self.pattern_chunks():
             self.proc.write(self.addr + lo * 8, chunk)
         self.vma = self.proc.mm.find_vma(self.addr)
+
+    def pattern_chunks(self, step=1 << 23):
+        """(first word, uint64 words) of the range's pattern, 64 MiB at a time."""
+        words = self.nbytes // 8
+        for lo in range(0, words, step):
+            w = np.arange(lo, min(words, lo + step), dtype=np.int64)
+            yield lo, np.where(w % 513 == 0, (w // 513).astype(np.uint64), np.uint64(0x0123456789ABCDEF))
+
+    def check_pattern(self):
+        """Raise AssertionError unless the range still holds its pattern, every word of it."""
+        for lo, want in self.pattern_chunks():
+            got = self.proc.read(self.addr + lo * 8, want.nbytes).view(np.uint64)
+            bad = np.flatnonzero(got != want)
+            assert bad.size == 0, (f"migration corrupted the data ({bad.size} words of a 64 MiB piece, "
+                                   f"first at byte {8 * (lo + int(bad[0]))})")
 
     def pfns(self):
         from hmmgpu.mm import pgtable as pt
@@ -221,7 +233,8 @@ class Cuda:
         return mem, view
 
     def prefetch(self, ptr, nbytes, device):
-        """cudaMemPrefetchAsync (device -1: to the CPU)."""
+        """cudaMemPrefetchAsync to GPU ``device``.  Not to the CPU: CuPy 14 built for CUDA 13 reads
+        the device argument as a device location, so -1 (cudaCpuDeviceId) is refused there."""
         s = self.cp.cuda.get_current_stream()
         self.rt.memPrefetchAsync(int(ptr), int(nbytes), int(device), s.ptr)
 

@@ -229,8 +229,9 @@ def _gpu(ctx, be, host, npg, rng):
             held["mem"], held["view"] = cu.managed(nbytes)
 
             def to_cpu():
+                # the CPU write to every page brings the range back to the CPU (a prefetch to -1
+                # fails on CuPy 14 with CUDA 13: see Cuda.prefetch)
                 held["view"][::PAGE] = 0x5A
-                cu.prefetch(held["mem"].ptr, nbytes, -1)
             return lambda: cu.prefetch(held["mem"].ptr, nbytes, 0), to_cpu
         prep = ctx.baseline(managed)
         fn, setup = (prep, None) if isinstance(prep, BaseException) else prep

@@ -52,7 +52,7 @@ def run(ctx):
         fresh_gpu(w.addr, migrate=True)
 
     try:
-        expect = frames_sum(w.system.phys.ram.frames, w.pfns())
+        expect = frames_sum(w.system.phys.ram.host, w.pfns())
         if ctx.gpu:
             cu = Cuda(ctx)
             cp = cu.cp
@@ -151,7 +151,7 @@ def control_plane(ctx, nbytes):
     calls = getattr(ctx.backend, "counters", None)
     gpu = None
     try:
-        expect = frames_sum(w.system.phys.ram.frames, w.pfns())
+        expect = frames_sum(w.system.phys.ram.host, w.pfns())
         host, device, counts = [], [], {}
         for i in range(ctx.warmup + ctx.repeat):
             if gpu is not None:

@@ -203,7 +203,7 @@ class _FaultJob:
         self.MirrorGpu = MirrorGpu
         self.nbytes = nbytes
         self.w = Workload(ctx.backend_name, nbytes // PAGE, scattered=True, ram_extra_pages=4096)
-        self.expect = frames_sum(self.w.system.phys.ram.frames, self.w.pfns())
+        self.expect = frames_sum(self.w.system.phys.ram.host, self.w.pfns())
         self.gpu = None
         self.rounds = 0
 

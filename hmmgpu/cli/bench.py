@@ -24,6 +24,8 @@ suites:
   device     the device's engines alone: DMA of scattered pages (GPU: page-table reduce,
              prefetch, fault-driven first touch)
   fallback   the NumPy backend's migration of scattered pages on a GPU run (target >= 0.7)
+  thp        benchmark_thp_migration: THPs migrated as 2 MiB device folios against the same bytes
+             as 4 KiB pages, both ways (fallback target >= 3 at 64 MiB)
 
 examples:
   hmmgpu bench --quick --json > quick.json

@@ -58,6 +58,12 @@ def gather_info(backend=None):
             except Exception as e:
                 gpus.append({"gpu": g, "error": f"{type(e).__name__}: {e}"})
         out["gpus"] = gpus
+        try:                        # what compiles the kernels (auto needs it to pick cupy)
+            from ..kernels.module import nvrtc_version
+            out["nvrtc"] = "%d.%d" % nvrtc_version()
+        except Exception as e:
+            out["nvrtc"] = None
+            out["nvrtc_error"] = f"{type(e).__name__}: {e}"
     except Exception as e:
         out["cupy"] = None
         out["cupy_error"] = f"{type(e).__name__}: {e}"
@@ -148,6 +154,7 @@ def cmd_info(opt):
         t.add_row("CUDA runtime / driver", f"{_cuda_ver(info.get('cuda_runtime'))} / "
                                            f"{_cuda_ver(info.get('cuda_driver'))}"
                   + (f"  ({info['cuda_error']})" if info.get("cuda_error") else ""))
+        t.add_row("NVRTC", info.get("nvrtc") or "[red]none[/] " + escape(f"({info.get('nvrtc_error')})"))
     t.add_row("pynvml", info.get("pynvml") or "not installed (optional: GPU names, PCIe link)")
     t.add_row("matplotlib", info.get("matplotlib") or "not installed (optional: bench --plot)")
     con.print(t)

@@ -9,7 +9,9 @@ one interface, one module per backend, chosen by name):
   NumPy with identical semantics; its timings are emulated and say so.
 
 ``auto`` (the default, or ``HMMGPU_BACKEND``; empty means unset) picks CuPy only when
-it imports and a CUDA device is present.  Nothing here initialises CUDA at import time.
+it imports, a CUDA device is present, and a test kernel compiles (NVRTC), loads and runs
+there correctly; ``backend_info()`` says which step failed otherwise.  Nothing here
+initialises CUDA at import time; the probe does when it runs (once per process).
 This module imports the backends and nothing imports it back: it is the registry.
 """
 import os
@@ -27,7 +29,7 @@ def env_backend():
 
 
 def backend_info():
-    """Which backend ``auto`` picks on this machine, and why (no CUDA context is kept)."""
+    """Which backend ``auto`` picks on this machine, and why."""
     name, why = _probe_auto()
     return {"backend": name, "reason": why, "env": env_backend()}
 
@@ -45,10 +47,22 @@ def _probe_auto():
         except Exception as e:
             result = ("numpy", f"cupy imports but no CUDA device answers ({type(e).__name__}: {e})")
         else:
-            result = ("cupy", f"cupy imports and {n} CUDA device(s) found") if n > 0 else (
+            result = _probe_kernel(cupy, n) if n > 0 else (
                 "numpy", "cupy imports but the CUDA runtime reports 0 devices")
     _reason["auto"] = result
     return result
+
+
+def _probe_kernel(cupy, n):
+    """A device that answers is not enough: without NVRTC (a driver-only machine with CuPy 14
+    and no toolkit) no kernel compiles, and then nothing of the cupy backend would run."""
+    head = f"cupy {cupy.__version__}, {n} CUDA device(s)"
+    try:
+        from ..kernels.module import selftest
+        return "cupy", f"{head}: {selftest(0)}"
+    except Exception as e:
+        return "numpy", (f"{head}, but a test kernel does not run ({type(e).__name__}: {e}); "
+                         "pip install -e '.[cuda12]' (or '.[cuda13]') brings CuPy with NVRTC")
 
 
 def get_backend(name=None):

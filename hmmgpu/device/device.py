@@ -11,7 +11,9 @@ what to map.
 
 Memory
     dev.arena                 this device's frames (Arena of kind "device"); global pfns
-                              [pfn_base, pfn_base + nframes) are frames [0, nframes) of it
+                              [pfn_base, pfn_base + nframes) are frames [0, nframes) of it.
+                              With lazy_memory=True only address space until the driver calls
+                              dev.arena.commit(first, n) for the frames it is about to use
     dev.host_arena            system RAM, pfns [0, nr_ram) (the backend's host arena)
     dev.owns(pfns)            bool mask: which pfns are this device's frames
     dev.read_pages(pfns) / dev.write_pages(pfns, data) / dev.fill_pages(pfns, value)
@@ -91,6 +93,7 @@ Concurrency
 """
 import collections
 import threading
+import weakref
 
 import numpy as np
 
@@ -107,7 +110,8 @@ class EmulatedDevice:
     def __init__(self, backend, nframes, pfn_base, host_arena, gpu=0, *,
                  fault_buffer_entries=None, fault_batch_size=DEFAULT_FAULT_BATCH,
                  max_batches_per_service=MAX_BATCHES_PER_SERVICE, replay_policy=DEFAULT_REPLAY_POLICY,
-                 slice_lanes=DEFAULT_SLICE_LANES, pt_initial_nodes=64, service=None, name=None):
+                 slice_lanes=DEFAULT_SLICE_LANES, pt_initial_nodes=64, service=None, name=None,
+                 lazy_memory=False):
         if pfn_base < host_arena.nframes:
             raise ValueError(f"device pfns start at 0x{pfn_base:x}, inside system RAM "
                              f"[0, 0x{host_arena.nframes:x})")
@@ -123,7 +127,7 @@ class EmulatedDevice:
         self.inflight = collections.deque()
         self.counters = dict.fromkeys(FAULT_COUNTERS, 0)
         self.service = service
-        self.arena = backend.device_arena(self.nframes, self.gpu)
+        self.arena = backend.device_arena(self.nframes, self.gpu, lazy=lazy_memory)
         self.dma = backend.dma_engine(self.gpu)
         self._pt_initial_nodes = pt_initial_nodes
         self.pt = self._new_pagetable(self.name)
@@ -132,7 +136,10 @@ class EmulatedDevice:
         self.fault_buffer = FaultBuffer(backend.fault_buffer_hw(fault_buffer_entries, self.gpu),
                                         fault_buffer_entries, fault_batch_size, self.counters,
                                         max_batches=max_batches_per_service, policy=replay_policy)
-        self.jobs = JobEngine(self, backend.job_executor(self), slice_lanes)
+        # the engines see the device through weak proxies: no reference cycle, so dropping the
+        # last reference to the device frees its memory at once, not at the next gc pass
+        me = weakref.proxy(self)
+        self.jobs = JobEngine(me, backend.job_executor(me), slice_lanes)
         self.contexts = []                       # live DeviceContexts besides the default one
         self._next_context = 1
 
@@ -277,13 +284,13 @@ class DeviceContext:
     """
 
     def __init__(self, device, cid, service, name):
-        self.device = device
+        self.device = weakref.proxy(device)      # the device owns its contexts (no cycle)
         self.id = cid
         self.name = name
         self.service = service
         self.pt = device._new_pagetable(name)
-        self.jobs = JobEngine(device, device.jobs.ex, device.jobs.slice_lanes, space=self,
-                              queue=device.jobs.queue)
+        self.jobs = JobEngine(self.device, device.jobs.ex, device.jobs.slice_lanes,
+                              space=weakref.proxy(self), queue=device.jobs.queue)
         self.live = True
 
     def __repr__(self):

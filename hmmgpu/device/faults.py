@@ -5,7 +5,10 @@ append records to a ring in device memory; the host fetches them in batches of
 ``uvm_perf_fault_batch_count`` (256), drops duplicates, sorts by address and services up to
 ``uvm_perf_fault_max_batches_per_service`` (20) batches in one pass of the bottom half, then
 replays.  A record is four uint64 words: (vaddr, lane, access, job_id), access being
-ACCESS_READ, ACCESS_WRITE or ACCESS_ATOMIC.
+ACCESS_READ, ACCESS_WRITE or ACCESS_ATOMIC.  A fault no driver can service (a misaligned
+access, or a page-table entry pointing outside memory: on a GPU both would be a sticky error
+that kills the context) carries its reason and the access size in the access word's upper bits
+(``FATAL_*``, hmm.cuh's HMM_FATAL_*); it is never handed to the driver, it cancels the job.
 
 The ring is sized for what a slice of lanes can raise (``MAX_FAULTS_PER_LANE`` per lane), and
 the host fetches it whenever the next slice could overflow it and after the last one, so its
@@ -39,6 +42,12 @@ ACCESS_READ = 0
 ACCESS_WRITE = 1
 ACCESS_ATOMIC = 2
 ACCESS_NAMES = ("read", "write", "atomic")
+
+# a fatal record's access word: access | reason << FATAL_SHIFT | size << SIZE_SHIFT
+FATAL_SHIFT = 8
+SIZE_SHIFT = 16
+FATAL_MISALIGNED = 1
+FATAL_BAD_PFN = 2
 
 FAULT_RECORD_WORDS = 4
 DEFAULT_FAULT_BATCH = 256               # uvm_perf_fault_batch_count
@@ -165,6 +174,22 @@ class JobFault(OSError):
         self.job = int(job)
 
 
+def fatal_word(access, reason, size):
+    """The access word of a fatal fault record (hmm.cuh's hmm_fatal)."""
+    return np.uint64(int(access) | (int(reason) << FATAL_SHIFT) | (int(size) << SIZE_SHIFT))
+
+
+def fatal_reason(word):
+    """Why a fatal record's access could not be made, from its access word."""
+    word = int(word)
+    reason, size = (word >> FATAL_SHIFT) & 0xFF, (word >> SIZE_SHIFT) & 0xFF
+    if reason == FATAL_MISALIGNED:
+        return f"misaligned {size}-byte access (accesses must be naturally aligned)"
+    if reason == FATAL_BAD_PFN:
+        return "its device page-table entry points outside system RAM and the device's memory"
+    return f"unknown fatal fault reason {reason}"
+
+
 class FaultBuffer:
     """The host's side of the fault buffer: the ring's hardware, the fault cache the host
     fetches it into, the passes the service loop takes from it, and UVM's counters.
@@ -184,6 +209,7 @@ class FaultBuffer:
         self.policy = replay_policy(policy)
         self.counters = counters if counters is not None else dict.fromkeys(FAULT_COUNTERS, 0)
         self._cache = np.zeros((0, FAULT_RECORD_WORDS), np.uint64)   # fetched, not yet serviced
+        self.fatal = self._cache                     # fetched fatal records: they cancel the job
         self.fetches = 0
 
     @property
@@ -200,6 +226,10 @@ class FaultBuffer:
         c = self.counters
         c["num_buffer_overflows"] += lost
         if len(records):
+            fatal = (records[:, 2] >> _U64(FATAL_SHIFT)) != 0
+            if fatal.any():                          # never serviced: kept apart
+                self.fatal = np.concatenate((self.fatal, records[fatal]))
+                records = records[~fatal]
             kinds = np.bincount(records[:, 2].astype(np.int64), minlength=3)
             c["num_read_faults"] += int(kinds[ACCESS_READ])
             c["num_write_faults"] += int(kinds[ACCESS_WRITE])
@@ -248,6 +278,7 @@ class FaultBuffer:
         """Empty the ring and the cache (a cancelled job leaves nothing for the next one)."""
         self.hw.drain()
         self._cache = self._cache[:0]
+        self.fatal = self.fatal[:0]
 
 
 def fatal_errno(result, n):

@@ -56,6 +56,12 @@ class Arena:
         whose device owns one arena hotplugs it in chunks (one memremap_pages each)."""
         raise NotImplementedError
 
+    def commit(self, first, nframes):
+        """Back frames [first, first + nframes) with memory before anything touches them.  A
+        lazy device arena (``device_arena(..., lazy=True)``) holds only address space until
+        then, as a GPU driver maps physical memory into a reserved range chunk by chunk; on
+        every other arena this does nothing.  Raises MemoryError when the memory is not there."""
+
     def read_bytes(self, idx, offsets, lengths):
         """Gather byte spans (frame idx[i], offsets[i] .. +lengths[i]) into one flat array."""
         pages = self.read(idx)
@@ -84,8 +90,9 @@ class Backend:
         """System RAM: an Arena with ``.host`` set (pinned, mapped memory on CUDA)."""
         raise NotImplementedError
 
-    def device_arena(self, nframes, gpu=0):
-        """A device's own memory: an Arena of ``kind == "device"``."""
+    def device_arena(self, nframes, gpu=0, lazy=False):
+        """A device's own memory: an Arena of ``kind == "device"``; ``lazy``: only its address
+        space until ``commit`` (see Arena.commit)."""
         raise NotImplementedError
 
     def dma_engine(self, gpu=0):

@@ -33,7 +33,7 @@ import numpy as np
 from ..constants import PAGE_SIZE
 from ._trace import counter, span
 from .faults import (ACCESS_NAMES, REPLAY_BATCH, REPLAY_BATCH_FLUSH, REPLAY_BLOCK, REPLAY_ONCE,
-                     VA_BLOCK_PAGES, JobFault, coalesce, fatal_errno)
+                     VA_BLOCK_PAGES, JobFault, coalesce, fatal_errno, fatal_reason)
 
 DEFAULT_SLICE_LANES = 1 << 16
 MAX_STALLED_ROUNDS = 8
@@ -206,6 +206,8 @@ class JobEngine:
                 lost = self._round(h, spec, job_id, lanes, nlanes, len(rounds)) if nlanes else 0
                 if nlanes:
                     rounds.append(nlanes)
+                if len(fb.fatal):                    # nothing to service: the job is cancelled
+                    self._fatal(fb.fatal, job_id, spec.name)
                 if not fb.npending and not lost:
                     break
                 lanes, served = self._service_passes(h, spec, job_id, service, lost, stall)
@@ -284,6 +286,12 @@ class JobEngine:
             if waiting.size:
                 lanes = lanes[~np.isin(lanes, waiting)]
         return lanes, served
+
+    def _fatal(self, records, job_id, name):
+        self.device.counters["num_fatal_faults"] += len(records)
+        r = records[np.lexsort((records[:, 1], records[:, 0]))[0]]      # the lowest address
+        raise JobFault(_errno.EFAULT, int(r[0]), int(r[2]) & 0xFF, int(r[1]), job_id, name,
+                       fatal_reason(r[2]))
 
     def _count_calls(self):
         """The backend's kernel launches and host synchronisations so far, into the trace."""

@@ -32,8 +32,14 @@ is open(): a ``DMirror`` bound to that process's address space, with
 
 Device memory is hotplugged in chunks of ``chunk_pages``, each a
 ``memremap_pages`` of the device's own frames (a slice of its arena, at its pfns),
-with a free list of pages (``page_free`` pushes freed pages back).  Migrations
-copy on the device's DMA engine (``device.copy_pages``), one batch per step.
+with a free list of pages and one of 2 MiB folios (``folio_free`` pushes freed
+ones back): as in the kernel driver, the chunk a 2 MiB allocation adds goes to
+folios, the others to pages.  Migrations ask for whole folios
+(MIGRATE_VMA_SELECT_COMPOUND): a THP goes to a device folio and back to a THP,
+each mapped by one PMD entry, and a failed 2 MiB allocation (FLAG_FAIL_ALLOC
+forces one) takes 512 small pages, so the core splits the source folio.
+Migrations copy on the device's DMA engine (``device.copy_pages``), one batch
+per step.
 The loops here are over VMAs, chunks and bounce-buffer pieces; every page-level
 step is vectorised.
 """
@@ -43,7 +49,7 @@ import threading
 
 import numpy as np
 
-from ..constants import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
+from ..constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, TASK_SIZE
 from ..device import EmulatedDevice, JobFault
 from ..device.pagetable import PTE_ATOMIC, PTE_VALID, PTE_WRITE, pte_pfn
 from ..errors import ProcessKilled, oserror
@@ -54,8 +60,10 @@ from ..hmm.hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_
                        hmm_pfn_to_pfn, hmm_range_fault)
 from ..hmm.memremap import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE, DevPagemap,
                             is_device_coherent_page, is_device_private_page,
-                            memremap_pages, memunmap_pages, pgmap_owner_is, zone_device_page_init)
-from ..hmm.migrate_device import (MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
+                            memremap_pages, memunmap_pages, pgmap_owner_is, zone_device_folio_init,
+                            zone_device_page_init)
+from ..hmm.migrate_device import (MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID,
+                                  MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_COMPOUND,
                                   MIGRATE_VMA_SELECT_DEVICE_COHERENT,
                                   MIGRATE_VMA_SELECT_DEVICE_PRIVATE, MIGRATE_VMA_SELECT_SYSTEM,
                                   MigrateVma, migrate_device_coherent_pages,
@@ -75,7 +83,10 @@ _U = np.uint64
 _MPFN_VALID = _U(MIGRATE_PFN_VALID)
 _MPFN_MIGRATE = _U(MIGRATE_PFN_MIGRATE)
 _MPFN_WRITE = _U(MIGRATE_PFN_WRITE)
+_MPFN_COMPOUND = _U(MIGRATE_PFN_COMPOUND)
 _NOT_MIGRATE = ~_MPFN_MIGRATE
+_NR = HPAGE_PMD_NR
+_ARANGE = np.arange(_NR, dtype=np.int64)
 
 # HMM_DMIRROR_PROT_* of lib/test_hmm_uapi.h: one byte per page of a snapshot.
 PROT_ERROR = 0xFF
@@ -90,8 +101,9 @@ PROT_DEV_PRIVATE_REMOTE = 0x30
 PROT_DEV_COHERENT_LOCAL = 0x40
 PROT_DEV_COHERENT_REMOTE = 0x50
 
-# HMM_DMIRROR_FLAGS: fail the next device (huge) page allocation.  Without THP
-# the allocation falls back to small pages, as the kernel driver does.
+# HMM_DMIRROR_FLAGS: fail the next 2 MiB allocation (device folio on the way in, THP on the
+# way back), which then falls back to 512 small pages as the kernel driver does; the flag is
+# consumed by the next migration whether or not it had a 2 MiB entry.
 FLAG_FAIL_ALLOC = 1 << 0
 
 HMM_DMIRROR_MEMORY_DEVICE_PRIVATE = 1
@@ -181,13 +193,13 @@ class _Chunk:
 
 
 class _DevmemOps:
-    """dmirror_devmem_ops: {.page_free, .migrate_to_ram}."""
+    """dmirror_devmem_ops: {.folio_free, .migrate_to_ram}."""
 
     def __init__(self, mdevice):
         self.mdevice = mdevice
 
-    def page_free(self, pfns):
-        self.mdevice._devmem_free(pfns)
+    def folio_free(self, heads, order):
+        self.mdevice._devmem_free(heads, order)
 
     def migrate_to_ram(self, vmf):
         return self.mdevice._devmem_fault(vmf)
@@ -223,12 +235,15 @@ class DMirrorDevice:
         phys = system.phys
         nslots = self.max_chunks * self.chunk_pages
         base = phys.request_free_mem_region(nslots)
+        # Only address space until a chunk is hotplugged (its memory is committed then), as the
+        # C driver allocates a chunk's memory in dmirror_allocate_chunk.
         self.device = EmulatedDevice(system.backend, nslots, base, phys.ram, gpu=gpu,
-                                     name=f"dmirror{self.id}")
+                                     name=f"dmirror{self.id}", lazy_memory=True)
         self.chunks = []
         self.devmem_lock = threading.Lock()     # protects chunks
-        self.lock = threading.Lock()            # protects the free list and counters
+        self.lock = threading.Lock()            # protects the free lists and counters
         self._free = _FreeList(nslots)
+        self._free_folios = _FreeList(nslots // _NR + 1)    # heads of free 2 MiB folios
         self.calloc = 0
         self.cfree = 0
         self.mirrors = []
@@ -265,15 +280,21 @@ class DMirrorDevice:
         return self.calloc - self.cfree
 
     def nr_free(self):
-        return self._free.n
+        """Free device pages, those of free folios included."""
+        return self._free.n + self._free_folios.n * _NR
 
-    def _allocate_chunk(self):
-        """dmirror_allocate_chunk(): one more memremap_pages; False when out of device memory."""
+    def _allocate_chunk(self, large=False):
+        """dmirror_allocate_chunk(): one more memremap_pages; False when out of device memory.
+        A chunk taken for a 2 MiB allocation (``large``) goes to the folio free list."""
         used = {c.slot for c in self.chunks}
         slot = next((k for k in range(self.max_chunks) if k not in used), None)
         if slot is None:
             return False
         frame = slot * self.chunk_pages
+        try:
+            self.device.arena.commit(frame, self.chunk_pages)
+        except MemoryError:
+            return False
         pgmap = DevPagemap(MEMORY_DEVICE_PRIVATE if self.is_private else MEMORY_DEVICE_COHERENT,
                            self.ops, self, self.chunk_pages, gpu=self.gpu,
                            arena=self.device.arena.sub(frame, self.chunk_pages),
@@ -283,48 +304,94 @@ class DMirrorDevice:
         except (OSError, MemoryError):
             return False
         self.chunks.append(_Chunk(pgmap, slot))
+        pages = np.arange(first, first + self.chunk_pages, dtype=np.int64)
+        folios = np.zeros(0, np.int64)
+        if large:
+            a = (-first) % _NR
+            nb = (self.chunk_pages - a) // _NR
+            folios = first + a + _NR * np.arange(nb, dtype=np.int64)
+            pages = np.concatenate((pages[:a], pages[a + nb * _NR:]))
         with self.lock:
             # pages come off the top of the stack: the new chunk's go under the others,
             # lowest pfn on top
-            self._free.push_under(np.arange(first + self.chunk_pages - 1, first - 1, -1, dtype=np.int64))
+            self._free.push_under(pages[::-1])
+            self._free_folios.push_under(folios[::-1])
         return True
 
     def alloc_pages(self, n):
-        """dmirror_devmem_alloc_page() for ``n`` pages: up to n pfns, refcount 1 and locked."""
+        """dmirror_devmem_alloc_page() for ``n`` pages: up to n pfns, refcount 1 and locked.
+        Out of small pages and chunks, free folios are broken up."""
         n = int(n)
         with self.devmem_lock:
-            while self.nr_free() < n:
+            while self._free.n < n:
                 if not self._allocate_chunk():
                     break
             with self.lock:
+                short = n - self._free.n
+                if short > 0 and self._free_folios.n:
+                    heads = self._free_folios.pop(-(-short // _NR))
+                    self._free.push(self.system.phys.folio_pages(heads)[::-1])
                 got = self._free.pop(n)
                 self.calloc += got.size
         zone_device_page_init(self.system, got)
         return got
 
-    def _devmem_free(self, pfns):
-        """dmirror_devmem_free(): a device page's last reference went."""
-        pfns = np.asarray(pfns, dtype=np.int64)
+    def alloc_folios(self, n):
+        """dmirror_devmem_alloc_page(is_large) for ``n`` 2 MiB folios: up to n heads, each
+        folio refcount 1 and locked (zone_device_folio_init)."""
+        n = int(n)
+        with self.devmem_lock:
+            while self._free_folios.n < n:
+                if not self._allocate_chunk(large=True):
+                    break
+            with self.lock:
+                if self._free_folios.n < n:
+                    # no chunk left to add: whole free 2 MiB blocks among the free small pages
+                    f = self._free.pages()
+                    blocks, count = np.unique(f >> HPAGE_PMD_ORDER, return_counts=True)
+                    whole = blocks[count == _NR][:n - self._free_folios.n]
+                    if whole.size:
+                        self._free.keep(~np.isin(f >> HPAGE_PMD_ORDER, whole))
+                        self._free_folios.push((whole << HPAGE_PMD_ORDER)[::-1])
+                got = self._free_folios.pop(n)
+                self.calloc += got.size * _NR
+        zone_device_folio_init(self.system, got, HPAGE_PMD_ORDER)
+        return got
+
+    def _devmem_free(self, heads, order):
+        """dmirror_devmem_free(): the last reference to these folios went."""
+        heads = np.asarray(heads, dtype=np.int64)
         with self.lock:
-            self.cfree += int(pfns.size)
+            self.cfree += int(heads.size) << int(order)
             removing = [c.pgmap for c in self.chunks if c.remove]
             if removing:
-                keep = np.ones(pfns.size, dtype=bool)
+                keep = np.ones(heads.size, dtype=bool)
                 for pgm in removing:
-                    keep &= ~((pfns >= pgm.pfn_first) & (pfns < pgm.pfn_last))
-                pfns = pfns[keep]
-            self._free.push(pfns[::-1])
+                    keep &= ~((heads >= pgm.pfn_first) & (heads < pgm.pfn_last))
+                heads = heads[keep]
+            if order == HPAGE_PMD_ORDER:
+                self._free_folios.push(heads[::-1])
+            elif order == 0:
+                self._free.push(heads[::-1])
+            else:
+                self._free.push(self.system.phys.folio_pages(heads, order)[::-1])
 
     def _devmem_fault(self, vmf):
         """dmirror_devmem_fault(): migrate_to_ram for a CPU access to device-private pages.
 
-        The kernel driver brings back vmf->address only; the batched vm_fault of
-        hmmgpu lists every faulting page of the range, and one migration covers
-        them all (the span from the first to the last).
+        The kernel driver brings back vmf->address only (the whole folio, at its order, when
+        the page is part of a 2 MiB one); the batched vm_fault of hmmgpu lists every faulting
+        page of the range, and one migration covers them all (the span from the first to the
+        last, widened to the 2 MiB folios among them).
         """
         addrs = np.asarray(vmf.addresses, dtype=np.int64)
-        args = MigrateVma(vmf.vma, int(addrs.min()), int(addrs.max()) + PAGE_SIZE,
-                          pgmap_owner=self, flags=self.select_device(), fault_page=vmf.page)
+        start, end = int(addrs.min()), int(addrs.max()) + PAGE_SIZE
+        flags = self.select_device()
+        if self.system.phys.pages.order[np.asarray(vmf.pages, dtype=np.int64)].any():
+            start = max(vmf.vma.start, start & ~(PMD_SIZE - 1))
+            end = min(vmf.vma.end, -(-end // PMD_SIZE) * PMD_SIZE)
+            flags |= MIGRATE_VMA_SELECT_COMPOUND
+        args = MigrateVma(vmf.vma, start, end, pgmap_owner=self, flags=flags, fault_page=vmf.page)
         if migrate_vma_setup(args):
             return VM_FAULT_SIGBUS
         with _migrating(args):
@@ -336,33 +403,53 @@ class DMirrorDevice:
             # device page tables.
         return 0
 
-    def _fault_alloc_and_copy(self, args, mm):
+    def _fault_alloc_and_copy(self, args, mm, fail_alloc=False):
         """dmirror_devmem_fault_alloc_and_copy(): system pages for device pages, and the copy."""
-        src = args.src[:args.npages]
-        spfn = migrate_pfn_to_pfn(src)
-        sel = np.nonzero((spfn >= 0) & ((src & _MPFN_MIGRATE) != 0))[0]
+        sel = _device_selection(self.system, args.src, args.npages)
         if sel.size == 0:
             return 0
-        sp = spfn[sel]
-        devok = is_device_private_page(self.system, sp) | is_device_coherent_page(self.system, sp)
-        sel, sp = sel[devok], sp[devok]
-        phys = self.system.phys
+        # xa_erase() of the device mappings, in every mirror of this device on that mm
+        self._erase_in_mirrors(mm, (args.start >> PAGE_SHIFT) + _positions(args.src, sel, args.npages))
         try:
-            dpages = phys.alloc(sel.size, None, zero=False)
+            self._to_system(args.src, args.dst, sel, args.npages, fail_alloc)
         except OSError:
             return VM_FAULT_OOM
-        phys.pages.flags[dpages] |= PG_LOCKED
-        # xa_erase() of the device mappings, in every mirror of this device on that mm
-        self._erase_in_mirrors(mm, (args.start >> PAGE_SHIFT) + sel)
+        return 0
+
+    def _to_system(self, src, dst, sel, n, fail_alloc):
+        """System memory for the device pages at ``sel`` (positions in ``src``), and the copy.
+
+        A 2 MiB device folio gets a THP when a free 2 MiB block is left (``fail_alloc`` fails
+        the first such allocation), 512 small pages otherwise, and then the core splits it.
+        Fills ``dst``; raises OSError(ENOMEM) when system memory runs out."""
+        phys = self.system.phys
+        comp = (src[sel] & _MPFN_COMPOUND) != 0
+        heads, small = sel[comp], sel[~comp]
+        skip = 1 if fail_alloc and heads.size else 0
+        got = phys.alloc_folios(heads.size - skip, zero=False) if heads.size > skip else np.zeros(0, np.int64)
+        big = heads[skip:skip + got.size]
+        rest = np.setdiff1d(heads, big)
+        spfn = migrate_pfn_to_pfn(src[:n])
+        members = (rest[:, None] + _ARANGE).reshape(-1)
+        small_pos = np.concatenate((small, members))
+        small_src = np.concatenate((spfn[small], (spfn[rest][:, None] + _ARANGE).reshape(-1)))
+        wr = np.concatenate(((src[small] & _MPFN_WRITE) != 0, np.repeat((src[rest] & _MPFN_WRITE) != 0, _NR)))
+        try:
+            dpages = phys.alloc(small_pos.size, None, zero=False)
+        except OSError:
+            phys.put(phys.folio_pages(got))
+            raise
+        new = np.concatenate((phys.folio_pages(got), dpages))
+        old = np.concatenate((phys.folio_pages(spfn[big]), small_src))
+        phys.pages.flags[new] |= PG_LOCKED
         try:
             # the CPU may touch the new pages as soon as migrate_vma_pages maps them: wait
-            self.device.copy_pages(dpages, sp).wait()
+            self.device.copy_pages(new, old).wait()
         except BaseException:
-            _release_new(phys, dpages)
+            _release_new(phys, new)
             raise
-        wr = (src[sel] & _MPFN_WRITE) != 0
-        args.dst[sel] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
-        return 0
+        dst[big] = migrate_pfn(got) | _MPFN_COMPOUND | (src[big] & _MPFN_WRITE)
+        dst[small_pos] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
 
     def _erase_in_mirrors(self, mm, vpns, skip=None):
         """Invalidate the pages ``vpns`` in every open of this device on ``mm`` (but ``skip``):
@@ -382,8 +469,9 @@ class DMirrorDevice:
                 with self.lock:
                     chunk.remove = True
                     pgm = chunk.pgmap
-                    f = self._free.pages()
-                    self._free.keep((f < pgm.pfn_first) | (f >= pgm.pfn_last))
+                    for fl in (self._free, self._free_folios):
+                        f = fl.pages()
+                        fl.keep((f < pgm.pfn_first) | (f >= pgm.pfn_last))
                 try:
                     self._evict_chunk(chunk)
                     memunmap_pages(chunk.pgmap)
@@ -399,6 +487,7 @@ class DMirrorDevice:
             self.chunks = []
             with self.lock:
                 self._free.n = 0
+                self._free_folios.n = 0
 
     def _evict_chunk(self, chunk):
         """dmirror_device_evict_chunk(): migrate_device_range over the whole chunk."""
@@ -407,28 +496,15 @@ class DMirrorDevice:
         src = np.zeros(n, dtype=_U)
         dst = np.zeros(n, dtype=_U)
         migrate_device_range(self.system, src, pgm.pfn_first, n)
-        spfn = migrate_pfn_to_pfn(src)
-        sel = np.nonzero((spfn >= 0) & ((src & _MPFN_MIGRATE) != 0))[0]
+        sel = _device_selection(self.system, src, n)
         if sel.size:
-            phys = self.system.phys
             try:
-                dpages = phys.alloc(sel.size, None, zero=False)
-            except OSError:
-                # nothing to move to: every page stays on the device
-                migrate_device_pages(self.system, src, dst, n)
-                migrate_device_finalize(self.system, src, dst, n)
-                raise
-            phys.pages.flags[dpages] |= PG_LOCKED
-            try:
-                self.device.copy_pages(dpages, spfn[sel]).wait()
+                self._to_system(src, dst, sel, n, False)
             except BaseException:
-                # the copy failed part-way: nothing moves, every page stays on the device
-                _release_new(phys, dpages)
+                # nothing to move to, or the copy failed: every page stays on the device
                 migrate_device_pages(self.system, src, dst, n)
                 migrate_device_finalize(self.system, src, dst, n)
                 raise
-            wr = (src[sel] & _MPFN_WRITE) != 0
-            dst[sel] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
             # No device page table needs fixing here: migrate_device_range unmapped every CPU
             # mapping of these pages under MMU_NOTIFY_CLEAR, which every mirror's notifier
             # applied, and a mirror maps nothing the CPU does not.
@@ -443,6 +519,39 @@ class DMirrorDevice:
 
 VM_FAULT_OOM = 0x1
 VM_FAULT_SIGBUS = 0x2
+
+
+def _pmd_runs(vpns, pfns, w, pmd, device):
+    """Positions where 512 entries map one aligned 2 MiB folio at an aligned 2 MiB address with
+    one permission (``pmd``: the entries hmm_range_fault gave order 9), in RAM or in this
+    device's memory: what a 2 MiB device leaf can map."""
+    cand = np.flatnonzero(pmd & ((vpns & (_NR - 1)) == 0) & ((pfns & (_NR - 1)) == 0))
+    cand = cand[cand + _NR <= vpns.size]
+    if cand.size == 0:
+        return cand
+    blk = cand[:, None] + _ARANGE
+    ok = (pfns[blk] == pfns[cand][:, None] + _ARANGE).all(axis=1) & (w[blk] == w[cand][:, None]).all(axis=1)
+    p = pfns[cand]
+    ok &= ((p + _NR <= device.nr_ram) | ((p >= device.pfn_base) & (p + _NR <= device.pfn_base + device.nframes)))
+    return cand[ok]
+
+
+def _device_selection(system, src, n):
+    """Positions of the src entries that are device pages to bring back (a folio's head)."""
+    src = src[:n]
+    spfn = migrate_pfn_to_pfn(src)
+    sel = np.nonzero((spfn >= 0) & ((src & _MPFN_MIGRATE) != 0))[0]
+    sp = spfn[sel]
+    return sel[is_device_private_page(system, sp) | is_device_coherent_page(system, sp)]
+
+
+def _positions(src, sel, n):
+    """``sel`` with a COMPOUND entry standing for the 512 positions from it on."""
+    comp = sel[(src[sel] & _MPFN_COMPOUND) != 0]
+    if comp.size == 0:
+        return sel
+    members = (comp[:, None] + _ARANGE[1:]).reshape(-1)
+    return np.concatenate((sel, members[members < n]))      # disjoint: sel holds heads, not tails
 
 
 def _release_new(phys, pfns):
@@ -795,8 +904,19 @@ class DMirror:
         if ((e & _U(HMM_PFN_ERROR)) != 0).any() or ((e & _U(HMM_PFN_VALID)) == 0).any():
             return -errno.EFAULT
         # queued on the device's in-order queue: the replay that follows translates through it
-        self.pt.map(np.arange(rng.start >> PAGE_SHIFT, rng.end >> PAGE_SHIFT, dtype=np.int64),
-                    hmm_pfn_to_pfn(e), np.where(w, DPT_WRITE, 0))
+        vpns = np.arange(rng.start >> PAGE_SHIFT, rng.end >> PAGE_SHIFT, dtype=np.int64)
+        pfns = hmm_pfn_to_pfn(e)
+        if self.mm.maybe_huge:
+            # what the CPU maps by a PMD (HMM_PFN_ORDER 9), the device maps by a 2 MiB leaf
+            heads = _pmd_runs(vpns, pfns, w, hmm_pfn_to_map_order(e) == HPAGE_PMD_ORDER,
+                              self.mdevice.device)
+            if heads.size:
+                self.pt.map_huge(vpns[heads], pfns[heads], np.where(w[heads], DPT_WRITE, 0))
+                rest = np.ones(vpns.size, bool)
+                rest[(heads[:, None] + _ARANGE).reshape(-1)] = False
+                vpns, pfns, w = vpns[rest], pfns[rest], w[rest]
+        if vpns.size:
+            self.pt.map(vpns, pfns, np.where(w, DPT_WRITE, 0))
         return 0
 
     # -- migration ----------------------------------------------------------------------------
@@ -819,7 +939,8 @@ class DMirror:
         self._mm_alive(start, end)
         with self.mm.mmap_lock.read():
             for vma, s, e in self._vma_pieces(start, end):
-                args = MigrateVma(vma, s, e, pgmap_owner=self.mdevice, flags=MIGRATE_VMA_SELECT_SYSTEM)
+                args = MigrateVma(vma, s, e, pgmap_owner=self.mdevice,
+                                  flags=MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND)
                 ret = migrate_vma_setup(args)
                 if ret:
                     raise _err(ret, "migrate_vma_setup failed", s, e)
@@ -847,27 +968,43 @@ class DMirror:
             return self.mdevice.device.read_pages(pte_pfn(ent)).reshape(-1)
 
     def _migrate_alloc_and_copy(self, args):
-        """dmirror_migrate_alloc_and_copy(): device pages for the collected ones, and the copy."""
-        src = args.src[:args.npages]
+        """dmirror_migrate_alloc_and_copy(): device pages for the collected ones, and the copy.
+
+        A 2 MiB entry (a THP, or a 2 MiB hole) gets a device folio; when that allocation
+        fails (or FLAG_FAIL_ALLOC makes the first one fail) it gets 512 small pages, and the
+        core splits the source folio."""
+        n = args.npages
+        src = args.src[:n]
         spfn = migrate_pfn_to_pfn(src)
         phys = self.system.phys
         # Device pages (ours or another device's) are never copied device to device here.
         idx = (((src & _MPFN_MIGRATE) != 0) & (spfn < phys.nr_ram)).nonzero()[0]
+        fail = bool(self.flags & FLAG_FAIL_ALLOC)
+        self.flags &= ~FLAG_FAIL_ALLOC
         if idx.size == 0:
             return
-        if self.flags & FLAG_FAIL_ALLOC:
-            # the injected failure hits the huge allocation; small pages follow
-            self.flags &= ~FLAG_FAIL_ALLOC
-        dpages = self.mdevice.alloc_pages(idx.size)
-        if dpages.size < idx.size:
-            idx = idx[:dpages.size]
-        if idx.size == 0:
+        comp = (src[idx] & _MPFN_COMPOUND) != 0
+        if np.count_nonzero(comp):
+            big, dheads, small_pos, small_src, small_w = self._alloc_folios_for(idx, comp, spfn, src, fail)
+        else:
+            big = dheads = np.zeros(0, np.int64)
+            small_pos, small_src, small_w = idx, spfn[idx], src[idx]
+        dpages = self.mdevice.alloc_pages(small_pos.size)
+        if dpages.size < small_pos.size:
+            small_pos, small_src, small_w = small_pos[:dpages.size], small_src[:dpages.size], small_w[:dpages.size]
+        if big.size:
+            big_src = spfn[big][:, None]
+            new = np.concatenate((phys.folio_pages(dheads), dpages))
+            sp = np.concatenate((np.where(big_src >= 0, big_src + _ARANGE, -1).reshape(-1), small_src))
+        else:
+            new, sp = dpages, small_src
+        if new.size == 0:
             return
         # The pages are about to move: no device may go on using the old ones meanwhile (a store
         # there after the copy would be lost).  A device that faults on them waits for the
         # migration entries to go and finds the pages where they now are.
-        self.mdevice._erase_in_mirrors(self.mm, (args.start >> PAGE_SHIFT) + idx)
-        sp = spfn[idx]
+        moving = small_pos if not big.size else np.concatenate((small_pos, (big[:, None] + _ARANGE).reshape(-1)))
+        self.mdevice._erase_in_mirrors(self.mm, (args.start >> PAGE_SHIFT) + moving)
         dev = self.mdevice.device
         with_src = sp >= 0
         every = np.count_nonzero(with_src) == with_src.size
@@ -875,22 +1012,43 @@ class DMirror:
             # waited for: migrate_vma_finalize frees the source pages, which the CPU may reuse
             # at once
             if every:
-                dev.copy_pages(dpages, sp).wait()
+                dev.copy_pages(new, sp).wait()
             else:
                 if np.count_nonzero(with_src):
-                    dev.copy_pages(dpages[with_src], sp[with_src]).wait()
-                dev.fill_pages(dpages[~with_src], 0)
+                    dev.copy_pages(new[with_src], sp[with_src]).wait()
+                dev.fill_pages(new[~with_src], 0)
         except BaseException:
-            _release_new(phys, dpages)
+            _release_new(phys, new)
             raise
-        wr = (src[idx] & _MPFN_WRITE) != 0
-        if not every and args.vma.vm_flags & VM_WRITE:
-            wr |= ~with_src                  # a hole filled in a writable VMA
-        phys.pages.zone_device_data[dpages] = id(self)
-        args.dst[idx] = migrate_pfn(dpages) | (wr.astype(_U) << _U(3))
+        hole_w = bool(args.vma.vm_flags & VM_WRITE)      # a hole filled in a writable VMA
+        phys.pages.zone_device_data[new] = id(self)
+        if big.size:
+            bw = ((src[big] & _MPFN_WRITE) != 0) | ((spfn[big] < 0) & hole_w)
+            args.dst[big] = migrate_pfn(dheads) | _MPFN_COMPOUND | (bw.astype(_U) << _U(3))
+        sw = (small_w & _MPFN_WRITE) != 0
+        if not every and hole_w:
+            sw |= small_src < 0
+        args.dst[small_pos] = migrate_pfn(dpages) | (sw.astype(_U) << _U(3))
+
+    def _alloc_folios_for(self, idx, comp, spfn, src, fail):
+        """Device folios for the 2 MiB entries among ``idx``: returns the heads that got one and
+        the folios, then every small page wanted -- the small entries and the 512 pages of each
+        2 MiB entry left without a folio -- with its source pfn (-1 for a hole) and src flags."""
+        heads, small = idx[comp], idx[~comp]
+        skip = 1 if fail else 0
+        dheads = self.mdevice.alloc_folios(heads.size - skip) if heads.size > skip else np.zeros(0, np.int64)
+        big = heads[skip:skip + dheads.size]
+        rest = np.setdiff1d(heads, big)
+        members = (rest[:, None] + _ARANGE).reshape(-1)
+        rest_src = spfn[rest][:, None]
+        small_pos = np.concatenate((small, members))
+        small_src = np.concatenate((spfn[small], np.where(rest_src >= 0, rest_src + _ARANGE, -1).reshape(-1)))
+        small_w = np.concatenate((src[small], np.repeat(src[rest], _NR)))
+        return big, dheads, small_pos, small_src, small_w
 
     def _migrate_finalize_and_map(self, args):
-        """dmirror_migrate_finalize_and_map(): map the new device pages in the device page table.
+        """dmirror_migrate_finalize_and_map(): map the new device pages in the device page table
+        (a 2 MiB folio's 512 pages from its head entry).
 
         Other opens of this device dropped their entries for the pages before the copy (they
         ignored the MMU_NOTIFY_MIGRATE that carried this device as owner) and fault them in
@@ -901,23 +1059,40 @@ class DMirror:
         sel = (((src & _MPFN_MIGRATE) != 0) & (dpfn >= 0)).nonzero()[0]
         if sel.size == 0:
             return
+        pfns = dpfn[sel]
+        w = (dst[sel] & _MPFN_WRITE) != 0
+        comp = (dst[sel] & _MPFN_COMPOUND) != 0
+        vpns = (args.start >> PAGE_SHIFT) + sel
         vma, spfn = args.vma, migrate_pfn_to_pfn(src[sel])
         i0 = vma.idx(args.start)
 
-        def still(cur):
-            # behind our migration entries still, or a hole migrate_vma_pages filled with the page
+        def still():
+            # behind our migration entries still, or a hole migrate_vma_pages filled with the
+            # page (a 2 MiB folio: its head entry)
+            cur = vma.pte[i0 + sel]
             moving = pt.is_migration(cur) & (pt.pte_pfn(cur) == spfn)
-            return moving | ((spfn < 0) & (cur != 0) & (pt.pte_pfn(cur) == dpfn[sel]))
+            return moving | ((spfn < 0) & (cur != 0) & (pt.pte_pfn(cur) == pfns))
 
-        self._map_checked(lambda: still(vma.pte[i0 + sel]), (args.start >> PAGE_SHIFT) + sel,
-                          dpfn[sel], np.where((dst[sel] & _MPFN_WRITE) != 0, DPT_WRITE, 0))
+        def do_map(ok):
+            big = ok & comp
+            if big.any():
+                # a 2 MiB device folio: one 2 MiB leaf
+                self.pt.map_huge(vpns[big], pfns[big], np.where(w[big], DPT_WRITE, 0))
+            small = ok & ~comp
+            if small.any():
+                ws = w[small]
+                self.pt.map(vpns[small], pfns[small],
+                            DPT_WRITE if np.count_nonzero(ws) == ws.size else np.where(ws, DPT_WRITE, 0))
 
-    def _map_checked(self, check, vpns, pfns, flags, tries=HMM_RANGE_DEFAULT_TIMEOUT):
+        self._map_checked(still, do_map)
+
+    def _map_checked(self, check, do_map, tries=HMM_RANGE_DEFAULT_TIMEOUT):
         """Map what a migration or make_device_exclusive just set up, with the interval
         notifier's protocol (the C driver maps under its mutex and trusts the page locks, which
         a zap does not take): after read_begin, under the mutex, a sequence that did not move
         means every invalidation that touched the range has finished, so ``check()`` (the CPU
-        entries are still what was set up) tells the truth.  True when every page was mapped."""
+        entries are still what was set up: a mask) tells the truth, and ``do_map(mask)`` maps
+        those.  True when every page was mapped."""
         for _ in range(tries):
             seq = mmu_interval_read_begin(self.notifier)
             with self.mutex:
@@ -925,7 +1100,7 @@ class DMirror:
                     continue
                 with self.system.phys.lock:
                     ok = check()
-                self.pt.map(vpns[ok], pfns[ok], flags[ok] if np.ndim(flags) else flags)
+                do_map(ok)
                 return bool(ok.all())
         return False
 
@@ -935,14 +1110,18 @@ class DMirror:
         self._user(start, end, errno.EINVAL)
         self._mm_alive(start, end)
         cpages = 0
+        fail = bool(self.flags & FLAG_FAIL_ALLOC)
+        self.flags &= ~FLAG_FAIL_ALLOC
         with self.mm.mmap_lock.read():
             for vma, s, e in self._vma_pieces(start, end):
-                args = MigrateVma(vma, s, e, pgmap_owner=self.mdevice, flags=self.mdevice.select_device())
+                args = MigrateVma(vma, s, e, pgmap_owner=self.mdevice,
+                                  flags=self.mdevice.select_device() | MIGRATE_VMA_SELECT_COMPOUND)
                 ret = migrate_vma_setup(args)
                 if ret:
                     raise _err(ret, "migrate_vma_setup failed", s, e)
                 with _migrating(args):
-                    ret = self.mdevice._fault_alloc_and_copy(args, self.mm)
+                    ret = self.mdevice._fault_alloc_and_copy(args, self.mm, fail)
+                    fail = False
                     migrate_vma_pages(args)
                     src = args.src[:args.npages]
                     cpages += int((((src & _MPFN_VALID) != 0)
@@ -1036,9 +1215,10 @@ class DMirror:
                     far = p[(p >= phys.nr_ram) & ~self.mdevice.device.owns(p)]
                     if far.size == 0:
                         # one try per round: the loop around makes them exclusive again
+                        vpns = (start >> PAGE_SHIFT) + got
                         mapped = self._map_checked(
                             lambda: self._still_exclusive(start, got, p),
-                            (start >> PAGE_SHIFT) + got, p, DPT_ATOMIC, tries=1)
+                            lambda ok: self.pt.map(vpns[ok], p[ok], DPT_ATOMIC), tries=1)
                 finally:
                     # the caller's part of make_device_exclusive(): unlock, drop the references
                     phys.unlock(p)

@@ -85,7 +85,8 @@ class NumpyBackend(Backend):
     def host_arena(self, nframes):
         return NumpyArena(self, nframes, "host")
 
-    def device_arena(self, nframes, gpu=0):
+    def device_arena(self, nframes, gpu=0, lazy=False):
+        # np.zeros is lazy already: the OS backs a page when it is first touched
         return NumpyArena(self, nframes, "device")
 
     def dma_engine(self, gpu=0):

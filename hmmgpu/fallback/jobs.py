@@ -17,7 +17,8 @@ the scattered rest by one gather or scatter.
 import numpy as np
 
 from ..device.hw import DONE
-from ..device.faults import ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE
+from ..device.faults import (ACCESS_ATOMIC, ACCESS_READ, ACCESS_WRITE, FATAL_BAD_PFN, FATAL_MISALIGNED,
+                             fatal_word)
 from ..device.jobs import LANE_DONE, LANE_FAULTED, Zeros
 from ..device.pagetable import (PT_BITS, PT_ENTRIES, PT_LEVELS, PTE_ACCESSED, PTE_ATOMIC, PTE_DIRTY,
                                 PTE_HUGE, PTE_PFN_SHIFT, PTE_VALID, PTE_WRITE, VPN_BITS)
@@ -202,9 +203,11 @@ class NumpyMMU:
             huge &= good
         return slot, huge
 
-    def translate(self, vaddr, access, lanes, record=True):
+    def translate(self, vaddr, access, lanes, record=True, size=1):
         """(ok, pte) per address; sets ACCESSED/DIRTY on success; records the failures in order.
-        A page under a 2 MiB leaf gets that entry with its own pfn (hmm_pte_of_page)."""
+        A page under a 2 MiB leaf gets that entry with its own pfn (hmm_pte_of_page).  An entry
+        whose pfn is outside memory (``pfn_ok``) fails too, as a fatal fault of an access of
+        ``size`` bytes."""
         vaddr = np.asarray(vaddr, dtype=np.uint64)
         vpns = (vaddr >> _U64(12)).astype(np.int64)
         flat = self.nodes.reshape(-1)
@@ -230,10 +233,20 @@ class NumpyMMU:
                 flat[slots[need]] |= want
             if huge is not None:
                 e += (vaddr & _IN_LEAF) * huge
+        wild = ok & ~self.pfn_ok(e)
+        if wild.any():
+            ok &= ~wild
         if record and not ok.all():
             bad = ~ok
-            self.faults.append(vaddr[bad], access, np.asarray(lanes)[bad], self.job_id)
+            words = np.where(wild, fatal_word(access, FATAL_BAD_PFN, size), _U64(access))
+            self.faults.append(vaddr[bad], words[bad], np.asarray(lanes)[bad], self.job_id)
         return ok, e
+
+    def pfn_ok(self, pte):
+        """hmm_pfn_ok: the leaf points at system RAM or at this device's frames."""
+        pfn = (np.asarray(pte, np.uint64) >> _U64(12)).astype(np.int64)
+        d = pfn - self.pfn_base
+        return ((pfn >= 0) & (pfn < self.host.shape[0])) | ((d >= 0) & (d < self.nframes))
 
     # -- physical access -----------------------------------------------------------------------
     def frames(self, pte):
@@ -350,9 +363,13 @@ class ScalarMMU:
             return node * PT_ENTRIES + (vpn & (PT_ENTRIES - 1))
         return -2 - node if node < -1 else -1          # a 2 MiB leaf's slot, or none
 
+    def _fault(self, vaddr, word, lane):
+        self.mmu.faults.append(np.array([vaddr], np.uint64), word, np.array([lane], np.int64),
+                               self.mmu.job_id)
+
     def page(self, vaddr, lane):
-        """(memory, first word) of the page of ``vaddr`` for a read, or None after recording
-        the read fault."""
+        """(memory, first word) of the page of ``vaddr`` for an 8-byte read, or None after
+        recording the read fault (fatal for a pfn outside memory, as hmm_xlate records it)."""
         vpn = vaddr >> 12
         pg = self.pages.get(vpn)
         if pg is not None:
@@ -360,8 +377,7 @@ class ScalarMMU:
         slot = self._leaf(vpn) if vpn >> VPN_BITS == 0 else -1
         e = self.pt[slot] if slot >= 0 else 0
         if not e & PTE_VALID:
-            self.mmu.faults.append(np.array([vaddr], np.uint64), ACCESS_READ, np.array([lane], np.int64),
-                                   self.mmu.job_id)
+            self._fault(vaddr, ACCESS_READ, lane)
             return None
         if not e & PTE_ACCESSED:
             self.pt[slot] = e | PTE_ACCESSED
@@ -369,12 +385,19 @@ class ScalarMMU:
         if e & PTE_HUGE:
             pfn += vpn & (PT_ENTRIES - 1)
         d = pfn - self.mmu.pfn_base
+        if not (0 <= d < self.mmu.nframes or pfn < len(self.mem[0]) >> 9):
+            self._fault(vaddr, fatal_word(ACCESS_READ, FATAL_BAD_PFN, 8), lane)
+            return None
         pg = (self.mem[1], d << 9) if 0 <= d < self.mmu.nframes else (self.mem[0], pfn << 9)
         self.pages[vpn] = pg
         return pg
 
     def load(self, vaddr, lane):
-        """The uint64 at ``vaddr`` (a read through the MMU), or None after a fault."""
+        """The uint64 at ``vaddr`` (a read through the MMU), or None after a fault; a misaligned
+        address is a fatal fault, never rounded down."""
+        if vaddr & 7:
+            self._fault(vaddr, fatal_word(ACCESS_READ, FATAL_MISALIGNED, 8), lane)
+            return None
         pg = self.page(vaddr, lane)
         return None if pg is None else pg[0][pg[1] + ((vaddr & 4095) >> 3)]
 
@@ -396,18 +419,26 @@ class NumpyLaneContext:
     def faulted(self):
         return ~self.active
 
-    def _xlate(self, vaddr, access, sel):
+    def _xlate(self, vaddr, access, sel, size=1):
         sel = np.arange(self.lanes.size) if sel is None else np.asarray(sel, dtype=np.int64)
         vaddr = np.broadcast_to(np.asarray(vaddr, dtype=np.uint64), sel.shape)
         live = self.active[sel]
+        if size > 1:
+            # hmm_xlate: a misaligned access is never made; it is a fatal fault of the lane
+            mis = live & ((vaddr & _U64(size - 1)) != 0)
+            if mis.any():
+                self.mmu.faults.append(vaddr[mis], fatal_word(access, FATAL_MISALIGNED, size),
+                                       self.lanes[sel[mis]], self.mmu.job_id)
+                self.active[sel[mis]] = False
+                live = live & ~mis
         if live.all():
-            ok, pte = self.mmu.translate(vaddr, access, self.lanes[sel])
+            ok, pte = self.mmu.translate(vaddr, access, self.lanes[sel], size=size)
             self.active[sel[~ok]] = False
             return ok, pte, vaddr
         ok = np.zeros(sel.size, bool)
         pte = np.zeros(sel.size, np.uint64)
         s = sel[live]
-        o, e = self.mmu.translate(vaddr[live], access, self.lanes[s])
+        o, e = self.mmu.translate(vaddr[live], access, self.lanes[s], size=size)
         self.active[s[~o]] = False
         ok[live] = o
         pte[live] = e
@@ -417,7 +448,7 @@ class NumpyLaneContext:
         return self._xlate(vaddr, access, sel)[0]
 
     def load(self, vaddr, dtype, sel=None):
-        ok, pte, vaddr = self._xlate(vaddr, ACCESS_READ, sel)
+        ok, pte, vaddr = self._xlate(vaddr, ACCESS_READ, sel, np.dtype(dtype).itemsize)
         if ok.all():
             return self.mmu.load(pte, vaddr & _U64(4095), dtype)
         out = np.zeros(ok.size, dtype=dtype)
@@ -425,14 +456,16 @@ class NumpyLaneContext:
         return out
 
     def store(self, vaddr, values, sel=None):
-        ok, pte, vaddr = self._xlate(vaddr, ACCESS_WRITE, sel)
+        values = np.asarray(values)
+        ok, pte, vaddr = self._xlate(vaddr, ACCESS_WRITE, sel, values.dtype.itemsize)
         if not self.probe_pass and ok.any():
-            values = np.broadcast_to(np.asarray(values), ok.shape)
+            values = np.broadcast_to(values, ok.shape)
             self.mmu.store(pte[ok], vaddr[ok] & _U64(4095), values[ok], values.dtype)
 
     def atomic_add(self, vaddr, values, sel=None):
-        ok, pte, vaddr = self._xlate(vaddr, ACCESS_ATOMIC, sel)
-        values = np.broadcast_to(np.asarray(values), ok.shape)
+        values = np.asarray(values)
+        ok, pte, vaddr = self._xlate(vaddr, ACCESS_ATOMIC, sel, values.dtype.itemsize)
+        values = np.broadcast_to(values, ok.shape)
         old = np.zeros(ok.size, dtype=values.dtype)
         if not self.probe_pass and ok.any():
             old[ok] = self.mmu.atomic_add(pte[ok], vaddr[ok] & _U64(4095), values[ok], values.dtype)
@@ -465,19 +498,20 @@ def _bulk_translate(mmu, lanes, args, ops):
             o, e = mmu.translate(vB[two] << _U64(12), acc, lanes[two], record=False)
             okB[two] = o
             eB[two] = e
-        for which, (ok, va) in enumerate(((okA, first), (okB, vB << _U64(12)))):
+        for which, (ok, e, va) in enumerate(((okA, eA, first), (okB, eB, vB << _U64(12)))):
             p = np.flatnonzero(~ok)
             if p.size:
                 rec_pos.append(p)
                 rec_ord.append(np.full(p.size, 2 * j + which))
                 rec_va.append(va[p])
-                rec_acc.append(np.full(p.size, acc))
+                # translated, but to a pfn outside memory: fatal (bulk_translate's hmm_pfn_ok)
+                rec_acc.append(np.where(pte_allows(e[p], acc), fatal_word(acc, FATAL_BAD_PFN, 16), _U64(acc)))
         allok &= okA & okB
         per_op.append((first, eA, eB))
     if rec_pos:
         pos = np.concatenate(rec_pos)
         order = np.lexsort((np.concatenate(rec_ord), pos))
-        mmu.faults.append(np.concatenate(rec_va)[order], np.concatenate(rec_acc)[order],
+        mmu.faults.append(np.concatenate(rec_va)[order], np.concatenate(rec_acc).astype(np.uint64)[order],
                           lanes[pos[order]], mmu.job_id)
     return allok, nu, per_op
 
@@ -621,7 +655,7 @@ def list_lane(ctx, lanes, args):
             break
         node = p[sel]
         if not (node & _U64(15)).any():           # 16-byte nodes: one translation, one read each
-            ok, pte, _ = ctx._xlate(node, ACCESS_READ, sel)
+            ok, pte, _ = ctx._xlate(node, ACCESS_READ, sel, 8)
             t = sel[ok]
             words = ctx.mmu.load(pte[ok], node[ok] & _U64(4095), np.uint64, 2)
             s[t] += words[:, 1]
@@ -648,7 +682,8 @@ def list_lane_scalar(sm, state, lanes, args):
         while p and n < max_steps:                # one iteration per node
             off = p & 4095
             pg = pages.get(p >> 12)
-            if pg is None or off > 4088:          # a page not read yet, or a node across two
+            if pg is None or off > 4088 or off & 7:   # a page not read yet, a node across two
+                                                      # pages, or a misaligned one (fatal)
                 nxt = sm.load(p, i)
                 v = None if nxt is None else sm.load(p + 8, i)
                 if v is None:
@@ -673,7 +708,7 @@ def tree_lane(ctx, lanes, args):
             break
         node = p[sel]
         if not (node & _U64(31)).any():           # 32-byte nodes: one translation, one read each
-            ok, pte, _ = ctx._xlate(node + _U64(16), ACCESS_READ, sel)
+            ok, pte, _ = ctx._xlate(node + _U64(16), ACCESS_READ, sel, 8)
             words = ctx.mmu.load(pte[ok], node[ok] & _U64(4095), np.uint64, 4)
             sel = sel[ok]
             left, right, k, v = words.T

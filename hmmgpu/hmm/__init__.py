@@ -25,16 +25,18 @@ from .debug import DriverBug, check_device_mappings
 from .exclusive import make_device_exclusive, make_device_exclusive_range
 from .hmm import (HMM_PFN_DMA_MAPPED, HMM_PFN_ERROR, HMM_PFN_FLAGS, HMM_PFN_ORDER_SHIFT,
                   HMM_PFN_P2PDMA, HMM_PFN_P2PDMA_BUS, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE,
-                  HMM_PFN_VALID, HMM_PFN_WRITE, HMM_RANGE_DEFAULT_TIMEOUT, HmmRange, hmm_pfn_to_map_order,
+                  HMM_PFN_VALID, HMM_PFN_WRITE, HMM_RANGE_DEFAULT_TIMEOUT, HmmRange, hmm_pfn_flags_order,
+                  hmm_pfn_to_map_order,
                   hmm_pfn_to_pfn, hmm_range_fault)
 from .memremap import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE, NODE_ALLOW_ALL,
                        NODE_ALLOW_FALLBACK_ALLOC, NODE_ALLOW_HUGETLB, NODE_ALLOW_KSM,
                        NODE_ALLOW_LONGTERM_PIN, NODE_ALLOW_NUMA_BALANCING, DevPagemap, DevPagemapOps,
                        folio_is_longterm_pinnable, is_device_coherent_page, is_device_private_page,
                        is_zone_device_page, memremap_pages, memunmap_pages, page_node_allow,
-                       zone_device_page_init)
-from .migrate_device import (MIGRATE_PFN_MIGRATE, MIGRATE_PFN_SHIFT, MIGRATE_PFN_VALID,
-                             MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_DEVICE_COHERENT,
+                       zone_device_folio_init, zone_device_page_init)
+from .migrate_device import (MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_SHIFT,
+                             MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_COMPOUND,
+                             MIGRATE_VMA_SELECT_DEVICE_COHERENT,
                              MIGRATE_VMA_SELECT_DEVICE_PRIVATE, MIGRATE_VMA_SELECT_SYSTEM, MigrateVma,
                              migrate_device_coherent_pages, migrate_device_finalize,
                              migrate_device_pages, migrate_device_pfns, migrate_device_range,

@@ -10,7 +10,9 @@ MMU_NOTIFY_EXCLUSIVE invalidation with no owner, which revokes the device's
 access): mm.py's fault path does that, and fork restores them before copying.
 
 Each returned page is locked and holds a reference for the caller, who maps it
-in the device and then unlocks and puts it, as lib/test_hmm.c does.
+in the device and then unlocks and puts it, as lib/test_hmm.c does.  A PMD
+mapping in the range is split first (get_user_pages with FOLL_SPLIT_PMD); a
+hugetlb mapping cannot be made exclusive (-EOPNOTSUPP).
 """
 import errno
 
@@ -19,11 +21,12 @@ import numpy as np
 from ..constants import PAGE_SHIFT, PAGE_SIZE
 from ..errors import oserror
 from ..mm import pgtable as pt
+from ..mm.huge_memory import split_huge_pmd
 from ..mm.mm import MM
 from ..mm.notifier import MMU_NOTIFY_EXCLUSIVE, invalidation
 from ..mm.physmem import PG_ANON, PG_DIRTY, add_at
 from ..mm.validate import ulong
-from ..mm.vma import VM_IO, VM_PFNMAP, VM_WRITE
+from ..mm.vma import VM_HUGETLB, VM_IO, VM_PFNMAP, VM_WRITE
 
 
 def make_device_exclusive_range(mm, start, end, owner=None):
@@ -47,6 +50,8 @@ def make_device_exclusive_range(mm, start, end, owner=None):
             return -errno.EFAULT
         if not v.vm_flags & VM_WRITE or v.vm_flags & (VM_IO | VM_PFNMAP):
             return -errno.EFAULT
+        if v.vm_flags & VM_HUGETLB:
+            return -errno.EOPNOTSUPP
         s, e = cur, min(v.end, end)
         pieces.append((v, s, e))
         cur = e
@@ -58,10 +63,11 @@ def make_device_exclusive_range(mm, start, end, owner=None):
     out = np.full((end - start) >> PAGE_SHIFT, -1, dtype=np.int64)
     for v, s, e in pieces:
         try:
-            mm.handle_mm_fault(v, s, e, True)          # get_user_pages(FOLL_WRITE)
+            mm.handle_mm_fault(v, s, e, True)          # get_user_pages(FOLL_WRITE | FOLL_SPLIT_PMD)
         except OSError:
             return -errno.EFAULT
         i0, i1 = v.idx(s), v.idx(e - 1) + 1
+        split_huge_pmd(mm, v, i0, i1)
         with phys.lock:
             pte = v.pte[i0:i1].copy()
             ok = pt.pte_present(pte) & ((pte & pt.PTE_SPECIAL) == 0) & (pt.pte_pfn(pte) != phys.zero_pfn)

@@ -10,6 +10,9 @@ mm/hmm.c:
 
 * a present page: its pfn with VALID, and WRITE when the PTE is writable; a
   request for more (a write on a read-only PTE, anything on pte_none) faults;
+* a page mapped by a PMD (a THP, the huge zero folio, a hugetlb page) or a
+  device-private PMD entry of the owner also carries its map order,
+  PMD_SHIFT - PAGE_SHIFT, in the HMM_PFN_ORDER field (hmm_pfn_to_map_order);
 * the zero page is reported like any page (the driver sees it by its pfn);
 * a device-private entry owned by ``dev_private_owner`` is reported (VALID,
   WRITE if the entry is writable) and never faulted, whatever was requested;
@@ -124,6 +127,18 @@ def hmm_pfn_to_map_order(hmm_pfns):
     return ((np.asarray(hmm_pfns, dtype=_U) >> _U(HMM_PFN_ORDER_SHIFT)) & _U(0x1F)).astype(np.int64)
 
 
+def hmm_pfn_flags_order(order):
+    """hmm_pfn_flags_order(): ``order`` in the HMM_PFN_ORDER field."""
+    return int(order) << HMM_PFN_ORDER_SHIFT
+
+
+def _pmd_order_bits(pte):
+    """HMM_PFN_ORDER = PMD_SHIFT - PAGE_SHIFT (9) where PTE_HUGE (bit 5) is set, 0 elsewhere:
+    9 is bits 0 and 3 of the field, so two shifts of the one bit make it."""
+    h = pte & pt.PTE_HUGE
+    return (h << _ORDER_LO) | (h << _ORDER_HI)
+
+
 def _need_fault(range, req_in, cpu_flags):
     """hmm_pte_need_fault() on arrays: 0, NEED_FAULT or NEED_FAULT|NEED_WRITE_FAULT."""
     req = (req_in & _U(range.pfn_flags_mask)) | _U(range.default_flags)
@@ -236,6 +251,8 @@ _WRITE_TO_HMM = _U(62 - 1)        # PTE_WRITE (bit 1) -> HMM_PFN_WRITE (bit 62)
 _INOUT = _U(HMM_PFN_INOUT_FLAGS)
 _VALID = _U(HMM_PFN_VALID)
 _FAST_CHUNK = 1 << 16             # pages per pass of the fast path: temporaries stay in cache
+_ORDER_LO = _U(HMM_PFN_ORDER_SHIFT - 5)
+_ORDER_HI = _U(HMM_PFN_ORDER_SHIFT + 3 - 5)
 
 
 def _fast_present(walk, vma, start, end):
@@ -251,6 +268,7 @@ def _fast_present(walk, vma, start, end):
     i0 = (start - r.start) >> PAGE_SHIFT
     n = (end - start) >> PAGE_SHIFT
     ptes, out = vma.pte, r.hmm_pfns
+    huge = vma.mm.maybe_huge
     for k in range(0, n, _FAST_CHUNK):
         m = min(_FAST_CHUNK, n - k)
         pte = ptes[v0 + k:v0 + k + m]
@@ -261,6 +279,8 @@ def _fast_present(walk, vma, start, end):
         o = out[i0 + k:i0 + k + m]
         o &= _INOUT
         o |= (pte >> _U(pt.PFN_SHIFT)) | _VALID | ((pte & pt.PTE_WRITE) << _WRITE_TO_HMM)
+        if huge:
+            o |= _pmd_order_bits(pte)
     return 0
 
 
@@ -311,12 +331,18 @@ def _walk_vma(walk, vma, start, end):
             from .memremap import pgmap_owner_is
             own[devp] = pgmap_owner_is(system, pfn[devp], range.dev_private_owner)
 
+    if vma.mm.maybe_huge:
+        # hmm_vma_handle_pmd(), hmm_vma_handle_absent_pmd(), hmm_vma_walk_hugetlb_entry(): a
+        # PMD mapping's pages carry its order
+        cpu |= np.where(present, _pmd_order_bits(pte), _U(0))
     out = np.zeros(n, dtype=_U)
     norm = present & ~special
     out[norm] = pfn[norm].astype(_U) | cpu[norm]
     if own.any():
         ocpu = np.where(stype[own] == pt.SWP_DEVICE_PRIVATE_WRITE, _U(HMM_PFN_VALID | HMM_PFN_WRITE),
                         _U(HMM_PFN_VALID))
+        if vma.mm.maybe_huge:
+            ocpu = ocpu | _pmd_order_bits(pte[own])
         out[own] = pfn[own].astype(_U) | ocpu
     out[special] = _U(HMM_PFN_ERROR)
 

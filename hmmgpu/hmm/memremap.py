@@ -20,19 +20,25 @@ Two types, as in today's Linux:
 Refcount lifecycle: a device page is free at refcount 0 (today's rule; the
 2017 seed documents free at refcount 1, the 2 -> 1 transition of
 reference/zone-device-refcount-thread.txt).  ``zone_device_page_init`` takes a
-free page to refcount 1, locked, when the driver allocates it; when the last
-reference goes, physmem hands it back through ``ops.page_free`` (one call per
-pgmap with an array of pfns).
+free page (with ``order``, a free 2 MiB folio: the 2025 device-THP series'
+zone_device_folio_init) to refcount 1, locked, when the driver allocates it;
+when the last reference goes, physmem hands it back through
+``ops.folio_free(heads, order)`` -- one call per pgmap and order, the head pfns
+of the folios freed -- or, for a driver written to the older name,
+``ops.page_free(pfns)`` with every page.  A device folio split into small pages
+(a 2 MiB migration whose other side took small pages) is announced through
+``ops.folio_split(heads, order)`` when the driver has it.
 """
 import errno
 
 import numpy as np
 
+from ..constants import HPAGE_PMD_ORDER
 from ..errors import DriverBug, oserror
 from ..mm.physmem import (MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_FS_DAX, MEMORY_DEVICE_GENERIC,  # noqa: F401
                           MEMORY_DEVICE_PCI_P2PDMA, MEMORY_DEVICE_PRIVATE, NODE_ALLOW_ALL,
                           NODE_ALLOW_FALLBACK_ALLOC, NODE_ALLOW_HUGETLB, NODE_ALLOW_KSM,
-                          NODE_ALLOW_LONGTERM_PIN, NODE_ALLOW_NUMA_BALANCING, PG_LOCKED,
+                          NODE_ALLOW_LONGTERM_PIN, NODE_ALLOW_NUMA_BALANCING, PG_HEAD, PG_LOCKED,
                           PG_ZONE_DEVICE)
 
 # x86-64 with 4-level paging: 46 bits of physical address, the pfns every segment must fit in
@@ -41,7 +47,11 @@ MAX_PHYSMEM_PFNS = 1 << (MAX_PHYSMEM_BITS - 12)
 
 
 class DevPagemapOps:
-    """struct dev_pagemap_ops: what the kernel calls back into a driver about its pages."""
+    """struct dev_pagemap_ops: what the kernel calls back into a driver about its pages.
+
+    ``folio_free(heads, order)`` (today's name) or ``page_free(pfns)`` (the older one) hands
+    freed pages back; ``folio_split(heads, order)``, optional, announces a device folio split
+    into small pages."""
 
     def page_free(self, pfns):
         """The last reference of each page in ``pfns`` (a NumPy array) went: the pages are the
@@ -126,13 +136,13 @@ def memremap_pages(pgmap, system):
     if pgmap.type == MEMORY_DEVICE_PRIVATE:
         if ops is None or getattr(ops, "migrate_to_ram", None) is None:
             raise oserror(errno.EINVAL, "device private memory needs ops.migrate_to_ram")
-        if getattr(ops, "page_free", None) is None:
-            raise oserror(errno.EINVAL, "device private memory needs ops.page_free")
+        if not _frees(ops):
+            raise oserror(errno.EINVAL, "device private memory needs ops.folio_free or ops.page_free")
         if pgmap.owner is None:
             raise oserror(errno.EINVAL, "device private memory needs an owner")
     elif pgmap.type == MEMORY_DEVICE_COHERENT:
-        if ops is None or getattr(ops, "page_free", None) is None:
-            raise oserror(errno.EINVAL, "device coherent memory needs ops.page_free")
+        if ops is None or not _frees(ops):
+            raise oserror(errno.EINVAL, "device coherent memory needs ops.folio_free or ops.page_free")
         if pgmap.owner is None:
             raise oserror(errno.EINVAL, "device coherent memory needs an owner")
     else:
@@ -167,6 +177,10 @@ def memremap_pages(pgmap, system):
     return base
 
 
+def _frees(ops):
+    return getattr(ops, "folio_free", None) is not None or getattr(ops, "page_free", None) is not None
+
+
 def memunmap_pages(pgmap):
     """memunmap_pages(): unplug the pgmap's frames.  Every page must be free -- the driver
     evicts what is in use first (migrate_device_range) -- or it raises OSError(EBUSY)."""
@@ -187,13 +201,19 @@ def _nodes(system):
     return nodes
 
 
-def zone_device_page_init(system, pfns):
-    """zone_device_page_init(): a driver takes free device pages ``pfns`` for a migration's
-    destination: refcount 1 (the driver's reference) and locked, as migrate_vma_pages needs.
-    DriverBug for a page that is not device memory or still referenced."""
-    pfns = np.asarray(pfns, dtype=np.int64)
-    pages = system.phys.pages
-    with system.phys.lock:
+def zone_device_page_init(system, pfns, order=0):
+    """zone_device_page_init() / zone_device_folio_init(): a driver takes free device pages
+    ``pfns`` for a migration's destination: refcount 1 (the driver's reference) and locked, as
+    migrate_vma_pages needs; with ``order``, ``pfns`` are the heads of free, naturally aligned
+    folios of 2**order pages, which become large folios.  DriverBug for a page that is not
+    device memory or still referenced, or a folio head off its alignment."""
+    phys = system.phys
+    heads = np.asarray(pfns, dtype=np.int64)
+    if order and (heads & ((1 << order) - 1)).any():
+        raise DriverBug(f"zone_device_folio_init: heads {heads[:4].tolist()} are not aligned to order {order}")
+    pfns = phys.folio_pages(heads, order) if order else heads
+    pages = phys.pages
+    with phys.lock:
         if pfns.size and not ((pages.flags[pfns] & PG_ZONE_DEVICE) != 0).all():
             bad = pfns[(pages.flags[pfns] & PG_ZONE_DEVICE) == 0][0]
             raise DriverBug(f"zone_device_page_init: pfn 0x{int(bad):x} is not device memory (no dev_pagemap)")
@@ -203,6 +223,15 @@ def zone_device_page_init(system, pfns):
                             f"referenced (refcount {int(pages.refcount[bad])})")
         pages.refcount[pfns] = 1
         pages.flags[pfns] |= PG_LOCKED
+        if order:
+            pages.order[pfns] = order
+            pages.flags[heads] |= PG_HEAD
+            phys.nr_folios += int(heads.size)
+
+
+def zone_device_folio_init(system, heads, order=HPAGE_PMD_ORDER):
+    """zone_device_folio_init(): ``zone_device_page_init`` of whole folios."""
+    zone_device_page_init(system, heads, order)
 
 
 def page_pgmap(system, pfns):

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..constants import PAGE_SIZE
 from ..device.dma import MIN_RUN, DmaEngine, long_runs
-from .module import cudaMemcpyDefault, launch, load_module
+from .module import Uploader, cudaMemcpyDefault, launch, load_module
 
 DEFAULT_MIN_RUN = MIN_RUN     # below this a run rides in the gather kernel
 
@@ -28,6 +28,7 @@ class CupyDmaEngine(DmaEngine):
         self.gpu = gpu
         self.min_run = int(min_run)
         self.stream = backend.stream(gpu)
+        self.uploader = Uploader(backend, gpu)
         self.memcpy_calls = 0
         self.kernel_launches = 0
 
@@ -49,11 +50,10 @@ class CupyDmaEngine(DmaEngine):
                 d, s = dst_idx[small], src_idx[small]
             else:                                         # the common scattered case: no copy
                 d, s = dst_idx, src_idx
-            with self.stream:
-                dd = cupy.asarray(np.ascontiguousarray(d, dtype=np.int64))
-                ds = cupy.asarray(np.ascontiguousarray(s, dtype=np.int64))
-            launch(load_module("dma.cu", self.gpu), "dma_copy_pages", 32 * d.size,
-                   (np.uint64(dst_arena.ptr), np.uint64(src_arena.ptr), dd, ds, np.uint64(d.size)),
-                   self.stream)
+            d, s = np.asarray(d, dtype=np.int64), np.asarray(s, dtype=np.int64)
+            with self.uploader.staged(d, s) as (dd, ds):            # pinned staging, one copy
+                launch(load_module("dma.cu", self.gpu), "dma_copy_pages", 32 * d.size,
+                       (np.uint64(dst_arena.ptr), np.uint64(src_arena.ptr), np.uint64(dd), np.uint64(ds),
+                        np.uint64(d.size)), self.stream)
             self.kernel_launches += 1
         return self.backend.fence(self.gpu)

@@ -24,8 +24,11 @@
 // fault, the commit pass, on the real scratch.  So a lane that faults leaves nothing behind,
 // in memory or in scratch, a lane is never half-done when it is replayed, and `out[lane] += v`
 // on scratch adds v exactly once.  Accesses must be naturally aligned (an access never crosses
-// a page).  Inside a lane, check `L.faulted` before looping on loaded values: after a fault
-// every load returns 0.
+// a page): a misaligned one is not executed (on a GPU it would be a sticky error that kills the
+// context) but recorded as a fatal fault, which cancels the job with EFAULT naming the address.
+// So is an access whose page-table entry points outside system RAM and this device's memory.
+// Inside a lane, check `L.faulted` before looping on loaded values: after a fault every load
+// returns 0.
 #pragma once
 
 typedef unsigned long long hmm_u64;
@@ -49,6 +52,13 @@ typedef unsigned char hmm_u8;
 #define HMM_ACCESS_READ 0
 #define HMM_ACCESS_WRITE 1
 #define HMM_ACCESS_ATOMIC 2
+
+// A fault record's access word: the access in bits 0..7; a fatal fault, which no driver can
+// service, adds its reason in bits 8..15 and the access size in bytes in bits 16..23.
+#define HMM_FATAL_SHIFT 8
+#define HMM_FATAL_MISALIGNED 1     // the address is not a multiple of the access size
+#define HMM_FATAL_BAD_PFN 2        // the entry points outside system RAM and this device's memory
+#define HMM_SIZE_SHIFT 16
 
 #define HMM_LANE_PENDING 0
 #define HMM_LANE_DONE 1
@@ -129,6 +139,16 @@ __device__ __forceinline__ bool hmm_translate(hmm_u64* pt, hmm_u64 vpn, int acce
     return true;
 }
 
+// Whether a leaf's pfn is memory the device can reach: system RAM or its own frames.
+__device__ __forceinline__ bool hmm_pfn_ok(const hmm_job_params& P, hmm_u64 pte) {
+    hmm_u64 pfn = pte >> HMM_PAGE_SHIFT;
+    return pfn < P.nr_ram || pfn - P.dev_pfn_base < P.dev_nframes;
+}
+
+__device__ __forceinline__ hmm_u64 hmm_fatal(int access, int reason, hmm_u64 size) {
+    return (hmm_u64)access | ((hmm_u64)reason << HMM_FATAL_SHIFT) | (size << HMM_SIZE_SHIFT);
+}
+
 // The frame a leaf points at: this device's memory, or system RAM reached over PCIe.
 __device__ __forceinline__ hmm_u8* hmm_phys(const hmm_job_params& P, hmm_u64 pte) {
     hmm_u64 pfn = pte >> HMM_PAGE_SHIFT;
@@ -137,14 +157,14 @@ __device__ __forceinline__ hmm_u8* hmm_phys(const hmm_job_params& P, hmm_u64 pte
                              : P.host_frames + (pfn << HMM_PAGE_SHIFT);
 }
 
-__device__ __forceinline__ void hmm_fault_record(const hmm_job_params& P, hmm_u64 vaddr, int access,
+__device__ __forceinline__ void hmm_fault_record(const hmm_job_params& P, hmm_u64 vaddr, hmm_u64 access,
                                                  hmm_u64 lane) {
     hmm_u64 i = atomicAdd((unsigned long long*)P.fault_put, 1ULL);
     if (i < P.fault_cap) {        // past the end: dropped; the lane re-faults on replay
         hmm_u64* r = P.fault_buf + 4 * i;
         r[0] = vaddr;
         r[1] = lane;
-        r[2] = (hmm_u64)access;
+        r[2] = access;
         r[3] = P.job_id;
     }
 }
@@ -175,17 +195,21 @@ __device__ __forceinline__ void hmm_lane_init(hmm_lane& L, const hmm_job_params&
     L.probe = false;
 }
 
-// Translate vaddr for `access`; nullptr (and the lane stops) on a fault.
-__device__ __forceinline__ hmm_u8* hmm_xlate(hmm_lane& L, hmm_u64 vaddr, int access) {
+__device__ __forceinline__ hmm_u8* hmm_stop(hmm_lane& L, hmm_u64 vaddr, hmm_u64 access_word) {
+    hmm_fault_record(L.P, vaddr, access_word, L.lane);
+    L.faulted = true;
+    return nullptr;
+}
+
+// Translate vaddr for an access of `size` bytes; nullptr (and the lane stops) on a fault.
+__device__ __forceinline__ hmm_u8* hmm_xlate(hmm_lane& L, hmm_u64 vaddr, int access, hmm_u64 size) {
     if (L.faulted) return nullptr;
+    if (vaddr & (size - 1)) return hmm_stop(L, vaddr, hmm_fatal(access, HMM_FATAL_MISALIGNED, size));
     hmm_u64 vpn = vaddr >> HMM_PAGE_SHIFT;
     if (vpn != L.tlb_vpn || access > L.tlb_access) {
         hmm_u64 e;
-        if (!hmm_translate(L.pt, vpn, access, &e)) {
-            hmm_fault_record(L.P, vaddr, access, L.lane);
-            L.faulted = true;
-            return nullptr;
-        }
+        if (!hmm_translate(L.pt, vpn, access, &e)) return hmm_stop(L, vaddr, (hmm_u64)access);
+        if (!hmm_pfn_ok(L.P, e)) return hmm_stop(L, vaddr, hmm_fatal(access, HMM_FATAL_BAD_PFN, size));
         L.tlb_vpn = vpn;
         L.tlb_pte = e;
         L.tlb_access = access;
@@ -195,18 +219,18 @@ __device__ __forceinline__ hmm_u8* hmm_xlate(hmm_lane& L, hmm_u64 vaddr, int acc
 
 // Translate only (no data access): reserve a store's page before the lane commits anything.
 __device__ __forceinline__ bool hmm_probe(hmm_lane& L, hmm_u64 vaddr, int access) {
-    return hmm_xlate(L, vaddr, access) != nullptr;
+    return hmm_xlate(L, vaddr, access, 1) != nullptr;
 }
 
 template <typename T>
 __device__ __forceinline__ T hmm_load(hmm_lane& L, hmm_u64 vaddr) {
-    const hmm_u8* p = hmm_xlate(L, vaddr, HMM_ACCESS_READ);
+    const hmm_u8* p = hmm_xlate(L, vaddr, HMM_ACCESS_READ, sizeof(T));
     return p ? *(const T*)p : T(0);
 }
 
 template <typename T>
 __device__ __forceinline__ void hmm_store(hmm_lane& L, hmm_u64 vaddr, T v) {
-    hmm_u8* p = hmm_xlate(L, vaddr, HMM_ACCESS_WRITE);
+    hmm_u8* p = hmm_xlate(L, vaddr, HMM_ACCESS_WRITE, sizeof(T));
     if (p && !L.probe) *(T*)p = v;
 }
 
@@ -214,7 +238,7 @@ __device__ __forceinline__ void hmm_store(hmm_lane& L, hmm_u64 vaddr, T v) {
 // probe pass and after a fault).  T: int, unsigned int, unsigned long long, float, double.
 template <typename T>
 __device__ __forceinline__ T hmm_atomic_add(hmm_lane& L, hmm_u64 vaddr, T v) {
-    hmm_u8* p = hmm_xlate(L, vaddr, HMM_ACCESS_ATOMIC);
+    hmm_u8* p = hmm_xlate(L, vaddr, HMM_ACCESS_ATOMIC, sizeof(T));
     if (!p || L.probe) return T(0);
     return atomicAdd((T*)p, v);
 }

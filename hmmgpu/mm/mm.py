@@ -16,24 +16,27 @@ import functools
 
 import numpy as np
 
-from ..constants import (MADV_COLLAPSE, MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE,
+from ..constants import (HPAGE_PMD_NR, MADV_COLLAPSE, MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE,
                          MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MAP_ANONYMOUS,
                          MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_HUGETLB, MAP_POPULATE,
                          MAP_PRIVATE, MAP_SHARED, MMAP_BASE, MMAP_MIN_ADDR, MREMAP_DONTUNMAP,
                          MREMAP_FIXED, MREMAP_MAYMOVE, MS_ASYNC, MS_INVALIDATE, MS_SYNC, PAGE_MASK,
-                         PAGE_SHIFT, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, TASK_SIZE)
+                         PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, TASK_SIZE)
 from ..errors import BusError, ProcessKilled, SegmentationFault, oserror
+from . import huge_memory, hugetlb
 from . import pgtable as pt
 from .filemap import PageCache, open_file_cache
 from .locks import RWLock
 from .notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_PROTECTION_PAGE,
                        MMU_NOTIFY_PROTECTION_VMA, MMU_NOTIFY_UNMAP, NotifierSubscriptions,
                        invalidation)
-from .physmem import PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_LOCKED, PG_SWAPBACKED, PG_ZONE_DEVICE, add_at
+from .physmem import (PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_HUGETLB, PG_LOCKED, PG_SWAPBACKED,
+                      PG_ZONE_DEVICE, add_at)
+from .rmap import vmas_for_pages
 from .validate import (ULONG_MAX, check_aligned, check_buffer, check_flags, check_map_budget,
                        check_no_wrap, check_user_range, ulong)
 from .vma import (VM_ACCESS, VM_DONTEXPAND, VM_PFNMAP, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
-                  VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, VMA, prot_to_vm,
+                  VM_HUGEPAGE, VM_HUGETLB, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, VMA, prot_to_vm,
                   ptes_compact, ptes_join, vma_is_anonymous)
 from .vmatree import VmaTree
 
@@ -43,7 +46,7 @@ VM_FAULT_SIGBUS = 0x2
 VM_FAULT_SIGSEGV = 0x40
 
 _RSS_KINDS = ("anon", "file", "shmem")
-_ANON_SWAPBACKED = PG_ANON | PG_SWAPBACKED
+_RSS_FLAGS = PG_ANON | PG_SWAPBACKED | PG_HUGETLB
 _PFN_SHIFT = np.uint64(pt.PFN_SHIFT)
 _SWP_PRESENT = pt.SWP_MASK | pt.PTE_PRESENT
 _MIG_READ = np.uint64(pt.SWP_MIGRATION_READ << pt.SWP_SHIFT)
@@ -53,6 +56,11 @@ _EXCL_READ = np.uint64(pt.SWP_DEVICE_EXCLUSIVE_READ << pt.SWP_SHIFT)
 _EXCL_WRITE = np.uint64(pt.SWP_DEVICE_EXCLUSIVE_WRITE << pt.SWP_SHIFT)
 _EMPTY = np.zeros(0, np.int64)
 _MAX_FAULT_ROUNDS = 64
+
+
+def _zero(phys, pfns):
+    """phys.zero_mask() inline while there is no huge zero folio: the fault path's hot sites."""
+    return pfns == phys.zero_pfn if phys.huge_zero_pfn < 0 else phys.zero_mask(pfns)
 
 
 def page_align(n):
@@ -104,6 +112,8 @@ class MM:
         self.memcg = None
         self.dead = False
         self.oom_victim = False
+        # Some entry may be a PMD mapping (huge_memory.py): until one is made, nothing looks.
+        self.maybe_huge = False
 
     def __repr__(self):
         return f"MM(pid={getattr(self.owner, 'pid', '?')}, {len(self.vmas)} vmas)"
@@ -135,9 +145,11 @@ class MM:
 
     @_vma_change
     def _split_at(self, addr):
-        """Make ``addr`` a VMA boundary if it falls inside one."""
+        """Make ``addr`` a VMA boundary if it falls inside one (splitting a PMD mapping that
+        straddles it first, as vma_adjust_trans_huge() does)."""
         v = self.find_vma(addr)
         if v is not None and v.start < addr:
+            huge_memory.split_huge_pmd_edges(self, v, v.idx(addr), v.idx(addr))
             right = v.split(addr)
             self.vmas.update(v)
             self._insert(right)
@@ -150,7 +162,7 @@ class MM:
         if prev is None or nxt is None or prev is nxt or prev.end != nxt.start:
             return
         if (prev.vm_flags != nxt.vm_flags or prev.file is not nxt.file or prev.driver is not None
-                or nxt.driver is not None or prev.anon_id != nxt.anon_id):
+                or nxt.driver is not None or prev.anon_id != nxt.anon_id or prev.vm_flags & VM_HUGETLB):
             return
         if prev.file is not None and prev.pgoff + prev.npages != nxt.pgoff:
             return
@@ -163,11 +175,15 @@ class MM:
 
     # -- rss -------------------------------------------------------------------------
     def _rss_counts(self, pfns):
-        """(anon, file, shmem) page counts of ``pfns``; the zero page counts nowhere."""
-        kind = self.phys.pages.flags[pfns] & _ANON_SWAPBACKED
+        """(anon, file, shmem) page counts of ``pfns``; the zero pages and hugetlb pages
+        (HugetlbPages, not rss) count nowhere."""
+        kind = self.phys.pages.flags[pfns] & _RSS_FLAGS
         anon = np.count_nonzero(kind & PG_ANON)
         shmem = np.count_nonzero(kind == PG_SWAPBACKED)
-        zero = np.count_nonzero(pfns == self.phys.zero_pfn)      # its flags say neither
+        zero = np.count_nonzero(_zero(self.phys, pfns))          # their flags say neither
+        if self.maybe_huge:
+            tlb = np.count_nonzero(kind & PG_HUGETLB)
+            return anon - tlb, pfns.size - anon - shmem - zero, shmem
         return anon, pfns.size - anon - shmem - zero, shmem
 
     def _account(self, pfns, sign):
@@ -184,7 +200,7 @@ class MM:
     def _map(self, vma, idx, pfns, flags, take_ref=True):
         """Install present PTEs for counted pages (refcount/mapcount/rss)."""
         pg = self.phys.pages
-        counted = pfns[pfns != self.phys.zero_pfn]
+        counted = pfns[~_zero(self.phys, pfns)]
         # one VMA maps a page at most once, except a driver's mixed map (vm_insert_page)
         unique = vma.driver is None
         if take_ref:
@@ -213,7 +229,7 @@ class MM:
             # what the entries held: not migration entries (try_to_migrate dropped those), not
             # the zero page
             kind = ptes & _SWP_PRESENT
-            held = (kind != _MIG_READ) & (kind != _MIG_WRITE) & (pfns != self.phys.zero_pfn)
+            held = (kind != _MIG_READ) & (kind != _MIG_WRITE) & ~_zero(self.phys, pfns)
             dirty = (ptes & _PRESENT_DIRTY) == _PRESENT_DIRTY
             if np.count_nonzero(dirty):
                 d = pfns[dirty]
@@ -223,6 +239,17 @@ class MM:
             add_at(pg.mapcount, counted, -1, unique)
             vma.pte[i0:i1] = 0
             self.phys.put(counted, unique=unique)
+
+    def _zap_entries(self, vma, idx):
+        """_zap() of the entries at ``idx`` of an anonymous VMA (present or none); phys.lock held."""
+        ptes = vma.pte[idx]
+        live = ptes != 0
+        pfns = (ptes[live] >> _PFN_SHIFT).astype(np.int64)
+        self._account(pfns, -1)
+        counted = pfns[~self.phys.zero_mask(pfns)]
+        add_at(self.phys.pages.mapcount, counted, -1, True)
+        vma.pte[idx] = 0
+        self.phys.put(counted, unique=True)
 
     def vm_insert_pages(self, vma, addrs, pfns):
         """vm_insert_page() for many pages: a driver fills its mixed mapping."""
@@ -271,6 +298,16 @@ class MM:
         and this process's mapping stay the same page.
         """
         phys = self.phys
+        if vma.vm_flags & VM_HUGETLB:
+            if hugetlb.hugetlb_fault(self, vma, i0, i1, write, unshare):
+                return 0
+            # another round: what is still to fault in, the measure of its progress
+            with phys.lock:
+                ptes = vma.pte[i0:i1]
+                return max(1, int(np.count_nonzero(~(pt.pte_write(ptes) if write else pt.pte_present(ptes)))))
+        thp = self.system.thp
+        if self.maybe_huge or thp == "always" or (thp == "madvise" and vma.vm_flags & VM_HUGEPAGE):
+            huge_memory.huge_pmd_fault(self, vma, i0, i1, write, unshare)
         with phys.lock:
             snap = vma.pte[i0:i1].copy()
         swp = pt.is_swap(snap)
@@ -285,7 +322,7 @@ class MM:
             need_new |= present & ~pt.pte_write(snap)
         elif unshare and vma.cow:
             fl = pg.flags[pfns]
-            shared = (present & (pfns != phys.zero_pfn) & ((fl & PG_ANON) != 0)
+            shared = (present & ~phys.zero_mask(pfns) & ((fl & PG_ANON) != 0)
                       & ((fl & PG_ANON_EXCLUSIVE) == 0))
             solo = shared & (pg.refcount[pfns] == 1)
             if solo.any():
@@ -325,7 +362,7 @@ class MM:
         if write and not vma.shared:
             # private write: reuse an anonymous page this process owns, copy anything else
             fl = pg.flags[oldc]
-            reuse = (~is_none & (old != phys.zero_pfn) & ((fl & PG_ANON) != 0)
+            reuse = (~is_none & ~_zero(phys, old) & ((fl & PG_ANON) != 0)
                      & (((fl & PG_ANON_EXCLUSIVE) != 0) | (pg.refcount[oldc] == 1)))
             copy_new = ~reuse
         elif write:
@@ -338,7 +375,7 @@ class MM:
         new = phys.alloc(n_new, self.memcg, zero=False) if n_new else np.zeros(0, np.int64)
         if n_new:
             srcs = old[copy_new]
-            from_zero = (srcs == phys.zero_pfn) | (srcs < 0)
+            from_zero = _zero(phys, srcs) | (srcs < 0)
             if from_zero.any():
                 phys.fill(new[from_zero], 0)
             if (~from_zero).any():
@@ -378,7 +415,7 @@ class MM:
             if n_new:
                 gone = old[replaced]
                 if gone.size:
-                    counted = gone[gone != phys.zero_pfn]
+                    counted = gone[~phys.zero_mask(gone)]
                     self._account(gone, -1)
                     add_at(pg.mapcount, counted, -1)
                     vma.pte[idx[replaced]] = 0
@@ -553,9 +590,24 @@ class MM:
         length = page_align(length)
         if length == 0 or length > TASK_SIZE:
             raise oserror(errno.ENOMEM, "mmap length is larger than the user address space", addr)
+        huge = bool(flags & MAP_HUGETLB)
+        if huge:
+            # ksys_mmap_pgoff(): MAP_HUGETLB is for anonymous memory (hugetlbfs files aside)
+            if not flags & MAP_ANONYMOUS:
+                raise oserror(errno.EINVAL, "MAP_HUGETLB needs MAP_ANONYMOUS (hugetlbfs files are not "
+                              "emulated)", addr, addr + length)
+            if mtype == MAP_SHARED:
+                raise oserror(errno.EINVAL, "MAP_HUGETLB | MAP_SHARED is not emulated (private hugetlb "
+                              "mappings only)", addr, addr + length)
+            length = -(-length // PMD_SIZE) * PMD_SIZE
+            if length > TASK_SIZE:
+                raise oserror(errno.ENOMEM, "mmap length is larger than the user address space", addr)
         fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)
         if fixed:
             check_aligned(addr, "MAP_FIXED address")
+            if huge and addr % PMD_SIZE:
+                raise oserror(errno.EINVAL, "MAP_HUGETLB | MAP_FIXED address is not 2 MiB aligned",
+                              addr, addr + length)
             check_user_range(addr, length, "MAP_FIXED", errno.ENOMEM)
             if addr < MMAP_MIN_ADDR:
                 raise oserror(errno.EPERM, f"MAP_FIXED below mmap_min_addr 0x{MMAP_MIN_ADDR:x}",
@@ -566,9 +618,8 @@ class MM:
         driver = None
         cache = None
         vm_flags = prot_to_vm(prot) | VM_MAYREAD | VM_MAYEXEC | VM_MAYWRITE
-        if flags & MAP_HUGETLB:
-            raise oserror(errno.ENOMEM, "MAP_HUGETLB: no huge pages are reserved (hugetlb is not emulated)",
-                          addr, addr + length)
+        if huge:
+            vm_flags |= VM_HUGETLB | VM_DONTEXPAND
         if not anonymous:
             if fd is None or (isinstance(fd, int) and fd < 0):
                 raise oserror(errno.EBADF, "file mapping without a file descriptor", addr)
@@ -587,7 +638,12 @@ class MM:
                 if flags & MAP_FIXED_NOREPLACE and self.vmas_in(addr, addr + length):
                     raise oserror(errno.EEXIST, "MAP_FIXED_NOREPLACE over an existing mapping",
                                   addr, addr + length)
-                start = addr if flags & MAP_FIXED else self.get_unmapped_area(length, addr)
+                if flags & MAP_FIXED:
+                    start = addr
+                elif huge:
+                    start = self._hugetlb_unmapped_area(length, addr)
+                else:
+                    start = self.get_unmapped_area(length, addr)
                 self._check_budget(start, start + length, length >> PAGE_SHIFT)
                 if anonymous and mtype == MAP_SHARED:
                     # shmem_zero_setup(): an object of exactly the mapping's size
@@ -601,6 +657,8 @@ class MM:
                     cache.nr_mappings += 1
                 if flags & MAP_FIXED:
                     self._munmap_locked(start, length)
+                if huge:
+                    hugetlb.hugetlb_populate(self, vma)
                 self._insert(vma)
                 if driver is not None:
                     try:
@@ -625,6 +683,23 @@ class MM:
             except OSError:
                 pass
         return start
+
+    def _hugetlb_unmapped_area(self, length, hint):
+        """hugetlb_get_unmapped_area(): a 2 MiB aligned free range."""
+        if hint and hint % PMD_SIZE == 0 and MMAP_MIN_ADDR <= hint and hint + length <= TASK_SIZE:
+            if not self.vmas_in(hint, hint + length):
+                return hint
+        start = self.get_unmapped_area(length + PMD_SIZE)
+        return -(-start // PMD_SIZE) * PMD_SIZE
+
+    def _check_hugetlb_edges(self, start, end, what):
+        """hugetlb_split(): a hugetlb VMA may only be cut on a 2 MiB boundary (EINVAL)."""
+        for v in self.vmas_in(start, end):
+            if v.vm_flags & VM_HUGETLB:
+                for a in (start, end):
+                    if v.start < a < v.end and a % PMD_SIZE:
+                        raise oserror(errno.EINVAL, f"{what}: 0x{a:x} cuts a hugetlb mapping off a 2 MiB "
+                                      "boundary", start, end)
 
     def _check_budget(self, start, end, npages):
         """``npages`` more pages mapped over [start, end) (what is mapped there now goes)."""
@@ -679,6 +754,8 @@ class MM:
         vmas = self.vmas_in(start, end)
         if not vmas:
             return
+        if self.maybe_huge:
+            self._check_hugetlb_edges(start, end, "munmap")
         self._split_at(start)
         self._split_at(end)
         vmas = self.vmas_in(start, end)
@@ -727,6 +804,8 @@ class MM:
             if first is None:
                 raise oserror(errno.ENOMEM, "mprotect: range is not mapped", addr, end)
             # the whole range must allow the new protection before anything changes
+            if self.maybe_huge:
+                self._check_hugetlb_edges(addr, end, "mprotect")
             cur = addr
             for v in self.vmas_in(addr, end):
                 if v.start > cur:
@@ -773,28 +852,61 @@ class MM:
         if aligned == 0:
             raise oserror(errno.EINVAL, "madvise: length wraps past 2**64", addr)
         end = check_no_wrap(addr, aligned, "madvise")
-        if advice == MADV_COLLAPSE:
-            raise oserror(errno.EINVAL, "MADV_COLLAPSE: transparent huge pages are not emulated", addr, end)
-        lock = self.mmap_lock.write if advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE) else self.mmap_lock.read
-        with lock():
+        if advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
+            return self._madvise_hugepage(addr, end, advice)
+        with self.mmap_lock.read():
             vmas = self.vmas_in(addr, end)
             if advice == MADV_FREE:
                 bad = [v for v in vmas if not vma_is_anonymous(v)]
                 if bad:
                     raise oserror(errno.EINVAL, "MADV_FREE works on private anonymous memory only",
                                   max(bad[0].start, addr), min(bad[0].end, end))
+            if advice == MADV_DONTNEED:
+                # madvise_dontneed_free_valid_vma(): a hugetlb range starts on a huge page and
+                # ends on one (rounded down)
+                for v in vmas:
+                    if v.vm_flags & VM_HUGETLB and max(v.start, addr) % PMD_SIZE:
+                        raise oserror(errno.EINVAL, "MADV_DONTNEED: a hugetlb range must start on a "
+                                      "2 MiB boundary", max(v.start, addr), min(v.end, end))
+            last = 0
             for v in vmas:
                 s, e = max(v.start, addr), min(v.end, end)
                 if advice in (MADV_DONTNEED, MADV_FREE):
+                    if v.vm_flags & VM_HUGETLB:
+                        e = s + (e - s) // PMD_SIZE * PMD_SIZE
+                        if e == s:
+                            continue
                     # MADV_FREE may discard at any time before the next write; we discard at once,
-                    # as memory pressure would.
+                    # as memory pressure would.  A PMD mapping straddling an edge splits first.
+                    huge_memory.split_huge_pmd_edges(self, v, v.idx(s), v.idx(e - 1) + 1)
                     with invalidation(self, s, e, MMU_NOTIFY_CLEAR):
                         self._zap(v, v.idx(s), v.idx(e - 1) + 1)
-                elif advice == MADV_HUGEPAGE:
-                    v.vm_flags = (v.vm_flags | VM_HUGEPAGE) & ~VM_NOHUGEPAGE
-                elif advice == MADV_NOHUGEPAGE:
-                    v.vm_flags = (v.vm_flags | VM_NOHUGEPAGE) & ~VM_HUGEPAGE
+                elif advice == MADV_COLLAPSE:
+                    last = huge_memory.madvise_collapse(self, v, s, e) or last
             covered = sum(min(v.end, end) - max(v.start, addr) for v in vmas)
+            if covered < end - addr:
+                raise oserror(errno.ENOMEM, "madvise: part of the range is not mapped", addr, end)
+            if advice == MADV_COLLAPSE:
+                huge_memory.check_collapse_result(last, addr, end)
+
+    def _madvise_hugepage(self, addr, end, advice):
+        """MADV_HUGEPAGE / MADV_NOHUGEPAGE: the VMAs of the range (split at its edges, as
+        madvise_update_vma() does) get VM_HUGEPAGE or VM_NOHUGEPAGE.  Existing PMD mappings
+        stay; only later faults and collapses look at the flags."""
+        with self.mmap_lock.write():
+            vmas = self.vmas_in(addr, end)
+            covered = sum(min(v.end, end) - max(v.start, addr) for v in vmas)
+            if vmas:
+                self._split_at(addr)
+                self._split_at(end)
+                for v in self.vmas_in(addr, end):
+                    if advice == MADV_HUGEPAGE:
+                        v.vm_flags = (v.vm_flags | VM_HUGEPAGE) & ~VM_NOHUGEPAGE
+                    else:
+                        v.vm_flags = (v.vm_flags | VM_NOHUGEPAGE) & ~VM_HUGEPAGE
+                for v in self.vmas_in(addr, end):
+                    self._try_merge(v.start)
+                self._try_merge(end)
             if covered < end - addr:
                 raise oserror(errno.ENOMEM, "madvise: part of the range is not mapped", addr, end)
 
@@ -878,6 +990,9 @@ class MM:
             if vma is None or old_size > vma.end - old_addr:
                 raise oserror(errno.EFAULT, "mremap: old range is not one mapping", old_addr,
                               min(old_addr + old_size, 1 << 64))
+            if vma.vm_flags & VM_HUGETLB:
+                raise oserror(errno.EINVAL, "mremap of a hugetlb mapping is not emulated", old_addr,
+                              old_addr + old_size)
             if flags & MREMAP_DONTUNMAP and vma.vm_flags & (VM_DONTEXPAND | VM_PFNMAP):
                 raise oserror(errno.EINVAL, "mremap: MREMAP_DONTUNMAP on a VM_DONTEXPAND/VM_PFNMAP mapping",
                               old_addr, old_addr + old_size)
@@ -924,6 +1039,9 @@ class MM:
             with self.phys.lock:
                 pte = np.zeros(new_size >> PAGE_SHIFT, np.uint64)
                 pte[:keep >> PAGE_SHIFT] = src.pte[:keep >> PAGE_SHIFT]
+                if (dest - old_addr) % PMD_SIZE and self.maybe_huge:
+                    # move_huge_pmd() needs both ends PMD-aligned; elsewhere the PMDs split
+                    pte &= ~pt.PTE_HUGE
                 moved = VMA(self, dest, dest + new_size, src.vm_flags, src.file, src.pgoff, src.driver,
                             src.anon_id, pte)
                 if dontunmap:
@@ -999,6 +1117,12 @@ class MM:
             if (self.phys.pages.mapcount[old] > 1).any():
                 raise oserror(errno.EBUSY, "long-term pin of device-coherent pages mapped more than once",
                               s, e)
+            huge = np.count_nonzero(ptes[dev] & pt.PTE_HUGE)
+        if huge:
+            # the pages move one by one: their PMD mappings and their folios split first
+            heads = np.unique(self.phys.compound_head(old))
+            huge_memory.split_folio(self.system, heads, vmas_for_pages(self.system, heads, vma.anon_id))
+            return self._migrate_longterm(vma, s, e)
         new = self.phys.alloc(old.size, self.memcg, zero=False)
         with invalidation(self, s, e, MMU_NOTIFY_CLEAR):
             with self.phys.lock:
@@ -1020,7 +1144,10 @@ class MM:
     # -- fork and exit -------------------------------------------------------------------------
     def dup_into(self, child):
         """dup_mmap(): copy every VMA into ``child``, COW for private mappings."""
+        child.maybe_huge = self.maybe_huge
         for v in self.vmas:
+            if v.cow and self.maybe_huge:
+                self._split_pinned_huge(v)
             if v.cow:
                 kind = v.pte & _SWP_PRESENT
                 ex = ((kind == _EXCL_READ) | (kind == _EXCL_WRITE)).nonzero()[0]
@@ -1031,6 +1158,17 @@ class MM:
                     self._copy_ptes(v, child)
             else:
                 self._copy_ptes(v, child)
+
+    def _split_pinned_huge(self, v):
+        """copy_huge_pmd(): a THP that may be pinned is not shared with the child; its PMD is
+        split and the 4 KiB path copies the pinned pages."""
+        huge = np.nonzero(((v.pte & pt.PTE_HUGE) != 0) & ((v.pte & pt.PTE_PRESENT) != 0))[0]
+        if huge.size == 0:
+            return
+        p = (v.pte[huge] >> _PFN_SHIFT).astype(np.int64)
+        pinned = huge[(self.phys.pages.pincount[p] > 0) & ((self.phys.pages.flags[p] & PG_HUGETLB) == 0)]
+        base = v.start >> PAGE_SHIFT
+        huge_memory.split_huge_pmd_groups(self, v, np.unique(pinned - (base + pinned) % HPAGE_PMD_NR))
 
     @_vma_change
     def _copy_ptes(self, v, child):
@@ -1043,8 +1181,10 @@ class MM:
             # once; allocate the copies before taking the page-table lock (the OOM killer may
             # run).  Our mmap_lock is held for writing, so no new pin can appear meanwhile.
             p_all = (v.pte >> _PFN_SHIFT).astype(np.int64)
+            # (a pinned hugetlb page is shared like the others: copy_hugetlb_page_range()'s
+            # early copy of it is not emulated)
             maybe = np.count_nonzero(((v.pte & pt.PTE_PRESENT) != 0) & (pg.pincount[p_all] > 0)
-                                     & ((pg.flags[p_all] & PG_ANON) != 0))
+                                     & ((pg.flags[p_all] & (PG_ANON | PG_HUGETLB)) == PG_ANON))
             if maybe:
                 spare = phys.alloc(maybe, child.memcg, zero=False)
         with phys.lock:
@@ -1057,13 +1197,14 @@ class MM:
             p = (e >> _PFN_SHIFT).astype(np.int64)
             kind = e & _SWP_PRESENT
             # references and mapcounts: every entry but migration entries and the zero page
-            ref = (kind != _MIG_READ) & (kind != _MIG_WRITE) & (p != phys.zero_pfn)
+            ref = (kind != _MIG_READ) & (kind != _MIG_WRITE) & ~phys.zero_mask(p)
             counted = p if np.count_nonzero(ref) == ref.size else p[ref]
             add_at(pg.refcount, counted, 1, v.driver is None)
             add_at(pg.mapcount, counted, 1, v.driver is None)
             if v.cow and used.size:
                 anon = (pg.flags[p] & PG_ANON) != 0
-                pinned = ref & anon & ((kind & pt.PTE_PRESENT) != 0) & (pg.pincount[p] > 0) if spare.size else None
+                pinned = (ref & anon & ((kind & pt.PTE_PRESENT) != 0) & (pg.pincount[p] > 0)
+                          & ((pg.flags[p] & PG_HUGETLB) == 0)) if spare.size else None
                 shared = anon if pinned is None else anon & ~pinned
                 pg.flags[p[shared & ref]] &= ~PG_ANON_EXCLUSIVE
                 if pinned is None:

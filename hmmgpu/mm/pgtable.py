@@ -5,8 +5,16 @@ operation is a single vectorised pass over a slice.  Layout::
 
     bits 63..12  pfn (present entries and swap-like entries alike)
     bit 0 PRESENT   1 WRITE   2 DIRTY   3 YOUNG   4 SPECIAL (driver page in a mixed map)
+    bit 5 HUGE (_PAGE_PSE): the entry is one of the 512 of a PMD-level mapping
     bits 11..8   type of a non-present, non-none entry (SWP_*)
     0            pte_none: nothing mapped
+
+A PMD mapping (a THP, the huge zero page, a hugetlb page, a device-private or
+migration PMD entry) stays 512 entries of the VMA's array, one per 4 KiB page,
+all with HUGE set, all of one kind, pointing at the consecutive pages of one
+naturally aligned 2 MiB folio, at a 2 MiB aligned virtual address.  Splitting
+the PMD (split_huge_pmd) is clearing HUGE on those 512 entries: every entry
+already names its own page, and the reference counts are per page.
 
 The non-present types are the "special swap entries" HMM adds: a device-private
 page (readable or writable), a device-exclusive entry (the device holds the page
@@ -21,6 +29,7 @@ PTE_WRITE = np.uint64(1 << 1)
 PTE_DIRTY = np.uint64(1 << 2)
 PTE_YOUNG = np.uint64(1 << 3)
 PTE_SPECIAL = np.uint64(1 << 4)
+PTE_HUGE = np.uint64(1 << 5)
 
 SWP_SHIFT = 8
 SWP_MASK = np.uint64(0xF << SWP_SHIFT)
@@ -52,6 +61,11 @@ def pte_write(pte):
     """Writable present entry."""
     p = np.asarray(pte, dtype=_U64)
     return (p & (PTE_PRESENT | PTE_WRITE)) == (PTE_PRESENT | PTE_WRITE)
+
+
+def pte_huge(pte):
+    """Entries of a PMD-level mapping (pmd_trans_huge / pmd_leaf / a PMD swap entry)."""
+    return (np.asarray(pte, dtype=_U64) & PTE_HUGE) != 0
 
 
 def swp_type(pte):

@@ -8,14 +8,25 @@ arena; every ``memremap_pages`` adds a segment of device frames above it, in tha
 device's own arena.  ``struct page`` is a struct-of-arrays indexed by pfn, grown
 when a segment is added.  Pages follow today's refcount rule: a page is free
 when its refcount drops to 0; RAM pages return to the allocator, ZONE_DEVICE
-pages are handed to their pgmap's ``ops.page_free`` in one batched call.
+pages are handed to their pgmap's ``ops.folio_free`` (or, for drivers written
+to the older name, ``ops.page_free``) in one batched call.
+
+Large folios (a THP, a hugetlb page, a driver's 2 MiB device folio) are
+naturally aligned runs of 2**order pages: every page of one carries the
+folio's ``order`` and the first one PG_HEAD, so compound_head() of any page is
+its pfn rounded down to the folio size.  Reference and map counts stay per
+4 KiB page (a PMD mapping holds one of each on every page it maps, as the
+page tables hold one entry per page); the folio is free when every page of it
+is.  A folio some of whose pages are freed while others are still in use is
+split at once into order-0 pages: the work deferred_split_scan() does for a
+partially unmapped THP, done when it becomes possible, as reclaim would.
 """
 import errno
 import threading
 
 import numpy as np
 
-from ..constants import PAGE_SIZE
+from ..constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SIZE
 from ..errors import oserror
 
 PG_LOCKED = np.uint32(1 << 0)
@@ -26,6 +37,8 @@ PG_UPTODATE = np.uint32(1 << 4)
 PG_SWAPBACKED = np.uint32(1 << 5)
 PG_RESERVED = np.uint32(1 << 6)
 PG_ANON_EXCLUSIVE = np.uint32(1 << 7)   # PageAnonExclusive: only this mapping may see the page
+PG_HEAD = np.uint32(1 << 8)             # PageHead: the first page of a large folio
+PG_HUGETLB = np.uint32(1 << 9)          # folio_test_hugetlb: a page of the hugetlbfs pool
 
 # Capability mask of a coherent-memory node (the CDM thread in reference/): what the kernel may
 # do with its pages.  memremap_pages gives each coherent pgmap a node with the driver's mask.
@@ -64,7 +77,8 @@ class StructPages:
 
     FIELDS = (("refcount", np.int32, 0), ("mapcount", np.int32, 0), ("pincount", np.int32, 0),
               ("flags", np.uint32, 0), ("pgmap", np.int32, -1), ("memcg", np.int32, -1),
-              ("mapping", np.int32, -1), ("index", np.int64, 0), ("zone_device_data", np.int64, 0))
+              ("mapping", np.int32, -1), ("index", np.int64, 0), ("zone_device_data", np.int64, 0),
+              ("order", np.int8, 0))
 
     def __init__(self, n):
         self.n = 0
@@ -125,6 +139,11 @@ class PhysicalMemory:
         self.pages = StructPages(self.nr_ram)
         self.memcgs = []          # index -> MemCgroup, set by System
         self.oom = None           # callable(npages, memcg) -> bool: something was freed
+        # Large folios alive (THPs, device folios, hugetlb pages): while there are none, freeing
+        # never needs to look at a page's order.
+        self.nr_folios = 0
+        self.huge_zero_pfn = -1   # the huge zero folio, allocated on first use
+        self.hugetlb = None       # the hugetlbfs pool (mm/hugetlb.py), set by System
         # The shared zero page: pfn 0, mapped read-only wherever untouched anon memory is read.
         self.zero_pfn = 0
         self.pages.flags[0] = PG_RESERVED | PG_UPTODATE
@@ -132,11 +151,25 @@ class PhysicalMemory:
         # Free RAM frames as a stack; low pfns come out first, which keeps dumps readable.
         self._free = np.arange(self.nr_ram - 1, 0, -1, dtype=np.int64)
         self._nfree = self._free.size
+        # Whole 2 MiB blocks that came back as folios, by head: a THP allocation takes them
+        # first, an order-0 one only when the stack runs dry (a buddy allocator keeps them whole).
+        self._blocks = np.empty(self.nr_ram // HPAGE_PMD_NR + 1, dtype=np.int64)
+        self._nblocks = 0
         self._next_region = self.nr_ram
 
     # -- RAM frame allocator ---------------------------------------------------------
     def nr_free(self):
-        return self._nfree
+        return self._nfree + self._nblocks * HPAGE_PMD_NR
+
+    def _break_blocks(self, npages):
+        """Order-0 allocations need ``npages`` more frames than the stack has: free 2 MiB
+        blocks go onto it, lowest frames on top."""
+        k = min(self._nblocks, -(-npages // HPAGE_PMD_NR))
+        heads = self._blocks[self._nblocks - k:self._nblocks]
+        self._nblocks -= k
+        pages = np.sort(self.folio_pages(heads))[::-1]
+        self._free[self._nfree:self._nfree + pages.size] = pages
+        self._nfree += pages.size
 
     def alloc(self, n, memcg=None, zero=True):
         """Allocate ``n`` RAM pages with refcount 1, charged to ``memcg``.
@@ -153,6 +186,8 @@ class PhysicalMemory:
         while True:
             with self.lock:
                 charged = memcg is None or memcg.try_charge(n)
+                if charged and self._nfree < n and self._nblocks:
+                    self._break_blocks(n - self._nfree)
                 if charged and self._nfree >= n:
                     pfns = self._free[self._nfree - n:self._nfree][::-1].copy()
                     self._nfree -= n
@@ -162,7 +197,7 @@ class PhysicalMemory:
                 if charged and memcg is not None:
                     memcg.uncharge(n)
                 why = (None if charged else memcg)
-                free = self._nfree
+                free = self.nr_free()
             if not (self.oom and self.oom(n, why)):
                 if why is not None:
                     raise oserror(errno.ENOMEM, f"memory cgroup {memcg.name!r} is over its limit "
@@ -184,6 +219,169 @@ class PhysicalMemory:
             pfns = np.sort(pfns)[::-1]
         self._free[self._nfree:end] = pfns
         self._nfree = end
+
+    # -- large folios ------------------------------------------------------------------
+    def alloc_folios(self, n, order=HPAGE_PMD_ORDER, memcg=None, zero=True):
+        """folio_alloc() of up to ``n`` naturally aligned folios of 2**order RAM pages.
+
+        Returns their head pfns (refcount 1 on every page, charged to ``memcg``).  As a THP
+        allocation (GFP_TRANSHUGE_LIGHT) it never runs the OOM killer: what cannot be had --
+        no whole free block, or a memcg over its limit -- is simply not returned, and the
+        caller falls back to small pages.  Whole free blocks are taken from the top of RAM,
+        since order-0 allocations take the lowest frames first.
+        """
+        n, nr = int(n), 1 << order
+        if n <= 0 or self.nr_free() < nr:
+            return np.zeros(0, np.int64)
+        with self.lock:
+            k = min(n, self._nblocks) if order == HPAGE_PMD_ORDER else 0
+            take = np.sort(self._blocks[self._nblocks - k:self._nblocks]) >> order
+            if k < n and self._nfree >= nr:
+                # whole free blocks in the order-0 stack: the highest, in ascending order (one
+                # run of frames where possible)
+                stack = self._free[:self._nfree]
+                free = np.zeros(self.nr_ram, dtype=bool)
+                free[stack] = True
+                nb = self.nr_ram >> order
+                blocks = np.nonzero(free[:nb << order].reshape(nb, nr).all(axis=1))[0]
+                take = np.concatenate((take, blocks[-(n - k):] if n > k else blocks[:0]))
+            if memcg is not None and take.size:
+                room = max(0, (memcg.limit - memcg.usage) // PAGE_SIZE) if memcg.limit is not None else None
+                if room is not None:
+                    take = take[:room // nr]
+                if take.size and not memcg.try_charge(take.size * nr):
+                    take = take[:0]
+            if take.size == 0:
+                return np.zeros(0, np.int64)
+            heads = take << order
+            pages = (heads[:, None] + np.arange(nr, dtype=np.int64)).reshape(-1)
+            from_blocks = np.isin(heads, self._blocks[self._nblocks - k:self._nblocks]) if k else None
+            if from_blocks is not None:
+                self._nblocks -= k
+                # blocks taken from the list but not used (the memcg had room for fewer)
+                unused = np.setdiff1d(self._blocks[self._nblocks:self._nblocks + k], heads)
+                self._blocks[self._nblocks:self._nblocks + unused.size] = unused
+                self._nblocks += unused.size
+            stacked = pages if from_blocks is None else pages[np.repeat(~from_blocks, nr)]
+            if stacked.size:
+                free[stacked] = False
+                kept = stack[free[stack]]
+                self._free[:kept.size] = kept
+                self._nfree = kept.size
+            pg = self.pages
+            pg.refcount[pages] = 1
+            pg.memcg[pages] = -1 if memcg is None else memcg.id
+            pg.order[pages] = order
+            pg.flags[heads] |= PG_HEAD
+            self.nr_folios += int(heads.size)
+        if zero:
+            self.ram.fill(pages, 0)
+        return heads
+
+    def folio_pages(self, heads, order=HPAGE_PMD_ORDER):
+        """Every page of the folios at ``heads``, folio by folio."""
+        heads = np.asarray(heads, dtype=np.int64)
+        return (heads[:, None] + np.arange(1 << order, dtype=np.int64)).reshape(-1)
+
+    def folio_order(self, pfns):
+        return self.pages.order[np.asarray(pfns, dtype=np.int64)].astype(np.int64)
+
+    def compound_head(self, pfns):
+        """compound_head(): each page's folio head (the page itself when order 0)."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        o = self.pages.order[pfns].astype(np.int64)
+        return (pfns >> o) << o
+
+    def zero_mask(self, pfns):
+        """is_zero_pfn() || is_huge_zero_pfn(): the pages read faults of untouched anonymous
+        memory map, which hold neither a reference nor a mapcount."""
+        if self.huge_zero_pfn < 0:
+            return pfns == self.zero_pfn
+        return (pfns == self.zero_pfn) | ((pfns & ~(HPAGE_PMD_NR - 1)) == self.huge_zero_pfn)
+
+    def huge_zero_folio(self):
+        """mm_get_huge_zero_folio(): the shared 2 MiB zero folio (allocated on first use and
+        kept), or -1 when no whole free block is left, in which case a read fault maps the
+        small zero page instead."""
+        if self.huge_zero_pfn < 0:
+            heads = self.alloc_folios(1, HPAGE_PMD_ORDER, None, zero=True)
+            if heads.size:
+                with self.lock:
+                    pages = self.folio_pages(heads)
+                    self.pages.flags[pages] |= PG_RESERVED | PG_UPTODATE
+                    self.huge_zero_pfn = int(heads[0])
+                    self.nr_folios -= 1       # never freed: put() need not know it
+        return self.huge_zero_pfn
+
+    def split_folios(self, heads):
+        """__split_unmapped_folio() to order 0 for the folios at ``heads``: the pages stay where
+        they are, each now a folio of its own; a driver hears of its device folios through
+        ``ops.folio_split(heads, order)``.  The caller has dealt with the mappings (no PMD maps
+        a split folio)."""
+        heads = np.asarray(heads, dtype=np.int64)
+        if heads.size == 0:
+            return
+        with self.lock:
+            pg = self.pages
+            for order in np.unique(pg.order[heads]).tolist():
+                h = heads[pg.order[heads] == order]
+                if order == 0:
+                    continue
+                dev = h[h >= self.nr_ram]
+                if dev.size:
+                    owners = pg.pgmap[dev]
+                    for idx in np.unique(owners).tolist():
+                        split = getattr(self.pgmaps[idx].ops, "folio_split", None)
+                        if split is not None:
+                            split(dev[owners == idx], order)
+                pages = self.folio_pages(h, order)
+                pg.order[pages] = 0
+                pg.flags[h] &= ~PG_HEAD
+                self.nr_folios -= int(h.size)
+
+    def _free_large(self, dead):
+        """The pages of ``dead`` that belong to large folios: whole folios free go back as
+        folios; a folio only part of which is free is split (see the module docstring);
+        hugetlb pages wait for the rest of their page.  Returns the order-0 pages left to free."""
+        pg = self.pages
+        o = pg.order[dead]
+        big = o != 0
+        if not np.count_nonzero(big):
+            return dead
+        small = [dead[~big]]
+        bp, bo = dead[big], o[big].astype(np.int64)
+        heads, first = np.unique((bp >> bo) << bo, return_index=True)
+        orders = bo[first]
+        for order in np.unique(orders).tolist():
+            h = heads[orders == order]
+            nr = 1 << order
+            pages = self.folio_pages(h, order).reshape(h.size, nr)
+            whole = ~(pg.refcount[pages] != 0).any(axis=1)
+            tlb = (pg.flags[h] & PG_HUGETLB) != 0
+            if np.count_nonzero(whole & tlb):
+                self.hugetlb.free_folios(h[whole & tlb])
+            free = whole & ~tlb
+            if np.count_nonzero(free):
+                fh = h[free]
+                self.nr_folios -= int(fh.size)
+                ram = fh[fh < self.nr_ram]
+                if ram.size:
+                    fp = self.folio_pages(ram, order)
+                    self._uncharge(fp)
+                    self.pages.reset(fp)
+                    if order == HPAGE_PMD_ORDER:       # kept whole for the next THP
+                        self._blocks[self._nblocks:self._nblocks + ram.size] = ram
+                        self._nblocks += ram.size
+                    else:
+                        self._free_ram(fp)
+                dev = fh[fh >= self.nr_ram]
+                if dev.size:
+                    self._free_device(dev, order)
+            part = ~whole & ~tlb
+            if np.count_nonzero(part):
+                self.split_folios(h[part])
+                small.append(bp[np.isin(bp >> bo << bo, h[part])])
+        return np.concatenate(small) if len(small) > 1 else small[0]
 
     def _uncharge(self, pfns):
         if not self.memcgs:
@@ -229,6 +427,10 @@ class PhysicalMemory:
             dead = cand[rc == 0]
             if dead.size == 0:
                 return
+            if self.nr_folios:
+                dead = self._free_large(dead)
+                if dead.size == 0:
+                    return
             if dead.max() < self.nr_ram:
                 self._free_ram(dead)
                 return
@@ -237,16 +439,24 @@ class PhysicalMemory:
                 self._free_ram(ram)
             self._free_device(dead[dead >= self.nr_ram])
 
-    def _free_device(self, pfns):
-        """The last reference to device pages went: free_zone_device_folio() -> page_free."""
+    def _free_device(self, heads, order=0):
+        """The last reference to device folios went: free_zone_device_folio() hands each pgmap
+        its folios in one call, ``ops.folio_free(heads, order)``, or ``ops.page_free(pfns)``
+        with every page of them for a driver that only knows the older name."""
+        pfns = heads if order == 0 else self.folio_pages(heads, order)
         self._uncharge(pfns)
-        owners = self.pages.pgmap[pfns]
+        owners = self.pages.pgmap[heads]
         for idx in np.unique(owners).tolist():
-            sel = pfns[owners == idx]
-            self.pages.reset(sel)
-            self.pages.flags[sel] = PG_ZONE_DEVICE
-            pgmap = self.pgmaps[idx]
-            pgmap.ops.page_free(sel)
+            sel = heads[owners == idx]
+            pages = sel if order == 0 else self.folio_pages(sel, order)
+            self.pages.reset(pages)
+            self.pages.flags[pages] = PG_ZONE_DEVICE
+            ops = self.pgmaps[idx].ops
+            folio_free = getattr(ops, "folio_free", None)
+            if folio_free is not None:
+                folio_free(sel, order)
+            else:
+                ops.page_free(pages)
 
     # -- page locks (trylock bits) -------------------------------------------------
     def trylock(self, pfns, unique=False):
@@ -285,8 +495,9 @@ class PhysicalMemory:
     def request_free_mem_region(self, nframes):
         """A free physical range above everything taken so far; returns its base pfn."""
         with self.lock:
-            base = self._next_region
-            self._next_region += int(nframes)
+            # PMD-aligned, so that a driver's 2 MiB device folios are naturally aligned pfns
+            base = -(-self._next_region // HPAGE_PMD_NR) * HPAGE_PMD_NR
+            self._next_region = base + int(nframes)
             return base
 
     def add_segment(self, base, arena, pgmap):

@@ -13,7 +13,10 @@ Reference rule (see mm.py's ``_zap``): present, device-private and
 device-exclusive entries hold a reference and a mapcount; migration entries hold
 neither.  try_to_migrate turns mappings into migration entries and drops both;
 remove_migration_ptes installs the new page (or the old one, when a migration
-is abandoned) and takes them again.
+is abandoned) and takes them again.  PTE_HUGE goes through both: a PMD mapping
+becomes a PMD migration entry (set_pmd_migration_entry) and maps the new folio
+by a PMD again (remove_migration_pmd); a migration that split the folio has
+cleared the bit on its migration entries first.
 """
 import functools
 
@@ -33,20 +36,22 @@ _SWP = _U(pt.SWP_SHIFT)
 _DEVP_READ = _U(pt.SWP_DEVICE_PRIVATE_READ)
 _PRESENT_YOUNG = pt.PTE_PRESENT | pt.PTE_YOUNG
 _WRITE_DIRTY = pt.PTE_WRITE | pt.PTE_DIRTY
+_HUGE = pt.PTE_HUGE
 
 
-def _mapped_entries(system, new, writable):
+def _mapped_entries(system, new, writable, huge):
     """The entries that map ``new`` where migration entries were: a device-private page
     becomes a device-private entry, anything else a present, young PTE (dirty too when
-    writable); writability comes from the migration entry."""
+    writable); writability and PTE_HUGE (``huge``, the bit itself) come from the migration
+    entry."""
     w = writable.astype(_U)
     devp = system.phys.zone_device_type(new) == MEMORY_DEVICE_PRIVATE
     ndev = np.count_nonzero(devp)
     if ndev == devp.size:                       # every page went to device-private memory
-        return (new.astype(_U) << _PFN) | ((_DEVP_READ + w) << _SWP)
-    out = (new.astype(_U) << _PFN) | _PRESENT_YOUNG | (w * _WRITE_DIRTY)
+        return (new.astype(_U) << _PFN) | ((_DEVP_READ + w) << _SWP) | huge
+    out = (new.astype(_U) << _PFN) | _PRESENT_YOUNG | (w * _WRITE_DIRTY) | huge
     if ndev:
-        out[devp] = pt.mk_swp(new[devp], pt.SWP_DEVICE_PRIVATE_READ + w[devp])
+        out[devp] = pt.mk_swp(new[devp], pt.SWP_DEVICE_PRIVATE_READ + w[devp]) | huge[devp]
     return out
 
 
@@ -134,7 +139,8 @@ def try_to_migrate(system, pfns, vmas, skip=None):
                 dirty = present & ((cur & pt.PTE_DIRTY) != 0)
                 d = cp[dirty]
                 pg.flags[d[(pg.flags[d] & PG_ANON) == 0]] |= PG_DIRTY
-                v.pte[idx] = pt.mk_swp(cp, np.where(write, pt.SWP_MIGRATION_WRITE, pt.SWP_MIGRATION_READ))
+                v.pte[idx] = pt.mk_swp(cp, np.where(write, pt.SWP_MIGRATION_WRITE,
+                                                    pt.SWP_MIGRATION_READ)) | (cur & _HUGE)
                 pg.mapcount[cp] -= 1          # a page appears once per VMA
                 phys.put(cp, unique=True)
                 done += int(idx.size)
@@ -169,8 +175,8 @@ def remove_migration_ptes(system, src, dst, vmas, region=None, positions=None):
             hit = (writable | (kind == _MIG_READ)) & ((pte >> _PFN) == src.astype(_U))
             new = dst
             if np.count_nonzero(hit) < hit.size:
-                idx, writable, new = idx[hit], writable[hit], dst[hit]
-            v.pte[idx] = _mapped_entries(system, new, writable)
+                idx, writable, new, pte = idx[hit], writable[hit], dst[hit], pte[hit]
+            v.pte[idx] = _mapped_entries(system, new, writable, pte & _HUGE)
             pg.refcount[new] += 1
             pg.mapcount[new] += 1
         return int(idx.size)
@@ -193,7 +199,7 @@ def remove_migration_ptes(system, src, dst, vmas, region=None, positions=None):
                 continue
             new = sdst[pos[idx]]
             writable = pt.swp_type(pte[idx]) == pt.SWP_MIGRATION_WRITE
-            v.pte[i0 + idx] = _mapped_entries(system, new, writable)
+            v.pte[i0 + idx] = _mapped_entries(system, new, writable, pte[idx] & _HUGE)
             pg.refcount[new] += 1             # once per VMA
             pg.mapcount[new] += 1
             done += int(idx.size)

@@ -28,6 +28,7 @@ VM_PFNMAP = 0x400
 VM_IO = 0x4000
 VM_DONTCOPY = 0x20000
 VM_DONTEXPAND = 0x40000
+VM_HUGETLB = 0x00400000
 VM_MIXEDMAP = 0x10000000
 VM_HUGEPAGE = 0x20000000
 VM_NOHUGEPAGE = 0x40000000
@@ -122,5 +123,5 @@ def ptes_compact(vma):
 
 
 def vma_is_anonymous(vma):
-    """Private anonymous memory (shmem and driver mappings are not)."""
-    return vma.file is None and vma.driver is None
+    """Private anonymous memory (shmem, hugetlb and driver mappings are not)."""
+    return vma.file is None and vma.driver is None and not vma.vm_flags & VM_HUGETLB
