@@ -79,7 +79,8 @@ def check_system(system, pins=None, devices=(), quiescent=True):
             if pin.active:
                 np.add.at(want, np.asarray(pin.pfns, np.int64), 1)
         bad = np.nonzero(pc != want)[0]
-        assert bad.size == 0, f"pincount of pfn {bad[:4].tolist()} is {pc[bad[:4]].tolist()}, pins {want[bad[:4]].tolist()}"
+        assert bad.size == 0, (f"pincount of pfn {bad[:4].tolist()} is {pc[bad[:4]].tolist()}, "
+                               f"pins {want[bad[:4]].tolist()}")
     rc = pg.refcount.astype(np.int64)
     expect = maps + cached + pc + driver
     expect[zero] = rc[zero]
@@ -249,7 +250,8 @@ def check_mirror(m):
         assert m.proc.alive, f"{where}: the device still maps 0x{int(addrs[0]):x} of an exited process"
         assert inside.all(), f"{where}: the device maps 0x{int(addrs[~inside][0]):x}, where the CPU maps nothing"
         e = ent[live]
-        assert (cpu != 0).all(), f"{where}: the device maps 0x{int(addrs[cpu == 0][0]):x}, where the CPU PTE is empty"
+        assert (cpu != 0).all(), (f"{where}: the device maps 0x{int(addrs[cpu == 0][0]):x}, "
+                                  "where the CPU PTE is empty")
         same = pt.pte_pfn(cpu) == (e >> U(12)).astype(np.int64)
         assert same.all(), f"{where}: the device maps another page at 0x{int(addrs[~same][0]):x}"
         w = (e & U(DPT_WRITE)) != 0

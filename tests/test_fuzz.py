@@ -230,7 +230,8 @@ class World:
         assert phys.nr_free() == self.free0, (
             f"{self.free0 - phys.nr_free()} RAM frames leaked: pfn {used[:6].tolist()} refcount "
             f"{phys.pages.refcount[used[:6]].tolist()} mapcount {phys.pages.mapcount[used[:6]].tolist()} "
-            f"flags {[hex(int(f)) for f in phys.pages.flags[used[:6]]]} mapping {phys.pages.mapping[used[:6]].tolist()} "
+            f"flags {[hex(int(f)) for f in phys.pages.flags[used[:6]]]} "
+            f"mapping {phys.pages.mapping[used[:6]].tolist()} "
             f"caches {list(self.system.caches.values())}")
         assert not phys.pages.refcount[1:].any(), "a page still referenced after every exit"
         assert not (phys.pages.flags[1:] & 1).any(), "a page left locked"
@@ -441,7 +442,8 @@ def op_hmm_range_fault(w, d):
     p = proc_of(w, d)
     mni = w.notifiers[p.pid]
     start = addr(w, d)
-    end = start + 4 * P if isinstance(start, int) and (w.sane or d.draw(st.booleans())) else d.draw(ival(w, [0, P]))
+    sane_end = isinstance(start, int) and (w.sane or d.draw(st.booleans()))
+    end = start + 4 * P if sane_end else d.draw(ival(w, [0, P]))
     pfns = d.draw(pick(w, ["ok", "none"], ["list", "short", "int64"]))
     flags = d.draw(ival(w, [0, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE]))
     mask = d.draw(ival(w, [0, HMM_PFN_REQ_FAULT], [0]))

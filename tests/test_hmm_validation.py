@@ -130,7 +130,8 @@ def test_make_device_exclusive_checks_the_range_before_allocating(world):
 def test_notifier_insert_and_memremap_arguments(world):
     system, dev, p, a, mni = world
     assert mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, 0, 0, Seq()) == -errno.EOVERFLOW
-    assert mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, (1 << 63) + P, 1 << 63, Seq()) == -errno.EOVERFLOW
+    past = mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, (1 << 63) + P, 1 << 63, Seq())
+    assert past == -errno.EOVERFLOW
     assert mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, None, P, Seq()) == -errno.EINVAL
     assert mmu_interval_notifier_insert(MmuIntervalNotifier(), None, 0, P, Seq()) == -errno.EINVAL
     assert mmu_interval_notifier_insert(MmuIntervalNotifier(), p.mm, 0, P, object()) == -errno.EINVAL

@@ -70,11 +70,11 @@ from ..hmm.migrate_device import (MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIG
                                   migrate_device_finalize, migrate_device_pages,
                                   migrate_device_range, migrate_pfn, migrate_pfn_to_pfn,
                                   migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup)
-from ..mm.notifier import (MMU_NOTIFY_MIGRATE, MMU_NOTIFY_RELEASE, MmuIntervalNotifier, mmu_interval_notifier_insert,
-                           mmu_interval_notifier_remove, mmu_interval_read_begin,
-                           mmu_interval_read_retry, mmu_interval_set_seq)
-from ..mm.mm import MM
 from ..mm import pgtable as pt
+from ..mm.mm import MM
+from ..mm.notifier import (MMU_NOTIFY_MIGRATE, MMU_NOTIFY_RELEASE, MmuIntervalNotifier,
+                           mmu_interval_notifier_insert, mmu_interval_notifier_remove,
+                           mmu_interval_read_begin, mmu_interval_read_retry, mmu_interval_set_seq)
 from ..mm.physmem import PG_LOCKED
 from ..mm.validate import ULONG_MAX, check_buffer, check_user_range, raw_bytes, ulong
 from ..mm.vma import VM_READ, VM_WRITE
