@@ -377,7 +377,7 @@ def test_writers_racing_migrations(kind):
     s = Stress([kind])
     s.run([("cpu writer", s.cpu_writer), ("device writer", s.dev_writer), ("cpu reader", s.cpu_reader),
            ("device reader", s.dev_reader), ("migrator", s.migrator), ("migrator 2", s.migrator)],
-          ops(60), seed=1)
+          ops(200), seed=1)
     s.finish(f"writers+migrations ({kind})")
 
 
@@ -387,5 +387,5 @@ def test_everything_at_once():
     s.run([("cpu writer", s.cpu_writer), ("device writer", s.dev_writer), ("cpu reader", s.cpu_reader),
            ("device reader", s.dev_reader), ("migrator", s.migrator), ("exclusive", s.exclusive),
            ("releaser", s.releaser), ("protector", s.protector), ("churner", s.churner),
-           ("forker", s.forker)], ops(40), seed=2)
+           ("forker", s.forker)], ops(120), seed=2)
     s.finish("everything")
