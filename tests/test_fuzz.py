@@ -540,10 +540,51 @@ def op_notifier_and_memremap(w, d):
     return f"memremap_pages({kind}, {nr!r}, owner={owner is not None})", call, "pure"
 
 
+class _Legacy:
+    """A 2017 driver that mirrors and migrates nothing: ops that accept every call."""
+
+    def sync_cpu_device_pagetables(self, mirror, update):
+        pass
+
+    def alloc_and_copy(self, vma, src, dst, start, end, private):
+        pass
+
+    def finalize_and_map(self, vma, src, dst, start, end, private):
+        pass
+
+
+def op_legacy(w, d):
+    from hmmgpu.hmm import legacy
+    p = proc_of(w, d)
+    start = addr(w, d)
+    sane_end = isinstance(start, int) and (w.sane or d.draw(st.booleans()))
+    end = start + 2 * P if sane_end else d.draw(ival(w, [0, P]))
+    own = p.mm.find_vma(start) if isinstance(start, int) and 0 <= start < 1 << 64 else None
+    vma = own if w.sane else d.draw(st.sampled_from([own, None, "vma"] + list(p.mm.vmas)))
+    arr = d.draw(pick(w, ["ok"], ["list", "short", "int64"]))
+    which = d.draw(st.integers(0, 2))
+
+    def call():
+        pfns = {"ok": np.zeros(2, np.uint64), "list": [0, 0], "short": np.zeros(1, np.uint64),
+                "int64": np.zeros(2, np.int64)}[arr]
+        mirror = legacy.HmmMirror(_Legacy())
+        assert legacy.hmm_mirror_register(mirror, p.mm) == 0
+        try:
+            with p.mm.mmap_lock.read():
+                if which == 0:
+                    return legacy.hmm_vma_get_pfns(vma, legacy.LegacyRange(), start, end, pfns)
+                if which == 1:
+                    return legacy.hmm_vma_fault(vma, legacy.LegacyRange(), start, end, pfns, True)
+                return legacy.migrate_vma(_Legacy(), vma, start, end, pfns, np.zeros(2, np.uint64))
+        finally:
+            legacy.hmm_mirror_unregister(mirror)
+    return f"legacy #{which}({vma!r:.40}, {start!r}, {end!r}, {arr})", call, "pure"
+
+
 OPS = [op_mmap, op_munmap, op_mprotect, op_madvise, op_mremap, op_msync, op_read, op_write, op_pin,
        op_unpin, op_populate, op_fork_exit, op_dmirror, op_dmirror, op_dmirror_write, op_dmirror_misc,
        op_hmm_range_fault, op_migrate_vma, op_migrate_device_range, op_make_device_exclusive,
-       op_notifier_and_memremap]
+       op_notifier_and_memremap, op_legacy]
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

@@ -139,3 +139,36 @@ def test_notifier_insert_and_memremap_arguments(world):
         with pytest.raises(OSError) as ei:
             memremap_pages(DevPagemap(MEMORY_DEVICE_PRIVATE, dev.ops, dev, n), system)
         assert ei.value.errno in (errno.ERANGE, errno.EINVAL)
+
+
+def test_the_2017_api_checks_its_arguments(world):
+    """hmm_vma_get_pfns / hmm_vma_fault / migrate_vma / hmm_mirror_register / hmm_devmem_add
+    with a list where an array belongs, a stale VMA, a float size: -EINVAL (or OSError from
+    hmm_devmem_add, as its ERR_PTR), never an AttributeError from inside."""
+    from hmmgpu.hmm import legacy
+
+    system, dev, p, a, mni = world
+    before = state(system, p)
+
+    class Ops:
+        def sync_cpu_device_pagetables(self, mirror, update):
+            pass
+
+    mirror = legacy.HmmMirror(Ops())
+    assert legacy.hmm_mirror_register(mirror, None) == -errno.EINVAL
+    assert legacy.hmm_mirror_register("mirror", p.mm) == -errno.EINVAL
+    assert legacy.hmm_mirror_register(mirror, p.mm) == 0
+    vma = p.mm.find_vma(a)
+    r = legacy.LegacyRange()
+    for args in ((vma, a, a + P, [0]), (vma, a, a + P, np.zeros(1, np.int64)), (None, a, a + P, np.zeros(1, U)),
+                 (vma, None, a + P, np.zeros(1, U)), (vma, a, a + 2.0 * P, np.zeros(2, U)),
+                 (vma, a, a + 2 * P, np.zeros(1, U))):
+        assert legacy.hmm_vma_get_pfns(args[0], r, *args[1:]) == -errno.EINVAL, args
+        assert legacy.hmm_vma_fault(args[0], r, *args[1:], True) == -errno.EINVAL, args
+    assert legacy.migrate_vma(None, vma, a, a + P, [0], np.zeros(1, U)) == -errno.EINVAL
+    assert legacy.migrate_vma(None, vma, a, None, np.zeros(1, U), np.zeros(1, U)) == -errno.EINVAL
+    for size in (None, -P, 1.5):
+        with pytest.raises(OSError):
+            legacy.hmm_devmem_add(Ops(), dev, size, system)
+    legacy.hmm_mirror_unregister(mirror)
+    same(before, state(system, p))

@@ -24,12 +24,15 @@ import threading
 import numpy as np
 
 from ..constants import PAGE_SHIFT, PAGE_SIZE
+from ..errors import oserror
 from ..mm import pgtable as pt
+from ..mm.mm import MM
 from ..mm.notifier import (MmuIntervalNotifier, MmuNotifier, mmu_interval_notifier_insert,
                            mmu_interval_notifier_remove, mmu_interval_read_begin,
                            mmu_interval_set_seq, mmu_notifier_range_blockable, mmu_notifier_register,
                            mmu_notifier_unregister)
-from ..mm.vma import VM_READ
+from ..mm.validate import pfn_array, ulong
+from ..mm.vma import VM_READ, VMA
 from .hmm import HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_RANGE_DEFAULT_TIMEOUT, HmmRange, hmm_range_fault
 from .memremap import (ANY_OWNER, MEMORY_DEVICE_PRIVATE, DevPagemap, is_device_private_page,
                        memremap_pages, memunmap_pages)
@@ -144,7 +147,7 @@ def _hmm_of(mm, create=False):
 
 def hmm_mirror_register(mirror, mm):
     """hmm_mirror_register(): 0, or -EINVAL."""
-    if mm is None or mirror is None or mirror.ops is None:
+    if not isinstance(mm, MM) or not isinstance(mirror, HmmMirror) or mirror.ops is None:
         return -errno.EINVAL
     h = _hmm_of(mm, create=True)
     with h.lock:
@@ -169,17 +172,27 @@ def hmm_mirror_unregister(mirror):
         mm._hmm_legacy = None
 
 
-def _check(vma, start, end):
-    if vma.vm_flags & VM_SPECIAL:
-        return -errno.EINVAL
-    if start < vma.start or start >= vma.end or end <= vma.start or end > vma.end:
-        return -errno.EINVAL
-    if start & (PAGE_SIZE - 1) or end & (PAGE_SIZE - 1):
-        return -errno.EINVAL
+def _check(vma, start, end, pfns):
+    """The caller's arguments: (0, start, end), or (-EINVAL, ...) for a VMA that is not one of
+    a live address space, a range not page aligned inside it, a ``pfns`` that is not a uint64
+    array of one entry per page, or an mm without a registered mirror."""
+    try:
+        if not isinstance(vma, VMA) or vma.mm.find_vma(vma.start) is not vma:
+            return -errno.EINVAL, 0, 0
+        start, end = ulong(start, "start"), ulong(end, "end")
+        if vma.vm_flags & VM_SPECIAL:
+            return -errno.EINVAL, start, end
+        if start < vma.start or start >= vma.end or end <= vma.start or end > vma.end:
+            return -errno.EINVAL, start, end
+        if start & (PAGE_SIZE - 1) or end & (PAGE_SIZE - 1):
+            return -errno.EINVAL, start, end
+        pfn_array(pfns, (end - start) >> PAGE_SHIFT, "pfns", start, end)
+    except OSError as ex:
+        return -ex.errno, 0, 0
     h = _hmm_of(vma.mm)
     if h is None or not h.mirrors:
-        return -errno.EINVAL       # the caller must have registered a mirror
-    return 0
+        return -errno.EINVAL, start, end       # the caller must have registered a mirror
+    return 0, start, end
 
 
 def _snapshot(vma, start, end):
@@ -216,7 +229,7 @@ def _track(vma, range, start, end, pfns):
 
 def hmm_vma_get_pfns(vma, range, start, end, pfns):
     """hmm_vma_get_pfns(): snapshot [start, end) without faulting; 0, -EINVAL or -EPERM."""
-    ret = _check(vma, start, end)
+    ret, start, end = _check(vma, start, end, pfns)
     if ret:
         return ret
     if not vma.vm_flags & VM_READ:
@@ -241,7 +254,7 @@ def hmm_vma_fault(vma, range, start, end, pfns, write, block=True):
 
     0, or -EAGAIN (the range was invalidated, call again), -EPERM, -EFAULT, -EINVAL.
     """
-    ret = _check(vma, start, end)
+    ret, start, end = _check(vma, start, end, pfns)
     if ret:
         return ret
     if not vma.vm_flags & VM_READ:
@@ -309,9 +322,12 @@ def hmm_devmem_add(ops, device, size, system=None):
 
     ``system`` defaults to ``device.system``.  Raises OSError like the kernel's ERR_PTR.
     """
-    system = system if system is not None else device.system
+    system = system if system is not None else getattr(device, "system", None)
+    if system is None or device is None:
+        raise oserror(errno.EINVAL, "hmm_devmem_add needs a device (with .system, or a system)")
+    size = ulong(size, "size")
     pops = _DevmemPagemapOps()
-    pgmap = DevPagemap(MEMORY_DEVICE_PRIVATE, pops, owner=device, nr_pages=-(-int(size) // PAGE_SIZE))
+    pgmap = DevPagemap(MEMORY_DEVICE_PRIVATE, pops, owner=device, nr_pages=-(-size // PAGE_SIZE))
     memremap_pages(pgmap, system)
     devmem = HmmDevmem(ops, device, pgmap)
     pops.devmem = devmem
@@ -332,11 +348,15 @@ def migrate_vma(ops, vma, start, end, src, dst, private=None):
     system page and any device page is a candidate (2017 had no owners); pages
     that cannot move are skipped, never an error.  Returns 0 or -EINVAL.
     """
-    if vma is None or start & (PAGE_SIZE - 1) or end & (PAGE_SIZE - 1) or end <= start:
-        return -errno.EINVAL
-    n = (end - start) >> PAGE_SHIFT
-    if src.size < n or dst.size < n:
-        return -errno.EINVAL
+    try:
+        start, end = ulong(start, "start"), ulong(end, "end")
+        if vma is None or start & (PAGE_SIZE - 1) or end & (PAGE_SIZE - 1) or end <= start:
+            return -errno.EINVAL
+        n = (end - start) >> PAGE_SHIFT
+        pfn_array(src, n, "src", start, end)
+        pfn_array(dst, n, "dst", start, end)
+    except OSError as ex:
+        return -ex.errno
     args = MigrateVma(vma, start, end, src=src, dst=dst, pgmap_owner=ANY_OWNER,
                       flags=MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
     ret = migrate_vma_setup(args)

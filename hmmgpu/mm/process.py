@@ -13,7 +13,7 @@ from ..constants import MS_SYNC, PAGE_SIZE
 from ..errors import ProcessKilled, oserror
 from .mm import MM
 from .physmem import add_at
-from .validate import check_no_wrap, raw_bytes, ulong
+from .validate import check_no_wrap, check_user_range, raw_bytes, ulong
 
 
 def _alive(method):
@@ -135,8 +135,10 @@ class Process:
 
     def pages(self, addr, npages):
         """Debug view: the raw PTEs of [addr, +npages) (0 where unmapped)."""
+        addr = ulong(addr, "address")
+        npages = ulong(npages, "page count", addr)
+        end = check_user_range(addr, npages * PAGE_SIZE, "pages")
         out = np.zeros(npages, np.uint64)
-        end = addr + npages * PAGE_SIZE
         for v in self.mm.vmas_in(addr, end):
             s, e = max(v.start, addr), min(v.end, end)
             out[(s - addr) // PAGE_SIZE:(e - addr) // PAGE_SIZE] = v.pte[v.idx(s):v.idx(e - 1) + 1]
