@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import hmmgpu
-from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED, PAGE_SIZE, PROT_READ, PROT_WRITE
+from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
 from hmmgpu.drivers import dmirror
 
 P = PAGE_SIZE

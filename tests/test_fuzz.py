@@ -51,7 +51,6 @@ from hmmgpu.hmm import (HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, MEMORY_DEVICE_COHE
                         migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup,
                         mmu_interval_notifier_insert, mmu_interval_notifier_remove,
                         mmu_interval_read_begin)
-from hmmgpu.mm import pgtable as pt
 from hmmgpu.mm.notifier import MmuIntervalNotifier, mmu_interval_set_seq
 from invariants import check_system
 

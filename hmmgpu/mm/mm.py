@@ -33,7 +33,7 @@ from .notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_PROTEC
 from .physmem import (PG_ANON, PG_ANON_EXCLUSIVE, PG_DIRTY, PG_HUGETLB, PG_LOCKED, PG_SWAPBACKED,
                       PG_ZONE_DEVICE, add_at)
 from .rmap import vmas_for_pages
-from .validate import (ULONG_MAX, check_aligned, check_buffer, check_flags, check_map_budget,
+from .validate import (check_aligned, check_buffer, check_flags, check_map_budget,
                        check_no_wrap, check_user_range, ulong)
 from .vma import (VM_ACCESS, VM_DONTEXPAND, VM_PFNMAP, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_MIXEDMAP, VM_READ,
                   VM_HUGEPAGE, VM_HUGETLB, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, VMA, prot_to_vm,
