@@ -415,3 +415,64 @@ def test_rmap_walk_skips_a_mapping_zapped_under_it(system, kind, monkeypatch):
     m.close()
     c.exit()
     p.exit()
+
+
+# -- races the stress test found (CI, 2026-12-02) -------------------------------------------------
+
+def test_release_while_migrate_to_dev_takes_its_pages(system, kind, monkeypatch):
+    """HMM_DMIRROR_RELEASE between alloc_pages taking free device pages off the list and
+    zone_device_page_init giving them a reference saw them free, unplugged their chunk, and the
+    migration died with DriverBug ("pfn ... is not device memory").  The pages now get their
+    reference before the chunk lock is let go, so the release waits and then evicts them."""
+    d = dmirror.DMirrorDevice(system, memory=kind, chunk_pages=16, max_chunks=1)
+    p = system.spawn()
+    a = p.mmap(4 * P, RW, ANON)
+    p.write(a, np.repeat(np.arange(1, 5, dtype=np.uint8), P))
+    m = d.open(p)
+    real_init = dmirror.zone_device_page_init
+    releases, failed = [], []
+
+    def init_with_a_release_meanwhile(system_, pfns, *args):
+        if not releases:
+            def release():
+                try:
+                    m.release()
+                except OSError as ex:      # EBUSY: a page still locked by the migration
+                    if ex.errno != errno.EBUSY:
+                        failed.append(ex)
+
+            t = threading.Thread(target=release, daemon=True)
+            t.start()
+            t.join(1.0)       # fixed: blocked behind the chunk lock; before: done, chunk gone
+            releases.append(t)
+        return real_init(system_, pfns, *args)
+
+    monkeypatch.setattr(dmirror, "zone_device_page_init", init_with_a_release_meanwhile)
+    m.migrate_to_dev(a, 4)
+    releases[0].join(30)
+    assert not failed
+    assert (p.read(a, 4 * P).reshape(4, P) == np.arange(1, 5, dtype=np.uint8)[:, None]).all()
+    assert no_locked_pages(system)
+    m.close()
+    p.exit()
+
+
+def test_device_segments_hotplugged_during_a_copy_are_looked_up_consistently(system):
+    """A page copy groups its pfns by segment and then looks each group's segment up again;
+    a chunk hotplugged in between (append, then sort) shifted the list, and the second lookup
+    took the new chunk for another one: IndexError, or the wrong device frames.  Readers now
+    keep the one snapshot of the segment list they searched."""
+    d1 = dmirror.DMirrorDevice(system, memory="coherent", chunk_pages=16, max_chunks=2)
+    d2 = dmirror.DMirrorDevice(system, memory="coherent", chunk_pages=16, max_chunks=1)
+    phys = system.phys
+    a = d1.chunks[0].pgmap.pfn_first
+    b = d2.chunks[0].pgmap.pfn_first
+    pfns = np.array([a + 3, b + 5], dtype=np.int64)
+    phys.write(pfns, np.repeat(np.array([7, 9], dtype=np.uint8), P))
+    groups = phys._split(pfns)
+    first = next(groups)
+    assert d1._allocate_chunk()          # d1's second chunk sorts between the two
+    second = next(groups)
+    got = [(s.base, idx.tolist()) for s, _pos, idx in (first, second)]
+    assert got == [(a, [3]), (b, [5])]
+    assert (phys.read(pfns)[:, 0] == [7, 9]).all()

@@ -333,7 +333,9 @@ class DMirrorDevice:
                     self._free.push(self.system.phys.folio_pages(heads)[::-1])
                 got = self._free.pop(n)
                 self.calloc += got.size
-        zone_device_page_init(self.system, got)
+            # Still under devmem_lock: until its refcount is 1 a page taken off the free list
+            # looks free to remove_chunks, which would unplug it under us.
+            zone_device_page_init(self.system, got)
         return got
 
     def alloc_folios(self, n):
@@ -355,7 +357,7 @@ class DMirrorDevice:
                         self._free_folios.push((whole << HPAGE_PMD_ORDER)[::-1])
                 got = self._free_folios.pop(n)
                 self.calloc += got.size * _NR
-        zone_device_folio_init(self.system, got, HPAGE_PMD_ORDER)
+            zone_device_folio_init(self.system, got, HPAGE_PMD_ORDER)    # as in alloc_pages
         return got
 
     def _devmem_free(self, heads, order):

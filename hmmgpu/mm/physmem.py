@@ -133,7 +133,10 @@ class PhysicalMemory:
         self._lock_waiters = 0                          # how many sleep on ``unlocked``
         self.nr_ram = int(nr_ram)
         self.ram = backend.host_arena(self.nr_ram)
-        self.segments = [Segment(0, self.ram, -1)]
+        # Sorted by base.  Never changed in place: add/remove_segment build a new tuple, so a
+        # reader that took ``self.segments`` once (``_split``) indexes the list it searched even
+        # while a driver hotplugs or unplugs a chunk in another thread.
+        self.segments = (Segment(0, self.ram, -1),)
         self.pgmaps = []
         self.pgmaps_seq = 0       # bumped whenever ``pgmaps`` changes (caches of it compare this)
         self.pages = StructPages(self.nr_ram)
@@ -511,11 +514,10 @@ class PhysicalMemory:
             idx = len(self.pgmaps)
             self.pgmaps.append(pgmap)
             self.pgmaps_seq += 1
-            self.segments.append(Segment(base, arena, idx))
-            self.segments.sort(key=lambda s: s.base)
             self.pages.grow(seg_end)
             self.pages.pgmap[base:seg_end] = idx
             self.pages.flags[base:seg_end] = PG_ZONE_DEVICE
+            self.segments = tuple(sorted(self.segments + (Segment(base, arena, idx),), key=lambda s: s.base))
             return idx
 
     def remove_segment(self, base):
@@ -527,17 +529,18 @@ class PhysicalMemory:
             if busy.size:
                 raise oserror(errno.EBUSY, f"device pfn {seg.base + int(busy[0])} still has references "
                               f"({busy.size} pages in use)")
-            self.segments.remove(seg)
+            self.segments = tuple(s for s in self.segments if s is not seg)
             self.pgmaps[seg.pgmap_index] = None
             self.pgmaps_seq += 1
             self.pages.pgmap[seg.base:seg.end] = -1
             self.pages.flags[seg.base:seg.end] = 0
 
-    def segment_of(self, pfns):
-        """Index into ``self.segments`` of every pfn (-1 outside any segment)."""
+    def segment_of(self, pfns, segments=None):
+        """Index into ``segments`` (default ``self.segments``) of every pfn (-1 outside any)."""
         pfns = np.asarray(pfns, dtype=np.int64)
-        bases = np.array([s.base for s in self.segments], dtype=np.int64)
-        ends = np.array([s.end for s in self.segments], dtype=np.int64)
+        segments = self.segments if segments is None else segments
+        bases = np.array([s.base for s in segments], dtype=np.int64)
+        ends = np.array([s.end for s in segments], dtype=np.int64)
         i = np.searchsorted(bases, pfns, side="right") - 1
         ok = (i >= 0) & (pfns < ends[np.maximum(i, 0)])
         return np.where(ok, i, -1)
@@ -545,16 +548,17 @@ class PhysicalMemory:
     def _split(self, pfns):
         """Yield (segment, positions, frame indices) grouping ``pfns`` by segment."""
         pfns = np.asarray(pfns, dtype=np.int64)
+        segments = self.segments
         if pfns.size and pfns.min() >= 0 and pfns.max() < self.nr_ram:
-            yield self.segments[0], slice(None), pfns
+            yield segments[0], slice(None), pfns
             return
-        seg = self.segment_of(pfns)
+        seg = self.segment_of(pfns, segments)
         if (seg < 0).any():
             bad = pfns[seg < 0][0]
             raise oserror(errno.EFAULT, f"pfn {int(bad)} is not backed by any memory")
         for si in np.unique(seg).tolist():
             pos = np.nonzero(seg == si)[0]
-            s = self.segments[si]
+            s = segments[si]
             yield s, pos, pfns[pos] - s.base
 
     # -- data (through the arenas) -----------------------------------------------
