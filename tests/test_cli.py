@@ -222,3 +222,130 @@ def test_version_and_python_m_hmmgpu():
     assert out.returncode == 0 and out.stdout.strip() == f"hmmgpu {hmmgpu.__version__}"
     out = subprocess.run([sys.executable, "-m", "hmmgpu.cli", "bench", "--list"], capture_output=True, text=True)
     assert out.returncode == 0 and "migration" in out.stdout
+
+
+# -- hmmgpu run, hmmgpu sweep ---------------------------------------------------------------------
+
+TINY = ["--footprint", "100K", "--param", "step=50", "--backend", "numpy"]
+
+
+def test_run_and_sweep_help_teach(capsys):
+    for sub, words in (("run", ("--oversub", "--policy", "--footprint", "--trace", "examples:", "hmmgpu run --list")),
+                       ("sweep", ("--spec", "--workers", "--scheduler", "examples:", "uvmbench", '"oversub"'))):
+        with pytest.raises(SystemExit) as e:
+            cli.main([sub, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        for w in words:
+            assert w in out, (sub, w)
+
+
+def test_run_json_and_trace(capsys, tmp_path):
+    path = tmp_path / "run.json"
+    rc = cli.main(["run", "atax", "--oversub", "1.25", "--seed", "2", "--json", "--trace", str(path)] + TINY)
+    cap = capsys.readouterr()
+    res = json.loads(cap.out)
+    assert rc == 0
+    r = res["result"]
+    assert r["ok"] and r["oversub"] == 1.25 and r["seed"] == 2 and r["params"] == {"step": 50}
+    assert r["device_bytes"] < r["footprint"] <= 100 << 10 and r["faults"] > 0 and r["counters"]
+    assert res["point"]["policy"] == "default" and res["trace"]["events"] > 0
+    # the live table and the result went to stderr, the JSON alone to stdout
+    assert "atax_kernel1" in cap.err and "modelled time" in cap.err and "num_read_faults" in cap.err
+    cats = {e.get("cat") for e in json.loads(path.read_text())["traceEvents"]}
+    assert "fault" in cats
+
+
+def test_run_table_on_stdout(capsys):
+    assert cli.main(["run", "mvt"] + TINY) == 0
+    cap = capsys.readouterr()
+    assert "mvt_kernel1" in cap.out and "ok" in cap.out and "wall time" in cap.out and cap.err == ""
+
+
+def test_run_list(capsys):
+    assert cli.main(["run", "--list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} >= {"gemm", "kmeans", "trace"}
+    assert next(r for r in rows if r["name"] == "gemm")["default_footprint"] == 786432
+
+
+def test_run_exit_status_1_when_the_check_fails(capsys, monkeypatch):
+    from hmmgpu import workloads
+    from hmmgpu.workloads.base import Check
+    monkeypatch.setattr(workloads.get("atax"), "check", lambda self: Check(False, "y", detail="y: 1 of 96 differ"))
+    assert cli.main(["run", "atax", "--json"] + TINY) == 1
+    r = json.loads(capsys.readouterr().out)["result"]
+    assert not r["ok"] and r["check_detail"] == "y: 1 of 96 differ"
+
+
+def test_run_and_sweep_user_errors_are_one_line(capsys, monkeypatch, tmp_path):
+    from hmmgpu import experiments
+    ran = []
+    monkeypatch.setattr(experiments, "run_point", lambda *a, **k: ran.append(a))
+    (tmp_path / "bad.json").write_text('{"oversub": 1.25}')
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["run"], "name a workload"),
+        (["run", "nosuch"], "no workload 'nosuch'"),
+        (["run", "atax", "--oversub", "0"], "oversubscription ratio must be a positive number"),
+        (["run", "atax", "--oversub", "x"], "invalid float value"),
+        (["run", "atax", "--footprint", "1Q"], "--footprint: '1Q' is not a size"),
+        (["run", "atax", "--footprint", "1K"], "below its smallest instance"),
+        (["run", "atax", "--footprint", "1T"], "of host memory but"),
+        (["run", "atax", "--param", "nope=1"], "unknown parameter(s) nope"),
+        (["run", "atax", "--param", "step"], "is not NAME=VALUE"),
+        (["run", "atax", "--policy", "prefetch"], "is not FAMILY=NAME"),
+        (["run", "atax", "--policy", "colour=red"], "no policy family 'colour'"),
+        (["run", "atax", "--seed", "-1"], "seed must be a non-negative integer"),
+        (["run", "atax", "--trace", str(tmp_path / "no" / "t.json")], "does not exist"),
+        (["sweep"], "name the workloads"),
+        (["sweep", "atax", "--oversub", "1,x"], "--oversub must be a comma-separated list"),
+        (["sweep", "atax", "--spec", str(tmp_path / "bad.json")], "oversub must be a list"),
+        (["sweep", "atax", "--spec", str(tmp_path / "none.toml")], "cannot read the spec"),
+        (["sweep", "atax", "--workers", "0"], "--workers must be at least 1"),
+        (["sweep", "atax", "--out", str(tmp_path / "file")], "is not a directory"),
+        (["sweep", "atax", "--out", str(tmp_path / "no" / "out")], "does not exist"),
+        (["sweep", "atax", "--policies", "nosuch=1"], "no policy family"),
+    ]
+    for argv, words in cases:
+        assert exit_status(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, (argv, err)
+    monkeypatch.setitem(__import__("sys").modules, "distributed", None)
+    assert exit_status(["sweep", "atax", "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs dask.distributed" in err and "pip install 'hmmgpu[dask]'" in err and err.count("\n") == 1
+    assert not ran
+
+
+def test_sweep_from_a_spec_resumes(capsys, tmp_path):
+    spec = tmp_path / "sweep.toml"
+    spec.write_text('workloads = ["atax", "mvt"]\noversub = [1.0, 1.25]\nfootprint = "100K"\n'
+                    'backend = "numpy"\n[params]\nstep = 50\n')
+    out = tmp_path / "out"
+    argv = ["sweep", "--spec", str(spec), "--out", str(out), "--workers", "1", "--json"]
+    assert cli.main(argv) == 0
+    cap = capsys.readouterr()
+    res = json.loads(cap.out)
+    assert res["points"] == 4 and res["ran"] == 4 and len(res["rows"]) == 4 and all(r["ok"] for r in res["rows"])
+    assert (out / "results.json").exists() and (out / "results.csv").exists()
+    assert "[4/4]" in cap.err and "slowdown, default policies" in cap.err
+    try:
+        import matplotlib  # noqa: F401
+        assert res["plots"]["oversubscription.png"] is None and (out / "oversubscription.png").exists()
+    except ImportError:
+        assert "matplotlib is not installed" in res["plots"]["*"]
+    # flags win over the spec; the points already there are skipped
+    assert cli.main(argv + ["bicg", "atax", "--no-plots"]) == 0
+    res2 = json.loads(capsys.readouterr().out)
+    assert res2["points"] == 4 and res2["ran"] == 2 and res2["plots"] == {}
+    assert [r for r in res2["rows"] if r["workload"] == "atax"] == [r for r in res["rows"] if r["workload"] == "atax"]
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 6
+
+
+def test_sweep_exit_status_1_when_a_point_fails(capsys, monkeypatch, tmp_path):
+    from hmmgpu import workloads
+    from hmmgpu.workloads.base import Check
+    monkeypatch.setattr(workloads.get("mvt"), "check", lambda self: Check(False, "x1", detail="x1: 1 differ"))
+    assert cli.main(["sweep", "atax", "mvt", "--out", str(tmp_path), "--workers", "1", "--no-plots"] + TINY) == 1
+    assert "FAILED" in capsys.readouterr().out

@@ -1,15 +1,19 @@
-"""The ``hmmgpu`` command: ``info``, ``demo`` and ``bench``, one module per command.
+"""The ``hmmgpu`` command: ``info``, ``demo``, ``bench``, ``run`` and ``sweep``, one module per command.
 
     hmmgpu info              which backend runs here and why; CUDA, driver, GPUs, emulated devices
     hmmgpu demo              the main job, end to end: a CPU-built data set (arrays, a linked list,
                              a tree), device jobs on it through the mirrored address space, hot data
                              migrated to the device and back, rss and memcg before and after
     hmmgpu bench [SUITE...]  the benchmark suites, each figure beside its baseline from the same run
+    hmmgpu run WORKLOAD      one workload (UVMBench program, access pattern, trace) under a driver
+                             configuration, its result checked; modelled and wall time, counters
+    hmmgpu sweep ...         workloads x policies x oversubscription x seeds into a results
+                             directory (JSON, CSV, plots), resumable, local workers or Dask
 
 Every command takes ``--backend auto|cupy|numpy`` (default: the HMMGPU_BACKEND variable, else
 auto) and ``--json``.  Tables go to stdout; with ``--json`` the JSON goes to stdout and the
-tables to stderr, so ``hmmgpu bench --json > out.json`` still shows them.  ``demo`` and
-``bench`` take ``--trace FILE.json`` (a Chrome trace that https://ui.perfetto.dev opens).  A
+tables to stderr, so ``hmmgpu bench --json > out.json`` still shows them.  ``demo``,
+``bench`` and ``run`` take ``--trace FILE.json`` (a Chrome trace that https://ui.perfetto.dev opens).  A
 mistake in the call (an unknown backend, CuPy missing, sizes beyond the machine's memory, a
 trace path that cannot be written, --plot without matplotlib) is one line on stderr and exit
 status 2, before any work starts.  ``python -m hmmgpu`` is the same command.
@@ -17,7 +21,7 @@ status 2, before any work starts.  ``python -m hmmgpu`` is the same command.
 import argparse
 import sys
 
-from . import bench, demo, info
+from . import bench, demo, info, run, sweep
 from ._common import EMULATED_LABEL, UserError
 
 __all__ = ["main", "build_parser", "EMULATED_LABEL"]
@@ -31,6 +35,8 @@ examples:
   hmmgpu bench --quick                every suite at smaller sizes (about a minute on 2 CPU cores)
   hmmgpu bench migration scaling      two suites at full size
   hmmgpu bench --json > results.json  machine-readable results on stdout (tables go to stderr)
+  hmmgpu run gemm --oversub 1.25      one UVMBench program, working set 1.25 x device memory
+  hmmgpu sweep uvmbench --oversub 1,1.25   13 programs x 2 ratios -> ./sweep-results
   HMMGPU_BACKEND=numpy hmmgpu demo    force the NumPy fallback on a GPU machine
 
 On the NumPy fallback every figure is labelled "emulated (numpy fallback)": device memory is
@@ -67,6 +73,8 @@ def build_parser():
     info.add_parser(sub, common)
     demo.add_parser(sub, common)
     bench.add_parser(sub, common)
+    run.add_parser(sub, common)
+    sweep.add_parser(sub, common)
     return p
 
 
