@@ -507,17 +507,18 @@ def plot(rows, out_dir):
     if not series:
         out[PLOT_OVERSUB] = "no checked results of the default policies"
     else:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        colours = plt.get_cmap("tab20").colors
         for ax, (field, label) in zip(axes, (("faults", "faults"), ("migrated_bytes", "migrated MiB"),
                                              ("evictions", "evictions"))):
-            for wl, pts in sorted(series.items()):
+            for i, (wl, pts) in enumerate(sorted(series.items())):
                 xs = sorted(pts)
                 ys = [pts[x][field] / ((1 << 20) if field == "migrated_bytes" else 1) for x in xs]
-                ax.plot(xs, ys, marker="o", label=wl)
+                ax.plot(xs, ys, marker="os^v"[i // 20 % 4], color=colours[i % 20], label=wl)
             ax.set_xlabel("oversubscription (working set / device memory)")
             ax.set_ylabel(label)
-        axes[0].legend(fontsize=6)
-        fig.tight_layout()
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7)
+        fig.tight_layout(rect=(0, 0, 0.88, 1))
         fig.savefig(os.path.join(out_dir, PLOT_OVERSUB), dpi=100)
         plt.close(fig)
         out[PLOT_OVERSUB] = None
