@@ -407,7 +407,7 @@ class DMirrorDevice:
 
     def _fault_alloc_and_copy(self, args, mm, fail_alloc=False):
         """dmirror_devmem_fault_alloc_and_copy(): system pages for device pages, and the copy."""
-        sel = _device_selection(self.system, args.src, args.npages)
+        sel = device_selection(self.system, args.src, args.npages)
         if sel.size == 0:
             return 0
         # xa_erase() of the device mappings, in every mirror of this device on that mm
@@ -419,39 +419,8 @@ class DMirrorDevice:
         return 0
 
     def _to_system(self, src, dst, sel, n, fail_alloc):
-        """System memory for the device pages at ``sel`` (positions in ``src``), and the copy.
-
-        A 2 MiB device folio gets a THP when a free 2 MiB block is left (``fail_alloc`` fails
-        the first such allocation), 512 small pages otherwise, and then the core splits it.
-        Fills ``dst``; raises OSError(ENOMEM) when system memory runs out."""
-        phys = self.system.phys
-        comp = (src[sel] & _MPFN_COMPOUND) != 0
-        heads, small = sel[comp], sel[~comp]
-        skip = 1 if fail_alloc and heads.size else 0
-        got = phys.alloc_folios(heads.size - skip, zero=False) if heads.size > skip else np.zeros(0, np.int64)
-        big = heads[skip:skip + got.size]
-        rest = np.setdiff1d(heads, big)
-        spfn = migrate_pfn_to_pfn(src[:n])
-        members = (rest[:, None] + _ARANGE).reshape(-1)
-        small_pos = np.concatenate((small, members))
-        small_src = np.concatenate((spfn[small], (spfn[rest][:, None] + _ARANGE).reshape(-1)))
-        wr = np.concatenate(((src[small] & _MPFN_WRITE) != 0, np.repeat((src[rest] & _MPFN_WRITE) != 0, _NR)))
-        try:
-            dpages = phys.alloc(small_pos.size, None, zero=False)
-        except OSError:
-            phys.put(phys.folio_pages(got))
-            raise
-        new = np.concatenate((phys.folio_pages(got), dpages))
-        old = np.concatenate((phys.folio_pages(spfn[big]), small_src))
-        phys.pages.flags[new] |= PG_LOCKED
-        try:
-            # the CPU may touch the new pages as soon as migrate_vma_pages maps them: wait
-            self.device.copy_pages(new, old).wait()
-        except BaseException:
-            _release_new(phys, new)
-            raise
-        dst[big] = migrate_pfn(got) | _MPFN_COMPOUND | (src[big] & _MPFN_WRITE)
-        dst[small_pos] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
+        """System memory for the device pages at ``sel``, and the copy (see ``pages_to_system``)."""
+        pages_to_system(self.system, self.device, src, dst, sel, n, fail_alloc)
 
     def _erase_in_mirrors(self, mm, vpns, skip=None):
         """Invalidate the pages ``vpns`` in every open of this device on ``mm`` (but ``skip``):
@@ -498,7 +467,7 @@ class DMirrorDevice:
         src = np.zeros(n, dtype=_U)
         dst = np.zeros(n, dtype=_U)
         migrate_device_range(self.system, src, pgm.pfn_first, n)
-        sel = _device_selection(self.system, src, n)
+        sel = device_selection(self.system, src, n)
         if sel.size:
             try:
                 self._to_system(src, dst, sel, n, False)
@@ -538,7 +507,44 @@ def _pmd_runs(vpns, pfns, w, pmd, device):
     return cand[ok]
 
 
-def _device_selection(system, src, n):
+def pages_to_system(system, device, src, dst, sel, n, fail_alloc=False):
+    """System memory for the device pages at ``sel`` (positions in ``src``) of ``device``, and the
+    copy on its DMA engine (every driver of device-private memory brings pages home this way).
+
+    A 2 MiB device folio gets a THP when a free 2 MiB block is left (``fail_alloc`` fails
+    the first such allocation), 512 small pages otherwise, and then the core splits it.
+    Fills ``dst``; raises OSError(ENOMEM) when system memory runs out."""
+    phys = system.phys
+    comp = (src[sel] & _MPFN_COMPOUND) != 0
+    heads, small = sel[comp], sel[~comp]
+    skip = 1 if fail_alloc and heads.size else 0
+    got = phys.alloc_folios(heads.size - skip, zero=False) if heads.size > skip else np.zeros(0, np.int64)
+    big = heads[skip:skip + got.size]
+    rest = np.setdiff1d(heads, big)
+    spfn = migrate_pfn_to_pfn(src[:n])
+    members = (rest[:, None] + _ARANGE).reshape(-1)
+    small_pos = np.concatenate((small, members))
+    small_src = np.concatenate((spfn[small], (spfn[rest][:, None] + _ARANGE).reshape(-1)))
+    wr = np.concatenate(((src[small] & _MPFN_WRITE) != 0, np.repeat((src[rest] & _MPFN_WRITE) != 0, _NR)))
+    try:
+        dpages = phys.alloc(small_pos.size, None, zero=False)
+    except OSError:
+        phys.put(phys.folio_pages(got))
+        raise
+    new = np.concatenate((phys.folio_pages(got), dpages))
+    old = np.concatenate((phys.folio_pages(spfn[big]), small_src))
+    phys.pages.flags[new] |= PG_LOCKED
+    try:
+        # the CPU may touch the new pages as soon as migrate_vma_pages maps them: wait
+        device.copy_pages(new, old).wait()
+    except BaseException:
+        _release_new(phys, new)
+        raise
+    dst[big] = migrate_pfn(got) | _MPFN_COMPOUND | (src[big] & _MPFN_WRITE)
+    dst[small_pos] = migrate_pfn(dpages) | np.where(wr, _MPFN_WRITE, _U(0))
+
+
+def device_selection(system, src, n):
     """Positions of the src entries that are device pages to bring back (a folio's head)."""
     src = src[:n]
     spfn = migrate_pfn_to_pfn(src)

@@ -14,6 +14,9 @@ perf_thrashing.py  uvm_perf_thrashing.c            thrashing detection, throttli
 access_counters.py uvm_gpu_access_counters.c       remote-access counters and their migrations
 counters.py        procfs fault_stats, tools       the counters, with UVM's names
 policy.py          uvm_perf_module.c               the hooks a replacement policy implements
+registry.py        (module parameters)             policies by name (POLICY_NAMES, make_policies)
+driver.py          uvm_gpu_replayable_faults.c,    UvmDriver: the fault path, oversubscription,
+                   uvm_va_block.c, uvm_hmm.c       the policies and the clock on the HMM core
 =================  ==============================  ============================================
 
 Every knob is a module constant named as nvidia-uvm's module parameter, with its default; a
@@ -26,11 +29,14 @@ from .eviction import EvictionPolicy, Fifo, Lfu, RandomEviction, UvmLru
 from .perf_prefetch import (DensityPrefetcher, NoPrefetch, PrefetchContext, PrefetchPolicy, SequentialPrefetch,
                             WholeBlockPrefetch)
 from .perf_thrashing import NoThrashingMitigation, ThrashingHints, ThrashingPolicy, UvmThrashing
-from .pmm import Pmm, PmmError
+from .pmm import EvictionFailed, Pmm, PmmError
 from .policy import Knob, Policy
+from .registry import FAMILIES, POLICY_NAMES, make_policies, make_policy
 from .va_block import UVM_ID_CPU, Topology, VaBlocks, uvm_gpu_id
+from .driver import UvmDriver  # noqa: I001  (last: it builds on every module above)
 
-__all__ = ["Pmm", "PmmError", "VaBlocks", "Topology", "UVM_ID_CPU", "uvm_gpu_id", "Policy", "Knob",
+__all__ = ["UvmDriver", "POLICY_NAMES", "FAMILIES", "make_policies", "make_policy", "EvictionFailed", "Pmm",
+           "PmmError", "VaBlocks", "Topology", "UVM_ID_CPU", "uvm_gpu_id", "Policy", "Knob",
            "EvictionPolicy", "UvmLru", "Lfu", "Fifo", "RandomEviction", "PrefetchPolicy", "PrefetchContext",
            "DensityPrefetcher", "NoPrefetch", "SequentialPrefetch", "WholeBlockPrefetch", "ThrashingPolicy",
            "ThrashingHints", "UvmThrashing", "NoThrashingMitigation", "AccessCounterPolicy",

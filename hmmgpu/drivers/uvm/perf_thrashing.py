@@ -117,6 +117,10 @@ class ThrashingPolicy(Policy):
     def reset(self, rows, mask):
         pass
 
+    def counters(self):
+        """thrashing_stats totals: none without detection."""
+        return {}
+
 
 class NoThrashingMitigation(ThrashingPolicy):
     """Never detect thrashing (uvm_perf_thrashing_enable=0)."""

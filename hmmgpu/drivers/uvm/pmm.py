@@ -52,6 +52,11 @@ class PmmError(RuntimeError):
     """A PMM call that breaks the manager's rules (a bug in the caller, never a normal failure)."""
 
 
+class EvictionFailed(Exception):
+    """Raised by an ``evict`` callback when a root chunk cannot be evicted now (a page of it is
+    busy, or system memory is full): the eviction is abandoned and another victim tried."""
+
+
 class Pmm:
     """uvm_pmm_gpu_t over ``memory_bytes`` of device memory (a multiple of 2 MiB).
 
@@ -210,7 +215,8 @@ class Pmm:
         chosen by ``policy.choose_victim(pmm)``: ``evict`` must move the listed chunks' pages out of
         their blocks and ``free`` them; the evicted root then serves the allocation.  The result is
         short only when no root chunk can be evicted (all pinned): UVM's NV_ERR_NO_MEMORY /
-        NV_ERR_MORE_PROCESSING_REQUIRED, for the caller to back off.
+        NV_ERR_MORE_PROCESSING_REQUIRED, for the caller to back off.  ``evict`` may raise
+        EvictionFailed for a root it cannot evict now; the PMM then tries another victim.
         """
         level = self._level_of_size(size)
         n = int(n)
@@ -221,11 +227,20 @@ class Pmm:
         # chunk_pin takes a root off its eviction list at once: the chunks just claimed must not
         # be evicted to serve the rest of this very allocation
         self._update_lists(self.root_of(level, got[0]))
+        failures = 0
         while count < n and evict is not None:
             root = policy.choose_victim(self) if policy is not None else None
             if root is None:
                 break
-            self.evict_root_chunk(root, evict)
+            try:
+                self.evict_root_chunk(root, evict)
+            except EvictionFailed:
+                # the root is back on its list; give up after as many failures as there are
+                # roots, so that an allocation always ends (short) instead of spinning
+                failures += 1
+                if failures > self.nroots:
+                    break
+                continue
             more = self._claim(level, n - count)
             self._update_lists(self.root_of(level, more))
             got.append(more)
