@@ -30,9 +30,10 @@ import threading
 import time
 
 from . import workloads
-from .constants import PAGE_SIZE
+from .drivers.uvm import registry
+from .drivers.uvm.pmm import UVM_CHUNK_SIZE_MAX
 
-POLICY_FAMILIES = ("prefetch", "eviction", "thrashing", "access_counters")
+POLICY_FAMILIES = registry.FAMILIES
 DEFAULT_POLICY_LABEL = "default"
 BACKEND_NAMES = ("auto", "cupy", "numpy")
 # the UVMBench programs (issue 14's list): what `uvmbench` stands for in a sweep's workloads
@@ -65,8 +66,10 @@ def parse_bytes(text):
 
 
 def parse_policies(items):
-    """``["prefetch=none", "eviction=fifo"]`` (or ``"default"``, or a dict) -> a sorted tuple of
-    (family, name) pairs; ValueError naming an unknown family or a repeated one."""
+    """``["prefetch=none", "eviction=fifo"]`` (or ``"default"``, a dict, or pairs) -> a sorted
+    tuple of the (family, name) pairs that differ from nvidia-uvm's defaults (``POLICY_NAMES`` of
+    hmmgpu/drivers/uvm/registry.py); ValueError naming an unknown family or policy, or a family
+    given twice."""
     if isinstance(items, dict):
         items = items.items()
     if not isinstance(items, str):
@@ -84,10 +87,14 @@ def parse_policies(items):
             raise ValueError(f"policy {item!r} is not FAMILY=NAME (families: {', '.join(POLICY_FAMILIES)})")
         if family not in POLICY_FAMILIES:
             raise ValueError(f"no policy family {family!r}: choose from {', '.join(POLICY_FAMILIES)}")
+        if name not in registry.POLICY_NAMES[family] and name != DEFAULT_POLICY_LABEL:
+            raise ValueError(f"no {family} policy {name!r}: choose from "
+                             f"{', '.join(sorted(registry.POLICY_NAMES[family]))}")
         if family in out and out[family] != name:
             raise ValueError(f"policy family {family!r} given twice ({out[family]}, {name})")
         out[family] = name
-    return tuple(sorted(out.items()))
+    # nvidia-uvm's own choice is the default, however it is spelled
+    return tuple(sorted((f, n) for f, n in out.items() if n not in (DEFAULT_POLICY_LABEL, registry.DEFAULT_NAMES[f])))
 
 
 def policy_label(policies):
@@ -160,41 +167,42 @@ def validate(point):
 
 # -- the driver: the one place that knows which driver runs a point --------------------------------
 
-DRIVER = "MirrorGpu"
-DRIVER_NOTE = ("MirrorGpu (hmmgpu/drivers/mirrorgpu.py): migrate-on-fault of 2 MiB blocks into device memory, "
-               "pages that do not fit mapped remotely; no eviction, no prefetcher, no cost model (the UVM "
-               "driver of issue 13, hmmgpu.drivers.uvm.driver.UvmDriver, is not in this build)")
+DRIVER = "UvmDriver"
+DEVICE_GRANULE = UVM_CHUNK_SIZE_MAX     # device memory comes in 2 MiB root chunks
 
 
 def _check_policies(point):
-    if point.policies:
-        raise ValueError(f"--policy {point.policy} needs the UVM driver (hmmgpu.drivers.uvm.driver.UvmDriver, "
-                         f"issue 13), which this build does not have; {DRIVER} runs its own fixed policy "
-                         f"(use the default)")
+    registry.make_policies(dict(point.policies), seed=point.seed)
 
 
 def device_bytes_for(footprint, oversub):
-    """Device memory of a point: the working set is ``oversub`` x device memory; whole pages."""
-    return max(PAGE_SIZE, int(footprint / oversub) // PAGE_SIZE * PAGE_SIZE)
+    """Device memory of a point: the working set is ``oversub`` x device memory, in whole 2 MiB
+    root chunks (the UVM driver's unit).  At ``oversub`` <= 1 the footprint fits (rounded up);
+    above 1 the multiple of 2 MiB nearest ``footprint / oversub`` by ratio (at least one chunk),
+    so the oversubscription a point gets, ``footprint / device_bytes`` (``oversub_effective``),
+    is near the one asked for only when the footprint spans many chunks."""
+    want = footprint / oversub
+    up = max(1, math.ceil(want / DEVICE_GRANULE))
+    if oversub <= 1:
+        return up * DEVICE_GRANULE
+    down = max(1, up - 1)
+    n = min((down, up), key=lambda k: abs(math.log(k * DEVICE_GRANULE / want)))
+    return n * DEVICE_GRANULE
 
 
 def open_driver(system, proc, w, point, device_bytes):
     """The driver that runs ``point``'s workload ``w`` in ``proc`` with ``device_bytes`` of device
     memory, and a function that reads its figures after the run: ``(driver, figures)``, where
     ``figures()`` returns ``{modelled_s, migrated_bytes, evictions, counters}``."""
-    from .drivers import dmirror
-    from .drivers.mirrorgpu import MirrorGpu
-    pages = device_bytes // PAGE_SIZE
-    nchunks = -(-pages // dmirror.DEVMEM_CHUNK_PAGES)
-    dev = dmirror.DMirrorDevice(system, chunk_pages=-(-pages // nchunks), max_chunks=nchunks)
-    gpu = MirrorGpu(system, proc, dev, *w.extent, migrate_on_fault=True)
-    backend_only = set(getattr(system.backend, "counters", None) or {})
+    from .drivers.uvm import UvmDriver
+    drv = UvmDriver(system, proc, *w.extent, device_bytes=device_bytes, policies=dict(point.policies),
+                    seed=point.seed)
 
     def figures():
-        counters = {k: v for k, v in sorted(gpu.stats().items()) if k not in backend_only}
-        return {"modelled_s": None, "migrated_bytes": int(counters.get("dma_bytes_copied", 0)),
-                "evictions": 0, "counters": counters}
-    return gpu, figures
+        c = drv.counters()
+        return {"modelled_s": drv.clock.now, "migrated_bytes": c["bytes_xfer_htd"] + c["bytes_xfer_dth"],
+                "evictions": c["num_evictions"], "counters": c}
+    return drv, figures
 
 
 # -- one point ---------------------------------------------------------------------------------------
@@ -202,7 +210,7 @@ def open_driver(system, proc, w, point, device_bytes):
 # What a row of results holds, in this order (``counters`` is a dict; the CSV spreads it into
 # ``counter.NAME`` columns).  Every field but wall_s is determined by the point.
 ROW_FIELDS = ("workload", "policy", "oversub", "seed", "backend_requested", "footprint_requested", "params",
-              "backend", "driver", "footprint", "device_bytes", "ok", "check", "check_detail", "error",
+              "backend", "driver", "footprint", "device_bytes", "oversub_effective", "ok", "check", "check_detail", "error",
               "modelled_s", "wall_s", "faults", "launches", "lanes", "replays", "migrated_bytes", "evictions",
               "counters")
 NONDETERMINISTIC = ("wall_s",)
@@ -241,7 +249,8 @@ def run_point(point, on_launch=None):
     w = point.make_workload()
     fp = w.footprint
     device_bytes = device_bytes_for(fp, point.oversub)
-    row = dict(point.to_dict(), backend=None, driver=DRIVER, footprint=fp, device_bytes=device_bytes, ok=False,
+    row = dict(point.to_dict(), backend=None, driver=DRIVER, footprint=fp, device_bytes=device_bytes,
+               oversub_effective=round(fp / device_bytes, 4), ok=False,
                check="", check_detail="", error=None, modelled_s=None, wall_s=None, faults=0, launches=0,
                lanes=0, replays=0, migrated_bytes=0, evictions=0, counters={})
     with _ONE_EMULATOR:

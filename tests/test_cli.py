@@ -248,7 +248,8 @@ def test_run_json_and_trace(capsys, tmp_path):
     assert rc == 0
     r = res["result"]
     assert r["ok"] and r["oversub"] == 1.25 and r["seed"] == 2 and r["params"] == {"step": 50}
-    assert r["device_bytes"] < r["footprint"] <= 100 << 10 and r["faults"] > 0 and r["counters"]
+    assert r["footprint"] <= 100 << 10 and r["device_bytes"] == 2 << 20 and r["faults"] > 0
+    assert r["driver"] == "UvmDriver" and r["modelled_s"] > 0 and r["counters"]["num_pages_in"] > 0
     assert res["point"]["policy"] == "default" and res["trace"]["events"] > 0
     # the live table and the result went to stderr, the JSON alone to stdout
     assert "atax_kernel1" in cap.err and "modelled time" in cap.err and "num_read_faults" in cap.err
@@ -296,6 +297,7 @@ def test_run_and_sweep_user_errors_are_one_line(capsys, monkeypatch, tmp_path):
         (["run", "atax", "--param", "step"], "is not NAME=VALUE"),
         (["run", "atax", "--policy", "prefetch"], "is not FAMILY=NAME"),
         (["run", "atax", "--policy", "colour=red"], "no policy family 'colour'"),
+        (["run", "atax", "--policy", "eviction=mru"], "no eviction policy 'mru': choose from fifo, lfu, lru, random"),
         (["run", "atax", "--seed", "-1"], "seed must be a non-negative integer"),
         (["run", "atax", "--trace", str(tmp_path / "no" / "t.json")], "does not exist"),
         (["sweep"], "name the workloads"),

@@ -35,8 +35,12 @@ def test_policies_parse_and_label():
     assert X.parse_policies({"prefetch": "none", "eviction": "fifo"}) == p
     assert X.parse_policies(p) == p
     assert X.parse_policies("default") == () == X.parse_policies({})
+    # nvidia-uvm's own policies are the default, however they are named
+    assert X.parse_policies("prefetch=density,eviction=lru,thrashing=default") == ()
     assert X.policy_label(p) == "eviction=fifo,prefetch=none" and X.policy_label(()) == "default"
-    for bad in ("prefetch", "nosuch=x", "prefetch=a,prefetch=b", "prefetch="):
+    with pytest.raises(ValueError, match="no prefetch policy 'bogus': choose from block, density, none"):
+        X.parse_policies("prefetch=bogus")
+    for bad in ("prefetch", "nosuch=x", "prefetch=none,prefetch=block", "prefetch="):
         with pytest.raises(ValueError):
             X.parse_policies(bad)
 
@@ -61,28 +65,48 @@ def test_point_validation_names_the_problem():
     assert X.Point("atax", oversub=1).key != X.Point("atax", oversub=1.25).key
 
 
-def test_device_memory_is_footprint_over_oversub():
-    assert X.device_bytes_for(1 << 20, 1.0) == 1 << 20
-    assert X.device_bytes_for(1 << 20, 1.25) == (1 << 20) * 4 // 5 // 4096 * 4096
-    assert X.device_bytes_for(1 << 20, 2.0) == 1 << 19
-    assert X.device_bytes_for(4096, 1000.0) == 4096          # at least one page
+def test_device_memory_is_footprint_over_oversub_in_root_chunks():
+    M = 1 << 20
+    assert X.device_bytes_for(10 * M, 1.25) == 8 * M           # exact
+    assert X.device_bytes_for(10 * M, 1.0) == 10 * M
+    assert X.device_bytes_for(9 * M, 1.0) == 10 * M            # <= 1: everything fits, rounded up
+    assert X.device_bytes_for(9 * M, 0.5) == 18 * M
+    assert X.device_bytes_for(9 * M, 1.25) == 8 * M            # 7.2 MiB: 8 is nearer by ratio than 6
+    assert X.device_bytes_for(5 * M, 1.25) == 4 * M            # 4.0 MiB
+    assert X.device_bytes_for(6.5 * M, 2.0) == 4 * M           # 3.25 MiB: 4 / 3.25 < 3.25 / 2
+    assert X.device_bytes_for(M, 4.0) == 2 * M                 # at least one root chunk
+    assert X.device_bytes_for(100 * M, 3.0) == 34 * M          # 33.3 MiB
 
 
 def test_run_point_checks_and_is_deterministic():
     a = X.run_point(tiny(oversub=1.25))
     assert a["ok"] and a["error"] is None and a["check"].startswith("tmp, y")
-    assert list(a) == list(X.ROW_FIELDS)
-    assert a["device_bytes"] == X.device_bytes_for(a["footprint"], 1.25) < a["footprint"]
+    assert list(a) == list(X.ROW_FIELDS) and a["driver"] == "UvmDriver"
+    # a tiny footprint is not oversubscribed: device memory is at least one 2 MiB root chunk
+    assert a["device_bytes"] == 2 << 20 and a["oversub_effective"] == round(a["footprint"] / (2 << 20), 4)
     assert a["faults"] > 0 and a["launches"] == 6 and a["replays"] > 0 and a["lanes"] > 0
-    assert a["migrated_bytes"] > 0 and a["wall_s"] > 0 and a["backend"] == "numpy"
-    assert a["counters"]["num_read_faults"] > 0
+    assert a["migrated_bytes"] >= a["footprint"] // 2 and a["wall_s"] > 0 and a["backend"] == "numpy"
+    assert a["modelled_s"] > 0 and a["evictions"] == 0
+    assert a["counters"]["gpu_page_fault_count"] == a["faults"]
     b = X.run_point(tiny(oversub=1.25))
     assert X.deterministic(a) == X.deterministic(b)
     # another seed is other input data, the same program: the same launches
     c = X.run_point(tiny(oversub=1.25, seed=1))
     assert c["ok"] and c["launches"] == a["launches"]
-    # device memory below the working set: what moved to the device fits in it
-    assert a["migrated_bytes"] <= a["device_bytes"]
+
+
+def test_oversubscription_evicts_and_costs_modelled_time():
+    """A working set 1.25 x device memory: root chunks are evicted, more bytes move, the modelled
+    time grows, and the result is still exact; a policy changes what the driver does."""
+    fit = X.run_point(tiny(footprint="5M", oversub=1.0))
+    over = X.run_point(tiny(footprint="5M", oversub=1.25))
+    assert fit["ok"] and over["ok"] and fit["evictions"] == 0 < over["evictions"]
+    assert 1.2 < over["oversub_effective"] <= 1.25 and fit["oversub_effective"] < 1
+    assert over["migrated_bytes"] > fit["migrated_bytes"] and over["counters"]["bytes_xfer_dth"] > 0
+    assert over["modelled_s"] > fit["modelled_s"]
+    assert fit["counters"]["num_prefetched_pages"] > 0
+    nopf = X.run_point(tiny(footprint="5M", oversub=1.0, policies="prefetch=none"))
+    assert nopf["ok"] and nopf["policy"] == "prefetch=none" and nopf["counters"]["num_prefetched_pages"] == 0
 
 
 def test_run_point_reports_a_failed_check_and_a_crash(monkeypatch):
@@ -105,9 +129,10 @@ def test_run_point_reports_every_launch():
     assert {n for n, _ in seen} == {"atax_kernel1", "atax_kernel2"}
 
 
-def test_policies_need_the_uvm_driver():
-    with pytest.raises(ValueError, match="UvmDriver"):
-        X.validate(tiny(policies="prefetch=none"))
+def test_policies_are_checked_by_the_driver_registry():
+    with pytest.raises(ValueError, match="no eviction policy 'mru'"):
+        X.validate(tiny(policies="eviction=mru"))
+    assert X.validate(tiny(policies="eviction=fifo")).policy == "eviction=fifo"
 
 
 def test_make_points_expands_groups():
@@ -123,6 +148,11 @@ def test_make_points_expands_groups():
 
 def _points():
     return [tiny("atax", o) for o in (1.0, 1.25)] + [tiny("mvt", 1.25), tiny("bicg", 1.0, seed=2)]
+
+
+def _parallel_points():
+    """_points and one that evicts (3 MiB on one 2 MiB root chunk) with another eviction policy."""
+    return _points() + [tiny("mvt", 1.25, footprint="3M", policies="eviction=fifo")]
 
 
 def _det(rows):
@@ -169,22 +199,23 @@ def test_sweep_resumes(tmp_path):
 
 
 def test_sweep_same_results_on_one_and_two_workers(tmp_path):
-    pts = _points()
+    pts = _parallel_points()
     one, _ = X.sweep(pts, str(tmp_path / "one"), workers=1)
+    assert one[-1]["evictions"] > 0 and one[-1]["policy"] == "eviction=fifo"
     two, ran = X.sweep(pts, str(tmp_path / "two"), workers=2)      # spawned worker processes
-    assert ran == 4 and _det(one) == _det(two)
+    assert ran == 5 and _det(one) == _det(two)
 
 
 def test_sweep_on_a_dask_cluster(tmp_path):
     """The same sweep on a dask.distributed LocalCluster of 2 worker processes gives the rows of
     the local run (CI runs this: dask is in the test extra)."""
     distributed = pytest.importorskip("distributed")
-    pts = _points()
+    pts = _parallel_points()
     local, _ = X.sweep(pts, str(tmp_path / "local"), workers=1)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) \
             as cluster:
         rows, ran = X.sweep(pts, str(tmp_path / "dask"), scheduler=cluster.scheduler_address)
-    assert ran == 4 and _det(rows) == _det(local)
+    assert ran == 5 and _det(rows) == _det(local)
 
 
 def test_spec_files(tmp_path):

@@ -131,7 +131,7 @@ def cmd_sweep(opt):
               f"({'on ' + opt.scheduler if opt.scheduler else f'{min(workers, max(1, len(todo)))} worker(s)'}, "
               f"driver {X.DRIVER})")
     on_point, stop = _progress(con, None if opt.no_progress else progress_console(), len(todo))
-    meta = {"driver": X.DRIVER, "driver_note": X.DRIVER_NOTE}
+    meta = {"driver": X.DRIVER}
     try:
         rows, ran = X.sweep(points, out, workers=min(workers, max(1, len(todo))), scheduler=opt.scheduler,
                             on_point=on_point, meta=meta)
@@ -185,11 +185,11 @@ def print_rows(con, rows):
     from rich.table import Table
     from .. import experiments as X
     t = Table(title=f"sweep: {len(rows)} points", title_justify="left")
-    for c in ("workload", "policy", "oversub", "seed", "check", "modelled", "wall", "faults", "migrated",
+    for c in ("workload", "policy", "oversub", "(got)", "seed", "check", "modelled", "wall", "faults", "migrated",
               "evictions", "launches"):
         t.add_column(c, justify="left" if c in ("workload", "policy", "check") else "right")
     for r in rows:
-        t.add_row(r["workload"], r["policy"], f"{r['oversub']:g}", str(r["seed"]),
+        t.add_row(r["workload"], r["policy"], f"{r['oversub']:g}", f"{r['oversub_effective']:.3g}", str(r["seed"]),
                   "ok" if r["ok"] else ("error" if r["error"] else "FAILED"),
                   "-" if r["modelled_s"] is None else f"{r['modelled_s'] * 1e3:,.3f} ms", f"{r['wall_s']:,.2f} s",
                   f"{r['faults']:,}", fmt_bytes(r["migrated_bytes"]), f"{r['evictions']:,}", f"{r['launches']:,}")
