@@ -19,6 +19,7 @@ This module sits beside the command line (``hmmgpu run``, ``hmmgpu sweep``): it 
 workloads and drivers, and nothing below imports it.  The driver is chosen in one place,
 ``open_driver``.
 """
+import contextlib
 import csv
 import dataclasses
 import itertools
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import re
+import signal
 import threading
 import time
 
@@ -200,8 +202,9 @@ def open_driver(system, proc, w, point, device_bytes):
 
     def figures():
         c = drv.counters()
-        return {"modelled_s": drv.clock.now, "migrated_bytes": c["bytes_xfer_htd"] + c["bytes_xfer_dth"],
-                "evictions": c["num_evictions"], "counters": c}
+        return {"modelled_s": drv.clock.now, "faults": c["gpu_page_fault_count"],
+                "migrated_bytes": c["bytes_xfer_htd"] + c["bytes_xfer_dth"], "evictions": c["num_evictions"],
+                "counters": c}
     return drv, figures
 
 
@@ -238,12 +241,38 @@ class _Watched:
         return getattr(self._driver, name)
 
 
-def run_point(point, on_launch=None):
+class PointTimeout(Exception):
+    """A point ran past its wall-time limit (``run_point(..., timeout=)``)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    """Raise PointTimeout in this thread after ``seconds`` of wall time (SIGALRM: only in a
+    process's main thread, which is where local workers and ``hmmgpu run`` call run_point; a
+    Dask worker thread runs without a limit)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(signum, frame):
+        raise PointTimeout(f"did not finish within {seconds:g} s of wall time")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def run_point(point, on_launch=None, timeout=None):
     """Run one point on a fresh emulated machine; the flat dict of ROW_FIELDS.
 
     ``on_launch(result, driver)`` is called after every kernel launch (the JobResult and the
     driver), for a live view.  A failed check is a result (``ok`` False, ``check_detail`` says
-    where); an exception while running is recorded in ``error`` (ok False)."""
+    where); an exception while running is recorded in ``error`` (ok False), and so is running
+    past ``timeout`` seconds of wall time (a policy that livelocks the fault path; the figures
+    are then those at the moment it was stopped, and the machine is dropped, not torn down)."""
     import hmmgpu
     validate(point)
     w = point.make_workload()
@@ -258,25 +287,31 @@ def run_point(point, on_launch=None):
         row["backend"] = system.backend_name
         proc = system.spawn()
         w.setup(proc)
+        dropped = False
         try:
             driver, figures = open_driver(system, proc, w, point, device_bytes)
             target = driver if on_launch is None else _Watched(driver, lambda r: on_launch(r, driver))
             t0 = time.perf_counter()
             try:
-                w.run(target)
+                with _deadline(timeout):
+                    w.run(target)
+            except PointTimeout as e:
+                row["error"] = f"timeout: {e}"
+                dropped = True              # stopped mid-service: the machine is dropped as it is
             except Exception as e:          # a crash is a result of the point, not of the sweep
                 row["error"] = f"{type(e).__name__}: {e}"
-            finally:
-                row["wall_s"] = time.perf_counter() - t0
-                row.update(figures())
-                driver.close()
+            row["wall_s"] = time.perf_counter() - t0
             row.update(w.summary())
-            if row["error"] is None:
-                c = w.check()
-                row.update(ok=c.ok, check=f"{c.what} ({c.how})", check_detail=c.detail)
+            row.update(figures())           # faults as the driver counted them, a stopped launch's too
+            if not dropped:
+                driver.close()
+                if row["error"] is None:
+                    c = w.check()
+                    row.update(ok=c.ok, check=f"{c.what} ({c.how})", check_detail=c.detail)
         finally:
-            w.close()
-            proc.exit()
+            if not dropped:
+                w.close()
+                proc.exit()
     return {k: row[k] for k in ROW_FIELDS}
 
 
@@ -401,23 +436,24 @@ def pending(points, rows):
     return [p for p in points if p.key not in done]
 
 
-def _run_in_worker(point):
-    return run_point(point)
+def _run_in_worker(point, timeout=None):
+    return run_point(point, timeout=timeout)
 
 
-def run_points(points, workers=1, scheduler=None):
+def run_points(points, workers=1, scheduler=None, timeout=None):
     """Yield ``(point, row)`` as points complete: in this process (``workers`` 1), in ``workers``
-    local spawned processes, or on the Dask cluster at ``scheduler``."""
+    local spawned processes, or on the Dask cluster at ``scheduler``; ``timeout``: each point's
+    wall-time limit in seconds (local runs only)."""
     if scheduler is not None:
         yield from _run_on_dask(points, scheduler)
     elif workers <= 1:
         for p in points:
-            yield p, run_point(p)
+            yield p, run_point(p, timeout=timeout)
     else:
         import concurrent.futures as cf
         import multiprocessing
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-            futs = {ex.submit(_run_in_worker, p): p for p in points}
+            futs = {ex.submit(_run_in_worker, p, timeout): p for p in points}
             try:
                 for f in cf.as_completed(futs):
                     yield futs[f], f.result()
@@ -454,8 +490,10 @@ def _run_on_dask(points, scheduler):
             client.close()
 
 
-def sweep(points, out_dir, workers=1, scheduler=None, on_point=None, meta=None):
-    """Run the points that ``out_dir`` has no result for, writing the results after each one.
+def sweep(points, out_dir, workers=1, scheduler=None, on_point=None, meta=None, timeout=None):
+    """Run the points that ``out_dir`` has no result for, writing the results after each one
+    (``timeout``: each point's wall-time limit in seconds, local runs; a point past it is an
+    error row, run again on the next sweep).
 
     Returns ``(rows, ran)``: every row in the directory (older points included) and how many
     points ran now.  ``on_point(point, row, done, total)`` reports progress (``total`` counts
@@ -466,7 +504,7 @@ def sweep(points, out_dir, workers=1, scheduler=None, on_point=None, meta=None):
     keys = {p.key for p in todo}
     rows = [r for r in rows if row_key(r) not in keys]      # errored rows of points run again
     meta = dict(meta or {})
-    for i, (p, row) in enumerate(run_points(todo, workers, scheduler), 1):
+    for i, (p, row) in enumerate(run_points(todo, workers, scheduler, timeout), 1):
         rows.append(row)
         rows = write_results(rows, out_dir, meta)
         if on_point:

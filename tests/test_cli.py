@@ -305,6 +305,7 @@ def test_run_and_sweep_user_errors_are_one_line(capsys, monkeypatch, tmp_path):
         (["sweep", "atax", "--spec", str(tmp_path / "bad.json")], "oversub must be a list"),
         (["sweep", "atax", "--spec", str(tmp_path / "none.toml")], "cannot read the spec"),
         (["sweep", "atax", "--workers", "0"], "--workers must be at least 1"),
+        (["sweep", "atax", "--timeout", "0"], "--timeout: must be positive"),
         (["sweep", "atax", "--out", str(tmp_path / "file")], "is not a directory"),
         (["sweep", "atax", "--out", str(tmp_path / "no" / "out")], "does not exist"),
         (["sweep", "atax", "--policies", "nosuch=1"], "no policy family"),

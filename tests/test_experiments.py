@@ -122,6 +122,18 @@ def test_run_point_reports_a_failed_check_and_a_crash(monkeypatch):
     assert not r["ok"] and r["error"] == "RuntimeError: the device fell over"
 
 
+def test_a_point_past_its_timeout_is_an_error_and_runs_again(tmp_path):
+    """A wall-time limit stops a point mid-run (a livelocking policy would never return): an
+    error row with the figures so far, which the next sweep runs again."""
+    p = tiny(footprint="5M", oversub=1.25)
+    rows, _ = X.sweep([p], str(tmp_path), timeout=0.05)
+    r = rows[0]
+    assert not r["ok"] and r["error"].startswith("timeout: did not finish within 0.05 s")
+    assert r["wall_s"] >= 0.05 and r["modelled_s"] > 0 and r["check"] == ""
+    rows, ran = X.sweep([p], str(tmp_path))
+    assert ran == 1 and rows[0]["ok"] and rows[0]["error"] is None
+
+
 def test_run_point_reports_every_launch():
     seen = []
     r = X.run_point(tiny(), on_launch=lambda res, driver: seen.append((res.name, res.faults)))

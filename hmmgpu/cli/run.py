@@ -57,6 +57,7 @@ def add_parser(sub, common):
                          "(repeatable; default: nvidia-uvm's own: density, lru, uvm, uvm)")
     sp.add_argument("--trace", metavar="FILE.json", help="write a Chrome trace (open in ui.perfetto.dev)")
     sp.add_argument("--list", action="store_true", help="list the workloads and their default footprints")
+    add_timeout_arg(sp)
     sp.set_defaults(func=cmd_run)
     return sp
 
@@ -67,6 +68,22 @@ def add_point_args(sp):
                     help="bytes the workload maps, with K/M/G suffixes (default: its documented default size)")
     sp.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                     help="a workload parameter (repeatable; docs/workloads.md lists them), e.g. step=8")
+
+
+def add_timeout_arg(sp):
+    sp.add_argument("--timeout", type=positive_seconds, default=None, metavar="SECONDS",
+                    help="stop a run after this much wall time and record it as an error (a policy that "
+                         "livelocks the fault path); default: no limit")
+
+
+def positive_seconds(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+    return v
 
 
 def parse_params(items):
@@ -137,7 +154,7 @@ def cmd_run(opt):
         check_writable(opt.trace, "the trace")
     tr = trace.enable() if opt.trace else None
     try:
-        row = run_live(point, con)
+        row = run_live(point, con, opt.timeout)
     finally:
         if tr is not None:
             trace.disable()
@@ -173,7 +190,7 @@ class _Kernels:
         return f"wall {time.perf_counter() - self.t0:,.1f} s, modelled {m}"
 
 
-def run_live(point, con):
+def run_live(point, con, timeout=None):
     """run_point with a live table of the kernels as they launch."""
     from .. import experiments as X
     ks = _Kernels()
@@ -194,7 +211,7 @@ def run_live(point, con):
         def on_launch(r, driver):
             ks.add(r, driver)
             live.update(table())
-        row = X.run_point(point, on_launch)
+        row = X.run_point(point, on_launch, timeout)
         live.update(table())
     con.print()
     return row

@@ -9,7 +9,7 @@ import argparse
 import os
 
 from ._common import (PLOT_HINT, UserError, check_backend, console, emit_json, fmt_bytes, progress_console, wrap)
-from .run import add_point_args, check_fits, make_point, parse_footprint, parse_params
+from .run import add_point_args, add_timeout_arg, check_fits, make_point, parse_footprint, parse_params
 
 HELP = "workloads x policies x oversubscription x seeds: results table and plots"
 DESCRIPTION = ("Run every combination of workloads, policy sets, oversubscription ratios and seeds, each "
@@ -64,6 +64,7 @@ def add_parser(sub, common):
     sp.add_argument("--scheduler", metavar="ADDRESS",
                     help="run the points on the Dask cluster at ADDRESS (dask.distributed; one emulator per "
                          "worker process at a time)")
+    add_timeout_arg(sp)
     sp.add_argument("--no-plots", action="store_true", help="do not draw the plots")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_sweep)
@@ -134,7 +135,7 @@ def cmd_sweep(opt):
     meta = {"driver": X.DRIVER}
     try:
         rows, ran = X.sweep(points, out, workers=min(workers, max(1, len(todo))), scheduler=opt.scheduler,
-                            on_point=on_point, meta=meta)
+                            on_point=on_point, meta=meta, timeout=opt.timeout)
     except OSError as e:
         raise UserError(f"--scheduler {opt.scheduler}: {e}") from None
     finally:
