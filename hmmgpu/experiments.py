@@ -96,7 +96,8 @@ def parse_policies(items):
             raise ValueError(f"policy family {family!r} given twice ({out[family]}, {name})")
         out[family] = name
     # nvidia-uvm's own choice is the default, however it is spelled
-    return tuple(sorted((f, n) for f, n in out.items() if n not in (DEFAULT_POLICY_LABEL, registry.DEFAULT_NAMES[f])))
+    return tuple(sorted((f, n) for f, n in out.items()
+                        if n not in (DEFAULT_POLICY_LABEL, registry.DEFAULT_NAMES[f])))
 
 
 def policy_label(policies):
@@ -213,9 +214,9 @@ def open_driver(system, proc, w, point, device_bytes):
 # What a row of results holds, in this order (``counters`` is a dict; the CSV spreads it into
 # ``counter.NAME`` columns).  Every field but wall_s is determined by the point.
 ROW_FIELDS = ("workload", "policy", "oversub", "seed", "backend_requested", "footprint_requested", "params",
-              "backend", "driver", "footprint", "device_bytes", "oversub_effective", "ok", "check", "check_detail", "error",
-              "modelled_s", "wall_s", "faults", "launches", "lanes", "replays", "migrated_bytes", "evictions",
-              "counters")
+              "backend", "driver", "footprint", "device_bytes", "oversub_effective", "ok", "check", "check_detail",
+              "error", "modelled_s", "wall_s", "faults", "launches", "lanes", "replays", "migrated_bytes",
+              "evictions", "counters")
 NONDETERMINISTIC = ("wall_s",)
 
 _ONE_EMULATOR = threading.Lock()      # one emulated machine at a time per process (a Dask worker's

@@ -132,7 +132,6 @@ def make_point(workload, backend, footprint=None, policies=(), oversub=1.0, seed
 
 
 def cmd_run(opt):
-    from .. import experiments as X
     from .. import workloads as W
     con = console(json_on_stdout=opt.json)
     if opt.list:
