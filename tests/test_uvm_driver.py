@@ -10,7 +10,7 @@ import pytest
 
 from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
 from hmmgpu import workloads as W
-from hmmgpu.drivers.uvm import POLICY_NAMES, Fifo, UvmDriver, make_policies
+from hmmgpu.drivers.uvm import POLICY_NAMES, Fifo, UvmAccessCounters, UvmDriver, UvmThrashing, make_policies
 from hmmgpu.drivers.uvm.counters import COUNTER_NAMES
 
 from invariants import check_system
@@ -225,3 +225,136 @@ def test_arguments_are_checked_and_close_is_final(mm_system_factory):
             fn()
         assert ei.value.errno == errno.EBADF
     assert np.array_equal(proc.read(a, 4 * PAGE_SIZE).view(np.uint32), data)
+
+
+# -- P2: one test per policy effect and per piece of advice -----------------------------------------
+def rig(system_factory, nblocks=2, **kw):
+    system = system_factory(ram_bytes=48 << 20)
+    proc = system.spawn()
+    base = blocks_mmap(proc, nblocks)
+    data = fill(proc, base, nblocks * BLOCK, seed=5)
+    return system, proc, base, data, UvmDriver(system, proc, base, base + nblocks * MB2, **kw)
+
+
+def test_a_page_bounced_within_the_lapse_is_throttled_then_pinned(mm_system_factory):
+    """A page the device writes and the CPU writes in turn (each bounce well inside the 500 us
+    lapse): detected as thrashing at the third event, the device is throttled (it naps on the
+    clock), and after pin_threshold throttling periods the page is pinned on the CPU and mapped
+    remotely: no more migrations, no more faults, both sides' writes land."""
+    _, proc, base, _, drv = rig(mm_system_factory, policies={
+        "prefetch": "none", "thrashing": UvmThrashing(uvm_perf_thrashing_pin_threshold=2)})
+    for i in range(24):
+        drv.jobs.memset(base, i + 1, 16)
+        proc.write(base + 16, np.full(4, i, np.uint32))
+    c = drv.counters()
+    assert c["num_thrashing"] > 0 and c["num_throttle"] > 0 and drv.clock.spent["nap"] > 0
+    assert c["num_pin_remote"] > 0 and c["num_map_remote"] > 0
+    pages_in, faults = c["num_pages_in"], c["gpu_page_fault_count"]
+    drv.jobs.memset(base, 99, 16)
+    proc.write(base + 16, np.full(4, 7, np.uint32))
+    c = drv.counters()
+    assert c["num_pages_in"] == pages_in and c["gpu_page_fault_count"] == faults
+    assert not on_gpu(drv, base, 1)[0]
+    assert (proc.read(base, 16) == 99).all() and (proc.read(base + 16, 16).view(np.uint32) == 7).all()
+    drv.close()
+
+
+def test_without_thrashing_mitigation_the_page_keeps_bouncing(mm_system_factory):
+    _, proc, base, _, drv = rig(mm_system_factory, policies={"prefetch": "none", "thrashing": "none"})
+    for i in range(24):
+        drv.jobs.memset(base, i + 1, 16)
+        proc.write(base + 16, np.full(4, i, np.uint32))
+    c = drv.counters()
+    assert c["num_pages_in"] == 24 and c["num_throttle"] == c["num_pin_remote"] == 0
+    drv.close()
+
+
+def test_an_access_counter_crossing_256_migrates_its_region(mm_system_factory):
+    """Pages preferring the CPU are mapped remotely; once the advice is gone the device's reads
+    through those mappings count per 2 MiB region, and a region crossing the threshold (256)
+    raises a notification whose touched 64 KiB sub-regions migrate (migration enabled).  With
+    migration at its default (off without ATS) the notification is counted and nothing moves."""
+    for enable, moves in ((1, True), (-1, False)):
+        _, proc, base, data, drv = rig(mm_system_factory, policies={
+            "prefetch": "none", "access_counters": UvmAccessCounters(uvm_perf_access_counter_migration_enable=enable)})
+        drv.advise(base, MB2, "set_preferred_location", "cpu")
+        drv.jobs.reduce_sum(base, 300 * PAGE_SIZE)
+        assert not on_gpu(drv, base, BLOCK).any() and drv.counters()["num_map_remote"] == 300
+        assert drv.counters()["num_access_counter_notifications"] == 1      # 300 pages: one crossing
+        drv.advise(base, MB2, "unset_preferred_location", "cpu")
+        drv.jobs.reduce_sum(base, 300 * PAGE_SIZE)
+        c = drv.counters()
+        assert c["num_access_counter_notifications"] == 2
+        if moves:
+            assert c["num_access_counter_migrations"] == 300 and on_gpu(drv, base, 300).all()
+        else:
+            assert c["num_access_counter_migrations"] == 0 and not on_gpu(drv, base, BLOCK).any()
+        r = drv.jobs.reduce_sum(base, 300 * PAGE_SIZE)
+        assert r.value == int(data[:300 * PAGE_SIZE // 4].sum(dtype=np.uint64)) and r.faults == 0
+        drv.close()
+
+
+def test_read_mostly_duplicates_and_collapses_on_a_write(mm_system_factory):
+    """Read-mostly pages read by the device get a device copy beside the CPU's (both valid: the
+    CPU reads its own without a fault); a device write collapses the copies to the device's, a
+    CPU write collapses them to the CPU's; the data stays right throughout."""
+    _, proc, base, data, drv = rig(mm_system_factory, policies={"prefetch": "none"})
+    drv.advise(base, MB2, "set_read_mostly")
+    n = 8
+    want = int(data[:n * PAGE_SIZE // 4].sum(dtype=np.uint64))
+    assert drv.jobs.reduce_sum(base, n * PAGE_SIZE).value == want
+    c = drv.counters()
+    assert c["num_read_duplicates"] == n and on_gpu(drv, base, n).all()
+    assert np.array_equal(proc.read(base, n * PAGE_SIZE).view(np.uint32), data[:n * PAGE_SIZE // 4])
+    assert drv.counters()["cpu_page_fault_count"] == 0                  # the CPU's copy is valid
+    assert drv.jobs.reduce_sum(base, n * PAGE_SIZE).faults == 0        # so is the device's
+    drv.jobs.memset(base, 5, 16)                                        # a device write: page 0
+    c = drv.counters()
+    assert c["num_read_duplicate_invalidates"] == 1 and on_gpu(drv, base, 1)[0]
+    assert (proc.read(base, 16) == 5).all()                          # the CPU faults it home
+    proc.write(base + 3 * PAGE_SIZE, np.full(4, 9, np.uint32))        # a CPU write: page 3
+    r = drv.jobs.reduce_sum(base + 3 * PAGE_SIZE, PAGE_SIZE)
+    page3 = data[3 * PAGE_SIZE // 4:4 * PAGE_SIZE // 4].astype(np.uint64)
+    assert r.value == int(page3[4:].sum()) + 4 * 9
+    assert drv.counters()["num_read_duplicate_invalidates"] == 2
+    assert drv.counters()["num_read_duplicates"] == n + 1           # page 3 read again: duplicated again
+    drv.advise(base, MB2, "unset_read_mostly")                       # the other 7 collapse
+    assert drv.counters()["num_read_duplicate_invalidates"] == 2 + (n - 1)
+    assert not on_gpu(drv, base + PAGE_SIZE, n - 1).any()
+    drv.close()
+
+
+def test_preferred_location_cpu_maps_remotely_and_accessed_by_avoids_faults(mm_system_factory):
+    _, proc, base, data, drv = rig(mm_system_factory)
+    drv.advise(base, MB2, "set_preferred_location", "cpu")
+    drv.jobs.reduce_sum(base, 64 * PAGE_SIZE)
+    c = drv.counters()
+    assert c["num_pages_in"] == 0 and c["num_map_remote"] == 64
+    drv.advise(base + MB2, MB2, "set_accessed_by", "gpu")        # mapped where they are: no faults
+    r = drv.jobs.reduce_sum(base + MB2, MB2)
+    assert r.faults == 0 and r.value == int(data[BLOCK * PAGE_SIZE // 4:].sum(dtype=np.uint64))
+    drv.close()
+
+
+def test_prefetch_to_the_device_and_back(mm_system_factory):
+    """prefetch(range, "gpu") migrates and maps the range (a job then takes no fault);
+    prefetch(range, "cpu") brings it home (the CPU then takes no fault)."""
+    _, proc, base, data, drv = rig(mm_system_factory)
+    assert drv.prefetch(base, 2 * MB2, "gpu") == 2 * BLOCK
+    assert on_gpu(drv, base, 2 * BLOCK).all()
+    r = drv.jobs.reduce_sum(base, 2 * MB2)
+    assert r.faults == 0 and r.value == int(data.sum(dtype=np.uint64))
+    c = drv.counters()
+    assert c["prefetch_bytes_xfer_htd"] == 4 * MB2 // 2 and c["num_prefetched_pages"] == 0
+    assert drv.prefetch(base, MB2, "cpu") == BLOCK
+    assert not on_gpu(drv, base, BLOCK).any()
+    assert np.array_equal(proc.read(base, MB2).view(np.uint32), data[:BLOCK * PAGE_SIZE // 4])
+    assert drv.counters()["cpu_page_fault_count"] == 0
+    for bad in ((base + 1, MB2, "gpu"), (base, 0, "gpu"), (base - MB2, MB2, "gpu"), (base, MB2, "tpu")):
+        with pytest.raises(OSError) as ei:
+            drv.prefetch(*bad)
+        assert ei.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as ei:
+        drv.advise(base, MB2, "set_read_often")
+    assert ei.value.errno == errno.EINVAL
+    drv.close()
