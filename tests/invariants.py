@@ -25,12 +25,20 @@ mmap_lock or running invalidation may remain):
   writable only where the CPU entry is), and nothing below TASK_SIZE outside a VMA.
 """
 import numpy as np
+import pytest
 
 from hmmgpu.constants import PAGE_SHIFT, TASK_SIZE
 from hmmgpu.mm import pgtable as pt
 from hmmgpu.mm.physmem import PG_ANON, PG_LOCKED, PG_SWAPBACKED
 
 U = np.uint64
+
+
+def errno_of(fn, *a):
+    """The errno of the OSError that ``fn(*a)`` must raise."""
+    with pytest.raises(OSError) as ei:
+        fn(*a)
+    return ei.value.errno
 
 
 def _zero_pages(phys, n):

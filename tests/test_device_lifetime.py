@@ -59,3 +59,28 @@ def test_dmirror_commits_device_memory_chunk_by_chunk():
     assert len(dev.chunks) == 3 and 3 * chunk <= committed() < 8 * chunk
     assert np.array_equal(proc.read(addr, 3 * chunk).view(np.uint64), data)
     m.close()
+
+
+@pytest.mark.gpu
+def test_a_dropped_lazy_arena_is_given_back_at_the_next_allocation_not_by_its_finalizer():
+    """The finalizer of lazy device memory unmapped it through the CUDA driver from wherever the
+    garbage collector started -- once inside a driver call that had called back into Python
+    (the shim's cuMemMap), which deadlocked.  It now only queues the memory; the next lazy
+    allocation gives it back."""
+    import hmmgpu
+    from hmmgpu.drivers import dmirror
+    from hmmgpu.kernels import backend as kb
+
+    def queued(ptr):
+        return any(item[2] == ptr for item in kb._pending)
+
+    system = hmmgpu.System(backend="cupy", ram_bytes=16 << 20)
+    dev = dmirror.DMirrorDevice(system, chunk_pages=512, max_chunks=2)
+    ptr = dev.device.arena.vmm.ptr
+    dev.device.arena.vmm.stream.synchronize()      # nothing queued: only the finalizer decides
+    del system, dev
+    gc.collect()
+    assert queued(ptr), "the finalizer released the memory itself (or it was never released)"
+    system = hmmgpu.System(backend="cupy", ram_bytes=16 << 20)
+    dmirror.DMirrorDevice(system, chunk_pages=512, max_chunks=2)
+    assert not queued(ptr)

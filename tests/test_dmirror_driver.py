@@ -11,6 +11,7 @@ from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
 from hmmgpu.drivers import dmirror
 from hmmgpu.drivers.dmirror import DPT_ATOMIC, DPT_VALID, DPT_WRITE
 from hmmgpu.mm import pgtable as pt
+from invariants import errno_of
 
 RW = PROT_READ | PROT_WRITE
 ANON = MAP_PRIVATE | MAP_ANONYMOUS
@@ -25,12 +26,6 @@ def kind(request):
 @pytest.fixture
 def system():
     return hmmgpu.System(backend=os.environ.get("HMMGPU_BACKEND", "numpy"), ram_bytes=32 << 20)
-
-
-def errno_of(fn, *a):
-    with pytest.raises(OSError) as ei:
-        fn(*a)
-    return ei.value.errno
 
 
 def entries_match_cpu(m, proc, addr, npages):

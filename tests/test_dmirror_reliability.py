@@ -12,6 +12,7 @@ import hmmgpu
 from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
 from hmmgpu.constants import TASK_SIZE
 from hmmgpu.drivers import dmirror
+from invariants import errno_of
 
 P = PAGE_SIZE
 RW = PROT_READ | PROT_WRITE
@@ -27,12 +28,6 @@ def kind(request):
 @pytest.fixture
 def system():
     return hmmgpu.System(backend="numpy", ram_bytes=16 << 20)
-
-
-def errno_of(fn, *a):
-    with pytest.raises(OSError) as ei:
-        fn(*a)
-    return ei.value.errno
 
 
 def no_locked_pages(system):

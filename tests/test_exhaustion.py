@@ -13,6 +13,7 @@ import pytest
 import hmmgpu
 from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
 from hmmgpu.drivers import dmirror
+from invariants import errno_of
 
 P = PAGE_SIZE
 RW = PROT_READ | PROT_WRITE
@@ -60,12 +61,6 @@ def test_oom_kill_from_a_device_fault_tears_the_victim_down(kind):
     B.exit()
     C.exit()
     assert all_free(system, free0, [d])
-
-
-def errno_of(fn, *a):
-    with pytest.raises(OSError) as ei:
-        fn(*a)
-    return ei.value.errno
 
 
 def test_oom_kill_by_rss_from_cpu_faults():

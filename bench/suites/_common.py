@@ -93,18 +93,7 @@ class Workload:
     # the migration itself (what hmm_bench.py times): setup, alloc+copy, pages, map, finalize
     def to_dev(self):
         hmm = need("hmmgpu.hmm", "the HMM core")
-        m = self.mirror
-        with self.proc.mm.mmap_lock.read():
-            self.vma = self.proc.mm.find_vma(self.addr)
-            args = hmm.MigrateVma(self.vma, self.addr, self.addr + self.nbytes, pgmap_owner=self.dev,
-                                  flags=hmm.MIGRATE_VMA_SELECT_SYSTEM)
-            ret = hmm.migrate_vma_setup(args)
-            if ret:
-                raise OSError(-ret, "migrate_vma_setup failed")
-            m._migrate_alloc_and_copy(args)
-            hmm.migrate_vma_pages(args)
-            m._migrate_finalize_and_map(args)
-            hmm.migrate_vma_finalize(args)
+        self.vma = dmirror_migrate_steps(self.mirror, self.addr, self.nbytes, self.dev, hmm.MIGRATE_VMA_SELECT_SYSTEM)
 
     def to_sys(self):
         r = self.mirror.migrate_to_sys(self.addr, self.npages)
@@ -122,6 +111,24 @@ class Workload:
 
 
 # -- NumPy baselines ------------------------------------------------------------------------------
+
+def dmirror_migrate_steps(mirror, addr, nbytes, owner, flags):
+    """dmirror_migrate_to_device() step by step (setup, alloc+copy, pages, map, finalize) on
+    [addr, addr+nbytes) of the mirror's process: what the migration rows time.  Returns the VMA."""
+    hmm = need("hmmgpu.hmm", "the HMM core")
+    mm = mirror.proc.mm
+    with mm.mmap_lock.read():
+        vma = mm.find_vma(addr)
+        args = hmm.MigrateVma(vma, addr, addr + nbytes, pgmap_owner=owner, flags=flags)
+        ret = hmm.migrate_vma_setup(args)
+        if ret:
+            raise OSError(-ret, "migrate_vma_setup failed")
+        mirror._migrate_alloc_and_copy(args)
+        hmm.migrate_vma_pages(args)
+        mirror._migrate_finalize_and_map(args)
+        hmm.migrate_vma_finalize(args)
+    return vma
+
 
 def numpy_copy(frames, pfns):
     """BestOf the plain NumPy ways to copy pages ``pfns`` of ``frames`` somewhere else: fancy

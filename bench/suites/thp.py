@@ -22,7 +22,7 @@ import gc
 import numpy as np
 
 from ..measure import Skip
-from ._common import PAGE, need, shuffle_free_list, size_label
+from ._common import PAGE, dmirror_migrate_steps, need, shuffle_free_list, size_label
 
 NAME = "thp"
 DESCRIPTION = "benchmark_thp_migration: migrate 2 MiB folios vs the same bytes as 4 KiB pages, both ways"
@@ -71,18 +71,8 @@ class _Pair:
     def migrate(self, kind):
         """The migration to the device alone, the steps dmirror_migrate_to_device() takes."""
         hmm = need("hmmgpu.hmm", "the HMM core")
-        m, a = self.mirror, self.addr[kind]
-        with self.proc.mm.mmap_lock.read():
-            vma = self.proc.mm.find_vma(a)
-            args = hmm.MigrateVma(vma, a, a + self.nbytes, pgmap_owner=self.dev,
-                                  flags=hmm.MIGRATE_VMA_SELECT_SYSTEM | hmm.MIGRATE_VMA_SELECT_COMPOUND)
-            ret = hmm.migrate_vma_setup(args)
-            if ret:
-                raise OSError(-ret, "migrate_vma_setup failed")
-            m._migrate_alloc_and_copy(args)
-            hmm.migrate_vma_pages(args)
-            m._migrate_finalize_and_map(args)
-            hmm.migrate_vma_finalize(args)
+        dmirror_migrate_steps(self.mirror, self.addr[kind], self.nbytes, self.dev,
+                              hmm.MIGRATE_VMA_SELECT_SYSTEM | hmm.MIGRATE_VMA_SELECT_COMPOUND)
         self.on_dev[kind] = True
 
     def to_sys(self, kind):

@@ -176,27 +176,24 @@ class LazyDeviceMemory:
 
 
 
-# Lazy memory whose owner is gone, waiting for its stream's queued work to finish.  The owner's
-# finalizer never waits (it may run in the middle of any allocation, locks held), so memory
-# whose stream is still busy is given back at the next lazy allocation or commit instead.
+# Lazy memory whose owner is gone.  The owner's finalizer only queues it here: a finalizer runs
+# wherever the garbage collector happens to start, inside a driver call or with locks held, and
+# must not call the CUDA driver from there.  The memory is given back at the next lazy
+# allocation or commit, once its stream's queued work is done.
 _pending = []
 
 
 def _lazy_released(item):
     _pending.append(item)
-    _release_pending(wait=False)
 
 
-def _release_pending(wait=True):
+def _release_pending():
     while _pending:
         try:
             item = _pending.pop(0)                    # atomic: no other caller releases it too
         except IndexError:
             return
         gpu, stream, ptr, size, maps = item
-        if not wait and not stream.done:
-            _pending.append(item)
-            return
         try:
             with cupy.cuda.Device(gpu):
                 if not stream.done:
