@@ -178,6 +178,21 @@ def test_three_times_oversubscribed_with_a_cpu_thread_makes_progress(mm_system_f
     check_system(system)
 
 
+def test_every_decision_is_a_trace_event(mm_system_factory):
+    from hmmgpu import trace
+    t = trace.enable()
+    try:
+        w = streaming()
+        _, _, drv = run_workload(mm_system_factory, w, 0.5)
+        drv.close()
+    finally:
+        trace.disable()
+    names = {e[1] for e in t.events if e[5] == "gpu0/policy"}
+    assert {"prefetch", "evict"} <= names
+    ev = [e[6] for e in t.events if e[1] == "evict" and e[5] == "gpu0/policy"]
+    assert ev and all(a["policy"] == "lru" and a["modelled_ns"] > 0 for a in ev)
+
+
 def test_same_seed_same_modelled_time_and_counters(mm_system_factory):
     runs = []
     for _ in range(2):

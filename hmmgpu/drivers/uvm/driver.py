@@ -29,7 +29,10 @@ back into the PMM and its VA-block residency at its next step.
 
 Time is an EmulatedClock (``drv.clock``) advanced by the CostModel of ``profile`` for every
 fault batch, copy (H2D / D2H), remote access, replay and job launch; ``drv.counters()`` has
-UVM's names (counters.py).
+UVM's names (counters.py).  With tracing on (hmmgpu.trace) every decision -- what a drain
+migrates, prefetches, duplicates or maps remotely, each eviction and its victim, thrashing hints,
+access-counter notifications, read-duplicate collapses -- is an event on the ``NAME/policy``
+track, stamped with the modelled time.
 """
 import errno
 import threading
@@ -218,6 +221,11 @@ class UvmDriver:
         with self._clock_lock:
             uvm_counters.add(self._counters, **deltas)
 
+    def _decision(self, name, cat=trace.CAT_MIGRATE, **args):
+        """A trace event for a policy decision, stamped with the modelled time (when tracing)."""
+        if trace.enabled:
+            trace.instant(name, cat, track=f"{self.name}/policy", modelled_ns=self.clock.now_ns, **args)
+
     # -- the mmu interval notifier op ---------------------------------------------------------
     def invalidate(self, mni, range, cur_seq):
         s, e = max(range.start, self.start), min(range.end, self.end)
@@ -269,7 +277,9 @@ class UvmDriver:
         pfn0 = self.pfn_base + int(root) * n
         src = np.zeros(n, _U)
         dst = np.zeros(n, _U)
-        with trace.span("evict", trace.CAT_MIGRATE, track=f"{self.name}/migrate", root=int(root)):
+        self._decision("evict", trace.CAT_EVICT, root=int(root), policy=self.policies["eviction"].name,
+                       pages=int(frames.size))
+        with trace.span("evict", trace.CAT_EVICT, track=f"{self.name}/migrate", root=int(root)):
             migrate_device_range(self.system, src, pfn0, n)
             sel = device_selection(self.system, src, n)
             if sel.size:
@@ -357,6 +367,7 @@ class UvmDriver:
         while self.access_counters.pending():
             notes = self.access_counters.fetch(self._ac_batch)
             self._count(num_access_counter_notifications=len(notes))
+            self._decision("access counter notifications", notifications=len(notes))
             with self.pmm_lock:
                 rows, masks = policy.on_notifications(notes, self.blocks, GPU, self.clock.now_ns)
                 if rows.size:       # advice wins: pages preferring the CPU stay there
@@ -426,6 +437,7 @@ class UvmDriver:
         self._ndup -= int(vpns.size)
         self.pmm.free(frames)
         self._count(num_read_duplicate_invalidates=vpns.size)
+        self._decision("read duplicate collapse", pages=int(vpns.size))
 
     def _duplicate(self, vma, vpns):
         """Read-duplicate ``vpns`` (sorted, CPU pages of ``vma``): a device copy mapped read-only
@@ -469,6 +481,7 @@ class UvmDriver:
                     self._ndup += int(f.size)
                     self.pmm.unpin_allocated(f)
         self._count(num_read_duplicates=done.size, num_pages_in=done.size, bytes_xfer_htd=done.size * PAGE_SIZE)
+        self._decision("read duplicate", pages=int(done.size))
         return done
 
     def _copy_and_map_duplicates(self, vpns, frames):
@@ -602,6 +615,9 @@ class UvmDriver:
                                      preferred=pref[k])
                 pinned_away = hints.pin & (hints.residency != GPU)
                 need[k[pinned_away]] = False
+                if hints.pin.any() or hints.throttle.any():
+                    self._decision("thrashing hint", pin=int(hints.pin.sum()), pinned_away=int(pinned_away.sum()),
+                                   throttle=int(hints.throttle.sum()))
                 if hints.throttle.any():                  # the faulting device naps until the period ends
                     with self._clock_lock:
                         self.clock.advance_to(int(hints.end_ns[hints.throttle].max()), "nap")
@@ -617,6 +633,8 @@ class UvmDriver:
             extra &= ~self.blocks.read_duplication[rows]
             extra[ri, pg] = False
             er, ep = np.nonzero(extra)
+        self._decision("prefetch", policy=self.policies["prefetch"].name, faulted=int(need.sum()),
+                       prefetched=int(er.size), duplicate=int(dup.sum()), remote=int(fv.size - need.sum() - dup.sum()))
         return fv[need], ub[er] * PAGES + ep, fv[dup]
 
     def _migrate_range(self, vpns, cause):
