@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
+from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
+from hmmgpu.device import JobFault
 from hmmgpu import workloads as W
 from hmmgpu.drivers.uvm import POLICY_NAMES, Fifo, UvmAccessCounters, UvmDriver, UvmThrashing, make_policies
 from hmmgpu.drivers.uvm.counters import COUNTER_NAMES
@@ -372,4 +373,31 @@ def test_prefetch_to_the_device_and_back(mm_system_factory):
     with pytest.raises(OSError) as ei:
         drv.advise(base, MB2, "set_read_often")
     assert ei.value.errno == errno.EINVAL
+    drv.close()
+
+
+def test_a_fatal_fault_names_the_page_that_failed(mm_system_factory):
+    """As MirrorGpu: reduce_sum over pages whose fourth is PROT_NONE names that page (EFAULT); a
+    hole past the VMA is EFAULT at its page; a write to a read-only mapping is EPERM at its page,
+    and nothing is written there; the pages before the bad one were serviced (migrated)."""
+    system = mm_system_factory(ram_bytes=48 << 20)
+    proc = system.spawn()
+    a = blocks_mmap(proc, 1)
+    fill(proc, a, 8, seed=6)
+    proc.munmap(a + 8 * PAGE_SIZE, MB2 - 8 * PAGE_SIZE)
+    proc.mprotect(a + 3 * PAGE_SIZE, PAGE_SIZE, PROT_NONE)
+    proc.mprotect(a + 6 * PAGE_SIZE, 2 * PAGE_SIZE, PROT_READ)
+    drv = UvmDriver(system, proc, a, a + 16 * PAGE_SIZE, policies={"prefetch": "none"})
+    with pytest.raises(JobFault) as ei:
+        drv.jobs.reduce_sum(a, 4 * PAGE_SIZE)
+    assert ei.value.errno == errno.EFAULT and ei.value.address == a + 3 * PAGE_SIZE
+    assert on_gpu(drv, a, 3).all()
+    with pytest.raises(JobFault) as ei:
+        drv.jobs.reduce_sum(a + 4 * PAGE_SIZE, 12 * PAGE_SIZE)
+    assert ei.value.errno == errno.EFAULT and ei.value.address == a + 8 * PAGE_SIZE
+    with pytest.raises(JobFault) as ei:
+        drv.jobs.memset(a + 4 * PAGE_SIZE, 1, 4 * PAGE_SIZE)
+    assert ei.value.errno == errno.EPERM and ei.value.address == a + 6 * PAGE_SIZE
+    assert (proc.read(a + 6 * PAGE_SIZE, 2 * PAGE_SIZE) != 1).any()
+    assert drv.counters()["num_pages_in"] > 0
     drv.close()
