@@ -1,7 +1,10 @@
 """UvmDriver: the UVM-class driver on the HMM core -- oversubscription with eviction (data intact,
 rss and memcg right), the eviction policy's choice of root chunk, the density prefetcher through
 the fault path, progress of a 3x-oversubscribed working set beside a CPU faulting thread, the
-same modelled time and counters from the same seed, policies by name, argument errors."""
+same modelled time and counters from the same seed, policies by name, argument errors, fatal
+faults; then one test per policy effect: thrashing throttled then pinned (and not without the
+policy), an access counter crossing 256 migrating its region, read duplication and its collapse,
+preferred location and accessed-by, prefetch both ways; every decision a trace event."""
 import errno
 import threading
 
@@ -9,8 +12,8 @@ import numpy as np
 import pytest
 
 from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
-from hmmgpu.device import JobFault
 from hmmgpu import workloads as W
+from hmmgpu.device import JobFault
 from hmmgpu.drivers.uvm import POLICY_NAMES, Fifo, UvmAccessCounters, UvmDriver, UvmThrashing, make_policies
 from hmmgpu.drivers.uvm.counters import COUNTER_NAMES
 
