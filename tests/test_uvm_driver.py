@@ -91,12 +91,14 @@ def test_counters_have_uvm_names_and_the_clock_moves(mm_system_factory):
     drv.close()
 
 
+@pytest.mark.parametrize("touch", ["cpu", "remap"])
 @pytest.mark.parametrize("policy, victim", [("lru", "b"), ("fifo", "a")])
-def test_the_eviction_policy_picks_the_root_chunk(mm_system_factory, policy, victim):
+def test_the_eviction_policy_picks_the_root_chunk(mm_system_factory, policy, victim, touch):
     """Two root chunks of device memory, blocks a, b, c touched in turn (whole blocks: the
-    "block" prefetcher).  Between b and c, a CPU access to one page of a and the device's touch
-    of it again reuse a's root: LRU then evicts b's root (the least recently used), FIFO a's
-    (allocated first)."""
+    "block" prefetcher).  Between b and c, a's root is used again -- a CPU access to one page of
+    a and the device's touch of it (a chunk freed and allocated again), or an invalidation of a's
+    mappings and the device's touch that maps its pages again (uvm_pmm_gpu_mark_root_chunk_used)
+    -- so LRU then evicts b's root (the least recently used), FIFO a's (allocated first)."""
     system = mm_system_factory(ram_bytes=64 << 20)
     proc = system.spawn()
     base = blocks_mmap(proc, 3)
@@ -108,9 +110,13 @@ def test_the_eviction_policy_picks_the_root_chunk(mm_system_factory, policy, vic
     drv.jobs.reduce_sum(b, PAGE_SIZE)
     assert on_gpu(drv, a, BLOCK).all() and on_gpu(drv, b, BLOCK).all()
     assert drv.pmm.stats["root_chunks_evicted"] == 0
-    proc.read(a + 7 * PAGE_SIZE, 4)                  # the CPU takes one page of a home ...
-    assert drv.counters()["cpu_page_fault_count"] == 1 and not on_gpu(drv, a + 7 * PAGE_SIZE, 1)[0]
-    drv.jobs.reduce_sum(a + 7 * PAGE_SIZE, 16)      # ... and the device brings it back
+    if touch == "cpu":
+        proc.read(a + 7 * PAGE_SIZE, 4)               # the CPU takes one page of a home ...
+        assert drv.counters()["cpu_page_fault_count"] == 1 and not on_gpu(drv, a + 7 * PAGE_SIZE, 1)[0]
+    else:
+        proc.mprotect(a, MB2, PROT_READ)              # a's device mappings are invalidated ...
+        proc.mprotect(a, MB2, RW)
+    assert drv.jobs.reduce_sum(a + 7 * PAGE_SIZE, 16).faults == 1     # ... and the device touches a again
     drv.jobs.reduce_sum(c, PAGE_SIZE)
     assert drv.counters()["num_evictions"] == 1 and on_gpu(drv, c, BLOCK).all()
     gone, kept = (b, a) if victim == "b" else (a, b)

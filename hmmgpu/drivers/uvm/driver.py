@@ -855,6 +855,10 @@ class UvmDriver:
                 rv = vpns[pfns < self.system.phys.nr_ram]
                 self._remote[rv - self._vpn0] = True
             self._mapped_remote(rv)
+            local = pfns[self.device.owns(pfns)]
+            if local.size:               # uvm_pmm_gpu_mark_root_chunk_used: LRU sees the use
+                with self.pmm_lock:
+                    self.pmm.mark_root_chunk_used(local - self.pfn_base)
             return errs
         return np.full(v.size, errno.EBUSY, np.int64)
 
