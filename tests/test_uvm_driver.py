@@ -410,3 +410,74 @@ def test_a_fatal_fault_names_the_page_that_failed(mm_system_factory):
     assert (proc.read(a + 6 * PAGE_SIZE, 2 * PAGE_SIZE) != 1).any()
     assert drv.counters()["num_pages_in"] > 0
     drv.close()
+
+
+# -- the hmm_range_fault path (pages that stay in system memory), as MirrorGpu's tests have it ------
+def remote_only(system, proc, a, n, **kw):
+    """A driver whose faults map the pages remotely (their preferred location is the CPU)."""
+    drv = UvmDriver(system, proc, a, a + n * PAGE_SIZE, **kw)
+    drv.advise(a, n * PAGE_SIZE, "set_preferred_location", "cpu")
+    return drv
+
+
+def test_a_cold_job_is_serviced_in_passes_with_one_update_each(mm_system_factory):
+    """6,000 faulting pages: passes of 20 x 256 faults, each one driver call answered by one
+    page-table command buffer; lanes launched stay 2n; the fault batches cost the clock."""
+    system = mm_system_factory(ram_bytes=64 << 20)
+    proc = system.spawn()
+    n = 6000
+    a = proc.mmap(n * PAGE_SIZE, RW, ANON)
+    data = fill(proc, a, n, seed=7)
+    drv = remote_only(system, proc, a, n)
+    calls = []
+    svc = drv.device.service
+    drv.device.service = lambda f: (calls.append(len(f)), svc(f))[1]
+    sub0 = drv.pt.stats["pt_submissions"]
+    r = drv.jobs.reduce_sum(a, n * PAGE_SIZE)
+    assert r.value == int(data.sum(dtype=np.uint64)) and r.faults == n
+    assert calls == [5120, 880] and r.rounds == [n, 5120, 880]
+    # one command buffer per call, and one after the job (the access counters' accessed bits)
+    assert drv.pt.stats["pt_submissions"] - sub0 <= 2 * len(calls) + 1
+    c = drv.counters()
+    assert c["num_map_remote"] == n and c["num_pages_in"] == 0 and c["num_fault_batches"] == 24
+    assert drv.clock.spent["fault_batch"] == drv.cost.fault_batch_ns(24)
+    assert drv.jobs.reduce_sum(a, n * PAGE_SIZE).faults == 0          # all mapped now
+    drv.close()
+
+
+def test_sparse_faults_fault_in_only_their_pages(mm_system_factory):
+    """Faults 3 pages apart in untouched memory: one hmm_range_fault over the run asks for the
+    faulted pages only, so the CPU allocates nothing for the pages in between."""
+    from hmmgpu.device.faults import ACCESS_WRITE, FaultBatch
+    system = mm_system_factory(ram_bytes=48 << 20)
+    proc = system.spawn()
+    a = proc.mmap(64 * PAGE_SIZE, RW, ANON)
+    drv = remote_only(system, proc, a, 64)
+    vpns = (a >> 12) + np.arange(0, 64, 3)
+    f = FaultBatch(vpns.astype(np.uint64) << np.uint64(12), np.full(vpns.size, ACCESS_WRITE),
+                   np.arange(vpns.size), np.zeros(vpns.size))
+    before = proc.rss["anon"]
+    assert drv.service(f) is None
+    assert proc.rss["anon"] - before == vpns.size
+    ent = drv.pt.lookup((a >> 12) + np.arange(64))
+    assert np.flatnonzero(ent).tolist() == list(range(0, 64, 3))
+    drv.close()
+
+
+def test_pages_in_another_devices_coherent_memory_move_home_first(mm_system_factory):
+    """A page in another device's coherent memory is not addressable by this device: with the
+    CPU preferred, the service moves it to system memory and maps it remotely."""
+    from hmmgpu.drivers import dmirror
+    system = mm_system_factory(ram_bytes=48 << 20)
+    proc = system.spawn()
+    other = dmirror.DMirrorDevice(system, memory="coherent", chunk_pages=64, max_chunks=1)
+    a = proc.mmap(16 * PAGE_SIZE, RW, ANON)
+    data = fill(proc, a, 16, seed=8)
+    m = other.open(proc)
+    assert m.migrate_to_dev(a, 16).cpages == 16
+    drv = remote_only(system, proc, a, 16)
+    assert drv.jobs.reduce_sum(a, 16 * PAGE_SIZE).value == int(data.sum(dtype=np.uint64))
+    ent = drv.pt.lookup((a >> 12) + np.arange(16)) >> np.uint64(12)
+    assert (ent < system.phys.nr_ram).all() and drv.counters()["num_map_remote"] == 16
+    drv.close()
+    m.close()
