@@ -1040,7 +1040,7 @@ class UvmDriver:
         """Bring the device pages among ``vpns`` (sorted) back to system memory, VMA by VMA
         (migrate_vma of the device-private pages, the copy, pages and finalize)."""
         mm = self.proc.mm
-        moved, dups = [], np.zeros(0, np.int64)
+        moved = [np.zeros(0, np.int64)]
         with self.pmm_lock:
             d = self._duplicates(vpns)
             if d.any():
@@ -1060,7 +1060,7 @@ class UvmDriver:
                 finally:
                     migrate_vma_finalize(args)
                 moved.append((s >> PAGE_SHIFT) + sel)
-        moved = np.concatenate(moved) if moved else dups
+        moved = np.concatenate(moved)
         self._charge(self.cost.dma_ns("d2h", _runs_of(moved)), "copy_d2h")
         self._count(num_pages_out=moved.size, bytes_xfer_dth=moved.size * PAGE_SIZE,
                     prefetch_bytes_xfer_dth=moved.size * PAGE_SIZE)
