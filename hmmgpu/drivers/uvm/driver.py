@@ -335,7 +335,9 @@ class UvmDriver:
         CPU page changed (an invalidation) or was written (its soft-dirty bit)."""
         self._reap()
         thr = self.policies["thrashing"]
-        with self.pmm_lock:
+        mm = self.proc.mm
+        # the lock order everywhere: mmap_lock, then pmm_lock, then the driver lock
+        with mm.mmap_lock.read(), self.pmm_lock:
             while self._cpu_events:
                 vpns, t, cause = self._cpu_events.pop(0)
                 rows, masks = self._masks(vpns)
@@ -400,7 +402,8 @@ class UvmDriver:
         return out
 
     def _changed_duplicates(self):
-        """The vpns of read duplicates to collapse: invalidated since, or written by the CPU."""
+        """The vpns of read duplicates to collapse: invalidated since, or written by the CPU
+        (mmap_lock and pmm_lock held)."""
         frames = np.flatnonzero(self._dup_pfn >= 0)
         vpns = self._frame_vpn[frames]
         bad = np.zeros(vpns.size, bool)
@@ -408,15 +411,14 @@ class UvmDriver:
             s, e = self._stale.pop()
             bad |= (vpns >= s) & (vpns < e)
         mm = self.proc.mm
-        with mm.mmap_lock.read():
-            for vma in mm.vmas_in(int(vpns.min(initial=0)) << PAGE_SHIFT, (int(vpns.max(initial=0)) + 1) << PAGE_SHIFT):
-                inside = (vpns >= vma.start >> PAGE_SHIFT) & (vpns < vma.end >> PAGE_SHIFT)
-                if not inside.any():
-                    continue
-                pte = vma.pte[vpns[inside] - (vma.start >> PAGE_SHIFT)]
-                written = (~cpu_pt.pte_present(pte) | ((pte & cpu_pt.PTE_DIRTY) != 0)
-                           | (cpu_pt.pte_pfn(pte) != self._dup_pfn[frames[inside]]))
-                bad[inside] |= written
+        for vma in mm.vmas_in(int(vpns.min(initial=0)) << PAGE_SHIFT, (int(vpns.max(initial=0)) + 1) << PAGE_SHIFT):
+            inside = (vpns >= vma.start >> PAGE_SHIFT) & (vpns < vma.end >> PAGE_SHIFT)
+            if not inside.any():
+                continue
+            pte = vma.pte[vpns[inside] - (vma.start >> PAGE_SHIFT)]
+            written = (~cpu_pt.pte_present(pte) | ((pte & cpu_pt.PTE_DIRTY) != 0)
+                       | (cpu_pt.pte_pfn(pte) != self._dup_pfn[frames[inside]]))
+            bad[inside] |= written
         return vpns[bad]
 
     def _collapse(self, vpns):
