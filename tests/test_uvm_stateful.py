@@ -1,6 +1,8 @@
 """A hypothesis state machine driving UvmDriver under 3x oversubscription -- device and CPU reads
-and writes, eviction, the prefetchers, explicit prefetch both ways, read duplication and the
-preferred location -- against a flat model of the bytes.
+and writes, eviction, the prefetchers, explicit prefetch both ways, read duplication, the
+preferred location and accessed-by, and (in the eager variant) thrashing pins after one
+throttling period and access-counter migrations at a threshold of 16 -- against a flat model of
+the bytes.
 
 After every step: every page reads (by the CPU and by the device) what the model says; the PMM's
 invariants hold and every device frame a VA block names is owned by that block and by no other
@@ -14,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import hmmgpu
 from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
-from hmmgpu.drivers.uvm import POLICY_NAMES, UvmDriver
+from hmmgpu.drivers.uvm import POLICY_NAMES, UvmAccessCounters, UvmDriver, UvmThrashing
 from invariants import check_system
 
 MB2 = 2 << 20
@@ -29,15 +31,20 @@ ranges = st.tuples(st.integers(0, NPAGES - 1), st.integers(1, 700)).map(
 class UvmMachine(RuleBasedStateMachine):
 
     @initialize(eviction=st.sampled_from(sorted(POLICY_NAMES["eviction"])),
-                prefetch=st.sampled_from(sorted(POLICY_NAMES["prefetch"])))
-    def setup(self, eviction, prefetch):
+                prefetch=st.sampled_from(sorted(POLICY_NAMES["prefetch"])), eager=st.booleans())
+    def setup(self, eviction, prefetch, eager):
         self.system = hmmgpu.System(backend="numpy", ram_bytes=32 << 20)
         self.proc = self.system.spawn()
         a = self.proc.mmap((NBLOCKS + 1) * MB2, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
         self.base = -(-a // MB2) * MB2
         self.model = np.zeros(NPAGES * PAGE_SIZE, np.uint8)
+        policies = {"eviction": eviction, "prefetch": prefetch}
+        if eager:            # pins after one throttling period, access-counter migrations on
+            policies["thrashing"] = UvmThrashing(uvm_perf_thrashing_pin_threshold=1)
+            policies["access_counters"] = UvmAccessCounters(uvm_perf_access_counter_migration_enable=1,
+                                                            uvm_perf_access_counter_threshold=16)
         self.drv = UvmDriver(self.system, self.proc, self.base, self.base + NBLOCKS * MB2, device_bytes=MB2,
-                             policies={"eviction": eviction, "prefetch": prefetch}, seed=3)
+                             policies=policies, seed=3)
         self.k = 0
 
     def teardown(self):
@@ -81,7 +88,7 @@ class UvmMachine(RuleBasedStateMachine):
         self.drv.prefetch(addr, n, dst)
 
     @rule(r=ranges, advice=st.sampled_from(["set_read_mostly", "unset_read_mostly", "set_preferred_location",
-                                            "unset_preferred_location"]),
+                                            "unset_preferred_location", "set_accessed_by", "unset_accessed_by"]),
           where=st.sampled_from(["cpu", "gpu"]))
     def advise(self, r, advice, where):
         addr, n, _ = self._span(r)
@@ -105,5 +112,5 @@ class UvmMachine(RuleBasedStateMachine):
 
 
 TestUvm = UvmMachine.TestCase
-TestUvm.settings = settings(max_examples=20, stateful_step_count=25, deadline=None, derandomize=True,
+TestUvm.settings = settings(max_examples=30, stateful_step_count=25, deadline=None, derandomize=True,
                             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
