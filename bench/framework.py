@@ -35,7 +35,7 @@ import time
 
 from .measure import EMULATED_LABEL, Ctx, Skip, Unavailable
 
-SUITE_ORDER = ("migration", "jobs", "faults", "prefetch", "scaling", "device", "fallback", "thp")
+SUITE_ORDER = ("migration", "jobs", "faults", "prefetch", "scaling", "device", "fallback", "thp", "policies")
 
 
 class _Broken:
