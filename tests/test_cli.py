@@ -263,6 +263,19 @@ def test_run_table_on_stdout(capsys):
     assert "mvt_kernel1" in cap.out and "ok" in cap.out and "wall time" in cap.out and cap.err == ""
 
 
+def test_run_replays_a_trace_file(capsys, tmp_path):
+    """``hmmgpu run trace --param path=FILE``: a captured page-access trace, replayed and checked."""
+    import numpy as np
+    from hmmgpu import workloads
+    rng = np.random.default_rng(0)
+    vaddr = 0x7F0000000000 + rng.integers(0, 3 << 20, 300) // 8 * 8
+    workloads.save_trace(str(tmp_path / "t.npz"), np.arange(300) // 50, vaddr, rng.integers(0, 2, 300))
+    assert cli.main(["run", "trace", "--param", f"path={tmp_path / 't.npz'}", "--param", "batch=64", "--json",
+                     "--backend", "numpy"]) == 0
+    r = json.loads(capsys.readouterr().out)["result"]
+    assert r["ok"] and r["launches"] == 5 and r["faults"] > 0 and r["params"]["batch"] == 64
+
+
 def test_run_list(capsys):
     assert cli.main(["run", "--list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

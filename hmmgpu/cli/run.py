@@ -24,7 +24,8 @@ EPILOG = """\
 examples:
   hmmgpu run --list                         the workloads and their default footprints
   hmmgpu run gemm                           GEMM at its default size, device memory = footprint
-  hmmgpu run atax --oversub 1.25            working set 1.25 x device memory (UVMBench's 125%)
+  hmmgpu run atax --footprint 10M --oversub 1.25
+                                            working set 1.25 x device memory (UVMBench's 125%)
   hmmgpu run hotspot --footprint 4M --seed 3
   hmmgpu run kmeans --param reps=5 --json > kmeans.json
   hmmgpu run trace --param path=run.npz     replay a page-access trace (docs/workloads.md)
