@@ -188,6 +188,31 @@ def test_three_times_oversubscribed_with_a_cpu_thread_makes_progress(mm_system_f
     check_system(system)
 
 
+def test_a_job_whose_pass_outgrows_device_memory_finishes(mm_system_factory, monkeypatch):
+    """BICG's second kernel: each of 1,024 lanes reads its row of A (4 MiB, two VA blocks) and the
+    vectors, so one pass needs more pages than the two root chunks hold.  Each drain brought one
+    half of A in by evicting the other, the replayed lanes faulted on that half, and the job never
+    ended.  A page evicted during a job is now mapped remotely when it faults again in that job:
+    the job ends after a few passes, its result exact."""
+    calls = [0]
+    real = UvmDriver.service
+
+    def service(self, faults):
+        calls[0] += 1
+        assert calls[0] < 2000, "the fault path is livelocked: 2,000 passes"
+        return real(self, faults)
+
+    monkeypatch.setattr(UvmDriver, "service", service)
+    w = W.get("bicg")(seed=0)
+    system, proc, drv = run_workload(mm_system_factory, w, 0.99)
+    assert drv.device_bytes < w.footprint
+    assert w.check()
+    c = drv.counters()
+    assert c["num_evictions"] > 0 and c["num_map_remote"] > 0
+    drv.close()
+    check_system(system)
+
+
 def test_every_decision_is_a_trace_event(mm_system_factory):
     from hmmgpu import trace
     t = trace.enable()

@@ -126,6 +126,8 @@ class _Jobs:
             except JobFault:
                 drv._charge(drv.cost.launch_ns(), "launch")      # it ran, up to its fatal fault
                 raise
+            finally:
+                drv._job_evicted[:] = False
             drv._charge(drv.cost.launch_ns(), "launch")
             drv._after_job()
             return result
@@ -187,6 +189,12 @@ class UvmDriver:
         self._ac_batch = getattr(ac, "uvm_perf_access_counter_batch_count", uvm_perf_access_counter_batch_count)
         self._vpn0 = start >> PAGE_SHIFT
         self._remote = np.zeros((end - start) >> PAGE_SHIFT, bool)   # mapped remotely (access counted)
+        # Evicted during the job that runs now: such a page that faults again in the same job is
+        # mapped remotely, not migrated.  A job lane is replayed whole, so a pass whose pages
+        # outgrow device memory (all lanes' rows of a matrix, plus a vector) evicted the half
+        # it needed next for the half it needed now, and faulted on it again, forever; now each
+        # page moves in at most twice per job, and the job finishes.
+        self._job_evicted = np.zeros((end - start) >> PAGE_SHIFT, bool)
         self._dup_pfn = np.full(nframes, -1, np.int64)       # a read duplicate's frame -> the CPU page it copies
         self._ndup = 0
         self._stale = []                     # invalidated ranges (vpns) that may hold read duplicates
@@ -273,7 +281,9 @@ class UvmDriver:
         dups = frames[self._dup_pfn[frames] >= 0]
         if dups.size:                    # read duplicates: the CPU's copy is as good, drop them
             self._collapse(self._frame_vpn[dups])
-        self._evicted.append(self._frame_vpn[frames[self._frame_vpn[frames] >= 0]])
+        gone = self._frame_vpn[frames[self._frame_vpn[frames] >= 0]]
+        self._evicted.append(gone)
+        self._job_evicted[gone - self._vpn0] = True
         pfn0 = self.pfn_base + int(root) * n
         src = np.zeros(n, _U)
         dst = np.zeros(n, _U)
@@ -607,7 +617,7 @@ class UvmDriver:
             pg = fv % PAGES
             resident = self.blocks.resident[GPU, rows]
             pref = self.blocks.preferred_location[rows[ri], pg].astype(np.int64)
-            need = ~resident[ri, pg] & (pref != UVM_ID_CPU)
+            need = ~resident[ri, pg] & (pref != UVM_ID_CPU) & ~self._job_evicted[fv - self._vpn0]
             dup = need & ~fw & self.blocks.read_duplication[rows[ri], pg]
             need &= ~dup
             now = self.clock.now_ns
@@ -633,6 +643,10 @@ class UvmDriver:
             extra = self.policies["prefetch"].prefetch(ctx)
             extra &= self.blocks.preferred_location[rows] != UVM_ID_CPU
             extra &= ~self.blocks.read_duplication[rows]
+            if self._job_evicted.any():
+                bv = ub[:, None] * PAGES + np.arange(PAGES)
+                inside = (bv >= self._vpn0) & (bv < self._vpn0 + self._job_evicted.size)
+                extra &= ~(inside & self._job_evicted[np.clip(bv - self._vpn0, 0, self._job_evicted.size - 1)])
             extra[ri, pg] = False
             er, ep = np.nonzero(extra)
         self._decision("prefetch", policy=self.policies["prefetch"].name, faulted=int(need.sum()),
