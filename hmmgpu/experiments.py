@@ -7,8 +7,8 @@ device memory, so the device gets ``footprint / R`` bytes), a seed and a backend
 ``run_point(point)`` builds a fresh machine (a ``System``, a process, the workload's arrays and
 a driver), runs the workload, checks its result and returns one flat dict: the check, modelled
 and wall time, faults, migrated bytes, evictions, launches and the driver's counters.  Every
-figure but ``wall_s`` is a function of the point alone (the same on every run, worker and
-backend), which is what makes a sweep resumable and distributable.
+figure but ``wall_s`` is a function of the point alone (the same on every run and worker, and
+by design on either backend), which is what makes a sweep resumable and distributable.
 
 ``sweep(points, out_dir, ...)`` runs points in local worker processes (``ProcessPoolExecutor``,
 spawn) or on a Dask cluster (``scheduler=ADDRESS``, the optional ``[dask]`` extra), skips the
