@@ -192,8 +192,8 @@ def test_a_job_whose_pass_outgrows_device_memory_finishes(mm_system_factory, mon
     """BICG's second kernel: each of 1,024 lanes reads its row of A (4 MiB, two VA blocks) and the
     vectors, so one pass needs more pages than the two root chunks hold.  Each drain brought one
     half of A in by evicting the other, the replayed lanes faulted on that half, and the job never
-    ended.  A page evicted during a job is now mapped remotely when it faults again in that job:
-    the job ends after a few passes, its result exact."""
+    ended.  A page evicted JOB_EVICTIONS_MAX (UVM's thrashing threshold, 3) times during a job is
+    now mapped remotely when it faults again in that job: the job ends, its result exact."""
     calls = [0]
     real = UvmDriver.service
 

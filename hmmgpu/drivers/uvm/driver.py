@@ -44,25 +44,27 @@ from ...constants import PAGE_SHIFT, PAGE_SIZE
 from ...device import EmulatedDevice, JobFault
 from ...device.clock import EmulatedClock
 from ...device.faults import ACCESS_ATOMIC
-from ...device.pagetable import PTE_ACCESSED, PTE_ATOMIC, PTE_WRITE
+from ...device.pagetable import PTE_ACCESSED, PTE_WRITE
 from ...errors import oserror
 from ...hmm.debug import check_device_mappings
-from ...hmm.hmm import (HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE,
-                        HMM_RANGE_DEFAULT_TIMEOUT, HmmRange, hmm_pfn_to_pfn, hmm_range_fault)
+from ...hmm.hmm import (HMM_PFN_REQ_FAULT, HMM_PFN_VALID, HMM_RANGE_DEFAULT_TIMEOUT, HmmRange, hmm_pfn_to_pfn,
+                        hmm_range_fault)
 from ...hmm.memremap import MEMORY_DEVICE_PRIVATE, DevPagemap, memremap_pages, memunmap_pages, zone_device_page_init
 from ...hmm.migrate_device import (MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
-                                   MIGRATE_VMA_SELECT_SYSTEM, MigrateVma, migrate_device_coherent_pages,
-                                   migrate_device_finalize, migrate_device_pages, migrate_device_range, migrate_pfn,
+                                   MIGRATE_VMA_SELECT_SYSTEM, MigrateVma, migrate_device_finalize,
+                                   migrate_device_pages, migrate_device_range, migrate_pfn,
                                    migrate_pfn_to_pfn, migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup)
 from ...mm import pgtable as cpu_pt
 from ...mm.notifier import (MMU_NOTIFY_SOFT_DIRTY, MmuIntervalNotifier, invalidation, mmu_interval_notifier_insert,
                             mmu_interval_notifier_remove, mmu_interval_read_begin, mmu_interval_read_retry,
                             mmu_interval_set_seq)
 from ...mm.vma import VM_READ, VM_WRITE
+from .._range_fault import RangeFaultMirror
 from ..dmirror import VM_FAULT_OOM, VM_FAULT_SIGBUS, device_selection, pages_to_system
 from . import counters as uvm_counters
 from .access_counters import AccessCounterUnit, uvm_perf_access_counter_batch_count, uvm_perf_access_counter_threshold
 from .perf_prefetch import PrefetchContext
+from .perf_thrashing import uvm_perf_thrashing_threshold
 from .pmm import CHUNK_STATE_TEMP_PINNED, FRAMES_PER_ROOT, UVM_CHUNK_SIZE_4K, UVM_CHUNK_SIZE_MAX, EvictionFailed, Pmm
 from .registry import make_policies
 from .va_block import (PAGES_PER_UVM_VA_BLOCK, UVM_ID_CPU, UVM_ID_INVALID, UVM_MAKE_RESIDENT_CAUSE_ACCESS_COUNTER,
@@ -73,8 +75,10 @@ _U = np.uint64
 _MIGRATE = _U(MIGRATE_PFN_MIGRATE)
 _MWRITE = _U(MIGRATE_PFN_WRITE)
 PAGES = PAGES_PER_UVM_VA_BLOCK
-RUN_GAP_PAGES = 512          # faulted pages this close in one VMA share one hmm_range_fault
 MIGRATE_GAP_PAGES = 64       # pages to migrate this close in one VMA share one migrate_vma
+# evictions of one page within one job after which its faults in that job map it remotely: UVM's
+# thrashing threshold (uvm_perf_thrashing_threshold), which is what a page bounced that often is
+JOB_EVICTIONS_MAX = uvm_perf_thrashing_threshold
 GPU = uvm_gpu_id(0)
 PROCESSORS = {"cpu": UVM_ID_CPU, "gpu": GPU}
 # cudaMemAdvise's advice, by the names of cudaMemoryAdvise (cudaMemAdviseSetReadMostly ...)
@@ -127,14 +131,14 @@ class _Jobs:
                 drv._charge(drv.cost.launch_ns(), "launch")      # it ran, up to its fatal fault
                 raise
             finally:
-                drv._job_evicted[:] = False
+                drv._job_evicted[:] = 0
             drv._charge(drv.cost.launch_ns(), "launch")
             drv._after_job()
             return result
         return launch
 
 
-class UvmDriver:
+class UvmDriver(RangeFaultMirror):
     """A UVM-class GPU driver mirroring ``[start, end)`` of ``proc`` (see the module docstring).
 
     ``device_bytes``: device memory (a positive multiple of 2 MiB; None: enough for the whole
@@ -188,13 +192,15 @@ class UvmDriver:
                                                          uvm_perf_access_counter_threshold))
         self._ac_batch = getattr(ac, "uvm_perf_access_counter_batch_count", uvm_perf_access_counter_batch_count)
         self._vpn0 = start >> PAGE_SHIFT
+        self.dev_private_owner = self       # hmm_range_fault leaves our pages device-private
         self._remote = np.zeros((end - start) >> PAGE_SHIFT, bool)   # mapped remotely (access counted)
-        # Evicted during the job that runs now: such a page that faults again in the same job is
-        # mapped remotely, not migrated.  A job lane is replayed whole, so a pass whose pages
-        # outgrow device memory (all lanes' rows of a matrix, plus a vector) evicted the half
-        # it needed next for the half it needed now, and faulted on it again, forever; now each
-        # page moves in at most twice per job, and the job finishes.
-        self._job_evicted = np.zeros((end - start) >> PAGE_SHIFT, bool)
+        # How often each page was evicted during the job that runs now: a page evicted
+        # JOB_EVICTIONS_MAX times that faults again in the same job is mapped remotely, not
+        # migrated.  A job lane is replayed whole, so a pass whose pages outgrow device memory
+        # (all lanes' rows of a matrix, plus a vector) evicted the half it needed next for the
+        # half it needed now, and faulted on it again, forever; now each page moves in at most
+        # JOB_EVICTIONS_MAX + 1 times per job, and every job finishes.
+        self._job_evicted = np.zeros((end - start) >> PAGE_SHIFT, np.uint8)
         self._dup_pfn = np.full(nframes, -1, np.int64)       # a read duplicate's frame -> the CPU page it copies
         self._ndup = 0
         self._stale = []                     # invalidated ranges (vpns) that may hold read duplicates
@@ -283,7 +289,8 @@ class UvmDriver:
             self._collapse(self._frame_vpn[dups])
         gone = self._frame_vpn[frames[self._frame_vpn[frames] >= 0]]
         self._evicted.append(gone)
-        self._job_evicted[gone - self._vpn0] = True
+        k = gone - self._vpn0
+        self._job_evicted[k] = np.minimum(self._job_evicted[k], JOB_EVICTIONS_MAX) + 1
         pfn0 = self.pfn_base + int(root) * n
         src = np.zeros(n, _U)
         dst = np.zeros(n, _U)
@@ -617,7 +624,7 @@ class UvmDriver:
             pg = fv % PAGES
             resident = self.blocks.resident[GPU, rows]
             pref = self.blocks.preferred_location[rows[ri], pg].astype(np.int64)
-            need = ~resident[ri, pg] & (pref != UVM_ID_CPU) & ~self._job_evicted[fv - self._vpn0]
+            need = ~resident[ri, pg] & (pref != UVM_ID_CPU) & (self._job_evicted[fv - self._vpn0] < JOB_EVICTIONS_MAX)
             dup = need & ~fw & self.blocks.read_duplication[rows[ri], pg]
             need &= ~dup
             now = self.clock.now_ns
@@ -643,10 +650,11 @@ class UvmDriver:
             extra = self.policies["prefetch"].prefetch(ctx)
             extra &= self.blocks.preferred_location[rows] != UVM_ID_CPU
             extra &= ~self.blocks.read_duplication[rows]
-            if self._job_evicted.any():
+            if (self._job_evicted >= JOB_EVICTIONS_MAX).any():
                 bv = ub[:, None] * PAGES + np.arange(PAGES)
                 inside = (bv >= self._vpn0) & (bv < self._vpn0 + self._job_evicted.size)
-                extra &= ~(inside & self._job_evicted[np.clip(bv - self._vpn0, 0, self._job_evicted.size - 1)])
+                worn = self._job_evicted[np.clip(bv - self._vpn0, 0, self._job_evicted.size - 1)] >= JOB_EVICTIONS_MAX
+                extra &= ~(inside & worn)
             extra[ri, pg] = False
             er, ep = np.nonzero(extra)
         self._decision("prefetch", policy=self.policies["prefetch"].name, faulted=int(need.sum()),
@@ -808,75 +816,20 @@ class UvmDriver:
         self.pt.map(np.concatenate(vs), np.concatenate(ps), np.concatenate(fs))
 
     # -- faulted pages that stay where they are: hmm_range_fault ----------------------------------
-    def _runs(self, v, w):
-        """The hmm_range_fault calls for sorted faulted pages ``v`` (write mask ``w``): per VMA,
-        runs of faults at most RUN_GAP_PAGES apart.  Returns (runs, errs): a run is (first, last
-        position, vma, positions); errs holds EFAULT / EPERM where a fault can never be serviced."""
-        errs = np.zeros(v.size, np.int64)
-        runs = []
-        covered = np.zeros(v.size, bool)
-        for vma in self.proc.mm.vmas_in(int(v[0]) << PAGE_SHIFT, (int(v[-1]) + 1) << PAGE_SHIFT):
-            a = int(np.searchsorted(v, vma.start >> PAGE_SHIFT))
-            b = int(np.searchsorted(v, vma.end >> PAGE_SHIFT))
-            if a == b:
-                continue
-            covered[a:b] = True
-            if not vma.vm_flags & VM_READ:          # PROT_NONE: HMM assumes no write-only maps
-                errs[a:b] = errno.EFAULT
-                continue
-            ok = np.arange(a, b)
-            if not vma.vm_flags & VM_WRITE:
-                bad = w[a:b]
-                errs[a:b][bad] = errno.EPERM
-                ok = ok[~bad]
-            if ok.size == 0:
-                continue
-            cut = np.flatnonzero(np.diff(v[ok]) > RUN_GAP_PAGES) + 1
-            for piece in np.split(ok, cut):           # one per run of nearby faults
-                runs.append((int(piece[0]), int(piece[-1]), vma, piece))
-        errs[~covered] = errno.EFAULT                 # no VMA there
-        return runs, errs
+    def _map(self, vpns, pfns, flags):
+        """RangeFaultMirror's page-table update (driver lock held): system pages are mapped
+        remotely, this device's pages locally."""
+        if vpns.size:
+            self.pt.map(vpns, pfns, flags)
+        rv = vpns[pfns < self.system.phys.nr_ram]
+        self._remote[rv - self._vpn0] = True
 
-    def _fault_pages(self, v, w, atomic=None):
-        """hmm_range_fault every run of ``v`` (sorted vpns, write mask ``w``) under one sequence
-        read, then one page-table update for all of them; returns an errno per page.  System
-        pages are mapped remotely, this device's pages locally; the writable pages in ``atomic``
-        get PTE_ATOMIC (the emulated link carries device atomics to system memory)."""
-        mm = self.proc.mm
-        for _ in range(HMM_RANGE_DEFAULT_TIMEOUT):
-            seq = mmu_interval_read_begin(self.mni)
-            with mm.mmap_lock.read():
-                runs, errs = self._runs(v, w)
-                got, busy = [], False
-                for lo, hi, vma, piece in runs:       # one hmm_range_fault per run
-                    rng = self._range(v, w, lo, hi, piece, seq)
-                    ret = hmm_range_fault(rng)
-                    if ret == -errno.EBUSY:
-                        busy = True
-                        break
-                    if ret:
-                        errs[piece] = -ret
-                        continue
-                    got.append((int(v[lo]), rng.hmm_pfns))
-            if busy:
-                continue
-            vpns, pfns, flags = self._entries(got, atomic)
-            if self._move_unreachable(pfns):
-                continue
-            with self.lock:
-                if mmu_interval_read_retry(self.mni, seq):
-                    continue
-                if vpns.size:
-                    self.pt.map(vpns, pfns, flags)
-                rv = vpns[pfns < self.system.phys.nr_ram]
-                self._remote[rv - self._vpn0] = True
-            self._mapped_remote(rv)
-            local = pfns[self.device.owns(pfns)]
-            if local.size:               # uvm_pmm_gpu_mark_root_chunk_used: LRU sees the use
-                with self.pmm_lock:
-                    self.pmm.mark_root_chunk_used(local - self.pfn_base)
-            return errs
-        return np.full(v.size, errno.EBUSY, np.int64)
+    def _mapped(self, vpns, pfns):
+        self._mapped_remote(vpns[pfns < self.system.phys.nr_ram])
+        local = pfns[self.device.owns(pfns)]
+        if local.size:               # uvm_pmm_gpu_mark_root_chunk_used: LRU sees the use
+            with self.pmm_lock:
+                self.pmm.mark_root_chunk_used(local - self.pfn_base)
 
     def _mapped_remote(self, vpns):
         """Bookkeeping of system pages the device now maps remotely (zero-copy): the CPU holds
@@ -892,50 +845,6 @@ class UvmDriver:
             self.blocks.map_target[GPU, rows, pg] = UVM_ID_CPU
         self._count(num_map_remote=vpns.size)
         self._charge(self.cost.remote_ns(vpns.size * PAGE_SIZE), "remote")
-
-    def _range(self, v, w, lo, hi, piece, seq):
-        first, npages = int(v[lo]), int(v[hi]) - int(v[lo]) + 1
-        dense = piece.size == npages
-        rng = HmmRange(notifier=self.mni, start=first << PAGE_SHIFT, end=(first + npages) << PAGE_SHIFT,
-                       dev_private_owner=self, notifier_seq=seq)
-        ww = w[piece]
-        if dense and (ww.all() or not ww.any()):      # every page, one kind: no per-page flags
-            rng.default_flags = HMM_PFN_REQ_FAULT | (HMM_PFN_REQ_WRITE if ww[0] else 0)
-        else:                                         # only the faulted pages are faulted in
-            req = np.zeros(npages, _U)
-            k = v[piece] - first
-            req[k] = _U(HMM_PFN_REQ_FAULT)
-            req[k[ww]] |= _U(HMM_PFN_REQ_WRITE)
-            rng.hmm_pfns = req
-            rng.pfn_flags_mask = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE
-        return rng
-
-    @staticmethod
-    def _entries(got, atomic=None):
-        """The (vpns, pfns, PTE flags) of every valid entry hmm_range_fault returned; the
-        writable pages in ``atomic`` get PTE_ATOMIC."""
-        if not got:
-            z = np.zeros(0, np.int64)
-            return z, z, z
-        vs, ps, fs = [], [], []
-        for first, e in got:
-            ok = np.flatnonzero(((e & _U(HMM_PFN_VALID)) != 0) & ((e & _U(HMM_PFN_ERROR)) == 0))
-            vs.append(first + ok)
-            ps.append(hmm_pfn_to_pfn(e[ok]))
-            fs.append(np.where((e[ok] & _U(HMM_PFN_WRITE)) != 0, PTE_WRITE, 0))
-        vpns, pfns, flags = (np.concatenate(x) for x in (vs, ps, fs))
-        if atomic is not None and atomic.size:
-            flags[(flags != 0) & np.isin(vpns, atomic)] |= PTE_ATOMIC
-        return vpns, pfns, flags
-
-    def _move_unreachable(self, pfns):
-        """Pages this device cannot address (another device's coherent memory) move to system
-        memory first; True when some did (the caller walks again)."""
-        far = pfns[(pfns >= self.system.phys.nr_ram) & ~self.device.owns(pfns)]
-        if far.size == 0:
-            return False
-        migrate_device_coherent_pages(self.system, np.unique(far))
-        return True
 
     # -- cudaMemAdvise and cudaMemPrefetchAsync -----------------------------------------------------
     def _api_range(self, start, length, what):
