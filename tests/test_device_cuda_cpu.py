@@ -215,3 +215,20 @@ def test_device_bench(shim_env, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     figures = json.loads(out.read_text())["figures"]
     assert figures and all(f["ratio"] is not None for f in figures.values()), figures
+
+
+def test_a_sweep_point_is_the_same_on_both_backends(shim_env):
+    """One oversubscribed point (evictions, prefetches, remote maps) run on the CUDA path and on
+    NumPy: every figure of the row but the wall time and the backend's name is the same --
+    the policies decide on the emulated clock, never on what the hardware took."""
+    args = ["-m", "hmmgpu.cli", "run", "gesummv", "--footprint", "5M", "--oversub", "1.25", "--param", "step=64",
+            "--json"]
+    rows = {}
+    for backend in ("cupy", "numpy"):
+        r = run(shim_env, *args, "--backend", backend)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        rows[backend] = json.loads(r.stdout)["result"]
+    assert rows["cupy"]["backend"] == "cupy" and rows["cupy"]["ok"] and rows["cupy"]["evictions"] > 0
+    drop = ("wall_s", "backend", "backend_requested")
+    assert {k: v for k, v in rows["cupy"].items() if k not in drop} == \
+           {k: v for k, v in rows["numpy"].items() if k not in drop}
