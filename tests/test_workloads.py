@@ -10,6 +10,7 @@ import pytest
 
 import hmmgpu
 from hmmgpu import workloads as W
+from hmmgpu.workloads.patterns import MODES
 from hmmgpu.constants import PMD_SIZE
 from hmmgpu.device.faults import ACCESS_ATOMIC
 from hmmgpu.device.pagetable import PTE_ATOMIC
@@ -152,11 +153,11 @@ def test_registry_and_parameters():
 
 
 def test_oversubscription_sample_modes():
-    """page_fault runs; the other three modes of the sample wait for the UVM driver's advise and
-    prefetch (issue 13) and say so; an unknown mode or page size is refused."""
+    """The three hinted modes need a driver with advise and prefetch and say so on another; an
+    unknown mode or page size is refused."""
     for mode in ("zero_copy", "prefetch_once_and_hints", "stripe_gpu_cpu"):
-        with pytest.raises(NotImplementedError, match="issue 13"):
-            W.Streaming(1 << 20, mode=mode)
+        with pytest.raises(ValueError, match="advise and prefetch"):
+            run_on_mirror(W.Streaming(1 << 20, mode=mode))
     with pytest.raises(ValueError, match="page_fault"):
         W.RandomWarp(1 << 22, mode="pagefault")
     with pytest.raises(ValueError, match="2M"):
@@ -327,3 +328,32 @@ def test_program_on_the_uvm_driver_oversubscribed(name):
     w, c = run_on_uvm(W.get(name)(6 << 20, seed=3, **SMALL[name][1]), device_bytes=PMD_SIZE)
     assert w.check().ok, w.check()
     assert c["num_evictions"] > 0
+
+
+@pytest.mark.parametrize("name", ["streaming", "block_streaming", "random_warp"])
+def test_the_sample_modes_on_the_uvm_driver(name):
+    """The four modes of NVIDIA's oversubscription sample at 1.5x device memory, exact each, with
+    what each mode is for: zero_copy reads system memory in place (no page migrates to the
+    device), prefetch_once_and_hints and stripe_gpu_cpu place data by prefetch (fewer faults than
+    page_fault), stripe_gpu_cpu leaves one page in three on the CPU, mapped remotely."""
+    params = dict(SMALL[name][1], loops=2)
+    if name == "random_warp":
+        params["page_size"] = "64K"
+    got = {}
+    for mode in MODES:
+        w, c = run_on_uvm(W.get(name)(3 << 20, seed=3, mode=mode, **params), device_bytes=PMD_SIZE)
+        assert w.check().ok, (mode, w.check())
+        got[mode] = c
+    # only the unhinted arrays (the per-thread sums, random_warp's state) come to the device
+    rest = sum(r.length for k, r in w.regions.items() if k != "data") // 4096
+    assert got["zero_copy"]["num_pages_in"] <= rest and got["zero_copy"]["num_map_remote"] > 0
+    for mode in ("prefetch_once_and_hints", "stripe_gpu_cpu"):
+        assert got[mode]["gpu_page_fault_count"] < got["page_fault"]["gpu_page_fault_count"], mode
+    assert got["stripe_gpu_cpu"]["num_map_remote"] > 0
+
+
+def test_stripes_follow_the_sample():
+    s = W.Streaming(1 << 20)
+    assert s.stripes(6, 1.5, 100).tolist() == [True, True, True, False, True, True]      # R/(R-1) = 3
+    assert s.stripes(5, 3.0, 100).tolist() == [False, False, False, True, False]         # R > 2
+    assert s.stripes(4, 1.0, 100).all() and s.stripes(4, 1.0, 2).tolist() == [True, True, False, False]

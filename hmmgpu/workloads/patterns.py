@@ -11,14 +11,26 @@ NumPy over the same words.  The sample's grid is the GPU's resident thread count
 sample shrinks random_warp's allocation to a third of the GPU after taking the rest with
 cudaMalloc, here the device memory a driver is given sets the ratio.
 
-The sample's four modes are a parameter: ``page_fault`` (the default: data starts in system
-memory and moves on demand) runs today.  ``zero_copy`` (preferred location CPU + accessed-by the
-GPU), ``prefetch_once_and_hints`` (accessed-by + one prefetch to the GPU) and ``stripe_gpu_cpu``
-(pages placed alternately on the GPU and the CPU by prefetch, with preferred-location and
-accessed-by hints) need cudaMemAdvise and cudaMemPrefetchAsync, which the UVM driver of issue
-13 provides; until then they raise NotImplementedError.  Between loops the sample prefetches
-the data back to the CPU; here the CPU reads it, which migrates device pages back to system
-memory through migrate_to_ram (remote mappings of system pages stay, as a driver keeps them).
+The sample's four modes are a parameter, run as uvm_oversubs.cu runs them:
+
+* ``page_fault`` (the default): every loop starts with the data in system memory and the kernel
+  migrates it on demand;
+* ``zero_copy``: before the first loop, preferred location CPU and accessed-by the GPU over the
+  whole allocation, so the kernel reads system memory in place;
+* ``prefetch_once_and_hints``: before the first loop, accessed-by the GPU and one prefetch of
+  the whole allocation to the GPU (what does not fit stays in system memory, mapped); the data
+  is not sent back to the CPU between loops;
+* ``stripe_gpu_cpu``: every loop prefetches each ``page_size`` page to the GPU or the CPU as the
+  sample stripes them -- with oversubscription R, one page in round(R / (R - 1)) goes to the
+  CPU (the rest to the GPU, until device memory is full), and before the first loop each page
+  gets its device as preferred location, the CPU's pages accessed-by the GPU.
+
+The three hinted modes need a driver with ``advise`` and ``prefetch`` (cudaMemAdvise and
+cudaMemPrefetchAsync: the UVM driver, hmmgpu.drivers.uvm) and say so with any other.  Between
+loops the sample prefetches the data back to the CPU: the hinted modes do the same through the
+driver; ``page_fault`` lets the CPU read it, which migrates device pages back to system memory
+through migrate_to_ram (remote mappings of system pages stay, as a driver keeps them), and so
+runs under any driver.
 """
 import numpy as np
 
@@ -94,11 +106,6 @@ class _Pattern(Workload):
         p = self.p
         if p["mode"] not in MODES:
             raise ValueError(f"{self.name}: mode {p['mode']!r} is not one of {', '.join(MODES)}")
-        if p["mode"] != "page_fault":
-            raise NotImplementedError(
-                f"{self.name}: mode {p['mode']!r} needs cudaMemAdvise / cudaMemPrefetchAsync (advise and "
-                "prefetch), which the UVM driver of issue 13 (hmmgpu.drivers.uvm) provides; only "
-                "'page_fault' runs until then")
         if p["page_size"] not in PAGE_SIZES:
             raise ValueError(f"{self.name}: page_size {p['page_size']!r} is not one of {', '.join(PAGE_SIZES)}")
         T, B = int(p["threads"]), int(p["block"])
@@ -125,13 +132,64 @@ class _Pattern(Workload):
         raise NotImplementedError
 
     def execute(self):
-        T = int(self.p["threads"])
+        T, mode = int(self.p["threads"]), self.p["mode"]
+        drv = self.driver
+        if mode != "page_fault" and not (hasattr(drv, "advise") and hasattr(drv, "prefetch")):
+            raise ValueError(f"{self.name}: mode {mode!r} needs a driver with advise and prefetch "
+                             f"(cudaMemAdvise / cudaMemPrefetchAsync: hmmgpu.drivers.uvm.UvmDriver), "
+                             f"not {type(drv).__name__}")
+        data = self.regions["data"]
         for loop in range(int(self.p["loops"])):
-            if loop:
-                # each loop starts in system memory (the sample prefetches to the CPU)
-                self.read("data", U32)
+            if mode == "page_fault":
+                if loop:
+                    # each loop starts in system memory (the sample prefetches to the CPU)
+                    self.read("data", U32)
+            elif mode != "prefetch_once_and_hints":
+                drv.prefetch(data.addr, data.length, "cpu")
+            if mode == "stripe_gpu_cpu":
+                self._stripe(drv, data, first=loop == 0)
+            elif loop == 0 and mode == "zero_copy":
+                drv.advise(data.addr, data.length, "set_preferred_location", "cpu")
+                drv.advise(data.addr, data.length, "set_accessed_by", "gpu")
+            elif loop == 0 and mode == "prefetch_once_and_hints":
+                drv.advise(data.addr, data.length, "set_accessed_by", "gpu")
+                drv.prefetch(data.addr, data.length, "gpu")
             for s0, s1 in steps(self.iterations(), self.p["step"]):
                 self.launch(self.kernel, T, self.args(s0, s1))
+
+    def stripes(self, npages, oversub, gpu_pages):
+        """Where uvm_oversubs.cu's STRIPE_GPU_CPU puts each of ``npages`` pages at oversubscription
+        ``oversub`` with room for ``gpu_pages`` on the GPU: a bool array, True for the GPU."""
+        cpu_factor = max(0.0, oversub - 1.0)
+        zero_on_gpu = cpu_factor > 1.0          # then one page in round(R) stays on the GPU
+        if zero_on_gpu:
+            mod = int(round(oversub))
+        elif cpu_factor:
+            mod = int(round(oversub / cpu_factor))
+        else:
+            mod = npages
+        i = np.arange(npages)
+        gpu = np.full(npages, not zero_on_gpu)
+        gpu[(i % max(mod, 1) == 0) & (i != 0)] = zero_on_gpu
+        # the sample sends a page to the CPU once the GPU's pages are all taken
+        gpu &= np.cumsum(gpu) <= gpu_pages
+        return gpu
+
+    def _stripe(self, drv, data, first):
+        size = PAGE_SIZES[self.p["page_size"]]
+        npages = -(-data.length // size)
+        device = getattr(drv, "device_bytes", None) or data.length
+        gpu = self.stripes(npages, self.footprint / device, device // size)
+        cuts = np.flatnonzero(np.diff(gpu.astype(np.int8))) + 1
+        for run in np.split(np.arange(npages), cuts):          # one call per run of one device
+            addr, end = data.addr + int(run[0]) * size, min(data.addr + (int(run[-1]) + 1) * size,
+                                                            data.addr + data.length)
+            where = "gpu" if gpu[run[0]] else "cpu"
+            drv.prefetch(addr, end - addr, where)
+            if first:
+                drv.advise(addr, end - addr, "set_preferred_location", where)
+                if where == "cpu":
+                    drv.advise(addr, end - addr, "set_accessed_by", "gpu")
 
     def check(self):
         return compare({"acc": self.reference()}, {"acc": self.read("acc", U32)}, "every thread's sum")
