@@ -47,6 +47,9 @@ def test_info_json(capsys):
     assert knobs["thrashing"]["uvm_perf_thrashing_lapse_usec"] == 500
     assert knobs["access_counters"]["uvm_perf_access_counter_threshold"] == 256
     assert knobs["eviction"] == {"policy": "UvmLru"}
+    # and the names `hmmgpu run --policy` takes, each one the driver's registry accepts
+    assert info["uvm_policy_names"]["eviction"] == ["fifo", "lfu", "lru", "random"]
+    assert "density" in info["uvm_policy_names"]["prefetch"]
 
 
 def test_info_table(capsys):

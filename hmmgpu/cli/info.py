@@ -82,6 +82,7 @@ def gather_info(backend=None):
     try:
         from ..drivers import uvm
         out["uvm_knobs"] = uvm.default_knobs()
+        out["uvm_policy_names"] = {f: sorted(names) for f, names in uvm.registry.POLICY_NAMES.items()}
     except Exception as e:
         out["uvm_knobs_error"] = f"{type(e).__name__}: {e}"
     return out
@@ -194,6 +195,10 @@ def cmd_info(opt):
             for i, (name, value) in enumerate(rows):
                 k.add_row(f"{family}: {knobs['policy']}" if i == 0 else "", name, value)
         con.print(k)
+        names = info.get("uvm_policy_names") or {}
+        if names:
+            con.print("policies by name (hmmgpu run --policy FAMILY=NAME): " + "; ".join(
+                f"{f}: {', '.join(n)}" for f, n in names.items()))
     return 0
 
 
