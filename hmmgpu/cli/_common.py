@@ -4,6 +4,7 @@ Human output (tables) goes to stdout, so ``hmmgpu demo > out.txt`` keeps it; wit
 the JSON takes stdout and the tables move to stderr.  Progress bars always go to stderr.  A
 user error is one line on stderr and exit status 2, found before anything is allocated or run.
 """
+import contextlib
 import json
 import os
 import sys
@@ -123,6 +124,24 @@ def wrap(text, width=92):
     """A help paragraph, re-flowed."""
     import textwrap
     return textwrap.fill(" ".join(text.split()), width)
+
+
+@contextlib.contextmanager
+def recording(path):
+    """``--trace PATH``: the trace recorder while the body runs (None without a path); tracing
+    stops when the body ends, however it ends."""
+    from .. import trace
+    tr = trace.enable() if path else None
+    try:
+        yield tr
+    finally:
+        if tr is not None:
+            trace.disable()
+
+
+def trace_written(tracer, path, command):
+    """Write what ``tracer`` holds to ``path``; the entry the command's --json gives it."""
+    return {"path": path, "events": tracer.write(path, {"command": command})}
 
 
 def print_trace_summary(con, tracer, path):

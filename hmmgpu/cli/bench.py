@@ -1,6 +1,6 @@
 """``hmmgpu bench``: the benchmark suites (hmmgpu.bench, the repository's bench/ folder)."""
-from .. import trace
-from ._common import PLOT_HINT, UserError, check_backend, check_writable, console, emit_json, progress_console, wrap
+from ._common import (PLOT_HINT, UserError, check_backend, check_writable, console, emit_json, print_trace_summary,
+                      progress_console, recording, trace_written, wrap)
 
 HELP = "benchmark suites, each figure beside its same-run baseline"
 DESCRIPTION = ("Run benchmark suites (all when none is named).  Every figure is printed as a ratio to a "
@@ -93,21 +93,16 @@ def cmd_bench(opt):
     if opt.trace:
         check_writable(opt.trace, "the trace")
     con = console(json_on_stdout=opt.json)
-    tr = trace.enable() if opt.trace else None
-    try:
+    with recording(opt.trace) as tr:
         res = b.run(names, quick=opt.quick, backend=backend, repeat=opt.repeat,
                     console=None if opt.no_progress else progress_console(), timer=opt.timer)
-    finally:
-        if tr is not None:
-            trace.disable()
     if tr is not None:
-        res["trace"] = {"path": opt.trace, "events": tr.write(opt.trace, {"command": "hmmgpu bench"})}
+        res["trace"] = trace_written(tr, opt.trace, "hmmgpu bench")
     b.print_results(res, con)
     if opt.plot:
         from rich.markup import escape
         con.print(escape(b.plot(res, opt.plot)))
     if tr is not None:
-        from .demo import print_trace_summary
         print_trace_summary(con, tr, opt.trace)
     if opt.json:
         emit_json(res)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import trace
 from ._common import (EMULATED_LABEL, UserError, available_ram_bytes, check_backend, check_writable, console,
-                      emit_json, fmt_bytes, gpu_free_bytes, mib, print_trace_summary, wrap)
+                      emit_json, fmt_bytes, gpu_free_bytes, mib, print_trace_summary, recording, trace_written, wrap)
 
 HELP = "the main job, end to end"
 DESCRIPTION = ("A process builds arrays, a linked list and a tree with ordinary pointers in its memory; a "
@@ -307,20 +307,15 @@ def cmd_demo(opt):
         return t
 
     shown = []
-    tr = trace.enable() if opt.trace else None
-    try:
+    with recording(opt.trace) as tr:
         with Live(table(shown), console=con, refresh_per_second=8, transient=False) as live:
             def on_step(s):
                 shown.append(s)
                 live.update(table(shown))
             res = run_demo(opt.mib, backend=backend, on_step=on_step)
         con.print()
-    finally:
-        if tr is not None:
-            trace.disable()
     if tr is not None:
-        n = tr.write(opt.trace, {"command": "hmmgpu demo"})
-        res["trace"] = {"path": opt.trace, "events": n}
+        res["trace"] = trace_written(tr, opt.trace, "hmmgpu demo")
     print_demo_summary(con, res)
     if tr is not None:
         print_trace_summary(con, tr, opt.trace)

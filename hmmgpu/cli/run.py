@@ -8,9 +8,8 @@ import argparse
 import json
 import time
 
-from .. import trace
 from ._common import (UserError, available_ram_bytes, check_backend, check_writable, console, emit_json, fmt_bytes,
-                      wrap)
+                      print_trace_summary, recording, trace_written, wrap)
 
 HELP = "run one workload (UVMBench program, access pattern, trace) and check its result"
 DESCRIPTION = ("Run one workload of hmmgpu.workloads on a fresh emulated machine: its arrays in a process "
@@ -152,18 +151,13 @@ def cmd_run(opt):
     check_fits([point])
     if opt.trace:
         check_writable(opt.trace, "the trace")
-    tr = trace.enable() if opt.trace else None
-    try:
+    with recording(opt.trace) as tr:
         row = run_live(point, con, opt.timeout)
-    finally:
-        if tr is not None:
-            trace.disable()
     res = {"point": point.to_dict(), "result": row}
     if tr is not None:
-        res["trace"] = {"path": opt.trace, "events": tr.write(opt.trace, {"command": f"hmmgpu run {point.workload}"})}
+        res["trace"] = trace_written(tr, opt.trace, f"hmmgpu run {point.workload}")
     print_result(con, row)
     if tr is not None:
-        from ._common import print_trace_summary
         print_trace_summary(con, tr, opt.trace)
     if opt.json:
         emit_json(res)
