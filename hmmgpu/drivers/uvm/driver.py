@@ -329,10 +329,11 @@ class UvmDriver:
             uvm_counters.add(self._counters if g is None else g._counters, **deltas)
 
     def _decision(self, g, name, cat=trace.CAT_MIGRATE, **args):
-        """A trace event for a policy decision about device ``g``, stamped with the modelled time
-        (when tracing)."""
+        """A trace event for a policy decision about device ``g`` (None: the CPU), stamped with
+        the modelled time (when tracing)."""
         if trace.enabled:
-            trace.instant(name, cat, track=f"{g.name}/policy", modelled_ns=self.clock.now_ns, **args)
+            trace.instant(name, cat, track=f"{'cpu' if g is None else g.name}/policy", modelled_ns=self.clock.now_ns,
+                          **args)
 
     def _gpu_of(self, pfns):
         """Per pfn: the index of the device whose memory holds it (-1: none of ours)."""
@@ -447,8 +448,10 @@ class UvmDriver:
             self._count(g, num_pages_out=n, bytes_xfer_dth=n * PAGE_SIZE, prefetch_bytes_xfer_dth=n * PAGE_SIZE * api)
 
     def _cpu_fault(self, vmf):
-        """migrate_to_ram: a CPU access to pages of these devices brings them home."""
+        """migrate_to_ram: a CPU access to pages of these devices brings them home (after the
+        thrashing policy's naps, if it throttles the CPU)."""
         addrs = np.asarray(vmf.addresses, dtype=np.int64)
+        self._cpu_throttle(np.unique(addrs >> PAGE_SHIFT))
         start, end = int(addrs.min()), int(addrs.max()) + PAGE_SIZE
         args = MigrateVma(vmf.vma, start, end, pgmap_owner=self, flags=MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
                           fault_page=vmf.page)
@@ -473,6 +476,35 @@ class UvmDriver:
                                      UVM_MAKE_RESIDENT_CAUSE_REPLAYABLE_FAULT))
         return 0
 
+    def _cpu_throttle(self, vpns):
+        """As uvm_va_space_cpu_fault throttles: while the thrashing policy's hint for a CPU fault
+        on ``vpns`` is THROTTLE, the faulting thread sleeps until the throttling period ends (a
+        nap on the clock) and asks again.  A pin on the CPU needs nothing here: the fault
+        migrates the pages home, and the policy keeps them there."""
+        thr = self.policy["thrashing"]
+        for _ in range(2):              # after a nap the period is over: the second hint is not a throttle
+            with self.pmm_lock:
+                self._cpu_events_to_policy()
+                rows = self.blocks.rows_of_blocks(vpns // PAGES)
+                pg = vpns % PAGES
+                closest = self.blocks.closest_resident(rows, UVM_ID_CPU)[np.arange(vpns.size), pg]
+                pref = self.blocks.preferred_location[rows, pg].astype(np.int64)
+                hints = thr.get_hint(rows, pg, UVM_ID_CPU, self.clock.now_ns, closest=closest, preferred=pref)
+            if not hints.throttle.any():
+                return
+            end = int(hints.end_ns[hints.throttle].max())
+            self._decision(None, "thrashing hint", throttle=int(hints.throttle.sum()), until_ns=end)
+            with self._clock_lock:
+                self.clock.advance_to(end, "cpu_nap")
+
+    def _cpu_events_to_policy(self):
+        """Hand the CPU's migrations since the last step to the thrashing policy (pmm_lock held)."""
+        thr = self.policy["thrashing"]
+        while self._cpu_events:
+            vpns, t, cause = self._cpu_events.pop(0)
+            rows, masks = self._masks(vpns)
+            thr.on_migration(rows, masks, UVM_ID_CPU, t, cause=cause)
+
     # -- catching up: what happened since the driver last ran ---------------------------------------
     def _step(self):
         """Before a service or a launch: take freed device pages back, hand the CPU's migrations
@@ -483,10 +515,7 @@ class UvmDriver:
         mm = self.proc.mm
         # the lock order everywhere: mmap_lock, then pmm_lock, then the driver lock
         with mm.mmap_lock.read(), self.pmm_lock:
-            while self._cpu_events:
-                vpns, t, cause = self._cpu_events.pop(0)
-                rows, masks = self._masks(vpns)
-                thr.on_migration(rows, masks, UVM_ID_CPU, t, cause=cause)
+            self._cpu_events_to_policy()
             rows, masks = thr.expire_pins(self.clock.now_ns)
             if rows.size:
                 r, pg = np.nonzero(masks)
