@@ -99,13 +99,11 @@ import numpy as np
 
 from ..constants import PAGE_SIZE
 from ._trace import span
-from .hw import DONE
+from .hw import DONE, MAX_PEERS
 from .faults import (DEFAULT_FAULT_BATCH, DEFAULT_REPLAY_POLICY, FAULT_COUNTERS, MAX_BATCHES_PER_SERVICE,
                      MAX_FAULT_BUFFER_ENTRIES, MAX_FAULTS_PER_LANE, FaultBuffer)
 from .jobs import DEFAULT_SLICE_LANES, JobEngine
 from .pagetable import DevicePageTable
-
-MAX_PEERS = 7                 # peers one device addresses (the kernels' fixed peer table)
 
 
 class EmulatedDevice:

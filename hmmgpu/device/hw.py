@@ -10,6 +10,8 @@ import numpy as np
 
 from ..constants import PAGE_SIZE
 
+MAX_PEERS = 7          # peers one device addresses: the rows of the kernels' peer table (hmm.cuh)
+
 
 class Fence:
     """Completion of asynchronous device work (a CUDA event on the GPU)."""
