@@ -213,7 +213,7 @@ class UvmGpu(RangeFaultMirror):
     def _move_unreachable(self, pfns):
         """Pages this device cannot address (another driver's device memory, a device that is
         not a peer) move to system memory first; True when some did (the caller walks again)."""
-        far = pfns[(pfns >= self.system.phys.nr_ram) & ~self.hw.owns(pfns)]
+        far = pfns[(pfns >= self.system.phys.nr_ram) & ~self.hw.can_address(pfns)]
         if far.size == 0:
             return False
         ours = np.zeros(far.size, bool)
