@@ -1004,12 +1004,10 @@ class UvmDriver:
     # -- faulted pages that stay where they are: hmm_range_fault ----------------------------------
     def _map(self, g, vpns, pfns, flags):
         """RangeFaultMirror's page-table update for device ``g`` (driver lock held): system pages
-        and a peer's pages are mapped remotely, its own pages locally."""
+        and a peer's pages are mapped remotely, its own pages locally (the bookkeeping follows in
+        ``_mapped``, without this lock)."""
         if vpns.size:
             g.pt.map(vpns, pfns, flags)
-        rv = vpns[~g.owns(pfns)]
-        if rv.size:
-            self.blocks.remote[g.id, self.blocks.rows_of_blocks(rv // PAGES), rv % PAGES] = True
 
     def _mapped(self, g, vpns, pfns):
         remote = ~g.owns(pfns)
@@ -1033,6 +1031,9 @@ class UvmDriver:
             self.blocks.resident[UVM_ID_CPU, rows[cpu], pg[cpu]] = True
             self.blocks.prot[g.id, rows, pg] = UVM_PROT_READ_WRITE
             self.blocks.map_target[g.id, rows, pg] = where
+            # an invalidation since the map may leave this flag stale: harmless, the access
+            # counters only count entries the device's walker marked accessed
+            self.blocks.remote[g.id, rows, pg] = True
         self._count(g, num_map_remote=vpns.size)
         npeer = int(np.count_nonzero(where != UVM_ID_CPU))
         self._charge(self.cost.remote_ns((vpns.size - npeer) * PAGE_SIZE)
