@@ -51,7 +51,7 @@ from ...constants import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from ...device import EmulatedDevice, JobFault
 from ...device.clock import EmulatedClock
 from ...device.faults import ACCESS_ATOMIC
-from ...device.pagetable import PTE_ACCESSED, PTE_WRITE
+from ...device.pagetable import PTE_ACCESSED, PTE_ATOMIC, PTE_WRITE
 from ...errors import oserror
 from ...hmm.debug import check_device_mappings
 from ...hmm.hmm import (HMM_PFN_REQ_FAULT, HMM_PFN_VALID, HMM_RANGE_DEFAULT_TIMEOUT, HmmRange, hmm_pfn_to_pfn,
@@ -990,7 +990,9 @@ class UvmDriver:
         return (args.start >> PAGE_SHIFT) + k, dpfn[k] - g.pfn_base
 
     def _map_local(self, g, pieces):
-        """One page-table command buffer for every page that moved to ``g`` (driver lock held)."""
+        """One page-table command buffer for every page that moved to ``g`` (driver lock held):
+        writable pages read-write-atomic, as UVM maps a GPU's own memory (UVM_PROT_READ_WRITE_ATOMIC;
+        atomics on local memory are native)."""
         vs, ps, fs = [], [], []
         for args in pieces:
             src, dst = args.src[:args.npages], args.dst[:args.npages]
@@ -998,16 +1000,18 @@ class UvmDriver:
             k = np.flatnonzero(((src & _MIGRATE) != 0) & (dpfn >= 0))
             vs.append((args.start >> PAGE_SHIFT) + k)
             ps.append(dpfn[k])
-            fs.append(np.where((dst[k] & _MWRITE) != 0, PTE_WRITE, 0))
+            fs.append(np.where((dst[k] & _MWRITE) != 0, PTE_WRITE | PTE_ATOMIC, 0))
         g.pt.map(np.concatenate(vs), np.concatenate(ps), np.concatenate(fs))
 
     # -- faulted pages that stay where they are: hmm_range_fault ----------------------------------
     def _map(self, g, vpns, pfns, flags):
         """RangeFaultMirror's page-table update for device ``g`` (driver lock held): system pages
-        and a peer's pages are mapped remotely, its own pages locally (the bookkeeping follows in
+        and a peer's pages are mapped remotely (atomics only where an atomic fault asked), its
+        own pages locally, read-write-atomic where writable (the bookkeeping follows in
         ``_mapped``, without this lock)."""
         if vpns.size:
-            g.pt.map(vpns, pfns, flags)
+            own = g.owns(pfns) & ((flags & PTE_WRITE) != 0)
+            g.pt.map(vpns, pfns, np.where(own, flags | PTE_ATOMIC, flags))
 
     def _mapped(self, g, vpns, pfns):
         remote = ~g.owns(pfns)
