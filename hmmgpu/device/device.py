@@ -283,7 +283,7 @@ class EmulatedDevice:
     def _groups(self, pfns):
         """(pfns, [(arena, positions or None for all, frame indices)]) per memory the pfns use."""
         p, mems, which = self._locate(pfns)
-        kinds = [int(which[0])] if p.size and (which == which[0]).all() else np.unique(which).tolist()
+        kinds = np.flatnonzero(np.bincount(which, minlength=len(mems))).tolist() if p.size else [1]
         out = []
         for k in kinds:
             arena, base = mems[k]

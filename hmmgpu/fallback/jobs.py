@@ -279,10 +279,17 @@ class NumpyMMU:
 
     def _pieces(self, which):
         """(arena, positions) for each memory that ``which`` selects: one when all agree."""
-        first = int(which[0]) if which.size else 1
-        if np.count_nonzero(which == first) == which.size:
-            return ((self.mems[first], None),)
-        return tuple((self.mems[k], np.flatnonzero(which == k)) for k in np.unique(which).tolist())
+        if not self.peers:                        # RAM and own frames only: a bool mask
+            dev = which.view(bool)
+            if dev.all():
+                return ((self.dev, None),)
+            if not dev.any():
+                return ((self.host, None),)
+            return ((self.dev, np.flatnonzero(dev)), (self.host, np.flatnonzero(~dev)))
+        used = np.flatnonzero(np.bincount(which, minlength=len(self.mems)))
+        if used.size == 1:
+            return ((self.mems[int(used[0])], None),)
+        return tuple((self.mems[k], np.flatnonzero(which == k)) for k in used.tolist())
 
     def _where(self, pte, off, itemsize):
         which, fr = self.frames(pte)
