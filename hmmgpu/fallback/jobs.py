@@ -107,7 +107,7 @@ def runs_of(idx, min_run=MIN_RUN_PAGES):
 
 
 class NumpyMMU:
-    """Translation and physical access for the twins: hmm_translate / hmm_phys of hmm.cuh."""
+    """Translation and physical access for the twins: hmm_translate / hmm_frame of hmm.cuh."""
 
     def __init__(self, dev_arena, host_arena, pfn_base, nframes, faults):
         self.dev = dev_arena.frames
@@ -542,7 +542,7 @@ def _bulk_translate(mmu, lanes, args, ops):
                 rec_pos.append(p)
                 rec_ord.append(np.full(p.size, 2 * j + which))
                 rec_va.append(va[p])
-                # translated, but to a pfn outside memory: fatal (bulk_translate's hmm_pfn_ok)
+                # translated, but to a pfn the device cannot address: fatal (bulk_translate's hmm_frame)
                 rec_acc.append(np.where(pte_allows(e[p], acc), fatal_word(acc, FATAL_BAD_PFN, 16), _U64(acc)))
         allok &= okA & okB
         per_op.append((first, eA, eB))
