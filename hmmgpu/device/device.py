@@ -239,10 +239,9 @@ class EmulatedDevice:
         them are refused again, and an entry left pointing at them is a fatal fault (EFAULT)
         for a job that uses it: unmap first.  ValueError when access was not enabled."""
         with self.lock:
-            keep = [r for r in self._peer_refs if r() is not None and r() is not peer]
-            if len(keep) == len(self._peer_refs):
+            if not any(r() is peer for r in self._peer_refs):
                 raise ValueError(f"{self.name}: peer access to {getattr(peer, 'name', peer)} is not enabled")
-            self._peer_refs = keep
+            self._peer_refs = [r for r in self._peer_refs if r() is not None and r() is not peer]
             self.peer_epoch += 1
 
     def _live_peers(self):
@@ -308,7 +307,7 @@ class EmulatedDevice:
     def _groups(self, pfns):
         """(pfns, [(arena, positions or None for all, frame indices)]) per memory the pfns use."""
         p, mems, which = self._locate(pfns)
-        kinds = np.flatnonzero(np.bincount(which, minlength=len(mems))).tolist() if p.size else [1]
+        kinds = np.flatnonzero(np.bincount(which, minlength=len(mems))).tolist() if p.size else []
         out = []
         for k in kinds:
             arena, base = mems[k]
