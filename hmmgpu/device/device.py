@@ -44,9 +44,10 @@ Peers (cudaDeviceEnablePeerAccess; several devices of one system, as a multi-GPU
     and a peer that went away is dropped as if disabled (no slice launched after that reaches
     it).  On the GPU the kernels get a table of the peers' frames (hmm.cuh: hmm_frame, reached
     only when a pfn is neither the device's own nor RAM); emulated devices of one GPU share its
-    memory and queue; devices on two GPUs get CUDA peer access from enable_peer_access, and a
-    peer copy or job slice is ordered after the work queued on the peer's GPU before it (and the
-    peer's later work after it) by stream events, with no host wait.
+    memory and queue; devices on two GPUs get CUDA peer access from enable_peer_access, a peer
+    copy or job slice runs after the work queued on the peer's GPU before it, and the peer's
+    later work after a peer copy (stream events, no host wait; a job's round ends with a host
+    wait anyway).
 
 MMU (dev.pt, a DevicePageTable; hmmgpu/device/pagetable.py has the entry encoding)
     dev.pt.map(vpns, pfns, flags=PTE_WRITE) -> Fence     PTE_WRITE | PTE_ATOMIC; VALID implied
