@@ -304,6 +304,9 @@ def test_stale_entry_after_disable_or_peer_gone_is_fatal(backend):
         arena = weakref.ref(b.arena)
         del b
         assert arena() is None, "device A kept its peer's memory alive"
+        c = EmulatedDevice(backend, 16, BASE_C, host)
+        with pytest.raises(ValueError, match="not enabled"):      # B's dead entry is no excuse
+            a.disable_peer_access(c)
         assert a.peers == () and not a.can_address([BASE_B + 1])[0]
         with pytest.raises(JobFault) as e:
             a.jobs.memset(VA, 4, PAGE, service=no_faults)

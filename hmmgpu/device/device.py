@@ -16,13 +16,38 @@ Memory
                               dev.arena.commit(first, n) for the frames it is about to use
     dev.host_arena            system RAM, pfns [0, nr_ram) (the backend's host arena)
     dev.owns(pfns)            bool mask: which pfns are this device's frames
+    dev.can_address(pfns)     bool mask: which pfns it reaches: system RAM, its own frames, an
+                              enabled peer's frames
     dev.read_pages(pfns) / dev.write_pages(pfns, data) / dev.fill_pages(pfns, value)
-                              CPU-side access by global pfn (RAM or this device), vectorised
+                              CPU-side access by global pfn (any pfn it can address), vectorised
     dev.copy_pages(dst_pfns, src_pfns) -> Fence
-                              the DMA engine by global pfn (RAM <-> device, device <-> device)
+                              the DMA engine by global pfn (RAM <-> device, device <-> device,
+                              either side an enabled peer's: one DMA batch per (destination
+                              memory, source memory) pair)
     dev.dma                   the DmaEngine itself (arena + frame-index form)
     The device writes system RAM asynchronously (copies, remote stores): a CPU access through
     ``host_arena.host`` sees them after the Fence of that work (read_pages waits by itself).
+
+Peers (cudaDeviceEnablePeerAccess; several devices of one system, as a multi-GPU driver has)
+    dev.enable_peer_access(peer)   from now on ``dev`` addresses ``peer``'s frames: its page
+                              tables map them (pt.map, map_huge), its jobs load, store and add
+                              atomically through such entries, copy_pages reaches them.  One
+                              direction (``peer.enable_peer_access(dev)`` for the other); twice
+                              does nothing; ValueError for the device itself, another backend,
+                              another system RAM, overlapping pfns, or a peer past MAX_PEERS (7)
+    dev.disable_peer_access(peer)  stop (ValueError if not enabled): maps of its pfns are refused
+                              again, and an entry left pointing at them is a fatal fault (the job
+                              fails with EFAULT naming the address): unmap first
+    dev.peers                 the enabled peers still alive (a tuple, in enabling order)
+    dev.peer_ranges()         their ((pfn_base, nframes), ...)
+    A device holds its peers by weak reference: no cycle, each is freed with its last reference,
+    and a peer that went away is dropped as if disabled (no slice launched after that reaches
+    it).  On the GPU the kernels get a table of the peers' frames (hmm.cuh: hmm_frame, reached
+    only when a pfn is neither the device's own nor RAM); emulated devices of one GPU share its
+    memory and queue; devices on two GPUs get CUDA peer access from enable_peer_access, a peer
+    copy or job slice runs after the work queued on the peer's GPU before it, and the peer's
+    later work after a peer copy (stream events, no host wait; a job's round ends with a host
+    wait anyway).
 
 MMU (dev.pt, a DevicePageTable; hmmgpu/device/pagetable.py has the entry encoding)
     dev.pt.map(vpns, pfns, flags=PTE_WRITE) -> Fence     PTE_WRITE | PTE_ATOMIC; VALID implied
@@ -41,7 +66,8 @@ MMU (dev.pt, a DevicePageTable; hmmgpu/device/pagetable.py has the entry encodin
     dev.pt.release()          drop every entry and table (the address space goes away)
     dev.pt.flush() -> Fence
     dev.pt.lookup(vpns) -> uint64 entries     (tests, snapshot)
-    A pfn in an entry must be system RAM or this device's own memory.
+    A pfn in an entry must be system RAM, this device's own memory or an enabled peer's
+    (ValueError naming the pfn otherwise; a 2 MiB leaf's 512 frames all in one of them).
 
 Address spaces (contexts)
     ctx = dev.create_context(service=None, name=None)
@@ -214,10 +240,9 @@ class EmulatedDevice:
         them are refused again, and an entry left pointing at them is a fatal fault (EFAULT)
         for a job that uses it: unmap first.  ValueError when access was not enabled."""
         with self.lock:
-            keep = [r for r in self._peer_refs if r() is not None and r() is not peer]
-            if len(keep) == len(self._peer_refs):
+            if not any(r() is peer for r in self._peer_refs):
                 raise ValueError(f"{self.name}: peer access to {getattr(peer, 'name', peer)} is not enabled")
-            self._peer_refs = keep
+            self._peer_refs = [r for r in self._peer_refs if r() is not None and r() is not peer]
             self.peer_epoch += 1
 
     def _live_peers(self):
@@ -283,7 +308,7 @@ class EmulatedDevice:
     def _groups(self, pfns):
         """(pfns, [(arena, positions or None for all, frame indices)]) per memory the pfns use."""
         p, mems, which = self._locate(pfns)
-        kinds = [int(which[0])] if p.size and (which == which[0]).all() else np.unique(which).tolist()
+        kinds = np.flatnonzero(np.bincount(which, minlength=len(mems))).tolist() if p.size else []
         out = []
         for k in kinds:
             arena, base = mems[k]

@@ -107,7 +107,7 @@ def runs_of(idx, min_run=MIN_RUN_PAGES):
 
 
 class NumpyMMU:
-    """Translation and physical access for the twins: hmm_translate / hmm_phys of hmm.cuh."""
+    """Translation and physical access for the twins: hmm_translate / hmm_frame of hmm.cuh."""
 
     def __init__(self, dev_arena, host_arena, pfn_base, nframes, faults):
         self.dev = dev_arena.frames
@@ -279,10 +279,17 @@ class NumpyMMU:
 
     def _pieces(self, which):
         """(arena, positions) for each memory that ``which`` selects: one when all agree."""
-        first = int(which[0]) if which.size else 1
-        if np.count_nonzero(which == first) == which.size:
-            return ((self.mems[first], None),)
-        return tuple((self.mems[k], np.flatnonzero(which == k)) for k in np.unique(which).tolist())
+        if not self.peers:                        # RAM and own frames only: a bool mask
+            dev = which.view(bool)
+            if dev.all():
+                return ((self.dev, None),)
+            if not dev.any():
+                return ((self.host, None),)
+            return ((self.dev, np.flatnonzero(dev)), (self.host, np.flatnonzero(~dev)))
+        used = np.flatnonzero(np.bincount(which, minlength=len(self.mems)))
+        if used.size == 1:
+            return ((self.mems[int(used[0])], None),)
+        return tuple((self.mems[k], np.flatnonzero(which == k)) for k in used.tolist())
 
     def _where(self, pte, off, itemsize):
         which, fr = self.frames(pte)
@@ -535,7 +542,7 @@ def _bulk_translate(mmu, lanes, args, ops):
                 rec_pos.append(p)
                 rec_ord.append(np.full(p.size, 2 * j + which))
                 rec_va.append(va[p])
-                # translated, but to a pfn outside memory: fatal (bulk_translate's hmm_pfn_ok)
+                # translated, but to a pfn the device cannot address: fatal (bulk_translate's hmm_frame)
                 rec_acc.append(np.where(pte_allows(e[p], acc), fatal_word(acc, FATAL_BAD_PFN, 16), _U64(acc)))
         allok &= okA & okB
         per_op.append((first, eA, eB))

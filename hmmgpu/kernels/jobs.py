@@ -128,13 +128,12 @@ class CupyJobExecutor:
                 cupy.cuda.runtime.memcpyAsync(h.shadow.data.ptr, h.block.data.ptr, h.block.nbytes,
                                               cudaMemcpyDefault, self.stream.ptr)
             threads = 32 * n if h.spec.warp else n
-            other = self._peers()
-            for g in other:                          # peers on other GPUs: after their queued work
+            # a peer on another GPU: the slice runs after the work queued there (the peer's later
+            # work comes after the slice anyway: a round ends with a host wait on this GPU)
+            for g in self._peers():
                 self.backend.queue_after(self.gpu, g)
             launch(h.mod, h.kernel, threads,
                    h.prefix + (nodes, dl, base, _U64(n), h.args, h.probe_args, self._peer_ptr), self.stream)
-            for g in other:                          # and their later work after this slice
-                self.backend.queue_after(g, self.gpu)
         return self.backend.fence(self.gpu)
 
     def _peers(self):
