@@ -124,6 +124,8 @@ def test_closest_resident_and_topology():
     cl = v.closest_resident(r, G0)[0, :4].tolist()
     assert cl == [CPU, G1, G1, -1]
     assert v.closest_resident(r, CPU)[0, :3].tolist() == [CPU, CPU, G1]
+    # page by page (what a fault batch asks: one answer per faulted page, not per block)
+    assert v.closest_resident_pages(np.repeat(r, 4), [3, 2, 1, 0], G0).tolist() == [-1, G1, G1, CPU]
     assert v.resident_anywhere(np.array([r[0]])).tolist() == [True]
     t = Topology(3)
     assert t.can_all_access(np.array([0b011, 0b111]), np.array([CPU, G1])).tolist() == [True, False]

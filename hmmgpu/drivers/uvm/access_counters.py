@@ -172,7 +172,7 @@ class UvmAccessCounters(AccessCounterPolicy):
         if rows.size == 0:
             return empty
         page = (notes.address >> 12) & (PAGES_PER_UVM_VA_BLOCK - 1)
-        closest = blocks.closest_resident(rows, gpu)[np.arange(rows.size), page]
+        closest = blocks.closest_resident_pages(rows, page, gpu)
         keep = (closest != UVM_ID_INVALID) & (closest != gpu)
         rows, notes, closest = rows[keep], notes[np.flatnonzero(keep)], closest[keep]
         bits = ((notes.sub_granularity[:, None] >> np.arange(UVM_SUB_GRANULARITY_REGIONS, dtype=np.uint32)) & 1) == 1

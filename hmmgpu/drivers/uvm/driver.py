@@ -489,7 +489,7 @@ class UvmDriver:
                 self._cpu_events_to_policy()
                 rows = self.blocks.rows_of_blocks(vpns // PAGES)
                 pg = vpns % PAGES
-                closest = self.blocks.closest_resident(rows, UVM_ID_CPU)[np.arange(vpns.size), pg]
+                closest = self.blocks.closest_resident_pages(rows, pg, UVM_ID_CPU)
                 pref = self.blocks.preferred_location[rows, pg].astype(np.int64)
                 hints = thr.get_hint(rows, pg, UVM_ID_CPU, self.clock.now_ns, closest=closest, preferred=pref)
             if not hints.throttle.any():
@@ -808,7 +808,7 @@ class UvmDriver:
             now = self.clock.now_ns
             k = np.flatnonzero(need)
             if k.size:
-                closest = self.blocks.closest_resident(rows[ri[k]], g.id)[np.arange(k.size), pg[k]]
+                closest = self.blocks.closest_resident_pages(rows[ri[k]], pg[k], g.id)
                 hints = thr.get_hint(rows[ri[k]], pg[k], g.id, now,
                                      closest=np.where(closest >= 0, closest, UVM_ID_CPU), preferred=pref[k])
                 pinned_away = hints.pin & (hints.residency != g.id)

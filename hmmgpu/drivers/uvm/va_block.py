@@ -231,7 +231,13 @@ class VaBlocks:
         """uvm_va_block_page_get_closest_resident for every page: the requester itself, else the
         lowest-numbered GPU holding the page (peers come before the CPU), else the CPU; -1 where the
         page is resident nowhere."""
-        res = self.resident[:, np.asarray(rows, np.int64)]
+        return self._closest(self.resident[:, np.asarray(rows, np.int64)], requester)
+
+    def closest_resident_pages(self, rows, pages, requester):
+        """closest_resident of single pages: (row, page) pairs, one answer each."""
+        return self._closest(self.resident[:, np.asarray(rows, np.int64), np.asarray(pages, np.int64)], requester)
+
+    def _closest(self, res, requester):
         order = [requester] + [p for p in range(1, self.nprocs) if p != requester]
         if requester != UVM_ID_CPU:
             order.append(UVM_ID_CPU)
