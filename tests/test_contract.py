@@ -412,6 +412,28 @@ def test_writeback_writes_dirty_pages_while_mapped(system, proc, datafile):
     assert os.pread(fd, 7, 0) == b"agained"
 
 
+def test_writeback_reaches_the_file_whichever_descriptor_mapped_it_first(proc, datafile):
+    fd, path, _ = datafile
+    ro = os.open(path, os.O_RDONLY)
+    proc.read(proc.mmap(PAGE_SIZE, PROT_READ, MAP_PRIVATE, fd=ro), 1)    # the file's first mapping
+    addr = proc.mmap(PAGE_SIZE, RW, MAP_SHARED, fd=fd)
+    os.close(ro)
+    proc.write(addr, b"through the inode")
+    proc.msync(addr, PAGE_SIZE)
+    assert os.pread(fd, 17, 0) == b"through the inode"
+
+
+def test_a_file_mapping_outlives_its_descriptor(proc, tmp_path):
+    path = tmp_path / "closed.bin"
+    path.write_bytes(bytes(PAGE_SIZE))
+    fd = os.open(path, os.O_RDWR)
+    addr = proc.mmap(PAGE_SIZE, RW, MAP_SHARED, fd=fd)
+    os.close(fd)
+    proc.write(addr, b"after close")
+    proc.munmap(addr, PAGE_SIZE)
+    assert path.read_bytes()[:11] == b"after close"
+
+
 def test_a_private_file_mapping_never_writes_the_file(proc, datafile):
     fd, path, data = datafile
     addr = proc.mmap(PAGE_SIZE, RW, MAP_PRIVATE, fd=fd)
