@@ -571,6 +571,46 @@ def test_release_evicts_every_device_page(system, proc, dev):
     assert (proc.read(addr, 2 * PAGE_SIZE) == 7).all() and (other.read(addr2, PAGE_SIZE) == 8).all()
 
 
+def test_fail_alloc_fails_the_next_device_allocation_once(proc, dev):
+    # lib/test_hmm.c: the first page's allocation fails; a small page has no fallback and stays
+    # in system memory, so the readback finds it missing
+    m = dev.open(proc)
+    addr = proc.mmap(2 * PAGE_SIZE, RW, ANON)
+    proc.write(addr, b"\x09" * (2 * PAGE_SIZE))
+    m.set_flags(dmirror.FLAG_FAIL_ALLOC)
+    raises(errno.ENOENT, m.migrate_to_dev, addr, 2)
+    assert m.snapshot(addr, 2).data.tolist() == [dmirror.PROT_WRITE,
+                                                 dmirror.PROT_DEV_PRIVATE_LOCAL | dmirror.PROT_WRITE]
+    assert m.migrate_to_dev(addr, 2).cpages == 2            # spent
+    assert (proc.read(addr, 2 * PAGE_SIZE) == 9).all()
+
+
+def test_fail_alloc_fails_the_next_system_allocation_once(proc, dev):
+    m = dev.open(proc)
+    addr = proc.mmap(PAGE_SIZE, RW, ANON)
+    proc.write(addr, b"\x09" * PAGE_SIZE)
+    assert m.migrate_to_dev(addr, 1).cpages == 1
+    m.set_flags(dmirror.FLAG_FAIL_ALLOC)
+    assert m.migrate_to_sys(addr, 1).cpages == 0     # the one allocation fails: the page stays
+    assert m.snapshot(addr, 1).data[0] == dmirror.PROT_DEV_PRIVATE_LOCAL | dmirror.PROT_WRITE
+    assert m.migrate_to_sys(addr, 1).cpages == 1     # the flag was used up
+    assert (proc.read(addr, PAGE_SIZE) == 9).all()
+
+
+def test_fail_alloc_on_a_thp_falls_back_to_small_pages():
+    system = hmmgpu.System(backend="auto", thp="always")
+    proc = system.spawn()
+    m = dmirror.DMirrorDevice(system, memory="private").open(proc)
+    addr = _aligned_2m(proc)
+    data = pattern(PMD_SIZE // PAGE_SIZE, seed=5)
+    proc.write(addr, data)
+    m.set_flags(dmirror.FLAG_FAIL_ALLOC)
+    r = m.migrate_to_dev(addr, PMD_SIZE // PAGE_SIZE)
+    assert r.cpages == PMD_SIZE // PAGE_SIZE and np.array_equal(r.data, data)
+    assert (m.snapshot(addr, PMD_SIZE // PAGE_SIZE).data
+            == dmirror.PROT_DEV_PRIVATE_LOCAL | dmirror.PROT_WRITE).all()      # no PROT_PMD
+
+
 def test_device_errors(mirror, proc):
     addr = proc.mmap(2 * PAGE_SIZE, RW, ANON)
     for call in (mirror.read, mirror.migrate_to_dev, mirror.migrate_to_sys, mirror.snapshot,
