@@ -633,6 +633,20 @@ def test_a_device_mmap_is_a_mixed_map_of_driver_pages(proc, dev):
     assert (proc.read(addr, PAGE_SIZE) == 0).all()
 
 
+def test_a_closed_open_is_a_closed_descriptor(proc, dev):
+    m = dev.open(proc)
+    addr = proc.mmap(PAGE_SIZE, RW, ANON)
+    m.close()
+    m.close()                                    # closing twice is harmless
+    for call in (m.read, m.migrate_to_dev, m.migrate_to_sys, m.snapshot, m.exclusive,
+                 m.check_exclusive):
+        raises(errno.EBADF, call, addr, 1)
+    raises(errno.EBADF, m.write, addr, bytes(PAGE_SIZE))
+    raises(errno.EBADF, m.release)
+    raises(errno.EBADF, m.set_flags, dmirror.FLAG_FAIL_ALLOC)
+    raises(errno.EBADF, proc.mmap, PAGE_SIZE, RW, MAP_SHARED, fd=m)
+
+
 def test_the_open_is_bound_to_its_process(system, dev):
     a, b = system.spawn(), system.spawn()
     ma = dev.open(a)

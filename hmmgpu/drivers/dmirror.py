@@ -747,8 +747,7 @@ class DMirror:
 
     def mmap(self, vma):
         """dmirror_fops_mmap(): fill a mixed map with zeroed driver pages."""
-        if self.closed:
-            raise oserror(errno.EBADF, "dmirror file is closed", vma.start, vma.end)
+        self._check_open(vma.start, vma.end)
         phys = self.system.phys
         n = vma.npages
         pfns = phys.alloc(n, None, zero=True)
@@ -757,10 +756,14 @@ class DMirror:
         finally:
             phys.put(pfns)      # the mapping holds its own reference
 
+    def _check_open(self, start=None, end=None):
+        """A call on a closed file is what a system call on a closed descriptor is: EBADF."""
+        if self.closed:
+            raise oserror(errno.EBADF, "dmirror file is closed", start, end)
+
     def _cmd(self, addr, npages):
         """dmirror_fops_unlocked_ioctl()'s checks: the __u64 fields of struct hmm_dmirror_cmd."""
-        if self.closed:
-            raise oserror(errno.EINVAL, "dmirror file is closed")
+        self._check_open()
         addr = ulong(addr, "address")
         npages = ulong(npages, "page count", addr)
         if addr & (PAGE_SIZE - 1):
@@ -1288,8 +1291,7 @@ class DMirror:
     # -- device-wide ------------------------------------------------------------------------------
     def release(self):
         """HMM_DMIRROR_RELEASE: evict every page of the device back to system memory."""
-        if self.closed:
-            raise oserror(errno.EINVAL, "dmirror file is closed")
+        self._check_open()
         self.mdevice.remove_chunks()
         return DmirrorResult(None, 0)
 
@@ -1302,7 +1304,6 @@ class DMirror:
 
     def set_flags(self, flags):
         """HMM_DMIRROR_FLAGS."""
-        if self.closed:
-            raise oserror(errno.EINVAL, "dmirror file is closed")
+        self._check_open()
         self.flags = ulong(flags, "flags")
         return DmirrorResult(None, 0)
