@@ -8,6 +8,7 @@ page is silent the expected behaviour is Linux's (x86-64, 6.x).
 """
 import errno
 import inspect
+import json
 import mmap as pymmap
 import os
 
@@ -362,6 +363,12 @@ def test_rss_counts_anon_file_and_shmem_pages(proc, datafile):
     assert proc.rss == {"anon": 3, "file": 2, "shmem": 1}
     proc.munmap(f, 2 * PAGE_SIZE)
     assert proc.rss == {"anon": 3, "file": 0, "shmem": 1}
+    # plain numbers: a harness may print or serialise them
+    assert all(type(n) is int for n in proc.rss.values())
+    assert json.loads(json.dumps(proc.rss)) == proc.rss
+    child = proc.fork()                          # the child's entries count in its own rss
+    assert child.rss == {"anon": 3, "file": 0, "shmem": 1}
+    assert all(type(n) is int for n in child.rss.values())
 
 
 # -- File mappings: a real OS file descriptor --------------------------------------------------

@@ -188,13 +188,13 @@ class MM:
 
     def _account(self, pfns, sign):
         anon, file, shmem = self._rss_counts(np.asarray(pfns, dtype=np.int64))
-        rss = self.rss
-        rss["anon"] += sign * anon
-        rss["file"] += sign * file
-        rss["shmem"] += sign * shmem
+        rss = self.rss              # Python ints, as proc.rss hands them out (JSON, repr)
+        rss["anon"] += sign * int(anon)
+        rss["file"] += sign * int(file)
+        rss["shmem"] += sign * int(shmem)
 
     def add_rss(self, kind, n):
-        self.rss[kind] += n
+        self.rss[kind] += int(n)
 
     # -- mapping and unmapping pages (the rmap side) --------------------------------
     def _map(self, vma, idx, pfns, flags, take_ref=True):
