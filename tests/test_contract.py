@@ -191,6 +191,17 @@ def test_mmap_returns_an_int_address_and_takes_its_arguments_by_keyword(proc):
     proc.write(fixed, b"x")
 
 
+def test_an_mmap_hint_is_used_like_linuxs(proc):
+    free = proc.mmap(4 * PAGE_SIZE, RW, ANON)
+    proc.munmap(free, 4 * PAGE_SIZE)
+    assert proc.mmap(PAGE_SIZE, RW, ANON, addr=free) == free                 # free: taken
+    assert proc.mmap(PAGE_SIZE, RW, ANON, addr=free + PAGE_SIZE + 123) == free + PAGE_SIZE  # rounded down
+    other = proc.mmap(PAGE_SIZE, RW, ANON, addr=free)                         # taken: elsewhere
+    assert other not in (free, free + PAGE_SIZE)
+    low = proc.mmap(PAGE_SIZE, RW, ANON, addr=PAGE_SIZE)                     # below mmap_min_addr
+    assert low >= 0x10000
+
+
 def test_read_returns_a_uint8_copy_and_write_takes_bytes_like_or_ndarray(proc):
     addr = proc.mmap(PAGE_SIZE, RW, ANON)
     proc.write(addr, b"ab")

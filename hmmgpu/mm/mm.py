@@ -564,11 +564,23 @@ class MM:
         return None
 
     # -- mmap / munmap -----------------------------------------------------------------
+    def _free_hint(self, hint, length, align):
+        """The hint of a mmap without MAP_FIXED, as Linux takes it: rounded down to the page
+        (round_hint_to_min), raised to mmap_min_addr, rounded down to ``align`` (a huge page's
+        size for hugetlb), and used when [hint, hint + length) is free.  None otherwise."""
+        hint &= PAGE_MASK
+        if hint and hint < MMAP_MIN_ADDR:
+            hint = MMAP_MIN_ADDR
+        hint -= hint % align
+        if hint and hint + length <= TASK_SIZE and not self.vmas_in(hint, hint + length):
+            return hint
+        return None
+
     def get_unmapped_area(self, length, hint=0):
-        """Top-down search below MMAP_BASE, honouring a free, aligned hint first."""
-        if hint and hint % PAGE_SIZE == 0 and MMAP_MIN_ADDR <= hint and hint + length <= TASK_SIZE:
-            if not self.vmas_in(hint, hint + length):
-                return hint
+        """Top-down search below MMAP_BASE, honouring a free hint first (see _free_hint)."""
+        got = self._free_hint(hint, length, PAGE_SIZE)
+        if got is not None:
+            return got
         cand = self.vmas.empty_area_rev(length, MMAP_MIN_ADDR, MMAP_BASE)
         if cand is None:
             raise oserror(errno.ENOMEM, f"no free range of {length} bytes in the address space")
@@ -686,9 +698,9 @@ class MM:
 
     def _hugetlb_unmapped_area(self, length, hint):
         """hugetlb_get_unmapped_area(): a 2 MiB aligned free range."""
-        if hint and hint % PMD_SIZE == 0 and MMAP_MIN_ADDR <= hint and hint + length <= TASK_SIZE:
-            if not self.vmas_in(hint, hint + length):
-                return hint
+        got = self._free_hint(hint, length, PMD_SIZE)
+        if got is not None:
+            return got
         start = self.get_unmapped_area(length + PMD_SIZE)
         return -(-start // PMD_SIZE) * PMD_SIZE
 
