@@ -651,6 +651,17 @@ def test_a_device_mmap_is_a_mixed_map_of_driver_pages(proc, dev):
     assert (proc.read(addr, PAGE_SIZE) == 0).all()
 
 
+def test_after_exit_the_open_answers_einval(proc, dev):
+    m = dev.open(proc)
+    addr = proc.mmap(2 * PAGE_SIZE, RW, ANON)
+    proc.write(addr, b"\x01" * (2 * PAGE_SIZE))
+    assert m.migrate_to_dev(addr, 2).cpages == 2
+    proc.exit()                                  # MMU_NOTIFY_RELEASE: the mirror lets go too
+    for call in (m.read, m.snapshot, m.migrate_to_dev, m.migrate_to_sys, m.exclusive):
+        raises(errno.EINVAL, call, addr, 1)      # mmget_not_zero() fails
+    m.close()
+
+
 def test_a_closed_open_is_a_closed_descriptor(proc, dev):
     m = dev.open(proc)
     addr = proc.mmap(PAGE_SIZE, RW, ANON)
