@@ -43,8 +43,13 @@ def dev(system):
 
 
 @pytest.fixture(params=["private", "coherent"])
-def mirror(request, system, proc):
-    m = dmirror.DMirrorDevice(system, memory=request.param).open(proc)
+def memory(request):
+    return request.param
+
+
+@pytest.fixture
+def mirror(system, proc, memory):
+    m = dmirror.DMirrorDevice(system, memory=memory).open(proc)
     yield m
     m.close()
 
@@ -314,13 +319,15 @@ def test_fork_shares_a_shared_mapping(proc):
 
 
 def test_exit_tears_the_address_space_down_and_later_calls_fail(system, proc):
-    addr = proc.mmap(4 * PAGE_SIZE, RW, ANON)
+    addr = proc.mmap(4 * PAGE_SIZE, RW, MAP_SHARED | MAP_ANONYMOUS)
+    child = proc.fork()
     proc.write(addr, b"\x01" * (4 * PAGE_SIZE))
-    free = system.phys.nr_free()
     proc.exit(status=3)
-    assert system.phys.nr_free() == free + 4
-    with pytest.raises(OSError):
-        proc.read(addr, 1)
+    assert (child.read(addr, 4 * PAGE_SIZE) == 1).all()       # what others share stays
+    for call, args in ((proc.read, (addr, 1)), (proc.mmap, (PAGE_SIZE, RW, ANON)), (proc.fork, ())):
+        with pytest.raises(OSError):
+            call(*args)
+    child.exit()
 
 
 def test_exit_sends_mmu_notify_release(proc):
@@ -508,14 +515,13 @@ def test_device_write(mirror, proc):
     assert np.array_equal(proc.read(addr, 3 * PAGE_SIZE), data)
 
 
-def test_migrate_to_dev_and_back(mirror, proc):
+def test_migrate_to_dev_and_back(mirror, proc, memory):
     addr = proc.mmap(4 * PAGE_SIZE, RW, ANON)
     data = pattern(4, seed=3)
     proc.write(addr, data)
     r = mirror.migrate_to_dev(addr, 4)
     assert r.cpages == 4 and np.array_equal(r.data, data)
-    local = (dmirror.PROT_DEV_PRIVATE_LOCAL if mirror.mdevice.memory == "private"
-             else dmirror.PROT_DEV_COHERENT_LOCAL)
+    local = dmirror.PROT_DEV_PRIVATE_LOCAL if memory == "private" else dmirror.PROT_DEV_COHERENT_LOCAL
     assert (mirror.snapshot(addr, 4).data == local | dmirror.PROT_WRITE).all()
     assert mirror.migrate_to_sys(addr, 4).cpages == 4
     assert (mirror.snapshot(addr, 4).data == dmirror.PROT_WRITE).all()
