@@ -798,6 +798,54 @@ def test_pfn_arrays_must_be_uint64_numpy_arrays(proc):
     hmm.mmu_interval_notifier_remove(mni)
 
 
+def test_memremap_pages_takes_a_pgmap_with_page_free_and_migrate_to_ram(system):
+    from hmmgpu import hmm
+    freed = []
+
+    class Ops:
+        def page_free(self, pfns):
+            freed.append(pfns)
+
+        def migrate_to_ram(self, vmf):
+            return 0
+
+    owner = object()
+    pgmap = hmm.DevPagemap(hmm.MEMORY_DEVICE_PRIVATE, Ops(), owner, 16)
+    first = hmm.memremap_pages(pgmap, system)
+    assert isinstance(first, int)
+    hmm.memunmap_pages(pgmap)
+
+    class NoFault:
+        def page_free(self, pfns):
+            pass
+
+    raises(errno.EINVAL, hmm.memremap_pages, hmm.DevPagemap(hmm.MEMORY_DEVICE_PRIVATE, NoFault(), owner, 16),
+           system)
+    coherent = hmm.DevPagemap(hmm.MEMORY_DEVICE_COHERENT, NoFault(), owner, 16)
+    hmm.memremap_pages(coherent, system)          # coherent memory needs no migrate_to_ram
+    hmm.memunmap_pages(coherent)
+
+
+def test_migrate_vma_setup_collects_into_uint64_arrays(proc):
+    from hmmgpu import hmm
+    addr = proc.mmap(4 * PAGE_SIZE, RW, ANON)
+    proc.write(addr, b"\x03" * (2 * PAGE_SIZE))             # two pages, two holes
+    with proc.mm.mmap_lock.read():
+        args = hmm.MigrateVma(proc.mm.find_vma(addr), addr, addr + 4 * PAGE_SIZE, pgmap_owner=object(),
+                              flags=hmm.MIGRATE_VMA_SELECT_SYSTEM)
+        assert hmm.migrate_vma_setup(args) == 0
+        for a in (args.src, args.dst):
+            assert isinstance(a, np.ndarray) and a.dtype == np.uint64
+        assert (args.cpages, args.npages) == (4, 4)
+        assert ((args.src & np.uint64(hmm.MIGRATE_PFN_MIGRATE)) != 0).all()
+        valid = (args.src & np.uint64(hmm.MIGRATE_PFN_VALID)) != 0
+        assert valid.tolist() == [True, True, False, False]
+        hmm.migrate_vma_pages(args)                           # no destinations: nothing moves
+        hmm.migrate_vma_finalize(args)
+    assert (proc.read(addr, 2 * PAGE_SIZE) == 3).all()
+    assert (proc.read(addr + 2 * PAGE_SIZE, 2 * PAGE_SIZE) == 0).all()
+
+
 # -- Huge pages ------------------------------------------------------------------------------------
 
 def _aligned_2m(proc):
