@@ -426,6 +426,16 @@ def test_exit_writes_back(proc, datafile):
     assert os.pread(fd, 7, 0) == b"at exit"
 
 
+def test_exit_writes_back_while_another_process_maps_the_file(proc, datafile):
+    fd, _, _ = datafile
+    addr = proc.mmap(PAGE_SIZE, RW, MAP_SHARED, fd=fd)
+    child = proc.fork()
+    child.write(addr, b"child's")
+    child.exit()
+    assert os.pread(fd, 7, 0) == b"child's"
+    assert proc.read(addr, 7).tobytes() == b"child's"
+
+
 def test_writeback_writes_dirty_pages_while_mapped(system, proc, datafile):
     fd, _, _ = datafile
     addr = proc.mmap(PAGE_SIZE, RW, MAP_SHARED, fd=fd)

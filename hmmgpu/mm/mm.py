@@ -1248,14 +1248,24 @@ class MM:
         child._account(p, +1)
 
     def teardown(self):
-        """exit_mmap(): every mapping goes (UNMAP events after the RELEASE)."""
+        """exit_mmap(): every mapping goes (UNMAP events after the RELEASE).
+
+        What the process wrote through its shared file mappings is written back first, even
+        where another process still maps the file: in Linux a read(2) of the file sees it at
+        once through the page cache; here the file sees it when it is written back.  A write
+        error is raised once the address space is gone all the same."""
         from .notifier import mmu_notifier_release
         with self.mmap_lock.write():
-            mmu_notifier_release(self)
-            for v in list(self.vmas):
-                with invalidation(self, v.start, v.end, MMU_NOTIFY_UNMAP):
-                    self._zap(v, 0, v.npages)
-                self._remove(v)
-                self._release_backing(v)
-            self.dead = True
+            try:
+                for v in list(self.vmas):
+                    if v.shared and v.file is not None and not v.file.shmem:
+                        self.system.writeback_range(v.file, v.pgoff, v.pgoff + v.npages)
+            finally:
+                mmu_notifier_release(self)
+                for v in list(self.vmas):
+                    with invalidation(self, v.start, v.end, MMU_NOTIFY_UNMAP):
+                        self._zap(v, 0, v.npages)
+                    self._remove(v)
+                    self._release_backing(v)
+                self.dead = True
 
