@@ -631,6 +631,16 @@ def test_fail_alloc_fails_the_next_system_allocation_once(proc, dev):
     assert (proc.read(addr, PAGE_SIZE) == 9).all()
 
 
+def test_fail_alloc_is_spent_by_a_cpu_fault_on_the_opens_page(proc, dev):
+    m = dev.open(proc)
+    addr = proc.mmap(PAGE_SIZE, RW, ANON)
+    proc.write(addr, b"\x0a" * PAGE_SIZE)
+    assert m.migrate_to_dev(addr, 1).cpages == 1
+    m.set_flags(dmirror.FLAG_FAIL_ALLOC)
+    assert (proc.read(addr, PAGE_SIZE) == 10).all()    # VM_FAULT_OOM, the fault again: home
+    assert m.migrate_to_dev(addr, 1).cpages == 1      # the flag went with the fault
+
+
 def test_fail_alloc_on_a_thp_falls_back_to_small_pages():
     system = hmmgpu.System(backend="auto", thp="always")
     proc = system.spawn()

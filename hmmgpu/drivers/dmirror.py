@@ -398,7 +398,7 @@ class DMirrorDevice:
         if migrate_vma_setup(args):
             return VM_FAULT_SIGBUS
         with _migrating(args):
-            ret = self._fault_alloc_and_copy(args, vmf.mm)
+            ret = self._fault_alloc_and_copy(args, vmf.mm, self._mirror_of(vmf.page), cpu_fault=True)
             if ret:
                 return ret
             migrate_vma_pages(args)
@@ -406,22 +406,32 @@ class DMirrorDevice:
             # device page tables.
         return 0
 
-    def _fault_alloc_and_copy(self, args, mm, mirror=None):
+    def _mirror_of(self, pfn):
+        """rpage->zone_device_data: the open that migrated the device page ``pfn`` here."""
+        key = int(self.system.phys.pages.zone_device_data[pfn])
+        with self.lock:
+            return next((m for m in self.mirrors if id(m) == key), None)
+
+    def _fault_alloc_and_copy(self, args, mm, mirror=None, cpu_fault=False):
         """dmirror_devmem_fault_alloc_and_copy(): system pages for device pages, and the copy.
 
-        ``mirror``: the open whose FLAG_FAIL_ALLOC the first page's allocation consumes
-        (HMM_DMIRROR_MIGRATE_TO_SYS).  A 2 MiB page then comes back as 512 small ones; a small
-        page gets VM_FAULT_OOM there, which leaves it and the rest of the PTRS_PER_PTE pages the
-        C driver migrates in one migrate_vma on the device (its caller ignores the return)."""
+        ``mirror``: the open whose FLAG_FAIL_ALLOC the first page's allocation consumes (the
+        one that migrated the faulting page, or HMM_DMIRROR_MIGRATE_TO_SYS's).  A 2 MiB page
+        then comes back as 512 small ones; a small page gets VM_FAULT_OOM there.  After a CPU
+        fault (``cpu_fault``) the fault is taken again (pagefault_out_of_memory) and, the flag
+        spent, succeeds; HMM_DMIRROR_MIGRATE_TO_SYS ignores the return, which leaves that page
+        and the rest of the PTRS_PER_PTE pages the C driver migrates in one migrate_vma on the
+        device."""
         sel = device_selection(self.system, args.src, args.npages)
         if sel.size == 0:
             return 0
         fail_alloc = mirror is not None and mirror._take_fail_alloc()
         if fail_alloc and not args.src[sel[0]] & _MPFN_COMPOUND:
             fail_alloc = False
-            sel = sel[sel >= (int(sel[0]) // PTES_PER_PAGE + 1) * PTES_PER_PAGE]
-            if sel.size == 0:
-                return 0
+            if not cpu_fault:
+                sel = sel[sel >= (int(sel[0]) // PTES_PER_PAGE + 1) * PTES_PER_PAGE]
+                if sel.size == 0:
+                    return 0
         # xa_erase() of the device mappings, in every mirror of this device on that mm
         self._erase_in_mirrors(mm, (args.start >> PAGE_SHIFT) + _positions(args.src, sel, args.npages))
         try:
