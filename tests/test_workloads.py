@@ -303,10 +303,11 @@ def run_on_uvm(w, device_bytes=None):
     system = hmmgpu.System(backend="numpy", ram_bytes=4 * w.footprint + (32 << 20))
     proc = system.spawn()
     w.setup(proc)
-    drv = UvmDriver(system, proc, *w.extent, device_bytes=device_bytes)
+    lo, hi = w.extent
+    drv = UvmDriver(system, proc, device_bytes=device_bytes or ((hi - 1) // PMD_SIZE - lo // PMD_SIZE + 1) * PMD_SIZE)
     try:
         w.run(drv)
-        return w, drv.counters()
+        return w, drv.counters
     finally:
         drv.close()
 
