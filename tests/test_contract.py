@@ -469,6 +469,15 @@ def test_a_file_mapping_outlives_its_descriptor(proc, tmp_path):
     assert path.read_bytes()[:11] == b"after close"
 
 
+def test_msync_over_a_hole_syncs_what_is_mapped_and_says_enomem(proc, datafile):
+    fd, _, _ = datafile
+    addr = proc.mmap(3 * PAGE_SIZE, RW, MAP_SHARED, fd=fd)
+    proc.munmap(addr, PAGE_SIZE)                          # a hole first, then two mapped pages
+    proc.write(addr + 2 * PAGE_SIZE, b"past the hole")
+    raises(errno.ENOMEM, proc.msync, addr, 3 * PAGE_SIZE)
+    assert os.pread(fd, 13, 2 * PAGE_SIZE) == b"past the hole"
+
+
 def test_a_private_file_mapping_never_writes_the_file(proc, datafile):
     fd, path, data = datafile
     addr = proc.mmap(PAGE_SIZE, RW, MAP_PRIVATE, fd=fd)

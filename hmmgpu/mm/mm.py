@@ -934,16 +934,22 @@ class MM:
         if end == addr:
             return
         with self.mmap_lock.read():
-            cur = addr
+            # mm/msync.c: holes are skipped (what is mapped after one is synced too) and
+            # reported at the end; MS_ASYNC, which writes nothing, stops at the first
+            cur, hole = addr, None
             for v in self.vmas_in(addr, end):
                 if v.start > cur:
-                    break
+                    hole = cur if hole is None else hole
+                    if not flags & MS_SYNC:
+                        break
                 if v.shared and v.file is not None and not v.file.shmem and flags & MS_SYNC:
                     s, e = max(v.start, addr), min(v.end, end)
                     self.system.writeback_range(v.file, v.pgoff + v.idx(s), v.pgoff + v.idx(e - 1) + 1)
                 cur = v.end
-            if cur < end:
-                raise oserror(errno.ENOMEM, "msync: part of the range is not mapped", max(cur, addr), end)
+            if hole is None and cur < end:
+                hole = cur
+            if hole is not None:
+                raise oserror(errno.ENOMEM, "msync: part of the range is not mapped", hole, end)
 
     def mkclean(self, vma, i0, i1):
         """page_vma_mkclean_one() over PTEs [i0, i1) of a shared file VMA.
