@@ -901,6 +901,23 @@ def test_thp_modes(thp, advise, pmd):
         assert (flags == want).all()
 
 
+def test_a_private_anonymous_mapping_of_whole_2mib_units_is_2mib_aligned():
+    # Linux 6.7+ (thp_get_unmapped_area): so mmap + MADV_HUGEPAGE gives THPs with no alignment
+    # done by hand
+    system = hmmgpu.System(backend="auto", thp="madvise")
+    proc = system.spawn()
+    m = dmirror.DMirrorDevice(system, memory="private").open(proc)
+    proc.mmap(PAGE_SIZE, RW, ANON)                 # something unaligned before it
+    addr = proc.mmap(PMD_SIZE, RW, ANON)
+    assert addr % PMD_SIZE == 0
+    proc.madvise(addr, PMD_SIZE, MADV_HUGEPAGE)
+    proc.write(addr, b"\x01")
+    assert m.snapshot(addr, 1).data[0] == dmirror.PROT_PMD | dmirror.PROT_WRITE
+    moved = proc.mremap(addr, PMD_SIZE, 2 * PMD_SIZE, MREMAP_MAYMOVE)
+    assert moved % PMD_SIZE == 0
+    assert m.snapshot(moved, 1).data[0] == dmirror.PROT_PMD | dmirror.PROT_WRITE    # moved whole
+
+
 def test_madv_nohugepage_and_collapse():
     system = hmmgpu.System(backend="auto", thp="always")
     proc = system.spawn()

@@ -654,6 +654,8 @@ class MM:
                     start = addr
                 elif huge:
                     start = self._hugetlb_unmapped_area(length, addr)
+                elif anonymous and mtype == MAP_PRIVATE and not addr:
+                    start = self._anon_unmapped_area(length)
                 else:
                     start = self.get_unmapped_area(length, addr)
                 self._check_budget(start, start + length, length >> PAGE_SHIFT)
@@ -701,8 +703,23 @@ class MM:
         got = self._free_hint(hint, length, PMD_SIZE)
         if got is not None:
             return got
+        return self._pmd_aligned_area(length)
+
+    def _pmd_aligned_area(self, length):
         start = self.get_unmapped_area(length + PMD_SIZE)
         return -(-start // PMD_SIZE) * PMD_SIZE
+
+    def _anon_unmapped_area(self, length):
+        """__get_unmapped_area() for private anonymous memory without a hint: since Linux 6.7
+        (thp_get_unmapped_area) a length that is a multiple of 2 MiB gets a 2 MiB aligned
+        range, so that the whole of it can be THP-mapped; anything else, or no room for the
+        padding, the plain search."""
+        if length % PMD_SIZE == 0:
+            try:
+                return self._pmd_aligned_area(length)
+            except OSError:
+                pass
+        return self.get_unmapped_area(length)
 
     def _check_hugetlb_edges(self, start, end, what):
         """hugetlb_split(): a hugetlb VMA may only be cut on a 2 MiB boundary (EINVAL)."""
@@ -1014,6 +1031,8 @@ class MM:
             if flags & MREMAP_DONTUNMAP and vma.vm_flags & (VM_DONTEXPAND | VM_PFNMAP):
                 raise oserror(errno.EINVAL, "mremap: MREMAP_DONTUNMAP on a VM_DONTEXPAND/VM_PFNMAP mapping",
                               old_addr, old_addr + old_size)
+            # where a move goes: as a new mapping of that kind would (no hint)
+            unmapped_area = self._anon_unmapped_area if vma_is_anonymous(vma) else self.get_unmapped_area
             if not flags & (MREMAP_FIXED | MREMAP_DONTUNMAP):
                 if new_size <= old_size:
                     if new_size < old_size:
@@ -1032,11 +1051,11 @@ class MM:
                 if not flags & MREMAP_MAYMOVE:
                     raise oserror(errno.ENOMEM, "mremap: cannot grow in place and MREMAP_MAYMOVE not given",
                                   old_addr, old_addr + new_size)
-                dest = self.get_unmapped_area(new_size)
+                dest = unmapped_area(new_size)
             elif flags & MREMAP_FIXED:
                 dest = new_addr
             else:
-                dest = self.get_unmapped_area(new_size)
+                dest = unmapped_area(new_size)
             kept = 0 if flags & MREMAP_DONTUNMAP else old_size
             self._check_budget(dest, dest + new_size, (new_size - kept) >> PAGE_SHIFT)
             if flags & MREMAP_FIXED:
