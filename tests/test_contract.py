@@ -945,6 +945,25 @@ def test_map_hugetlb_takes_pages_from_the_pool():
     proc.munmap(proc.mmap(PMD_SIZE, RW, ANON | MAP_HUGETLB), PMD_SIZE)   # back in the pool
 
 
+def test_mremap_of_a_hugetlb_mapping_moves_and_shrinks_but_does_not_grow():
+    system = hmmgpu.System(backend="auto", hugetlb_pages=3)
+    proc = system.spawn()
+    m = dmirror.DMirrorDevice(system, memory="private").open(proc)
+    addr = proc.mmap(2 * PMD_SIZE, RW, ANON | MAP_HUGETLB)
+    data = pattern(2 * PMD_SIZE // PAGE_SIZE, seed=6)
+    proc.write(addr, data)
+    raises(errno.EINVAL, proc.mremap, addr, 2 * PMD_SIZE, 3 * PMD_SIZE, MREMAP_MAYMOVE)
+    target = _aligned_2m(proc)
+    raises(errno.EINVAL, proc.mremap, addr, 2 * PMD_SIZE, 2 * PMD_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED,
+           new_addr=target + PAGE_SIZE)
+    target = proc.mremap(addr, 2 * PMD_SIZE, 2 * PMD_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr=target)
+    assert np.array_equal(proc.read(target, 2 * PMD_SIZE), data)
+    assert m.snapshot(target, 1).data[0] == dmirror.PROT_PMD | dmirror.PROT_WRITE
+    assert proc.mremap(target, 2 * PMD_SIZE, PMD_SIZE, 0) == target          # shrink: one back
+    assert np.array_equal(proc.read(target, PMD_SIZE), data[:PMD_SIZE])
+    proc.mmap(2 * PMD_SIZE, RW, ANON | MAP_HUGETLB)                           # the pool has two again
+
+
 def test_an_empty_hugetlb_pool_is_enomem():
     proc = hmmgpu.System(backend="auto", hugetlb_pages=0).spawn()
     raises(errno.ENOMEM, proc.mmap, PMD_SIZE, RW, ANON | MAP_HUGETLB)

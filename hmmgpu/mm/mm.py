@@ -1026,8 +1026,19 @@ class MM:
                 raise oserror(errno.EFAULT, "mremap: old range is not one mapping", old_addr,
                               min(old_addr + old_size, 1 << 64))
             if vma.vm_flags & VM_HUGETLB:
-                raise oserror(errno.EINVAL, "mremap of a hugetlb mapping is not emulated", old_addr,
-                              old_addr + old_size)
+                # Linux 5.17+: sizes in whole huge pages, 2 MiB aligned addresses, and no growing
+                # (the pool's reservation cannot be split)
+                old_size = -(-old_size // PMD_SIZE) * PMD_SIZE
+                new_size = -(-new_size // PMD_SIZE) * PMD_SIZE
+                if old_addr % PMD_SIZE or (flags & MREMAP_FIXED and new_addr % PMD_SIZE):
+                    raise oserror(errno.EINVAL, "mremap: a hugetlb mapping moves between 2 MiB aligned "
+                                  "addresses", old_addr, old_addr + old_size)
+                if new_size > old_size:
+                    raise oserror(errno.EINVAL, "mremap: a hugetlb mapping cannot grow", old_addr,
+                                  old_addr + new_size)
+                if old_size > vma.end - old_addr:
+                    raise oserror(errno.EFAULT, "mremap: old range is not one mapping", old_addr,
+                                  old_addr + old_size)
             if flags & MREMAP_DONTUNMAP and vma.vm_flags & (VM_DONTEXPAND | VM_PFNMAP):
                 raise oserror(errno.EINVAL, "mremap: MREMAP_DONTUNMAP on a VM_DONTEXPAND/VM_PFNMAP mapping",
                               old_addr, old_addr + old_size)
