@@ -782,15 +782,17 @@ def _fault_in(proc, addr, npages, flags):
     assert hmm.mmu_interval_notifier_insert(mni, proc.mm, addr, npages * PAGE_SIZE, Ops()) == 0
     rng = hmm.HmmRange(notifier=mni, start=addr, end=addr + npages * PAGE_SIZE,
                        hmm_pfns=np.zeros(npages, np.uint64), default_flags=flags)
-    while True:
-        rng.notifier_seq = hmm.mmu_interval_read_begin(mni)
-        ret = hmm.hmm_range_fault(rng)
-        if ret == -errno.EBUSY:
-            continue
-        if ret == 0 and hmm.mmu_interval_read_retry(mni, rng.notifier_seq):
-            continue
+    try:
+        for _ in range(hmm.HMM_RANGE_DEFAULT_TIMEOUT):      # the driver's retry loop, bounded
+            rng.notifier_seq = hmm.mmu_interval_read_begin(mni)
+            with proc.mm.mmap_lock.read():
+                ret = hmm.hmm_range_fault(rng)
+            if ret == -errno.EBUSY or (ret == 0 and hmm.mmu_interval_read_retry(mni, rng.notifier_seq)):
+                continue
+            return ret, rng.hmm_pfns
+        raise AssertionError("hmm_range_fault kept answering -EBUSY")
+    finally:
         hmm.mmu_interval_notifier_remove(mni)
-        return ret, rng.hmm_pfns
 
 
 def test_hmm_range_fault_fills_a_uint64_numpy_array(proc):
