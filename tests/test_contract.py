@@ -966,6 +966,25 @@ def test_mremap_of_a_hugetlb_mapping_moves_and_shrinks_but_does_not_grow():
     proc.mmap(2 * PMD_SIZE, RW, ANON | MAP_HUGETLB)                           # the pool has two again
 
 
+def test_a_shared_hugetlb_mapping_is_shared_with_a_child_and_survives_dontneed():
+    system = hmmgpu.System(backend="auto", hugetlb_pages=1)
+    proc = system.spawn()
+    m = dmirror.DMirrorDevice(system, memory="private").open(proc)
+    addr = proc.mmap(PMD_SIZE, RW, MAP_SHARED | MAP_ANONYMOUS | MAP_HUGETLB)
+    proc.write(addr, b"parent")
+    assert m.snapshot(addr, 1).data[0] == dmirror.PROT_PMD | dmirror.PROT_WRITE
+    child = proc.fork()
+    child.write(addr + 6, b" and child")          # no copy: the pool is empty and it works
+    assert proc.read(addr, 16).tobytes() == b"parent and child"
+    proc.madvise(addr, PMD_SIZE, MADV_DONTNEED)    # unmaps; the object keeps the page
+    assert proc.read(addr, 6).tobytes() == b"parent"
+    assert proc.rss == {"anon": 0, "file": 0, "shmem": 0}      # HugetlbPages, not rss
+    raises(errno.ENOMEM, proc.mmap, PMD_SIZE, RW, MAP_SHARED | MAP_ANONYMOUS | MAP_HUGETLB)
+    proc.munmap(addr, PMD_SIZE)
+    child.exit()                                   # the last mapping: the page goes back
+    proc.munmap(proc.mmap(PMD_SIZE, RW, ANON | MAP_HUGETLB), PMD_SIZE)
+
+
 def test_an_empty_hugetlb_pool_is_enomem():
     proc = hmmgpu.System(backend="auto", hugetlb_pages=0).spawn()
     raises(errno.ENOMEM, proc.mmap, PMD_SIZE, RW, ANON | MAP_HUGETLB)

@@ -340,9 +340,6 @@ def test_hugetlb_pool_serves_map_hugetlb_and_takes_pages_back():
     assert pool.nr_free() == 3
     assert not p.read(a + PMD_SIZE, 8).any() and pool.nr_free() == 2     # refaulted from the pool
     with pytest.raises(OSError) as ei:
-        p.mmap(PMD_SIZE, RW, MAP_SHARED | MAP_ANONYMOUS | MAP_HUGETLB)
-    assert ei.value.errno == errno.EINVAL
-    with pytest.raises(OSError) as ei:
         p.mmap(PMD_SIZE, RW, ANON | MAP_HUGETLB | MAP_FIXED, addr=a + PAGE_SIZE)
     assert ei.value.errno == errno.EINVAL
 

@@ -182,8 +182,10 @@ class MM:
         shmem = np.count_nonzero(kind == PG_SWAPBACKED)
         zero = np.count_nonzero(_zero(self.phys, pfns))          # their flags say neither
         if self.maybe_huge:
-            tlb = np.count_nonzero(kind & PG_HUGETLB)
-            return anon - tlb, pfns.size - anon - shmem - zero, shmem
+            tlb = (kind & PG_HUGETLB) != 0
+            tlb_anon = np.count_nonzero(tlb & ((kind & PG_ANON) != 0))     # private hugetlb
+            tlb_shared = np.count_nonzero(tlb) - tlb_anon
+            return anon - tlb_anon, pfns.size - anon - shmem - zero - tlb_shared, shmem
         return anon, pfns.size - anon - shmem - zero, shmem
 
     def _account(self, pfns, sign):
@@ -608,9 +610,6 @@ class MM:
             if not flags & MAP_ANONYMOUS:
                 raise oserror(errno.EINVAL, "MAP_HUGETLB needs MAP_ANONYMOUS (hugetlbfs files are not "
                               "emulated)", addr, addr + length)
-            if mtype == MAP_SHARED:
-                raise oserror(errno.EINVAL, "MAP_HUGETLB | MAP_SHARED is not emulated (private hugetlb "
-                              "mappings only)", addr, addr + length)
             length = -(-length // PMD_SIZE) * PMD_SIZE
             if length > TASK_SIZE:
                 raise oserror(errno.ENOMEM, "mmap length is larger than the user address space", addr)
