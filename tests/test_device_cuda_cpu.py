@@ -9,7 +9,8 @@ random order, a misaligned access failing the launch as the GPU's sticky error d
 -ftz/-fmad honoured (CuPy's own RawModule(code=...) path flushes subnormals, as on the GPU).
 With it this file runs, each in a subprocess whose failure names what broke:
 
-* the gpu-marked device tests (page table, DMA, jobs, fatal faults, parity with the twins);
+* the gpu-marked device tests (page table, DMA, jobs, fatal faults, parity with the twins, peer
+  access between devices);
 * the dmirror driver tests and the hmm-tests port (tests/test_hmm_selftests.py) on the cupy
   backend;
 * ``hmmgpu demo --backend cupy``, every bench suite's GPU branch at its --quick size, the
@@ -177,7 +178,7 @@ def test_auto_backend_needs_a_kernel_to_run(shim_env):
 @pytest.mark.parametrize("path", ["tests/test_device_pagetable.py", "tests/test_device_dma.py",
                                   "tests/test_device_jobs.py", "tests/test_device_fatal.py",
                                   "tests/test_device_parity.py", "tests/test_device_lifetime.py",
-                                  "tests/test_docs.py"])
+                                  "tests/test_device_peer.py", "tests/test_docs.py"])
 def test_gpu_marked_device_tests(shim_env, path):
     pytest_under_shim(shim_env, "--require-gpu", "-m", "gpu", path)
 

@@ -9,6 +9,7 @@
 #define __device__
 #define __global__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 struct emu_dim3 { unsigned x, y, z; };
 extern thread_local emu_dim3 threadIdx, blockIdx;
 extern thread_local emu_dim3 blockDim, gridDim;
