@@ -198,12 +198,11 @@ def open_driver(system, proc, w, point, device_bytes):
     memory, and a function that reads its figures after the run: ``(driver, figures)``, where
     ``figures()`` returns ``{modelled_s, migrated_bytes, evictions, counters}``."""
     from .drivers.uvm import UvmDriver
-    drv = UvmDriver(system, proc, *w.extent, device_bytes=device_bytes, policies=dict(point.policies),
-                    seed=point.seed)
+    drv = UvmDriver(system, proc, device_bytes=device_bytes, policy=dict(point.policies), seed=point.seed)
 
     def figures():
-        c = drv.counters()
-        return {"modelled_s": drv.clock.now, "faults": c["gpu_page_fault_count"],
+        c = drv.counters
+        return {"modelled_s": drv.modelled_time, "faults": c["gpu_page_fault_count"],
                 "migrated_bytes": c["bytes_xfer_htd"] + c["bytes_xfer_dth"], "evictions": c["num_evictions"],
                 "counters": c}
     return drv, figures

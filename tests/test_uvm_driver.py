@@ -14,6 +14,7 @@ import pytest
 from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE
 from hmmgpu import workloads as W
 from hmmgpu.device import JobFault
+from hmmgpu.drivers import uvm
 from hmmgpu.drivers.uvm import POLICY_NAMES, Fifo, UvmAccessCounters, UvmDriver, UvmThrashing, make_policies
 from hmmgpu.drivers.uvm.counters import COUNTER_NAMES
 
@@ -54,9 +55,8 @@ def run_workload(system_factory, w, frac, policies=None, seed=0):
     system = system_factory(ram_bytes=4 * w.footprint + (32 << 20))
     proc = system.spawn()
     w.setup(proc)
-    lo, hi = w.extent
     nb = max(1, -(-int(w.footprint * frac) // MB2))
-    drv = UvmDriver(system, proc, lo, hi, device_bytes=nb * MB2, policies=policies, seed=seed)
+    drv = UvmDriver(system, proc, device_bytes=nb * MB2, policy=policies, seed=seed)
     w.run(drv)
     return system, proc, drv
 
@@ -67,7 +67,7 @@ def test_data_intact_at_half_the_footprint(mm_system_factory):
     and memcg charges agree with the page tables throughout."""
     w = streaming()
     system, proc, drv = run_workload(mm_system_factory, w, 0.5)
-    c = drv.counters()
+    c = drv.counters
     assert c["num_evictions"] > 0 and c["num_pages_evicted"] > 0 and c["bytes_xfer_dth"] > 0
     assert c["num_pages_in"] > drv.device_bytes // PAGE_SIZE          # more came in than fits
     assert w.check().ok, w.check()
@@ -76,13 +76,13 @@ def test_data_intact_at_half_the_footprint(mm_system_factory):
     drv.close()
     assert w.check().ok and dict(proc.rss) == rss
     check_system(system)
-    assert drv.pmm.free_bytes() == drv.device_bytes
+    assert drv.device(0).pmm.free_bytes() == drv.device_bytes
 
 
 def test_counters_have_uvm_names_and_the_clock_moves(mm_system_factory):
     w = streaming()
     _, _, drv = run_workload(mm_system_factory, w, 2.0)
-    c = drv.counters()
+    c = drv.counters
     assert list(c) == list(COUNTER_NAMES)
     assert c["num_pages_in"] > 0 and c["bytes_xfer_htd"] > 0 and c["num_replays"] > 0
     spent = drv.clock.spent
@@ -103,22 +103,21 @@ def test_the_eviction_policy_picks_the_root_chunk(mm_system_factory, policy, vic
     proc = system.spawn()
     base = blocks_mmap(proc, 3)
     data = fill(proc, base, 3 * BLOCK, seed=1)
-    drv = UvmDriver(system, proc, base, base + 3 * MB2, device_bytes=2 * MB2,
-                    policies={"eviction": policy, "prefetch": "block"})
+    drv = UvmDriver(system, proc, device_bytes=2 * MB2, policy={"eviction": policy, "prefetch": "block"})
     a, b, c = base, base + MB2, base + 2 * MB2
     drv.jobs.reduce_sum(a, PAGE_SIZE)
     drv.jobs.reduce_sum(b, PAGE_SIZE)
     assert on_gpu(drv, a, BLOCK).all() and on_gpu(drv, b, BLOCK).all()
-    assert drv.pmm.stats["root_chunks_evicted"] == 0
+    assert drv.device(0).pmm.stats["root_chunks_evicted"] == 0
     if touch == "cpu":
         proc.read(a + 7 * PAGE_SIZE, 4)               # the CPU takes one page of a home ...
-        assert drv.counters()["cpu_page_fault_count"] == 1 and not on_gpu(drv, a + 7 * PAGE_SIZE, 1)[0]
+        assert drv.counters["cpu_page_fault_count"] == 1 and not on_gpu(drv, a + 7 * PAGE_SIZE, 1)[0]
     else:
         proc.mprotect(a, MB2, PROT_READ)              # a's device mappings are invalidated ...
         proc.mprotect(a, MB2, RW)
     assert drv.jobs.reduce_sum(a + 7 * PAGE_SIZE, 16).faults == 1     # ... and the device touches a again
     drv.jobs.reduce_sum(c, PAGE_SIZE)
-    assert drv.counters()["num_evictions"] == 1 and on_gpu(drv, c, BLOCK).all()
+    assert drv.counters["num_evictions"] == 1 and on_gpu(drv, c, BLOCK).all()
     gone, kept = (b, a) if victim == "b" else (a, b)
     assert not on_gpu(drv, gone, BLOCK).any() and on_gpu(drv, kept, BLOCK).all()
     assert np.array_equal(proc.read(base, 3 * MB2).view(np.uint32), data)
@@ -132,14 +131,14 @@ def test_density_prefetch_at_threshold_51(mm_system_factory):
     proc = system.spawn()
     base = blocks_mmap(proc, 2)
     fill(proc, base, 2 * BLOCK, seed=2)
-    drv = UvmDriver(system, proc, base, base + 2 * MB2)
+    drv = UvmDriver(system, proc)
     drv.jobs.memset(base, 0, 262 * PAGE_SIZE)
     assert on_gpu(drv, base, BLOCK).all()
-    assert drv.counters()["num_prefetched_pages"] == BLOCK - 262
+    assert drv.counters["num_prefetched_pages"] == BLOCK - 262
     drv.jobs.memset(base + MB2, 0, 256 * PAGE_SIZE)
     got = on_gpu(drv, base + MB2, BLOCK)
     assert got[:256].all() and not got[256:].any()
-    assert drv.counters()["num_prefetched_pages"] == BLOCK - 262
+    assert drv.counters["num_prefetched_pages"] == BLOCK - 262
     drv.close()
 
 
@@ -153,7 +152,7 @@ def test_three_times_oversubscribed_with_a_cpu_thread_makes_progress(mm_system_f
     base = blocks_mmap(proc, nblocks)
     gpu_part = 4 * BLOCK                              # the device's pages: blocks 0..3
     cpu_addr, cpu_pages = base + 4 * MB2, 2 * BLOCK   # the CPU's: blocks 4..5
-    drv = UvmDriver(system, proc, base, base + nblocks * MB2, device_bytes=2 * MB2)
+    drv = UvmDriver(system, proc, device_bytes=2 * MB2)
     fill(proc, base, nblocks * BLOCK, seed=3)
     stop, errors, rounds = threading.Event(), [], [0]
 
@@ -182,7 +181,7 @@ def test_three_times_oversubscribed_with_a_cpu_thread_makes_progress(mm_system_f
     last = rounds[0] - 1
     page = (last * 37) % cpu_pages
     assert (proc.read(cpu_addr + page * PAGE_SIZE, PAGE_SIZE).view(np.uint32) == last).all()
-    c = drv.counters()
+    c = drv.counters
     assert c["num_evictions"] > 0
     drv.close()
     check_system(system)
@@ -195,19 +194,19 @@ def test_a_job_whose_pass_outgrows_device_memory_finishes(mm_system_factory, mon
     ended.  A page evicted JOB_EVICTIONS_MAX (UVM's thrashing threshold, 3) times during a job is
     now mapped remotely when it faults again in that job: the job ends, its result exact."""
     calls = [0]
-    real = UvmDriver.service
+    real = UvmDriver._service
 
-    def service(self, faults):
+    def service(self, g, faults):
         calls[0] += 1
         assert calls[0] < 2000, "the fault path is livelocked: 2,000 passes"
-        return real(self, faults)
+        return real(self, g, faults)
 
-    monkeypatch.setattr(UvmDriver, "service", service)
+    monkeypatch.setattr(UvmDriver, "_service", service)
     w = W.get("bicg")(seed=0)
     system, proc, drv = run_workload(mm_system_factory, w, 0.99)
     assert drv.device_bytes < w.footprint
     assert w.check()
-    c = drv.counters()
+    c = drv.counters
     assert c["num_evictions"] > 0 and c["num_map_remote"] > 0
     drv.close()
     check_system(system)
@@ -233,7 +232,7 @@ def test_same_seed_same_modelled_time_and_counters(mm_system_factory):
     for _ in range(2):
         w = streaming()
         _, _, drv = run_workload(mm_system_factory, w, 0.5, policies={"eviction": "random"}, seed=7)
-        runs.append((drv.clock.now_ns, drv.counters(), dict(drv.clock.spent)))
+        runs.append((drv.clock.now_ns, drv.counters, dict(drv.clock.spent)))
         drv.close()
     assert runs[0] == runs[1]
     assert runs[0][1]["num_evictions"] > 0
@@ -259,18 +258,22 @@ def test_arguments_are_checked_and_close_is_final(mm_system_factory):
     system = mm_system_factory(ram_bytes=64 << 20)
     proc = system.spawn()
     a = blocks_mmap(proc, 1)
-    for s, e, kw, why in ((a + 8, a + PAGE_SIZE, {}, "page-aligned"), (a, a, {}, "empty"),
-                          (a, a + MB2, {"device_bytes": 4096}, "multiple of 2 MiB"),
-                          (a, a + MB2, {"device_bytes": 0}, "multiple of 2 MiB")):
+    for kw, why in (({"device_bytes": 4096}, "multiple of 2 MiB"), ({"device_bytes": 0}, "multiple of 2 MiB"),
+                    ({"device_bytes": True}, "multiple of 2 MiB"), ({"ndevices": 0}, "number of devices"),
+                    ({"ndevices": 1.0}, "number of devices")):
         with pytest.raises(OSError, match=why) as ei:
-            UvmDriver(system, proc, s, e, **kw)
+            UvmDriver(system, proc, **kw)
         assert ei.value.errno == errno.EINVAL
+    for kw in ({"policy": {"eviction": "mru"}}, {"policy": {"evict": "lru"}}):
+        with pytest.raises(ValueError):
+            UvmDriver(system, proc, **kw)
     data = fill(proc, a, 4, seed=4)
-    drv = UvmDriver(system, proc, a, a + MB2, name="g")
+    drv = UvmDriver(system, proc, name="g")
     assert drv.jobs.reduce_sum(a, 4 * PAGE_SIZE).value == int(data.sum(dtype=np.uint64))
     drv.close()
     drv.close()
-    for fn in (lambda: drv.jobs.reduce_sum(a, PAGE_SIZE), lambda: drv.service(None)):
+    for fn in (lambda: drv.jobs.reduce_sum(a, PAGE_SIZE), lambda: drv.device(0).service(None),
+               lambda: drv.prefetch(a, PAGE_SIZE), lambda: drv.advise(a, PAGE_SIZE, uvm.SET_READ_MOSTLY)):
         with pytest.raises(OSError, match="closed") as ei:
             fn()
         assert ei.value.errno == errno.EBADF
@@ -283,7 +286,7 @@ def rig(system_factory, nblocks=2, **kw):
     proc = system.spawn()
     base = blocks_mmap(proc, nblocks)
     data = fill(proc, base, nblocks * BLOCK, seed=5)
-    return system, proc, base, data, UvmDriver(system, proc, base, base + nblocks * MB2, **kw)
+    return system, proc, base, data, UvmDriver(system, proc, **kw)
 
 
 def test_a_page_bounced_within_the_lapse_is_throttled_then_pinned(mm_system_factory):
@@ -291,18 +294,18 @@ def test_a_page_bounced_within_the_lapse_is_throttled_then_pinned(mm_system_fact
     lapse): detected as thrashing at the third event, the device is throttled (it naps on the
     clock), and after pin_threshold throttling periods the page is pinned on the CPU and mapped
     remotely: no more migrations, no more faults, both sides' writes land."""
-    _, proc, base, _, drv = rig(mm_system_factory, policies={
+    _, proc, base, _, drv = rig(mm_system_factory, policy={
         "prefetch": "none", "thrashing": UvmThrashing(uvm_perf_thrashing_pin_threshold=2)})
     for i in range(24):
         drv.jobs.memset(base, i + 1, 16)
         proc.write(base + 16, np.full(4, i, np.uint32))
-    c = drv.counters()
+    c = drv.counters
     assert c["num_thrashing"] > 0 and c["num_throttle"] > 0 and drv.clock.spent["nap"] > 0
     assert c["num_pin_remote"] > 0 and c["num_map_remote"] > 0
     pages_in, faults = c["num_pages_in"], c["gpu_page_fault_count"]
     drv.jobs.memset(base, 99, 16)
     proc.write(base + 16, np.full(4, 7, np.uint32))
-    c = drv.counters()
+    c = drv.counters
     assert c["num_pages_in"] == pages_in and c["gpu_page_fault_count"] == faults
     assert not on_gpu(drv, base, 1)[0]
     assert (proc.read(base, 16) == 99).all() and (proc.read(base + 16, 16).view(np.uint32) == 7).all()
@@ -310,11 +313,11 @@ def test_a_page_bounced_within_the_lapse_is_throttled_then_pinned(mm_system_fact
 
 
 def test_without_thrashing_mitigation_the_page_keeps_bouncing(mm_system_factory):
-    _, proc, base, _, drv = rig(mm_system_factory, policies={"prefetch": "none", "thrashing": "none"})
+    _, proc, base, _, drv = rig(mm_system_factory, policy={"prefetch": "none", "thrashing": "none"})
     for i in range(24):
         drv.jobs.memset(base, i + 1, 16)
         proc.write(base + 16, np.full(4, i, np.uint32))
-    c = drv.counters()
+    c = drv.counters
     assert c["num_pages_in"] == 24 and c["num_throttle"] == c["num_pin_remote"] == 0
     drv.close()
 
@@ -325,15 +328,15 @@ def test_an_access_counter_crossing_256_migrates_its_region(mm_system_factory):
     raises a notification whose touched 64 KiB sub-regions migrate (migration enabled).  With
     migration at its default (off without ATS) the notification is counted and nothing moves."""
     for enable, moves in ((1, True), (-1, False)):
-        _, proc, base, data, drv = rig(mm_system_factory, policies={
+        _, proc, base, data, drv = rig(mm_system_factory, policy={
             "prefetch": "none", "access_counters": UvmAccessCounters(uvm_perf_access_counter_migration_enable=enable)})
-        drv.advise(base, MB2, "set_preferred_location", "cpu")
+        drv.advise(base, MB2, uvm.SET_PREFERRED_LOCATION, uvm.CPU)
         drv.jobs.reduce_sum(base, 300 * PAGE_SIZE)
-        assert not on_gpu(drv, base, BLOCK).any() and drv.counters()["num_map_remote"] == 300
-        assert drv.counters()["num_access_counter_notifications"] == 1      # 300 pages: one crossing
-        drv.advise(base, MB2, "unset_preferred_location", "cpu")
+        assert not on_gpu(drv, base, BLOCK).any() and drv.counters["num_map_remote"] == 300
+        assert drv.counters["num_access_counter_notifications"] == 1      # 300 pages: one crossing
+        drv.advise(base, MB2, uvm.UNSET_PREFERRED_LOCATION, uvm.CPU)
         drv.jobs.reduce_sum(base, 300 * PAGE_SIZE)
-        c = drv.counters()
+        c = drv.counters
         assert c["num_access_counter_notifications"] == 2
         if moves:
             assert c["num_access_counter_migrations"] == 300 and on_gpu(drv, base, 300).all()
@@ -348,59 +351,60 @@ def test_read_mostly_duplicates_and_collapses_on_a_write(mm_system_factory):
     """Read-mostly pages read by the device get a device copy beside the CPU's (both valid: the
     CPU reads its own without a fault); a device write collapses the copies to the device's, a
     CPU write collapses them to the CPU's; the data stays right throughout."""
-    _, proc, base, data, drv = rig(mm_system_factory, policies={"prefetch": "none"})
-    drv.advise(base, MB2, "set_read_mostly")
+    _, proc, base, data, drv = rig(mm_system_factory, policy={"prefetch": "none"})
+    drv.advise(base, MB2, uvm.SET_READ_MOSTLY)
     n = 8
     want = int(data[:n * PAGE_SIZE // 4].sum(dtype=np.uint64))
     assert drv.jobs.reduce_sum(base, n * PAGE_SIZE).value == want
-    c = drv.counters()
+    c = drv.counters
     assert c["num_read_duplicates"] == n and on_gpu(drv, base, n).all()
     assert np.array_equal(proc.read(base, n * PAGE_SIZE).view(np.uint32), data[:n * PAGE_SIZE // 4])
-    assert drv.counters()["cpu_page_fault_count"] == 0                  # the CPU's copy is valid
+    assert drv.counters["cpu_page_fault_count"] == 0                  # the CPU's copy is valid
     assert drv.jobs.reduce_sum(base, n * PAGE_SIZE).faults == 0        # so is the device's
     drv.jobs.memset(base, 5, 16)                                        # a device write: page 0
-    c = drv.counters()
+    c = drv.counters
     assert c["num_read_duplicate_invalidates"] == 1 and on_gpu(drv, base, 1)[0]
     assert (proc.read(base, 16) == 5).all()                          # the CPU faults it home
     proc.write(base + 3 * PAGE_SIZE, np.full(4, 9, np.uint32))        # a CPU write: page 3
     r = drv.jobs.reduce_sum(base + 3 * PAGE_SIZE, PAGE_SIZE)
     page3 = data[3 * PAGE_SIZE // 4:4 * PAGE_SIZE // 4].astype(np.uint64)
     assert r.value == int(page3[4:].sum()) + 4 * 9
-    assert drv.counters()["num_read_duplicate_invalidates"] == 2
-    assert drv.counters()["num_read_duplicates"] == n + 1           # page 3 read again: duplicated again
-    drv.advise(base, MB2, "unset_read_mostly")                       # the other 7 collapse
-    assert drv.counters()["num_read_duplicate_invalidates"] == 2 + (n - 1)
+    assert drv.counters["num_read_duplicate_invalidates"] == 2
+    assert drv.counters["num_read_duplicates"] == n + 1           # page 3 read again: duplicated again
+    drv.advise(base, MB2, uvm.UNSET_READ_MOSTLY)                       # the other 7 collapse
+    assert drv.counters["num_read_duplicate_invalidates"] == 2 + (n - 1)
     assert not on_gpu(drv, base + PAGE_SIZE, n - 1).any()
     drv.close()
 
 
 def test_preferred_location_cpu_maps_remotely_and_accessed_by_avoids_faults(mm_system_factory):
     _, proc, base, data, drv = rig(mm_system_factory)
-    drv.advise(base, MB2, "set_preferred_location", "cpu")
+    drv.advise(base, MB2, uvm.SET_PREFERRED_LOCATION, uvm.CPU)
     drv.jobs.reduce_sum(base, 64 * PAGE_SIZE)
-    c = drv.counters()
+    c = drv.counters
     assert c["num_pages_in"] == 0 and c["num_map_remote"] == 64
-    drv.advise(base + MB2, MB2, "set_accessed_by", "gpu")        # mapped where they are: no faults
+    drv.advise(base + MB2, MB2, uvm.SET_ACCESSED_BY, 0)        # mapped where they are: no faults
     r = drv.jobs.reduce_sum(base + MB2, MB2)
     assert r.faults == 0 and r.value == int(data[BLOCK * PAGE_SIZE // 4:].sum(dtype=np.uint64))
     drv.close()
 
 
 def test_prefetch_to_the_device_and_back(mm_system_factory):
-    """prefetch(range, "gpu") migrates and maps the range (a job then takes no fault);
-    prefetch(range, "cpu") brings it home (the CPU then takes no fault)."""
+    """prefetch(range, device 0) migrates and maps the range (a job then takes no fault);
+    prefetch(range, uvm.CPU) brings it home (the CPU then takes no fault); a bad range or device
+    is EINVAL."""
     _, proc, base, data, drv = rig(mm_system_factory)
-    assert drv.prefetch(base, 2 * MB2, "gpu") == 2 * BLOCK
+    assert drv.prefetch(base, 2 * MB2, 0) == 2 * BLOCK
     assert on_gpu(drv, base, 2 * BLOCK).all()
     r = drv.jobs.reduce_sum(base, 2 * MB2)
     assert r.faults == 0 and r.value == int(data.sum(dtype=np.uint64))
-    c = drv.counters()
+    c = drv.counters
     assert c["prefetch_bytes_xfer_htd"] == 4 * MB2 // 2 and c["num_prefetched_pages"] == 0
-    assert drv.prefetch(base, MB2, "cpu") == BLOCK
+    assert drv.prefetch(base, MB2, uvm.CPU) == BLOCK
     assert not on_gpu(drv, base, BLOCK).any()
     assert np.array_equal(proc.read(base, MB2).view(np.uint32), data[:BLOCK * PAGE_SIZE // 4])
-    assert drv.counters()["cpu_page_fault_count"] == 0
-    for bad in ((base + 1, MB2, "gpu"), (base, 0, "gpu"), (base - MB2, MB2, "gpu"), (base, MB2, "tpu")):
+    assert drv.counters["cpu_page_fault_count"] == 0
+    for bad in ((base + 1, MB2, 0), (base, 0, 0), (-MB2, MB2, 0), (base, MB2, 1), (base, MB2, "gpu")):
         with pytest.raises(OSError) as ei:
             drv.prefetch(*bad)
         assert ei.value.errno == errno.EINVAL
@@ -421,7 +425,7 @@ def test_a_fatal_fault_names_the_page_that_failed(mm_system_factory):
     proc.munmap(a + 8 * PAGE_SIZE, MB2 - 8 * PAGE_SIZE)
     proc.mprotect(a + 3 * PAGE_SIZE, PAGE_SIZE, PROT_NONE)
     proc.mprotect(a + 6 * PAGE_SIZE, 2 * PAGE_SIZE, PROT_READ)
-    drv = UvmDriver(system, proc, a, a + 16 * PAGE_SIZE, policies={"prefetch": "none"})
+    drv = UvmDriver(system, proc, policy={"prefetch": "none"})
     with pytest.raises(JobFault) as ei:
         drv.jobs.reduce_sum(a, 4 * PAGE_SIZE)
     assert ei.value.errno == errno.EFAULT and ei.value.address == a + 3 * PAGE_SIZE
@@ -433,15 +437,15 @@ def test_a_fatal_fault_names_the_page_that_failed(mm_system_factory):
         drv.jobs.memset(a + 4 * PAGE_SIZE, 1, 4 * PAGE_SIZE)
     assert ei.value.errno == errno.EPERM and ei.value.address == a + 6 * PAGE_SIZE
     assert (proc.read(a + 6 * PAGE_SIZE, 2 * PAGE_SIZE) != 1).any()
-    assert drv.counters()["num_pages_in"] > 0
+    assert drv.counters["num_pages_in"] > 0
     drv.close()
 
 
 # -- the hmm_range_fault path (pages that stay in system memory), as MirrorGpu's tests have it ------
 def remote_only(system, proc, a, n, **kw):
     """A driver whose faults map the pages remotely (their preferred location is the CPU)."""
-    drv = UvmDriver(system, proc, a, a + n * PAGE_SIZE, **kw)
-    drv.advise(a, n * PAGE_SIZE, "set_preferred_location", "cpu")
+    drv = UvmDriver(system, proc, **kw)
+    drv.advise(a, n * PAGE_SIZE, uvm.SET_PREFERRED_LOCATION, uvm.CPU)
     return drv
 
 
@@ -455,15 +459,16 @@ def test_a_cold_job_is_serviced_in_passes_with_one_update_each(mm_system_factory
     data = fill(proc, a, n, seed=7)
     drv = remote_only(system, proc, a, n)
     calls = []
-    svc = drv.device.service
-    drv.device.service = lambda f: (calls.append(len(f)), svc(f))[1]
-    sub0 = drv.pt.stats["pt_submissions"]
+    hw = drv.device(0).hw
+    svc = hw.service
+    hw.service = lambda f: (calls.append(len(f)), svc(f))[1]
+    sub0 = drv.device(0).pt.stats["pt_submissions"]
     r = drv.jobs.reduce_sum(a, n * PAGE_SIZE)
     assert r.value == int(data.sum(dtype=np.uint64)) and r.faults == n
     assert calls == [5120, 880] and r.rounds == [n, 5120, 880]
     # one command buffer per call, and one after the job (the access counters' accessed bits)
-    assert drv.pt.stats["pt_submissions"] - sub0 <= 2 * len(calls) + 1
-    c = drv.counters()
+    assert drv.device(0).pt.stats["pt_submissions"] - sub0 <= 2 * len(calls) + 1
+    c = drv.counters
     assert c["num_map_remote"] == n and c["num_pages_in"] == 0 and c["num_fault_batches"] == 24
     assert drv.clock.spent["fault_batch"] == drv.cost.fault_batch_ns(24)
     assert drv.jobs.reduce_sum(a, n * PAGE_SIZE).faults == 0          # all mapped now
@@ -482,9 +487,9 @@ def test_sparse_faults_fault_in_only_their_pages(mm_system_factory):
     f = FaultBatch(vpns.astype(np.uint64) << np.uint64(12), np.full(vpns.size, ACCESS_WRITE),
                    np.arange(vpns.size), np.zeros(vpns.size))
     before = proc.rss["anon"]
-    assert drv.service(f) is None
+    assert drv.device(0).service(f) is None
     assert proc.rss["anon"] - before == vpns.size
-    ent = drv.pt.lookup((a >> 12) + np.arange(64))
+    ent = drv.device(0).pt.lookup((a >> 12) + np.arange(64))
     assert np.flatnonzero(ent).tolist() == list(range(0, 64, 3))
     drv.close()
 
@@ -502,7 +507,7 @@ def test_pages_in_another_devices_coherent_memory_move_home_first(mm_system_fact
     assert m.migrate_to_dev(a, 16).cpages == 16
     drv = remote_only(system, proc, a, 16)
     assert drv.jobs.reduce_sum(a, 16 * PAGE_SIZE).value == int(data.sum(dtype=np.uint64))
-    ent = drv.pt.lookup((a >> 12) + np.arange(16)) >> np.uint64(12)
-    assert (ent < system.phys.nr_ram).all() and drv.counters()["num_map_remote"] == 16
+    ent = drv.device(0).pt.lookup((a >> 12) + np.arange(16)) >> np.uint64(12)
+    assert (ent < system.phys.nr_ram).all() and drv.counters["num_map_remote"] == 16
     drv.close()
     m.close()

@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import hmmgpu
 from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
+from hmmgpu.drivers import uvm
 from hmmgpu.drivers.uvm import POLICY_NAMES, UvmAccessCounters, UvmDriver, UvmThrashing
 from invariants import check_system
 
@@ -43,8 +44,7 @@ class UvmMachine(RuleBasedStateMachine):
             policies["thrashing"] = UvmThrashing(uvm_perf_thrashing_pin_threshold=1)
             policies["access_counters"] = UvmAccessCounters(uvm_perf_access_counter_migration_enable=1,
                                                             uvm_perf_access_counter_threshold=16)
-        self.drv = UvmDriver(self.system, self.proc, self.base, self.base + NBLOCKS * MB2, device_bytes=MB2,
-                             policies=policies, seed=3)
+        self.drv = UvmDriver(self.system, self.proc, device_bytes=MB2, policy=policies, seed=3)
         self.k = 0
 
     def teardown(self):
@@ -82,14 +82,14 @@ class UvmMachine(RuleBasedStateMachine):
         want = int(self.model[sl].view(np.uint32).sum(dtype=np.uint64))
         assert self.drv.jobs.reduce_sum(addr, n).value == want
 
-    @rule(r=ranges, dst=st.sampled_from(["gpu", "cpu"]))
+    @rule(r=ranges, dst=st.sampled_from([0, uvm.CPU]))
     def prefetch(self, r, dst):
         addr, n, _ = self._span(r)
         self.drv.prefetch(addr, n, dst)
 
     @rule(r=ranges, advice=st.sampled_from(["set_read_mostly", "unset_read_mostly", "set_preferred_location",
                                             "unset_preferred_location", "set_accessed_by", "unset_accessed_by"]),
-          where=st.sampled_from(["cpu", "gpu"]))
+          where=st.sampled_from([uvm.CPU, 0]))
     def advise(self, r, advice, where):
         addr, n, _ = self._span(r)
         self.drv.advise(addr, n, advice, where)
@@ -98,10 +98,11 @@ class UvmMachine(RuleBasedStateMachine):
     def device_memory_is_consistent(self):
         if not hasattr(self, "drv"):
             return
-        self.drv.counters()                               # takes the frees back
+        self.drv.counters                                 # takes the frees back
         rows, frames = self.drv.blocks.block_frames(GPU)
-        self.drv.pmm.check((rows, frames))
-        held = self.drv._frame_vpn[frames]
+        gpu = self.drv.device(0)
+        gpu.pmm.check((rows, frames))
+        held = gpu.frame_vpn[frames]
         r, f = np.nonzero(self.drv.blocks.resident[GPU, :self.drv.blocks.nblocks])
         assert np.array_equal(held, self.drv.blocks.blocks[r] * (MB2 // PAGE_SIZE) + f)
 

@@ -52,7 +52,7 @@ def run_on_uvm(w, backend="numpy", remote=False, device_bytes=None):
     w.setup(proc)
     lo, hi = w.extent
     if device_bytes is None:
-        device_bytes = -(-(hi - lo) // PMD_SIZE) * PMD_SIZE
+        device_bytes = ((hi - 1) // PMD_SIZE - lo // PMD_SIZE + 1) * PMD_SIZE
     drv = uvm.UvmDriver(system, proc, device_bytes=device_bytes)
     try:
         if remote:

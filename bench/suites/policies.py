@@ -33,16 +33,15 @@ def _run(backend, footprint, ratio, policies, loops):
     system = hmmgpu.System(backend=backend, ram_bytes=4 * w.footprint + (64 << 20))
     proc = system.spawn()
     w.setup(proc)
-    lo, hi = w.extent
     dev = max(1, -(-int(w.footprint / ratio) // MB2)) * MB2
-    drv = UvmDriver(system, proc, lo, hi, device_bytes=dev, policies=policies, seed=1)
+    drv = UvmDriver(system, proc, device_bytes=dev, policy=policies, seed=1)
     t0 = time.perf_counter()
     try:
         w.run(drv)
         wall = time.perf_counter() - t0
         ok = w.check().ok
-        c = drv.counters()
-        modelled = drv.clock.now
+        c = drv.counters
+        modelled = drv.modelled_time
     finally:
         drv.close()
     if not ok:
@@ -97,15 +96,15 @@ def _calibration(ctx):
         a = proc.mmap(nbytes + MB2, RW, PRIV_ANON)
         a = -(-a // MB2) * MB2
         proc.write(a, np.ones(nbytes // 4, np.uint32))              # CPU-resident
-        drv = UvmDriver(system, proc, a, a + nbytes, name="calibration")
+        drv = UvmDriver(system, proc, device_bytes=nbytes, name="calibration")
         try:
             t0 = drv.clock.now
             if what.startswith("prefetch"):
-                drv.prefetch(a, nbytes, "gpu")
+                drv.prefetch(a, nbytes, 0)
             else:
                 drv.jobs.reduce_sum(a, nbytes)
             gbps = nbytes / (drv.clock.now - t0) / 1e9
-            assert drv.counters()["num_pages_in"] == nbytes // PAGE
+            assert drv.counters["num_pages_in"] == nbytes // PAGE
         finally:
             drv.close()
         r = gbps / measured

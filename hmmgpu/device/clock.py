@@ -261,9 +261,10 @@ class CostModel:
         return (self.memcpy_ns(direction, long_pages * PAGE_SIZE, calls=int(long.size))
                 + self.gather_ns(direction, short_pages * PAGE_SIZE))
 
-    def remote_ns(self, nbytes):
-        """A device job reading ``nbytes`` of host memory in place (zero-copy)."""
-        return int(round(nbytes / self.profile.zero_copy_gbps))
+    def remote_ns(self, nbytes, peer=False):
+        """A device job reading ``nbytes`` in place: of host memory (zero-copy), or of a peer
+        device's memory over the peer link (``peer``)."""
+        return int(round(nbytes / (self.profile.peer_gbps if peer else self.profile.zero_copy_gbps)))
 
 
 class Clock:

@@ -34,6 +34,7 @@ runs under any driver.
 """
 import numpy as np
 
+from ..drivers.uvm.driver import CPU, SET_ACCESSED_BY, SET_PREFERRED_LOCATION
 from .base import Workload, compare, kernel_jobs, steps, va
 
 U32 = np.uint32
@@ -145,15 +146,15 @@ class _Pattern(Workload):
                     # each loop starts in system memory (the sample prefetches to the CPU)
                     self.read("data", U32)
             elif mode != "prefetch_once_and_hints":
-                drv.prefetch(data.addr, data.length, "cpu")
+                drv.prefetch(data.addr, data.length, CPU)
             if mode == "stripe_gpu_cpu":
                 self._stripe(drv, data, first=loop == 0)
             elif loop == 0 and mode == "zero_copy":
-                drv.advise(data.addr, data.length, "set_preferred_location", "cpu")
-                drv.advise(data.addr, data.length, "set_accessed_by", "gpu")
+                drv.advise(data.addr, data.length, SET_PREFERRED_LOCATION, CPU)
+                drv.advise(data.addr, data.length, SET_ACCESSED_BY, 0)
             elif loop == 0 and mode == "prefetch_once_and_hints":
-                drv.advise(data.addr, data.length, "set_accessed_by", "gpu")
-                drv.prefetch(data.addr, data.length, "gpu")
+                drv.advise(data.addr, data.length, SET_ACCESSED_BY, 0)
+                drv.prefetch(data.addr, data.length, 0)
             for s0, s1 in steps(self.iterations(), self.p["step"]):
                 self.launch(self.kernel, T, self.args(s0, s1))
 
@@ -184,12 +185,12 @@ class _Pattern(Workload):
         for run in np.split(np.arange(npages), cuts):          # one call per run of one device
             addr, end = data.addr + int(run[0]) * size, min(data.addr + (int(run[-1]) + 1) * size,
                                                             data.addr + data.length)
-            where = "gpu" if gpu[run[0]] else "cpu"
+            where = 0 if gpu[run[0]] else CPU
             drv.prefetch(addr, end - addr, where)
             if first:
-                drv.advise(addr, end - addr, "set_preferred_location", where)
-                if where == "cpu":
-                    drv.advise(addr, end - addr, "set_accessed_by", "gpu")
+                drv.advise(addr, end - addr, SET_PREFERRED_LOCATION, where)
+                if where == CPU:
+                    drv.advise(addr, end - addr, SET_ACCESSED_BY, 0)
 
     def check(self):
         return compare({"acc": self.reference()}, {"acc": self.read("acc", U32)}, "every thread's sum")

@@ -33,9 +33,12 @@ from .pmm import EvictionFailed, Pmm, PmmError
 from .policy import Knob, Policy
 from .registry import FAMILIES, POLICY_NAMES, make_policies, make_policy
 from .va_block import UVM_ID_CPU, Topology, VaBlocks, uvm_gpu_id
-from .driver import UvmDriver  # noqa: I001  (last: it builds on every module above)
+from .driver import (ADVICE, CPU, SET_ACCESSED_BY, SET_PREFERRED_LOCATION, SET_READ_MOSTLY,  # noqa: I001
+                     UNSET_ACCESSED_BY, UNSET_PREFERRED_LOCATION, UNSET_READ_MOSTLY, UvmDriver, UvmGpu)
+# (last: the driver builds on every module above)
 
-__all__ = ["UvmDriver", "POLICY_NAMES", "FAMILIES", "make_policies", "make_policy", "EvictionFailed", "Pmm",
+__all__ = ["UvmDriver", "UvmGpu", "CPU", "ADVICE", "SET_READ_MOSTLY", "UNSET_READ_MOSTLY", "SET_PREFERRED_LOCATION",
+           "UNSET_PREFERRED_LOCATION", "SET_ACCESSED_BY", "UNSET_ACCESSED_BY", "POLICY_NAMES", "FAMILIES", "make_policies", "make_policy", "EvictionFailed", "Pmm",
            "PmmError", "VaBlocks", "Topology", "UVM_ID_CPU", "uvm_gpu_id", "Policy", "Knob",
            "EvictionPolicy", "UvmLru", "Lfu", "Fifo", "RandomEviction", "PrefetchPolicy", "PrefetchContext",
            "DensityPrefetcher", "NoPrefetch", "SequentialPrefetch", "WholeBlockPrefetch", "ThrashingPolicy",

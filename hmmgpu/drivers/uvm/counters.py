@@ -2,7 +2,8 @@
 
 ``fault_stats`` names are those of /proc/driver/nvidia-uvm/gpus/UVM-GPU-.../fault_stats
 (uvm_gpu.h's replayable fault statistics); ``thrashing`` those of the thrashing_stats file
-(uvm_perf_thrashing.c); the transfer counters are UvmCounterName's (uvm_types.h); the rest count
+(uvm_perf_thrashing.c); the transfer counters are UvmCounterName's (uvm_types.h), with bytes_xfer_dtd for copies
+from a peer device (UVM reports those as migrations, UvmEventTypeMigration); the rest count
 the events of UVM's tools interface (UvmEventTypeEviction, UvmEventTypeReadDuplicate,
 UvmEventTypeReadDuplicateInvalidate, UvmEventTypeMapRemote, UvmEventTypeThrottlingStart) and the
 access-counter notifications serviced.
@@ -14,8 +15,8 @@ FAULT_STATS = (
     "num_pages_in", "num_pages_out",
 )
 THRASHING_STATS = ("num_thrashing", "num_throttle", "num_pin_local", "num_pin_remote")
-TRANSFER_COUNTERS = ("bytes_xfer_htd", "bytes_xfer_dth", "prefetch_bytes_xfer_htd", "prefetch_bytes_xfer_dth",
-                     "cpu_page_fault_count", "gpu_page_fault_count")
+TRANSFER_COUNTERS = ("bytes_xfer_htd", "bytes_xfer_dth", "bytes_xfer_dtd", "prefetch_bytes_xfer_htd",
+                     "prefetch_bytes_xfer_dth", "cpu_page_fault_count", "gpu_page_fault_count")
 EVENT_COUNTERS = (
     "num_evictions",                    # root chunks evicted (UvmEventTypeEviction)
     "num_pages_evicted",                # pages moved out by those evictions

@@ -166,6 +166,10 @@ class VaBlocks:
         self.accessed_by = grown(getattr(self, "accessed_by", None), (cap, PAGES_PER_UVM_VA_BLOCK), 0, np.uint32)
         self.read_duplication = grown(getattr(self, "read_duplication", None),
                                       (cap, PAGES_PER_UVM_VA_BLOCK), False, bool)
+        # driver bookkeeping per processor: pages it maps remotely and whose accesses the access
+        # counters see, and how often each page was evicted from it during its running job
+        self.remote = grown(getattr(self, "remote", None), (P, cap, PAGES_PER_UVM_VA_BLOCK), False, bool)
+        self.job_evicted = grown(getattr(self, "job_evicted", None), (P, cap, PAGES_PER_UVM_VA_BLOCK), 0, np.uint8)
         self._cap = cap
 
     # -- lookup -------------------------------------------------------------------------------------
@@ -192,6 +196,14 @@ class VaBlocks:
             self._sorted_rows = np.insert(self._sorted_rows, ins, new_rows)
             rows[~found] = new_rows[np.searchsorted(new, b[~found])]
         return rows
+
+    def rows_in(self, first_vpn, end_vpn):
+        """(rows, rows x 512 page masks) of the known blocks' pages in vpns [first_vpn, end_vpn)."""
+        b0, b1 = int(first_vpn) // PAGES_PER_UVM_VA_BLOCK, (int(end_vpn) - 1) // PAGES_PER_UVM_VA_BLOCK
+        lo, hi = np.searchsorted(self._sorted, b0, "left"), np.searchsorted(self._sorted, b1, "right")
+        rows = self._sorted_rows[lo:hi]
+        vpn = self.blocks[rows][:, None] * PAGES_PER_UVM_VA_BLOCK + np.arange(PAGES_PER_UVM_VA_BLOCK)
+        return rows, (vpn >= first_vpn) & (vpn < end_vpn)
 
     def rows_of(self, vaddrs, create=True):
         """(rows, page indices) of virtual addresses."""
