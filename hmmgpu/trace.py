@@ -357,12 +357,13 @@ def _as_int_dict(d):
                 out[f"{k}.{k2}"] = v2
             continue
         try:
-            out[str(k)] = int(v)
+            f = float(v)
         except (TypeError, ValueError):
-            try:
-                out[str(k)] = float(v)
-            except (TypeError, ValueError):
-                continue
+            continue
+        try:
+            out[str(k)] = int(v) if f.is_integer() else f      # a time in seconds stays a float
+        except (TypeError, ValueError):
+            out[str(k)] = f
     return out
 
 

@@ -70,7 +70,7 @@ def test_demo_end_to_end(capsys, tmp_path):
     before, middle, after = res["rss_memcg"]
     assert middle["device_pages"] == 2 * res["array_bytes"] // 4096
     assert before["memcg_bytes"] > 0 and after["memcg_bytes"] >= before["memcg_bytes"]
-    gpu = res["counters"]["gpu0"]
+    gpu = res["counters"]["gpu"]
     npages = res["array_bytes"] // 4096
     # the heap's pages mapped remotely, x and y prefetched, y faulted home by the CPU
     assert gpu["num_read_faults"] > 0 and gpu["num_map_remote"] > 0
@@ -84,9 +84,12 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert after["device_pages"] == 0
     assert trace.current() is None
     # the fault figures add up: every lane that faulted wrote a record or overflowed the buffer;
-    # every record was a duplicate or a serviced fault; the steps account for all of gpu0's
+    # every record was a duplicate or a serviced fault; the steps account for all of the driver's
     steps = [st for st in res["steps"] if st.get("faults", {}).get("lanes")]
     assert [st["step"] for st in steps] == ["pointer chase"]      # the prefetch mapped x and y
+    modelled = {st["step"]: st["modelled_s"] for st in res["steps"] if "modelled_s" in st}
+    assert list(modelled)[0] == "pointer chase" and modelled["migrate hot data"] > 0
+    assert all(m >= 0 for m in modelled.values()) and gpu["modelled_s"] >= sum(modelled.values())
     for st in steps:
         f = st["faults"]
         assert f["lanes"] == f["records"] + f["overflows"] and f["records"] == f["duplicates"] + f["serviced"]

@@ -155,6 +155,7 @@ def test_every_device_kind_reads_through_one_interface():
     gpu = out[trace.source_name(drv)]
     assert gpu["num_read_faults"] >= 8 and gpu["num_pages_in"] == 8
     assert trace.read_counters(drv.device(0).hw)["num_read_faults"] == gpu["num_read_faults"]
+    assert gpu["modelled_s"] == drv.modelled_time > 0          # seconds: not cut to an int
     drv.close()
     m.close()
     proc.exit()

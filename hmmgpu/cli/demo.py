@@ -102,13 +102,16 @@ def run_demo(mib_each=DEFAULT_MIB, backend=None, seed=7, on_step=None):
                 "device_pages": device_pages(drv) if drv is not None else 0}
 
     def step(name, what, fn):
-        hw = state["gpu"].device(0).hw if "gpu" in state else None
+        drv = state.get("gpu")
+        hw = drv.device(0).hw if drv is not None else None
         before = dict(hw.counters) if hw is not None else None
+        m0 = drv.modelled_time if drv is not None else None
         t0 = time.perf_counter()
         with trace.span(name, trace.CAT_CPU, track="cpu/demo"):
             detail = fn() or {}
         s = {"step": name, "what": what, "seconds": time.perf_counter() - t0, **detail}
         if before is not None:
+            s["modelled_s"] = drv.modelled_time - m0      # the driver's emulated clock (h100 profile)
             s["faults"] = fault_figures(before, hw.counters, s.pop("serviced", 0))
         steps.append(s)
         if on_step:
@@ -272,7 +275,7 @@ def device_pages(drv):
     """Pages of the driver's device memory in use (its figures: device_bytes less what is free)."""
     from ..constants import PAGE_SIZE
     s = drv.stats()
-    return (s["device_bytes"] - s["device_free_bytes"]) // PAGE_SIZE
+    return (s["ndevices"] * s["device_bytes"] - s["device_free_bytes"]) // PAGE_SIZE
 
 
 def driver_pgmaps(system, drv):
@@ -306,12 +309,17 @@ def cmd_demo(opt):
     from rich.table import Table
 
     def table(steps):
-        t = Table(title="hmmgpu demo: the main job", title_justify="left", expand=False)
+        t = Table(title="hmmgpu demo: the main job", title_justify="left", expand=False,
+                  caption="time: the emulation's wall clock; modelled: the UVM driver's emulated clock (its cost "
+                          "model, H100 profile)", caption_justify="left")
         t.add_column("step", style="bold")
         t.add_column("time", justify="right")
+        t.add_column("modelled", justify="right")
         t.add_column("what happened")
         for s in steps:
-            t.add_row(s["step"], f"{s['seconds'] * 1e3:,.1f} ms", s.get("detail", ""))
+            m = s.get("modelled_s")
+            t.add_row(s["step"], f"{s['seconds'] * 1e3:,.1f} ms", "-" if m is None else f"{m * 1e3:,.3f} ms",
+                      s.get("detail", ""))
         return t
 
     shown = []
