@@ -9,7 +9,8 @@ random order, a misaligned access failing the launch as the GPU's sticky error d
 -ftz/-fmad honoured (CuPy's own RawModule(code=...) path flushes subnormals, as on the GPU).
 With it this file runs, each in a subprocess whose failure names what broke:
 
-* the gpu-marked device tests (page table, DMA, jobs, fatal faults, parity with the twins);
+* the gpu-marked device tests (page table, DMA, jobs, fatal faults, parity with the twins, peer
+  access between devices), and peer devices on two GPUs (HMMGPU_SHIM_GPUS=2);
 * the dmirror driver tests and the hmm-tests port (tests/test_hmm_selftests.py) on the cupy
   backend;
 * ``hmmgpu demo --backend cupy``, every bench suite's GPU branch at its --quick size, the
@@ -177,9 +178,52 @@ def test_auto_backend_needs_a_kernel_to_run(shim_env):
 @pytest.mark.parametrize("path", ["tests/test_device_pagetable.py", "tests/test_device_dma.py",
                                   "tests/test_device_jobs.py", "tests/test_device_fatal.py",
                                   "tests/test_device_parity.py", "tests/test_device_lifetime.py",
-                                  "tests/test_docs.py"])
+                                  "tests/test_device_peer.py", "tests/test_docs.py"])
 def test_gpu_marked_device_tests(shim_env, path):
     pytest_under_shim(shim_env, "--require-gpu", "-m", "gpu", path)
+
+
+TWO_GPUS = r'''
+import numpy as np
+from cupy import _emu
+from hmmgpu.device import EmulatedDevice
+from hmmgpu.device.backend import get_backend
+
+be = get_backend("cupy")
+host = be.host_arena(64)
+A, B = 1 << 20, 2 << 20
+a = EmulatedDevice(be, 64, A, host, gpu=0, name="A")
+b = EmulatedDevice(be, 64, B, host, gpu=1, name="B")
+a.enable_peer_access(b)
+a.enable_peer_access(b)
+b.enable_peer_access(a)
+assert _emu.DEVICE.peer_access == {(0, 1), (1, 0)}, _emu.DEVICE.peer_access
+rng = np.random.default_rng(1)
+data = rng.integers(0, 256, (8, 4096), dtype=np.uint8)
+# B's write sits on GPU 1's queue, A's copy on GPU 0's: the copy must come after the write ...
+b.write_pages(B + np.arange(8), data)
+a.copy_pages(A + np.arange(8), B + np.arange(8))
+assert np.array_equal(a.read_pages(A + np.arange(8)), data), "A's peer copy ran before B's write"
+# ... and B's later work after A's copy into B's frames
+a.copy_pages(B + np.arange(8, 16), A + np.arange(8))
+assert np.array_equal(b.read_pages(B + np.arange(8, 16)), data), "B read before A's peer copy"
+# a job of A through entries on B's frames: after B's queued write, and B sees what it stored
+b.write_pages(B + np.arange(16, 20), data[:4])
+a.pt.map(0x1000 + np.arange(4), B + np.arange(16, 20)).wait()
+want = int(data[:4].reshape(-1).view(np.uint32).astype(np.uint64).sum())
+assert a.jobs.reduce_sum(0x1000 << 12, 4 * 4096, service=lambda f: None).value == want
+a.jobs.memset(0x1000 << 12, 0x5A, 4 * 4096, service=lambda f: None)
+assert (b.read_pages(B + np.arange(16, 20)) == 0x5A).all(), "B read before A's job stored"
+print("two gpus ok")
+'''
+
+
+def test_peer_devices_on_two_gpus(shim_env):
+    """Two emulated devices on two (shim) GPUs: enable_peer_access enables CUDA peer access each
+    way, once, and peer copies and job slices are ordered across the two GPUs' queues -- the
+    shim's queues run only when waited for, so a missing cross-GPU wait reads stale frames."""
+    r = run(dict(shim_env, HMMGPU_SHIM_GPUS="2"), "-c", TWO_GPUS)
+    assert r.returncode == 0 and "two gpus ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("path", ["tests/test_dmirror_driver.py", "tests/test_hmm_selftests.py"])

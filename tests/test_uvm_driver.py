@@ -312,6 +312,21 @@ def test_a_page_bounced_within_the_lapse_is_throttled_then_pinned(mm_system_fact
     drv.close()
 
 
+def test_the_cpu_is_throttled_too(mm_system_factory):
+    """The CPU side of the same bounce: once the page thrashes, a CPU fault on it while the CPU is
+    throttled sleeps until the throttling period ends (a cpu_nap on the clock, counted as the
+    CPU's throttle in thrashing_stats) and then migrates the page home; the data stays right."""
+    _, proc, base, _, drv = rig(mm_system_factory, policy={"prefetch": "none"})
+    thr = drv.policy["thrashing"]
+    for i in range(6):
+        drv.jobs.memset(base, i + 1, 16)
+        proc.write(base + 16, np.full(4, i, np.uint32))
+    assert thr.stats["num_throttle"][0] > 0 and drv.clock.spent["cpu_nap"] > 0
+    assert drv.counters["num_throttle"] == int(thr.stats["num_throttle"].sum())
+    assert (proc.read(base, 16) == 6).all() and (proc.read(base + 16, 16).view(np.uint32) == 5).all()
+    drv.close()
+
+
 def test_without_thrashing_mitigation_the_page_keeps_bouncing(mm_system_factory):
     _, proc, base, _, drv = rig(mm_system_factory, policy={"prefetch": "none", "thrashing": "none"})
     for i in range(24):
@@ -319,6 +334,7 @@ def test_without_thrashing_mitigation_the_page_keeps_bouncing(mm_system_factory)
         proc.write(base + 16, np.full(4, i, np.uint32))
     c = drv.counters
     assert c["num_pages_in"] == 24 and c["num_throttle"] == c["num_pin_remote"] == 0
+    assert "cpu_nap" not in drv.clock.spent and "nap" not in drv.clock.spent
     drv.close()
 
 

@@ -122,11 +122,7 @@ def test_write_and_atomic_faults_on_untouched_memory(rig, remote):
     check_system(system)
 
 
-@pytest.mark.parametrize("remote", [
-    pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
-        "UvmDriver._map_local maps migrated pages PTE_WRITE without PTE_ATOMIC (UVM maps its own "
-        "memory read-write-atomic), so the atomic fault that migrated the page faults once more"))),
-    True], ids=["migrate", "remote"])
+@pytest.mark.parametrize("remote", [False, True], ids=["migrate", "remote"])
 def test_an_atomic_fault_is_serviced_in_one_pass(rig, remote):
     """One atomic fault on an untouched page: serviced once, and the replayed lanes' atomics land."""
     system, proc = rig

@@ -219,3 +219,31 @@ def test_disabled_mitigations():
         last, _ = bounce(t, 6)
         assert not t.thrashing_pages([0]).any()
         assert t.get_hint([0], [PAGE], GPU, last + 10 * US).type.tolist() == [0]
+
+
+def test_a_pin_without_throttled_processors_keeps_the_throttling_period():
+    """Two GPUs writing one page in turn, 170 us apart, as a driver services them: a fault
+    migrates the page unless the hint pins it elsewhere (then the GPU maps it remotely and stops
+    faulting); a throttled GPU naps to the period's end first.  thrashing_pin_page resets the
+    throttling period only through the processors it throttled, so once the page is pinned on
+    one GPU, the other, faulting within that period, maps it remotely and both stop faulting.
+    (When the pin cleared the period unconditionally, every fault started a new period, was let
+    through and pinned the page locally: it migrated on every write, forever.)"""
+    g = (uvm_gpu_id(0), uvm_gpu_id(1))
+    t = UvmThrashing(nprocs=3, uvm_perf_thrashing_pin_threshold=2)
+    now, holder, remote, faults = 1 * US, None, None, []
+    for i in range(60):
+        req = g[i % 2]
+        if req not in (holder, remote):
+            faults.append(i)
+            h = t.get_hint([0], [PAGE], req, now, closest=[-1 if holder is None else holder])
+            if h.type[0] == PIN_HINT and h.residency[0] != req:
+                remote = req
+            else:
+                if h.type[0] == THROTTLE_HINT:
+                    now = max(now, int(h.end_ns[0]))
+                t.on_migration([0], page_mask(PAGE), req, now)
+                holder, remote = req, None
+        now += 170 * US
+    assert remote is not None and t.pinned_residency([0])[0, PAGE] == holder
+    assert faults[-1] < 30 and t.counters()["num_pin_remote"] == 1

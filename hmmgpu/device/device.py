@@ -16,13 +16,38 @@ Memory
                               dev.arena.commit(first, n) for the frames it is about to use
     dev.host_arena            system RAM, pfns [0, nr_ram) (the backend's host arena)
     dev.owns(pfns)            bool mask: which pfns are this device's frames
+    dev.can_address(pfns)     bool mask: which pfns it reaches: system RAM, its own frames, an
+                              enabled peer's frames
     dev.read_pages(pfns) / dev.write_pages(pfns, data) / dev.fill_pages(pfns, value)
-                              CPU-side access by global pfn (RAM or this device), vectorised
+                              CPU-side access by global pfn (any pfn it can address), vectorised
     dev.copy_pages(dst_pfns, src_pfns) -> Fence
-                              the DMA engine by global pfn (RAM <-> device, device <-> device)
+                              the DMA engine by global pfn (RAM <-> device, device <-> device,
+                              either side an enabled peer's: one DMA batch per (destination
+                              memory, source memory) pair)
     dev.dma                   the DmaEngine itself (arena + frame-index form)
     The device writes system RAM asynchronously (copies, remote stores): a CPU access through
     ``host_arena.host`` sees them after the Fence of that work (read_pages waits by itself).
+
+Peers (cudaDeviceEnablePeerAccess; several devices of one system, as a multi-GPU driver has)
+    dev.enable_peer_access(peer)   from now on ``dev`` addresses ``peer``'s frames: its page
+                              tables map them (pt.map, map_huge), its jobs load, store and add
+                              atomically through such entries, copy_pages reaches them.  One
+                              direction (``peer.enable_peer_access(dev)`` for the other); twice
+                              does nothing; ValueError for the device itself, another backend,
+                              another system RAM, overlapping pfns, or a peer past MAX_PEERS (7)
+    dev.disable_peer_access(peer)  stop (ValueError if not enabled): maps of its pfns are refused
+                              again, and an entry left pointing at them is a fatal fault (the job
+                              fails with EFAULT naming the address): unmap first
+    dev.peers                 the enabled peers still alive (a tuple, in enabling order)
+    dev.peer_ranges()         their ((pfn_base, nframes), ...)
+    A device holds its peers by weak reference: no cycle, each is freed with its last reference,
+    and a peer that went away is dropped as if disabled (no slice launched after that reaches
+    it).  On the GPU the kernels get a table of the peers' frames (hmm.cuh: hmm_frame, reached
+    only when a pfn is neither the device's own nor RAM); emulated devices of one GPU share its
+    memory and queue; devices on two GPUs get CUDA peer access from enable_peer_access, a peer
+    copy or job slice runs after the work queued on the peer's GPU before it, and the peer's
+    later work after a peer copy (stream events, no host wait; a job's round ends with a host
+    wait anyway).
 
 MMU (dev.pt, a DevicePageTable; hmmgpu/device/pagetable.py has the entry encoding)
     dev.pt.map(vpns, pfns, flags=PTE_WRITE) -> Fence     PTE_WRITE | PTE_ATOMIC; VALID implied
@@ -41,7 +66,8 @@ MMU (dev.pt, a DevicePageTable; hmmgpu/device/pagetable.py has the entry encodin
     dev.pt.release()          drop every entry and table (the address space goes away)
     dev.pt.flush() -> Fence
     dev.pt.lookup(vpns) -> uint64 entries     (tests, snapshot)
-    A pfn in an entry must be system RAM or this device's own memory.
+    A pfn in an entry must be system RAM, this device's own memory or an enabled peer's
+    (ValueError naming the pfn otherwise; a 2 MiB leaf's 512 frames all in one of them).
 
 Address spaces (contexts)
     ctx = dev.create_context(service=None, name=None)
@@ -99,7 +125,7 @@ import numpy as np
 
 from ..constants import PAGE_SIZE
 from ._trace import span
-from .hw import DONE
+from .hw import DONE, MAX_PEERS
 from .faults import (DEFAULT_FAULT_BATCH, DEFAULT_REPLAY_POLICY, FAULT_COUNTERS, MAX_BATCHES_PER_SERVICE,
                      MAX_FAULT_BUFFER_ENTRIES, MAX_FAULTS_PER_LANE, FaultBuffer)
 from .jobs import DEFAULT_SLICE_LANES, JobEngine
@@ -127,6 +153,10 @@ class EmulatedDevice:
         self.inflight = collections.deque()
         self.counters = dict.fromkeys(FAULT_COUNTERS, 0)
         self.service = service
+        # enabled peers, as weak references (no cycle between two devices that address each
+        # other); peer_epoch counts changes, so the executors refresh their peer tables
+        self._peer_refs = []
+        self.peer_epoch = 0
         self.arena = backend.device_arena(self.nframes, self.gpu, lazy=lazy_memory)
         self.dma = backend.dma_engine(self.gpu)
         self._pt_initial_nodes = pt_initial_nodes
@@ -146,10 +176,15 @@ class EmulatedDevice:
     def _new_pagetable(self, track):
         # Every page table of the device shares its lock and in-flight slices: the device has one
         # queue, so an invalidation in any address space waits for the slices queued before it.
+        me = weakref.ref(self)
+
+        def peer_ranges():                         # read at each map that leaves RAM and own memory
+            dev = me()
+            return () if dev is None else dev.peer_ranges()
         return DevicePageTable(self.backend.pagetable_hw(self.gpu), nr_ram=self.nr_ram,
                                pfn_base=self.pfn_base, nframes=self.nframes, lock=self.lock,
                                initial_nodes=self._pt_initial_nodes, inflight=self.inflight,
-                               track=track)
+                               track=track, peer_ranges=peer_ranges)
 
     def create_context(self, service=None, name=None):
         """A new address space of this device (a GPU VA space / channel): a DeviceContext with
@@ -165,54 +200,151 @@ class EmulatedDevice:
         return (f"EmulatedDevice({self.name}, {self.nframes} frames at pfn 0x{self.pfn_base:x}, "
                 f"{self.backend.name})")
 
+    # -- peers ---------------------------------------------------------------------------------
+    def enable_peer_access(self, peer):
+        """cudaDeviceEnablePeerAccess: from now on this device addresses ``peer``'s frames (its
+        page tables may map them, its jobs load, store and add atomically through such entries,
+        its DMA engine copies to and from them).  One direction: call ``peer.enable_peer_access
+        (self)`` for the other.  Enabling twice does nothing.  ValueError: ``peer`` is this
+        device, has another backend or another system RAM, overlaps this device's pfns or
+        another peer's, or would be peer number MAX_PEERS + 1.  On CuPy, devices on two
+        physical GPUs get CUDA peer access (cudaDeviceEnablePeerAccess) here."""
+        if peer is self:
+            raise ValueError(f"{self.name}: a device cannot enable peer access to itself")
+        if not isinstance(peer, EmulatedDevice):
+            raise TypeError(f"{self.name}: peer access needs an EmulatedDevice, not {type(peer).__name__}")
+        if peer.backend is not self.backend:
+            raise ValueError(f"{self.name}: peer {peer.name} runs on another backend "
+                             f"({peer.backend.name}); peers must share one")
+        if peer.host_arena is not self.host_arena:
+            raise ValueError(f"{self.name}: peer {peer.name} has another system RAM: its pfns mean "
+                             "other frames")
+        with self.lock:
+            live = self._live_peers()
+            if any(q is peer for q in live):
+                return
+            for base, n, what in ((self.pfn_base, self.nframes, "this device's"),
+                                  *((q.pfn_base, q.nframes, f"peer {q.name}'s") for q in live)):
+                if peer.pfn_base < base + n and base < peer.pfn_base + peer.nframes:
+                    raise ValueError(f"{self.name}: peer {peer.name}'s pfns [0x{peer.pfn_base:x}, "
+                                     f"0x{peer.pfn_base + peer.nframes:x}) overlap {what} memory "
+                                     f"[0x{base:x}, 0x{base + n:x})")
+            if len(live) >= MAX_PEERS:
+                raise ValueError(f"{self.name}: already {MAX_PEERS} peers (the most a device addresses)")
+            self.backend.enable_peer(self.gpu, peer.gpu)
+            self._peer_refs.append(weakref.ref(peer))
+            self.peer_epoch += 1
+
+    def disable_peer_access(self, peer):
+        """cudaDeviceDisablePeerAccess: this device stops addressing ``peer``'s frames.  Maps of
+        them are refused again, and an entry left pointing at them is a fatal fault (EFAULT)
+        for a job that uses it: unmap first.  ValueError when access was not enabled."""
+        with self.lock:
+            if not any(r() is peer for r in self._peer_refs):
+                raise ValueError(f"{self.name}: peer access to {getattr(peer, 'name', peer)} is not enabled")
+            self._peer_refs = [r for r in self._peer_refs if r() is not None and r() is not peer]
+            self.peer_epoch += 1
+
+    def _live_peers(self):
+        """The enabled peers still alive; a peer that went away is dropped (and no longer
+        addressed: the epoch moves, so the next launch drops it from the kernels' table)."""
+        refs = self._peer_refs
+        if not refs:
+            return ()
+        peers = [r() for r in refs]
+        if any(q is None for q in peers):
+            with self.lock:
+                self._peer_refs = [r for r in self._peer_refs if r() is not None]
+                self.peer_epoch += 1
+            peers = [q for q in peers if q is not None]
+        return tuple(peers)
+
+    @property
+    def peers(self):
+        """The devices this one addresses (enabled and alive), in the order they were enabled."""
+        return self._live_peers()
+
+    def peer_ranges(self):
+        """((pfn_base, nframes), ...) of every peer's memory."""
+        return tuple((q.pfn_base, q.nframes) for q in self._live_peers())
+
+    def can_address(self, pfns):
+        """Bool mask: which pfns this device reaches -- system RAM, its own frames, an enabled
+        peer's frames."""
+        p = np.asarray(pfns, dtype=np.int64)
+        ok = ((p >= 0) & (p < self.nr_ram)) | self.owns(p)
+        for base, n in self.peer_ranges():       # at most MAX_PEERS
+            ok |= (p >= base) & (p < base + n)
+        return ok
+
     # -- memory by global pfn ------------------------------------------------------------------
     def owns(self, pfns):
         p = np.asarray(pfns, dtype=np.int64)
         return (p >= self.pfn_base) & (p < self.pfn_base + self.nframes)
 
-    def _split(self, pfns):
+    def _locate(self, pfns):
+        """(pfns as int64, memories, which): memories[0] is system RAM, [1] this device's, then
+        each peer's, as (arena, first pfn); which[i] is the memory of pfns[i].  ValueError
+        naming the first pfn this device cannot address."""
         p = np.asarray(pfns, dtype=np.int64).reshape(-1)
-        dev = self.owns(p)
-        if np.count_nonzero(dev) == dev.size:
-            return p, dev
-        bad = ~dev & ((p < 0) | (p >= self.nr_ram))
-        if np.count_nonzero(bad):
-            raise ValueError(f"{self.name}: pfn 0x{int(p[bad][0]):x} is neither system RAM nor this "
-                             "device's memory")
-        return p, dev
+        peers = self._live_peers()
+        mems = [(self.host_arena, 0), (self.arena, self.pfn_base)] + [(q.arena, q.pfn_base) for q in peers]
+        own = self.owns(p)
+        which = own.view(np.int8)
+        if np.count_nonzero(own) == own.size:
+            return p, mems, which
+        ok = own | ((p >= 0) & (p < self.nr_ram))
+        for k, q in enumerate(peers):             # at most MAX_PEERS
+            m = (p >= q.pfn_base) & (p < q.pfn_base + q.nframes)
+            if m.any():
+                which = which.copy() if which.base is own else which
+                which[m] = 2 + k
+                ok |= m
+        if not ok.all():
+            raise ValueError(f"{self.name}: pfn 0x{int(p[~ok][0]):x} is neither system RAM, this device's "
+                             "memory nor an enabled peer's")
+        return p, mems, which
+
+    def _groups(self, pfns):
+        """(pfns, [(arena, positions or None for all, frame indices)]) per memory the pfns use."""
+        p, mems, which = self._locate(pfns)
+        kinds = np.flatnonzero(np.bincount(which, minlength=len(mems))).tolist() if p.size else []
+        out = []
+        for k in kinds:
+            arena, base = mems[k]
+            pos = None if len(kinds) == 1 else np.flatnonzero(which == k)
+            out.append((arena, pos, (p if pos is None else p[pos]) - base))
+        return p, out
 
     def read_pages(self, pfns):
-        p, dev = self._split(pfns)
-        if p.size and np.count_nonzero(dev) == p.size:
+        p, groups = self._groups(pfns)
+        if len(groups) == 1 and groups[0][0] is self.arena:
             with self.lock:
-                return self.arena.read(p - self.pfn_base)     # one gather, no second copy
+                return self.arena.read(groups[0][2])      # one gather, no second copy
         out = np.empty((p.size, PAGE_SIZE), dtype=np.uint8)
         with self.lock:
-            if dev.any():
-                out[dev] = self.arena.read(p[dev] - self.pfn_base)
-            if (~dev).any():
-                self.synchronize()          # a queued copy may still be writing system RAM
-                out[~dev] = self.host_arena.read(p[~dev])
+            for arena, pos, idx in groups:
+                if arena is self.host_arena:
+                    self.synchronize()      # a queued copy may still be writing system RAM
+                out[slice(None) if pos is None else pos] = arena.read(idx)
         return out
 
     def write_pages(self, pfns, data):
-        p, dev = self._split(pfns)
+        p, groups = self._groups(pfns)
         data = np.asarray(data, dtype=np.uint8).reshape(p.size, PAGE_SIZE)
         with self.lock:
-            if dev.any():
-                self.arena.write(p[dev] - self.pfn_base, data[dev])
-            if (~dev).any():
-                self.synchronize()
-                self.host_arena.write(p[~dev], data[~dev])
+            for arena, pos, idx in groups:
+                if arena is self.host_arena:
+                    self.synchronize()
+                arena.write(idx, data if pos is None else data[pos])
 
     def fill_pages(self, pfns, value=0):
-        p, dev = self._split(pfns)
+        _, groups = self._groups(pfns)
         with self.lock:
-            if dev.any():
-                self.arena.fill(p[dev] - self.pfn_base, value)
-            if (~dev).any():
-                self.synchronize()
-                self.host_arena.fill(p[~dev], value)
+            for arena, _, idx in groups:
+                if arena is self.host_arena:
+                    self.synchronize()
+                arena.fill(idx, value)
 
     def _side(self, p):
         """1 if every pfn of ``p`` is this device's, 0 if every one is system RAM, else None."""
@@ -228,7 +360,9 @@ class EmulatedDevice:
         return None
 
     def copy_pages(self, dst_pfns, src_pfns):
-        """Copy frames by global pfn on the DMA engine; returns the Fence of the whole batch."""
+        """Copy frames by global pfn on the DMA engine; returns the Fence of the whole batch.
+        Either side may be system RAM, this device's memory or an enabled peer's: one DMA
+        batch per (destination memory, source memory) pair."""
         d = np.asarray(dst_pfns, dtype=np.int64).reshape(-1)
         s = np.asarray(src_pfns, dtype=np.int64).reshape(-1)
         dk, sk = self._side(d), self._side(s)
@@ -237,21 +371,23 @@ class EmulatedDevice:
             with span("dma copy", "migrate", self.name, npages=int(d.size)), self.lock:
                 return self.dma.copy(self.arena if dk else self.host_arena, d - self.pfn_base if dk else d,
                                      self.arena if sk else self.host_arena, s - self.pfn_base if sk else s)
-        d, ddev = self._split(dst_pfns)
-        s, sdev = self._split(src_pfns)
+        d, mems, dw = self._locate(dst_pfns)
+        s, _, sw = self._locate(src_pfns)
         if d.size != s.size:
             raise ValueError(f"{self.name}: copy of {s.size} source pages to {d.size} destinations")
         fence = DONE
         with span("dma copy", "migrate", self.name, npages=int(d.size)), self.lock:
-            kind = ddev * 2 + sdev                # RAM/device x RAM/device: at most four batches
+            kind = dw.astype(np.int64) * len(mems) + sw     # (destination, source) memory pairs
             kinds = [int(kind[0])] if d.size and (kind == kind[0]).all() else np.unique(kind).tolist()
+            other = {q.gpu for q in self._live_peers()} - {self.gpu}
+            for g in other:                     # a peer on another GPU: after its queued work
+                self.backend.queue_after(self.gpu, g)
             for k in kinds:
-                dd, sd = k >= 2, k & 1
+                (da, db), (sa, sb) = mems[k // len(mems)], mems[k % len(mems)]
                 m = slice(None) if len(kinds) == 1 else kind == k
-                fence = self.dma.copy(self.arena if dd else self.host_arena,
-                                      d[m] - (self.pfn_base if dd else 0),
-                                      self.arena if sd else self.host_arena,
-                                      s[m] - (self.pfn_base if sd else 0))
+                fence = self.dma.copy(da, d[m] - db, sa, s[m] - sb)
+            for g in other:                     # and its later work after this copy
+                self.backend.queue_after(g, self.gpu)
         return fence                             # one in-order queue: the last fence covers all
 
     def synchronize(self):

@@ -6,9 +6,10 @@ append records to a ring in device memory; the host fetches them in batches of
 ``uvm_perf_fault_max_batches_per_service`` (20) batches in one pass of the bottom half, then
 replays.  A record is four uint64 words: (vaddr, lane, access, job_id), access being
 ACCESS_READ, ACCESS_WRITE or ACCESS_ATOMIC.  A fault no driver can service (a misaligned
-access, or a page-table entry pointing outside memory: on a GPU both would be a sticky error
-that kills the context) carries its reason and the access size in the access word's upper bits
-(``FATAL_*``, hmm.cuh's HMM_FATAL_*); it is never handed to the driver, it cancels the job.
+access, or a page-table entry pointing at memory the device cannot address: on a GPU both
+would be a sticky error that kills the context) carries its reason and the access size in the
+access word's upper bits (``FATAL_*``, hmm.cuh's HMM_FATAL_*); it is never handed to the driver,
+it cancels the job.
 
 The ring is sized for what a slice of lanes can raise (``MAX_FAULTS_PER_LANE`` per lane), and
 the host fetches it whenever the next slice could overflow it and after the last one, so its
@@ -186,7 +187,8 @@ def fatal_reason(word):
     if reason == FATAL_MISALIGNED:
         return f"misaligned {size}-byte access (accesses must be naturally aligned)"
     if reason == FATAL_BAD_PFN:
-        return "its device page-table entry points outside system RAM and the device's memory"
+        return ("its device page-table entry points outside system RAM, the device's memory and its "
+                "enabled peers' memory")
     return f"unknown fatal fault reason {reason}"
 
 

@@ -10,6 +10,8 @@ import numpy as np
 
 from ..constants import PAGE_SIZE
 
+MAX_PEERS = 7          # peers one device addresses: the rows of the kernels' peer table (hmm.cuh)
+
 
 class Fence:
     """Completion of asynchronous device work (a CUDA event on the GPU)."""
@@ -107,6 +109,14 @@ class Backend:
     def fence(self, gpu=0):
         """A Fence that completes when everything queued so far on ``gpu``'s device queue has."""
         return DONE
+
+    def enable_peer(self, gpu, peer_gpu):
+        """Let ``gpu``'s kernels and copies address ``peer_gpu``'s memory (one direction).
+        Devices of one GPU, and every device of the NumPy backend, reach each other already."""
+
+    def queue_after(self, gpu, other_gpu):
+        """Work queued on ``gpu`` from now on runs after everything queued so far on
+        ``other_gpu`` (one GPU has one queue: nothing to do)."""
 
     def pagetable_hw(self, gpu=0):
         """The page-table walker and command processor (alloc/grow/execute/lookup/fence)."""

@@ -21,7 +21,8 @@ Entry encoding (uint64)::
     bit 3  PTE_ACCESSED   set by the device's walker on any successful translation
     bit 4  PTE_ATOMIC     atomics allowed (device-exclusive access granted by the driver)
     bit 7  PTE_HUGE       (level-2 entries only; x86's PS bit) a 2 MiB leaf: its pfn is the first
-                          of 512 aligned frames, all system RAM or all this device's memory, and
+                          of 512 aligned frames, all system RAM, all this device's memory or
+                          all one enabled peer's, and
                           page i of the range is frame pfn + i; its flags are a 4 KiB leaf's, and
                           the walker sets ACCESSED/DIRTY on this one entry for all 512 pages
     0 == no entry
@@ -61,8 +62,8 @@ threads run in any order): splitting is SPLIT, then a LINK of the new table in p
 How a driver maps a 2 MiB folio (migrate_vma of a THP to device memory, or an hmm_range_fault
 entry of order 9 mapped remotely): ``pt.map_huge(heads, head_pfns, flags)`` with the vpns of the
 folios' first pages (multiples of 512) and their head pfns (multiples of 512, the whole folio in
-RAM or in this device's memory); one entry and, for folios consecutive in both address and frame,
-one command per run.  Nothing else changes for the driver: ``invalidate_range``, ``unmap``,
+RAM, in this device's memory or in one enabled peer's); one entry and, for folios consecutive in
+both address and frame, one command per run.  Nothing else changes for the driver: ``invalidate_range``, ``unmap``,
 ``protect`` and ``set_bits`` over a whole folio act on its one entry and over part of it split it
 first (mm's split_huge_pmd), as does a ``map`` of 4 KiB pages inside it; ``lookup`` of any page
 under a 2 MiB leaf shows PTE_HUGE (a snapshot's PROT_PMD) and that page's own pfn.
@@ -217,8 +218,12 @@ class DevicePageTable:
     """
 
     def __init__(self, hw, *, nr_ram, pfn_base, nframes, lock=None, initial_nodes=64,
-                 inflight=None, track="device"):
+                 inflight=None, track="device", peer_ranges=None):
         self.hw = hw
+        # peer_ranges() -> ((pfn_base, nframes), ...): the peers' memory the device addresses
+        # besides RAM and its own (EmulatedDevice.enable_peer_access); read only for a map that
+        # leaves those two
+        self.peer_ranges = peer_ranges or tuple
         self.track = track                         # the trace track of this device
         self.lock = lock or threading.RLock()
         self.nr_ram = int(nr_ram)
@@ -267,16 +272,18 @@ class DevicePageTable:
             return pfns                            # all RAM, or all this device's memory
         ok = ((pfns >= 0) & (pfns < self.nr_ram)) | (
             (pfns >= self.pfn_base) & (pfns < self.pfn_base + self.nframes))
+        for base, n in self.peer_ranges():         # at most MAX_PEERS
+            ok |= (pfns >= base) & (pfns < base + n)
         if not ok.all():
             bad = int(pfns[~ok][0])
-            raise ValueError(f"device page table: pfn 0x{bad:x} is neither system RAM [0, 0x{self.nr_ram:x}) "
-                             f"nor this device's memory [0x{self.pfn_base:x}, "
-                             f"0x{self.pfn_base + self.nframes:x})")
+            raise ValueError(f"device page table: pfn 0x{bad:x} is neither system RAM [0, 0x{self.nr_ram:x}), "
+                             f"this device's memory [0x{self.pfn_base:x}, "
+                             f"0x{self.pfn_base + self.nframes:x}) nor an enabled peer's")
         return pfns
 
     def _check_huge(self, vpns, pfns):
-        """2 MiB leaves: aligned vpns, and pfns that start 512 aligned frames lying all in RAM
-        or all in this device's memory."""
+        """2 MiB leaves: aligned vpns, and pfns that start 512 aligned frames lying all in RAM,
+        all in this device's memory or all in one enabled peer's."""
         if vpns.size <= _SMALL:                    # a few folios: Python integers
             lo, hi = self.pfn_base, self.pfn_base + self.nframes
             if all(not v & (HUGE_PAGES - 1) and not p & (HUGE_PAGES - 1)
@@ -288,14 +295,16 @@ class DevicePageTable:
             v = int(vpns[bad[0]])
             raise ValueError(f"device page table: vpn 0x{v:x} (address 0x{v << 12:x}) is not the first "
                              f"page of an aligned 2 MiB range")
-        ram = (pfns >= 0) & (pfns + HUGE_PAGES <= self.nr_ram)
-        dev = (pfns >= self.pfn_base) & (pfns + HUGE_PAGES <= self.pfn_base + self.nframes)
-        bad = np.flatnonzero(((pfns & (HUGE_PAGES - 1)) != 0) | ~(ram | dev))
+        ok = (pfns >= 0) & (pfns + HUGE_PAGES <= self.nr_ram)
+        for base, n in ((self.pfn_base, self.nframes),) + tuple(self.peer_ranges()):
+            ok |= (pfns >= base) & (pfns + HUGE_PAGES <= base + n)
+        bad = np.flatnonzero(((pfns & (HUGE_PAGES - 1)) != 0) | ~ok)
         if bad.size:
             p, v = int(pfns[bad[0]]), int(vpns[bad[0]])
             raise ValueError(f"device page table: pfn 0x{p:x} (for vpn 0x{v:x}) does not start 512 aligned "
-                             f"frames all in system RAM [0, 0x{self.nr_ram:x}) or all in this device's "
-                             f"memory [0x{self.pfn_base:x}, 0x{self.pfn_base + self.nframes:x})")
+                             f"frames all in system RAM [0, 0x{self.nr_ram:x}), all in this device's "
+                             f"memory [0x{self.pfn_base:x}, 0x{self.pfn_base + self.nframes:x}) or all "
+                             "in one enabled peer's")
 
     def _alloc_nodes(self, n):
         """``n`` node ids for new tables, all zero on the device: wiped tables from the free
@@ -452,8 +461,9 @@ class DevicePageTable:
 
     def map_huge(self, vpns, pfns, flags=PTE_WRITE):
         """Map 2 MiB leaves: ``vpns`` are the first pages of aligned 2 MiB ranges (multiples of
-        512), ``pfns`` the first of the 512 aligned frames each maps (all RAM, or all this
-        device's memory; ValueError otherwise, changing nothing).  ``flags`` as for ``map``.
+        512), ``pfns`` the first of the 512 aligned frames each maps (all RAM, all this
+        device's memory or all one enabled peer's; ValueError otherwise, changing nothing).
+        ``flags`` as for ``map``.
 
         One entry per leaf; leaves consecutive in both address and frames are one command.  A
         leaf table that held 4 KiB entries in such a range is replaced (wiped, kept for reuse).

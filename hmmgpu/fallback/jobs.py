@@ -107,7 +107,7 @@ def runs_of(idx, min_run=MIN_RUN_PAGES):
 
 
 class NumpyMMU:
-    """Translation and physical access for the twins: hmm_translate / hmm_phys of hmm.cuh."""
+    """Translation and physical access for the twins: hmm_translate / hmm_frame of hmm.cuh."""
 
     def __init__(self, dev_arena, host_arena, pfn_base, nframes, faults):
         self.dev = dev_arena.frames
@@ -115,10 +115,18 @@ class NumpyMMU:
         self.pfn_base = int(pfn_base)
         self.nframes = int(nframes)
         self.faults = faults
+        self.set_peers(())
         self.nodes = None
         self.job_id = 0
         self._tlb_keys = np.zeros(0, np.int64)
         self._tlb_nodes = np.zeros(0, np.int64)
+
+    def set_peers(self, peers):
+        """The enabled peers' memory for the slices to come: ((pfn_base, nframes, frames), ...)
+        (hmm.cuh's peer table).  Memory k of ``mems`` is system RAM (0), this device's (1),
+        peer k - 2."""
+        self.peers = tuple(peers)
+        self.mems = (self.host, self.dev) + tuple(f for _, _, f in self.peers)
 
     def begin_slice(self, nodes, job_id):
         """A new slice: the page-table pool it walks, and an empty cache of leaf tables (an
@@ -243,36 +251,55 @@ class NumpyMMU:
         return ok, e
 
     def pfn_ok(self, pte):
-        """hmm_pfn_ok: the leaf points at system RAM or at this device's frames."""
+        """hmm_frame's test: the leaf points at system RAM, this device's frames or an enabled
+        peer's."""
         pfn = (np.asarray(pte, np.uint64) >> _U64(12)).astype(np.int64)
         d = pfn - self.pfn_base
-        return ((pfn >= 0) & (pfn < self.host.shape[0])) | ((d >= 0) & (d < self.nframes))
+        ok = ((pfn >= 0) & (pfn < self.host.shape[0])) | ((d >= 0) & (d < self.nframes))
+        for base, n, _ in self.peers:             # at most MAX_PEERS
+            ok |= (pfn >= base) & (pfn < base + n)
+        return ok
 
     # -- physical access -----------------------------------------------------------------------
     def frames(self, pte):
-        """(device mask, frame index in its arena) of each leaf entry's pfn."""
+        """(memory of each leaf entry's pfn: an int8 index into ``mems``, frame index in it)."""
         pfn = (np.asarray(pte, np.uint64) >> _U64(12)).astype(np.int64)
         d = pfn - self.pfn_base
         dev = (d >= 0) & (d < self.nframes)
-        return dev, np.where(dev, d, pfn)
+        idx = np.where(dev, d, pfn)
+        which = dev.view(np.int8)
+        for k, (base, n, _) in enumerate(self.peers):
+            q = pfn - base
+            m = (q >= 0) & (q < n)
+            if m.any():
+                which = which.copy() if which.base is dev else which
+                which[m] = 2 + k
+                idx[m] = q[m]
+        return which, idx
 
-    def _pieces(self, dev):
-        """(arena, positions) for each memory that ``dev`` selects: one when all agree."""
-        if dev.all():
-            return ((self.dev, None),)
-        if not dev.any():
-            return ((self.host, None),)
-        return ((self.dev, np.flatnonzero(dev)), (self.host, np.flatnonzero(~dev)))
+    def _pieces(self, which):
+        """(arena, positions) for each memory that ``which`` selects: one when all agree."""
+        if not self.peers:                        # RAM and own frames only: a bool mask
+            dev = which.view(bool)
+            if dev.all():
+                return ((self.dev, None),)
+            if not dev.any():
+                return ((self.host, None),)
+            return ((self.dev, np.flatnonzero(dev)), (self.host, np.flatnonzero(~dev)))
+        used = np.flatnonzero(np.bincount(which, minlength=len(self.mems)))
+        if used.size == 1:
+            return ((self.mems[int(used[0])], None),)
+        return tuple((self.mems[k], np.flatnonzero(which == k)) for k in used.tolist())
 
     def _where(self, pte, off, itemsize):
-        dev, fr = self.frames(pte)
-        return dev, (fr * 4096 + np.asarray(off, np.int64)) // itemsize
+        which, fr = self.frames(pte)
+        return which, (fr * 4096 + np.asarray(off, np.int64)) // itemsize
 
     def load(self, pte, off, dtype, width=1):
         dt = np.dtype(dtype)
-        dev, idx = self._where(pte, off, dt.itemsize * width)
+        which, idx = self._where(pte, off, dt.itemsize * width)
         out = np.empty((idx.size, width), dtype=dt)
-        for mem, pos in self._pieces(dev):
+        for mem, pos in self._pieces(which):
             v = mem.reshape(-1).view(dt).reshape(-1, width)
             if pos is None:
                 np.take(v, idx, axis=0, out=out)
@@ -282,9 +309,9 @@ class NumpyMMU:
 
     def store(self, pte, off, values, dtype, width=1):
         dt = np.dtype(dtype)
-        dev, idx = self._where(pte, off, dt.itemsize * width)
+        which, idx = self._where(pte, off, dt.itemsize * width)
         values = np.asarray(values, dtype=dt).reshape(idx.size, width)
-        for mem, pos in self._pieces(dev):
+        for mem, pos in self._pieces(which):
             v = mem.reshape(-1).view(dt).reshape(-1, width)
             if pos is None:
                 v[idx] = values
@@ -294,29 +321,34 @@ class NumpyMMU:
     def atomic_add(self, pte, off, values, dtype):
         """Old values as if the lanes had gone in lane order; then the sums land."""
         dt = np.dtype(dtype)
-        dv, hv = (m.reshape(-1).view(dt) for m in (self.dev, self.host))
-        dev, idx = self._where(pte, off, dt.itemsize)
+        which, idx = self._where(pte, off, dt.itemsize)
         values = np.asarray(values, dtype=dt)
-        key = np.where(dev, idx, -1 - idx)             # one key space for both memories
+        key = idx * len(self.mems) + which              # one key space for every memory
         order = np.argsort(key, kind="stable")
         sk, sv = key[order], values[order]
         start = np.concatenate(([True], sk[1:] != sk[:-1]))
         cs = np.cumsum(sv, dtype=dt) - sv
         excl = cs - cs[np.maximum.accumulate(np.where(start, np.arange(sk.size), 0))]
         cur = np.empty(idx.size, dtype=dt)
-        cur[dev] = dv[idx[dev]]
-        cur[~dev] = hv[idx[~dev]]
+        pieces = self._pieces(which)
+        for mem, pos in pieces:
+            v = mem.reshape(-1).view(dt)
+            if pos is None:
+                cur[:] = v[idx]
+            else:
+                cur[pos] = v[idx[pos]]
         old = np.empty_like(cur)
         old[order] = cur[order] + excl
-        np.add.at(dv, idx[dev], values[dev])
-        np.add.at(hv, idx[~dev], values[~dev])
+        for mem, pos in pieces:
+            v = mem.reshape(-1).view(dt)
+            np.add.at(v, idx if pos is None else idx[pos], values if pos is None else values[pos])
         return old
 
     def page_runs(self, pte):
         """Whole pages, by memory: (arena, lane positions, frame index, long runs, rest)."""
-        dev, fr = self.frames(pte)
+        which, fr = self.frames(pte)
         out = []
-        for mem, pos in self._pieces(dev):
+        for mem, pos in self._pieces(which):
             f = fr if pos is None else fr[pos]
             p = np.arange(fr.size) if pos is None else pos
             runs, rest = runs_of(f)
@@ -334,7 +366,7 @@ class ScalarMMU:
     def __init__(self, mmu):
         self.mmu = mmu
         self.pt = memoryview(mmu.nodes.reshape(-1)).cast("B").cast("Q")
-        self.mem = (memoryview(mmu.host.reshape(-1)).cast("Q"), memoryview(mmu.dev.reshape(-1)).cast("Q"))
+        self.mem = tuple(memoryview(m.reshape(-1)).cast("Q") for m in mmu.mems)   # RAM, own, peers
         self.leaves = {}
         self.pages = {}            # vpn -> (memory, index of the page's first word)
 
@@ -385,10 +417,16 @@ class ScalarMMU:
         if e & PTE_HUGE:
             pfn += vpn & (PT_ENTRIES - 1)
         d = pfn - self.mmu.pfn_base
-        if not (0 <= d < self.mmu.nframes or pfn < len(self.mem[0]) >> 9):
-            self._fault(vaddr, fatal_word(ACCESS_READ, FATAL_BAD_PFN, 8), lane)
-            return None
-        pg = (self.mem[1], d << 9) if 0 <= d < self.mmu.nframes else (self.mem[0], pfn << 9)
+        if 0 <= d < self.mmu.nframes:
+            pg = (self.mem[1], d << 9)
+        elif pfn < len(self.mem[0]) >> 9:
+            pg = (self.mem[0], pfn << 9)
+        else:
+            pg = next(((self.mem[2 + k], (pfn - base) << 9) for k, (base, n, _) in enumerate(self.mmu.peers)
+                       if 0 <= pfn - base < n), None)
+            if pg is None:
+                self._fault(vaddr, fatal_word(ACCESS_READ, FATAL_BAD_PFN, 8), lane)
+                return None
         self.pages[vpn] = pg
         return pg
 
@@ -504,7 +542,7 @@ def _bulk_translate(mmu, lanes, args, ops):
                 rec_pos.append(p)
                 rec_ord.append(np.full(p.size, 2 * j + which))
                 rec_va.append(va[p])
-                # translated, but to a pfn outside memory: fatal (bulk_translate's hmm_pfn_ok)
+                # translated, but to a pfn the device cannot address: fatal (bulk_translate's hmm_frame)
                 rec_acc.append(np.where(pte_allows(e[p], acc), fatal_word(acc, FATAL_BAD_PFN, 16), _U64(acc)))
         allok &= okA & okB
         per_op.append((first, eA, eB))
@@ -782,6 +820,7 @@ class _Job:
 
 class NumpyJobExecutor:
     def __init__(self, device):
+        self.dev = device                  # a weak proxy: the device owns its executor
         self.mmu = NumpyMMU(device.arena, device.host_arena, device.pfn_base, device.nframes,
                             device.fault_buffer.hw)
 
@@ -793,6 +832,17 @@ class NumpyJobExecutor:
     def launch(self, h, lanes, lo, n, nodes):
         """Run lanes ``lanes[lo:lo + n]`` (``lo .. lo + n - 1`` when ``lanes`` is None)."""
         self.mmu.begin_slice(nodes, h.job_id)
+        peers = self.dev.peers             # read per slice: a peer disabled or gone is not reached
+        if peers:
+            self.mmu.set_peers((q.pfn_base, q.nframes, q.arena.frames) for q in peers)
+        try:
+            self._run(h, lanes, lo, n)
+        finally:
+            if peers:                      # hold no peer's memory between slices
+                self.mmu.set_peers(())
+        return DONE
+
+    def _run(self, h, lanes, lo, n):
         lanes = np.arange(lo, lo + n, dtype=np.int64) if lanes is None else lanes[lo:lo + n]
         spec = h.spec
         if spec.user is not None:
@@ -803,7 +853,6 @@ class NumpyJobExecutor:
             SCALAR_JOBS[spec.name](ScalarMMU(self.mmu), h.state, lanes, h.args)
         else:
             run_lanes(self.mmu, h.state, lanes, LANE_JOBS[spec.name], h.args, False)
-        return DONE
 
     def sync(self):
         pass

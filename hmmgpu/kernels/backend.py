@@ -21,6 +21,7 @@ from .module import load_module  # noqa: F401  (the GPU check's probe imports it
 
 cudaHostAllocPortable = 0x01
 cudaHostAllocMapped = 0x02
+cudaErrorPeerAccessAlreadyEnabled = 704
 
 
 class CudaFence(Fence):
@@ -306,6 +307,7 @@ class CupyBackend(Backend):
     def __init__(self):
         self._streams = {}
         self._rings = {}
+        self._peers = set()                      # (gpu, peer gpu) pairs with CUDA peer access
         self._lock = threading.Lock()
 
     def stream(self, gpu=0):
@@ -326,6 +328,30 @@ class CupyBackend(Backend):
                 ring = self._rings[gpu] = _EventRing(gpu)
         with cupy.cuda.Device(gpu):
             return ring.record(s)
+
+    def enable_peer(self, gpu, peer_gpu):
+        """cudaDeviceEnablePeerAccess(peer_gpu) on ``gpu``, once (emulated devices of one GPU
+        share its memory: nothing to enable).  ValueError where the two cannot be peers."""
+        if gpu == peer_gpu or (gpu, peer_gpu) in self._peers:
+            return
+        rt = cupy.cuda.runtime
+        if not rt.deviceCanAccessPeer(gpu, peer_gpu):
+            raise ValueError(f"GPU {gpu} cannot address GPU {peer_gpu}'s memory (no peer access)")
+        with cupy.cuda.Device(gpu):
+            try:
+                rt.deviceEnablePeerAccess(peer_gpu)
+            except rt.CUDARuntimeError as e:
+                if e.status != cudaErrorPeerAccessAlreadyEnabled:
+                    raise
+        self._peers.add((gpu, peer_gpu))
+
+    def queue_after(self, gpu, other_gpu):
+        """``gpu``'s stream waits for an event recorded now on ``other_gpu``'s (no host wait)."""
+        if gpu == other_gpu:
+            return
+        fence = self.fence(other_gpu)
+        with cupy.cuda.Device(gpu):
+            self.stream(gpu).wait_event(fence.event)
 
     def host_arena(self, nframes, gpu=0):
         return CupyArena(self, nframes, "host", gpu)

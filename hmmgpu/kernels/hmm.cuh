@@ -26,7 +26,8 @@
 // on scratch adds v exactly once.  Accesses must be naturally aligned (an access never crosses
 // a page): a misaligned one is not executed (on a GPU it would be a sticky error that kills the
 // context) but recorded as a fatal fault, which cancels the job with EFAULT naming the address.
-// So is an access whose page-table entry points outside system RAM and this device's memory.
+// So is an access whose page-table entry points outside system RAM, this device's memory and
+// the memory of the peers it enabled (EmulatedDevice.enable_peer_access).
 // Inside a lane, check `L.faulted` before looping on loaded values: after a fault every load
 // returns 0.
 #pragma once
@@ -57,12 +58,14 @@ typedef unsigned char hmm_u8;
 // service, adds its reason in bits 8..15 and the access size in bytes in bits 16..23.
 #define HMM_FATAL_SHIFT 8
 #define HMM_FATAL_MISALIGNED 1     // the address is not a multiple of the access size
-#define HMM_FATAL_BAD_PFN 2        // the entry points outside system RAM and this device's memory
+#define HMM_FATAL_BAD_PFN 2        // the entry points outside every memory the device can address
 #define HMM_SIZE_SHIFT 16
 
 #define HMM_LANE_PENDING 0
 #define HMM_LANE_DONE 1
 #define HMM_LANE_FAULTED 2
+
+#define HMM_MAX_PEERS 7            // hmmgpu.device.hw.MAX_PEERS
 
 // Where a job's lanes find memory and report faults (one per launch, kept in registers).
 struct hmm_job_params {
@@ -76,6 +79,10 @@ struct hmm_job_params {
     hmm_u64 fault_cap;
     hmm_u8* lane_state;      // per lane: HMM_LANE_*
     hmm_u64 job_id;
+    // the enabled peers' memory, [HMM_MAX_PEERS][3]: first pfn, frames (0: unused row), the
+    // address of frame 0 (device memory of this GPU, or of another one reached through UVA after
+    // cudaDeviceEnablePeerAccess); nullptr when the device has no peer
+    const hmm_u64* peers;
 };
 
 // Every job kernel takes the same parameters, so that one launcher serves all of them.
@@ -83,14 +90,16 @@ struct hmm_job_params {
     hmm_u64 p_dev_frames, hmm_u64 p_dev_pfn_base, hmm_u64 p_dev_nframes, hmm_u64 p_host_frames, \
         hmm_u64 p_nr_ram, hmm_u64 p_fault_buf, hmm_u64 p_fault_put, hmm_u64 p_fault_cap,        \
         hmm_u64 p_lane_state, hmm_u64 p_job_id, hmm_u64 *pt, const hmm_u64 *lanes,              \
-        hmm_u64 lane_base, hmm_u64 nlanes, const hmm_u64 *args, const hmm_u64 *probe_args
+        hmm_u64 lane_base, hmm_u64 nlanes, const hmm_u64 *args, const hmm_u64 *probe_args,      \
+        hmm_u64 p_peers
 
 #define HMM_JOB_PARAMS_INIT(P)                                                                  \
     hmm_job_params P;                                                                           \
     P.dev_frames = (hmm_u8*)p_dev_frames; P.dev_pfn_base = p_dev_pfn_base;                      \
     P.dev_nframes = p_dev_nframes; P.host_frames = (hmm_u8*)p_host_frames; P.nr_ram = p_nr_ram; \
     P.fault_buf = (hmm_u64*)p_fault_buf; P.fault_put = (hmm_u64*)p_fault_put;                   \
-    P.fault_cap = p_fault_cap; P.lane_state = (hmm_u8*)p_lane_state; P.job_id = p_job_id
+    P.fault_cap = p_fault_cap; P.lane_state = (hmm_u8*)p_lane_state; P.job_id = p_job_id;      \
+    P.peers = (const hmm_u64*)p_peers
 
 // The level-2 slot of vpn (a link to its leaf table, or a 2 MiB leaf), or nullptr when a
 // directory on the way is missing.
@@ -139,22 +148,31 @@ __device__ __forceinline__ bool hmm_translate(hmm_u64* pt, hmm_u64 vpn, int acce
     return true;
 }
 
-// Whether a leaf's pfn is memory the device can reach: system RAM or its own frames.
-__device__ __forceinline__ bool hmm_pfn_ok(const hmm_job_params& P, hmm_u64 pte) {
-    hmm_u64 pfn = pte >> HMM_PAGE_SHIFT;
-    return pfn < P.nr_ram || pfn - P.dev_pfn_base < P.dev_nframes;
-}
 
 __device__ __forceinline__ hmm_u64 hmm_fatal(int access, int reason, hmm_u64 size) {
     return (hmm_u64)access | ((hmm_u64)reason << HMM_FATAL_SHIFT) | (size << HMM_SIZE_SHIFT);
 }
 
-// The frame a leaf points at: this device's memory, or system RAM reached over PCIe.
-__device__ __forceinline__ hmm_u8* hmm_phys(const hmm_job_params& P, hmm_u64 pte) {
+// A pfn in an enabled peer's memory: its frame, or nullptr.  Reached only after the two
+// compares for the device's own frames and RAM fail; inlined all the same, since a call (even
+// one never taken) costs the bulk kernels ten registers (ptxas, sm_90).
+__device__ __forceinline__ hmm_u8* hmm_peer_frame(const hmm_u64* peers, hmm_u64 pfn) {
+    if (!peers) return nullptr;
+    for (int i = 0; i < HMM_MAX_PEERS; i++) {
+        hmm_u64 d = pfn - peers[3 * i];        // wraps below the peer's first pfn
+        if (d < peers[3 * i + 1]) return (hmm_u8*)peers[3 * i + 2] + (d << HMM_PAGE_SHIFT);
+    }
+    return nullptr;
+}
+
+// The frame a leaf points at -- this device's memory, system RAM reached over PCIe, or an
+// enabled peer's memory -- or nullptr when the pfn is none of them (a fatal fault).
+__device__ __forceinline__ hmm_u8* hmm_frame(const hmm_job_params& P, hmm_u64 pte) {
     hmm_u64 pfn = pte >> HMM_PAGE_SHIFT;
     hmm_u64 d = pfn - P.dev_pfn_base;          // wraps for RAM pfns below the base
-    return d < P.dev_nframes ? P.dev_frames + (d << HMM_PAGE_SHIFT)
-                             : P.host_frames + (pfn << HMM_PAGE_SHIFT);
+    if (d < P.dev_nframes) return P.dev_frames + (d << HMM_PAGE_SHIFT);
+    if (pfn < P.nr_ram) return P.host_frames + (pfn << HMM_PAGE_SHIFT);
+    return hmm_peer_frame(P.peers, pfn);
 }
 
 __device__ __forceinline__ void hmm_fault_record(const hmm_job_params& P, hmm_u64 vaddr, hmm_u64 access,
@@ -170,14 +188,14 @@ __device__ __forceinline__ void hmm_fault_record(const hmm_job_params& P, hmm_u6
 }
 
 // A lane's view of the MMU, with a one-entry translation cache (a per-lane micro-TLB: the last
-// page and the strongest access it was checked for).  It lives for one slice only, so an
+// page, the strongest access it was checked for, and its frame).  It lives for one slice only, so an
 // invalidation between slices can never be missed.
 struct hmm_lane {
     hmm_job_params P;
     hmm_u64* pt;
     hmm_u64 lane;
     hmm_u64 tlb_vpn;
-    hmm_u64 tlb_pte;
+    hmm_u8* tlb_frame;
     int tlb_access;
     bool faulted;
     bool probe;
@@ -189,7 +207,7 @@ __device__ __forceinline__ void hmm_lane_init(hmm_lane& L, const hmm_job_params&
     L.pt = pt;
     L.lane = lane;
     L.tlb_vpn = ~0ULL;
-    L.tlb_pte = 0;
+    L.tlb_frame = nullptr;
     L.tlb_access = -1;
     L.faulted = false;
     L.probe = false;
@@ -209,12 +227,13 @@ __device__ __forceinline__ hmm_u8* hmm_xlate(hmm_lane& L, hmm_u64 vaddr, int acc
     if (vpn != L.tlb_vpn || access > L.tlb_access) {
         hmm_u64 e;
         if (!hmm_translate(L.pt, vpn, access, &e)) return hmm_stop(L, vaddr, (hmm_u64)access);
-        if (!hmm_pfn_ok(L.P, e)) return hmm_stop(L, vaddr, hmm_fatal(access, HMM_FATAL_BAD_PFN, size));
+        hmm_u8* frame = hmm_frame(L.P, e);
+        if (!frame) return hmm_stop(L, vaddr, hmm_fatal(access, HMM_FATAL_BAD_PFN, size));
         L.tlb_vpn = vpn;
-        L.tlb_pte = e;
+        L.tlb_frame = frame;
         L.tlb_access = access;
     }
-    return hmm_phys(L.P, L.tlb_pte) + (vaddr & HMM_PAGE_MASK);
+    return L.tlb_frame + (vaddr & HMM_PAGE_MASK);
 }
 
 // Translate only (no data access): reserve a store's page before the lane commits anything.

@@ -16,6 +16,7 @@ one memset queued behind the job, then the host waits once and reads both in pla
 import cupy
 import numpy as np
 
+from ..device.hw import MAX_PEERS
 from ..device.jobs import LANE_FAULTED, Zeros
 from .module import cudaMemcpyDefault, host_sync, launch, load_module, pinned_mapped
 
@@ -62,6 +63,9 @@ class CupyJobExecutor:
         self.backend = device.backend
         self.stream = self.backend.stream(self.gpu)
         self.fault = device.fault_buffer.hw
+        self._peer_epoch = None             # the device's peer_epoch the table was written for
+        self._peer_table = None             # [MAX_PEERS][3] uint64 on the GPU (hmm.cuh's P.peers)
+        self._peer_ptr = _U64(0)
 
     def prepare(self, spec, job_id):
         h = _Job()
@@ -124,9 +128,31 @@ class CupyJobExecutor:
                 cupy.cuda.runtime.memcpyAsync(h.shadow.data.ptr, h.block.data.ptr, h.block.nbytes,
                                               cudaMemcpyDefault, self.stream.ptr)
             threads = 32 * n if h.spec.warp else n
-            launch(h.mod, h.kernel, threads, h.prefix + (nodes, dl, base, _U64(n), h.args, h.probe_args),
-                   self.stream)
+            # a peer on another GPU: the slice runs after the work queued there (the peer's later
+            # work comes after the slice anyway: a round ends with a host wait on this GPU)
+            for g in self._peers():
+                self.backend.queue_after(self.gpu, g)
+            launch(h.mod, h.kernel, threads,
+                   h.prefix + (nodes, dl, base, _U64(n), h.args, h.probe_args, self._peer_ptr), self.stream)
         return self.backend.fence(self.gpu)
+
+    def _peers(self):
+        """Bring the kernels' peer table up to date with the device's peers (rewritten on the
+        stream, behind the slices that used the old one, when they changed); returns the other
+        GPUs those peers are on."""
+        peers = self.dev.peers                       # drops a peer that went away (epoch moves)
+        if self.dev.peer_epoch != self._peer_epoch:
+            self._peer_epoch = self.dev.peer_epoch
+            if peers:
+                table = np.zeros((MAX_PEERS, 3), np.uint64)
+                for i, q in enumerate(peers):
+                    table[i] = (q.pfn_base, q.nframes, q.arena.ptr)
+                with self.stream:
+                    if self._peer_table is None:
+                        self._peer_table = cupy.zeros(table.size, dtype=cupy.uint64)
+                    self._peer_table.set(table.reshape(-1), stream=self.stream)
+            self._peer_ptr = _U64(self._peer_table.data.ptr if peers else 0)
+        return {q.gpu for q in peers} - {self.gpu} if peers else ()
 
     def sync(self):
         host_sync()

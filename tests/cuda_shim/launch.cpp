@@ -16,7 +16,9 @@
 #include <xmmintrin.h>
 thread_local emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 typedef unsigned long long u64;
-typedef void (*K)(u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64);
+#define EMU_MAX_ARGS 20               // cupy/__init__.py's RawKernel passes this many words
+typedef void (*K)(u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64, u64,
+                  u64);
 
 // emu_swap(&save, to): push the callee-saved registers, store the stack pointer in save, switch
 // to the stack `to` and pop its registers: a coroutine switch under the System V x86-64 ABI.
@@ -73,7 +75,8 @@ static void emu_lane_main() {              // a lane's first frame; it never ret
     emu_warp* w = emu_me;
     int l = w->current;
     const u64* a = w->args;
-    ((K)w->f)(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]);
+    ((K)w->f)(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15],
+              a[16], a[17], a[18], a[19]);
     w->done[l] = 1;
     void* dead;
     emu_swap(&dead, w->sched);
@@ -147,7 +150,8 @@ extern "C" int emu_launch(void* f, const u64* args, unsigned grid, unsigned bloc
             blockIdx = {t / block, 0, 0};
             threadIdx = {t % block, 0, 0};
             ((K)f)(args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7], args[8], args[9],
-                   args[10], args[11], args[12], args[13], args[14], args[15]);
+                   args[10], args[11], args[12], args[13], args[14], args[15], args[16], args[17], args[18],
+                   args[19]);
         }
     } else {
         unsigned wpb = block / 32;

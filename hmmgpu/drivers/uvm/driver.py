@@ -51,7 +51,7 @@ from ...constants import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from ...device import EmulatedDevice, JobFault
 from ...device.clock import EmulatedClock
 from ...device.faults import ACCESS_ATOMIC
-from ...device.pagetable import PTE_ACCESSED, PTE_WRITE
+from ...device.pagetable import PTE_ACCESSED, PTE_ATOMIC, PTE_WRITE
 from ...errors import oserror
 from ...hmm.debug import check_device_mappings
 from ...hmm.hmm import (HMM_PFN_REQ_FAULT, HMM_PFN_VALID, HMM_RANGE_DEFAULT_TIMEOUT, HmmRange, hmm_pfn_to_pfn,
@@ -213,7 +213,7 @@ class UvmGpu(RangeFaultMirror):
     def _move_unreachable(self, pfns):
         """Pages this device cannot address (another driver's device memory, a device that is
         not a peer) move to system memory first; True when some did (the caller walks again)."""
-        far = pfns[(pfns >= self.system.phys.nr_ram) & ~self.hw.owns(pfns)]
+        far = pfns[(pfns >= self.system.phys.nr_ram) & ~self.hw.can_address(pfns)]
         if far.size == 0:
             return False
         ours = np.zeros(far.size, bool)
@@ -329,10 +329,11 @@ class UvmDriver:
             uvm_counters.add(self._counters if g is None else g._counters, **deltas)
 
     def _decision(self, g, name, cat=trace.CAT_MIGRATE, **args):
-        """A trace event for a policy decision about device ``g``, stamped with the modelled time
-        (when tracing)."""
+        """A trace event for a policy decision about device ``g`` (None: the CPU), stamped with
+        the modelled time (when tracing)."""
         if trace.enabled:
-            trace.instant(name, cat, track=f"{g.name}/policy", modelled_ns=self.clock.now_ns, **args)
+            trace.instant(name, cat, track=f"{'cpu' if g is None else g.name}/policy", modelled_ns=self.clock.now_ns,
+                          **args)
 
     def _gpu_of(self, pfns):
         """Per pfn: the index of the device whose memory holds it (-1: none of ours)."""
@@ -447,8 +448,10 @@ class UvmDriver:
             self._count(g, num_pages_out=n, bytes_xfer_dth=n * PAGE_SIZE, prefetch_bytes_xfer_dth=n * PAGE_SIZE * api)
 
     def _cpu_fault(self, vmf):
-        """migrate_to_ram: a CPU access to pages of these devices brings them home."""
+        """migrate_to_ram: a CPU access to pages of these devices brings them home (after the
+        thrashing policy's naps, if it throttles the CPU)."""
         addrs = np.asarray(vmf.addresses, dtype=np.int64)
+        self._cpu_throttle(np.unique(addrs >> PAGE_SHIFT))
         start, end = int(addrs.min()), int(addrs.max()) + PAGE_SIZE
         args = MigrateVma(vmf.vma, start, end, pgmap_owner=self, flags=MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
                           fault_page=vmf.page)
@@ -473,6 +476,35 @@ class UvmDriver:
                                      UVM_MAKE_RESIDENT_CAUSE_REPLAYABLE_FAULT))
         return 0
 
+    def _cpu_throttle(self, vpns):
+        """As uvm_va_space_cpu_fault throttles: while the thrashing policy's hint for a CPU fault
+        on ``vpns`` is THROTTLE, the faulting thread sleeps until the throttling period ends (a
+        nap on the clock) and asks again.  A pin on the CPU needs nothing here: the fault
+        migrates the pages home, and the policy keeps them there."""
+        thr = self.policy["thrashing"]
+        for _ in range(2):              # after a nap the period is over: the second hint is not a throttle
+            with self.pmm_lock:
+                self._cpu_events_to_policy()
+                rows = self.blocks.rows_of_blocks(vpns // PAGES)
+                pg = vpns % PAGES
+                closest = self.blocks.closest_resident(rows, UVM_ID_CPU)[np.arange(vpns.size), pg]
+                pref = self.blocks.preferred_location[rows, pg].astype(np.int64)
+                hints = thr.get_hint(rows, pg, UVM_ID_CPU, self.clock.now_ns, closest=closest, preferred=pref)
+            if not hints.throttle.any():
+                return
+            end = int(hints.end_ns[hints.throttle].max())
+            self._decision(None, "thrashing hint", throttle=int(hints.throttle.sum()), until_ns=end)
+            with self._clock_lock:
+                self.clock.advance_to(end, "cpu_nap")
+
+    def _cpu_events_to_policy(self):
+        """Hand the CPU's migrations since the last step to the thrashing policy (pmm_lock held)."""
+        thr = self.policy["thrashing"]
+        while self._cpu_events:
+            vpns, t, cause = self._cpu_events.pop(0)
+            rows, masks = self._masks(vpns)
+            thr.on_migration(rows, masks, UVM_ID_CPU, t, cause=cause)
+
     # -- catching up: what happened since the driver last ran ---------------------------------------
     def _step(self):
         """Before a service or a launch: take freed device pages back, hand the CPU's migrations
@@ -483,10 +515,7 @@ class UvmDriver:
         mm = self.proc.mm
         # the lock order everywhere: mmap_lock, then pmm_lock, then the driver lock
         with mm.mmap_lock.read(), self.pmm_lock:
-            while self._cpu_events:
-                vpns, t, cause = self._cpu_events.pop(0)
-                rows, masks = self._masks(vpns)
-                thr.on_migration(rows, masks, UVM_ID_CPU, t, cause=cause)
+            self._cpu_events_to_policy()
             rows, masks = thr.expire_pins(self.clock.now_ns)
             if rows.size:
                 r, pg = np.nonzero(masks)
@@ -961,7 +990,9 @@ class UvmDriver:
         return (args.start >> PAGE_SHIFT) + k, dpfn[k] - g.pfn_base
 
     def _map_local(self, g, pieces):
-        """One page-table command buffer for every page that moved to ``g`` (driver lock held)."""
+        """One page-table command buffer for every page that moved to ``g`` (driver lock held):
+        writable pages read-write-atomic, as UVM maps a GPU's own memory (UVM_PROT_READ_WRITE_ATOMIC;
+        atomics on local memory are native)."""
         vs, ps, fs = [], [], []
         for args in pieces:
             src, dst = args.src[:args.npages], args.dst[:args.npages]
@@ -969,18 +1000,18 @@ class UvmDriver:
             k = np.flatnonzero(((src & _MIGRATE) != 0) & (dpfn >= 0))
             vs.append((args.start >> PAGE_SHIFT) + k)
             ps.append(dpfn[k])
-            fs.append(np.where((dst[k] & _MWRITE) != 0, PTE_WRITE, 0))
+            fs.append(np.where((dst[k] & _MWRITE) != 0, PTE_WRITE | PTE_ATOMIC, 0))
         g.pt.map(np.concatenate(vs), np.concatenate(ps), np.concatenate(fs))
 
     # -- faulted pages that stay where they are: hmm_range_fault ----------------------------------
     def _map(self, g, vpns, pfns, flags):
         """RangeFaultMirror's page-table update for device ``g`` (driver lock held): system pages
-        and a peer's pages are mapped remotely, its own pages locally."""
+        and a peer's pages are mapped remotely (atomics only where an atomic fault asked), its
+        own pages locally, read-write-atomic where writable (the bookkeeping follows in
+        ``_mapped``, without this lock)."""
         if vpns.size:
-            g.pt.map(vpns, pfns, flags)
-        rv = vpns[~g.owns(pfns)]
-        if rv.size:
-            self.blocks.remote[g.id, self.blocks.rows_of_blocks(rv // PAGES), rv % PAGES] = True
+            own = g.owns(pfns) & ((flags & PTE_WRITE) != 0)
+            g.pt.map(vpns, pfns, np.where(own, flags | PTE_ATOMIC, flags))
 
     def _mapped(self, g, vpns, pfns):
         remote = ~g.owns(pfns)
@@ -1004,6 +1035,9 @@ class UvmDriver:
             self.blocks.resident[UVM_ID_CPU, rows[cpu], pg[cpu]] = True
             self.blocks.prot[g.id, rows, pg] = UVM_PROT_READ_WRITE
             self.blocks.map_target[g.id, rows, pg] = where
+            # an invalidation since the map may leave this flag stale: harmless, the access
+            # counters only count entries the device's walker marked accessed
+            self.blocks.remote[g.id, rows, pg] = True
         self._count(g, num_map_remote=vpns.size)
         npeer = int(np.count_nonzero(where != UVM_ID_CPU))
         self._charge(self.cost.remote_ns((vpns.size - npeer) * PAGE_SIZE)

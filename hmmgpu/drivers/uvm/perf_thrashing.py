@@ -538,7 +538,10 @@ class UvmThrashing(ThrashingPolicy):
             return
         first = ~self.p_pinned[pr, pg]
         moved = (held >> res) & 1 == 0
-        clear = first | moved
+        # thrashing_throttling_reset_page: each throttled processor's throttling ends, and the
+        # period with the last of them; with none throttled the period runs on, so a processor
+        # faulting within it is not let through and maps the pinned page remotely
+        clear = (first | moved) & (self.p_throttled[pr, pg] != 0)
         self.p_throttled[pr[clear], pg[clear]] = 0
         self.p_throttling_end[pr[clear], pg[clear]] = NEVER
         f_pr, f_pg = pr[first], pg[first]

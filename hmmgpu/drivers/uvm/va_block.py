@@ -142,8 +142,9 @@ class VaBlocks:
         self.nprocs = 1 + int(ngpus)
         self.nblocks = 0
         self.blocks = np.zeros(0, np.int64)          # row -> 2 MiB block number (vaddr >> 21)
-        self._sorted = np.zeros(0, np.int64)         # block numbers, sorted
-        self._sorted_rows = np.zeros(0, np.int64)
+        # (block numbers sorted, their rows), replaced whole when blocks are added: a reader that
+        # takes it once (an mmu notifier, on any thread) sees one consistent version
+        self._index = (np.zeros(0, np.int64), np.zeros(0, np.int64))
         self._cap = 0
         self._grow(max(int(capacity), 1))
         self.counters = {"num_read_duplicates": 0, "num_read_duplicate_invalidates": 0}
@@ -176,10 +177,11 @@ class VaBlocks:
     def rows_of_blocks(self, block_numbers, create=True):
         """Rows of 2 MiB blocks (vaddr >> 21); new blocks get rows when ``create``, else -1."""
         b = np.asarray(block_numbers, np.int64).ravel()
-        if self._sorted.size:
-            pos = np.minimum(np.searchsorted(self._sorted, b), self._sorted.size - 1)
-            found = self._sorted[pos] == b
-            rows = np.where(found, self._sorted_rows[pos], -1)
+        srt, srt_rows = self._index
+        if srt.size:
+            pos = np.minimum(np.searchsorted(srt, b), srt.size - 1)
+            found = srt[pos] == b
+            rows = np.where(found, srt_rows[pos], -1)
         else:
             found = np.zeros(b.size, bool)
             rows = np.full(b.size, -1, np.int64)
@@ -191,17 +193,17 @@ class VaBlocks:
             new_rows = np.arange(start, start + new.size, dtype=np.int64)
             self.blocks = np.concatenate([self.blocks, new])
             self.nblocks += new.size
-            ins = np.searchsorted(self._sorted, new)
-            self._sorted = np.insert(self._sorted, ins, new)
-            self._sorted_rows = np.insert(self._sorted_rows, ins, new_rows)
+            ins = np.searchsorted(srt, new)
+            self._index = (np.insert(srt, ins, new), np.insert(srt_rows, ins, new_rows))
             rows[~found] = new_rows[np.searchsorted(new, b[~found])]
         return rows
 
     def rows_in(self, first_vpn, end_vpn):
         """(rows, rows x 512 page masks) of the known blocks' pages in vpns [first_vpn, end_vpn)."""
         b0, b1 = int(first_vpn) // PAGES_PER_UVM_VA_BLOCK, (int(end_vpn) - 1) // PAGES_PER_UVM_VA_BLOCK
-        lo, hi = np.searchsorted(self._sorted, b0, "left"), np.searchsorted(self._sorted, b1, "right")
-        rows = self._sorted_rows[lo:hi]
+        srt, srt_rows = self._index
+        lo, hi = np.searchsorted(srt, b0, "left"), np.searchsorted(srt, b1, "right")
+        rows = srt_rows[lo:hi]
         vpn = self.blocks[rows][:, None] * PAGES_PER_UVM_VA_BLOCK + np.arange(PAGES_PER_UVM_VA_BLOCK)
         return rows, (vpn >= first_vpn) & (vpn < end_vpn)
 

@@ -419,9 +419,9 @@ class RawKernel:
                            "ptx_version": 90}
 
     def __call__(self, grid, block, args, shared_mem=0, enable_cooperative_groups=False):
-        if len(args) > 16:
-            raise ValueError("the CUDA shim passes at most 16 kernel arguments")
-        words = (ctypes.c_uint64 * 16)()
+        if len(args) > 20:
+            raise ValueError("the CUDA shim passes at most 20 kernel arguments (launch.cpp's EMU_MAX_ARGS)")
+        words = (ctypes.c_uint64 * 20)()
         keep = []
         for i, a in enumerate(args):
             if isinstance(a, ndarray):

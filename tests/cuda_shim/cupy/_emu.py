@@ -65,7 +65,8 @@ def _mmap(nbytes, prot):
 
 
 class Device:
-    """The one emulated GPU: device heap, queues, pending frees, the sticky error."""
+    """The emulated GPU -- or GPUs, with HMMGPU_SHIM_GPUS: they share one device heap and one set of
+    queues (one address space, as unified addressing makes it) -- pending frees, the sticky error."""
 
     def __init__(self):
         self.base = _mmap(HEAP_BYTES, PROT_NONE)
@@ -83,6 +84,10 @@ class Device:
         self.pending_free = []               # callables run when every queue is idle
         self.host = {}                       # pinned / managed allocations: ptr -> size
         self.sticky = None                   # the error that killed the context
+        # HMMGPU_SHIM_GPUS=n: n GPUs sharing this memory and the queues (one address space, as
+        # UVA makes it), each with its streams; peer_access holds (gpu, peer) pairs enabled
+        self.ngpus = int(os.environ.get("HMMGPU_SHIM_GPUS", "1"))
+        self.peer_access = set()
         self.launches = 0
         self.seed = int(os.environ.get("HMMGPU_SHIM_SEED", "1"))
 

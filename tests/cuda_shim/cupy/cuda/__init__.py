@@ -16,12 +16,14 @@ class Device:
         self.compute_capability = "90"
 
     def __enter__(self):
-        if self.id != 0:
-            raise _emu.CUDARuntimeError(101, "cudaErrorInvalidDevice: the shim has one GPU")
+        if not 0 <= self.id < DEVICE.ngpus:
+            raise _emu.CUDARuntimeError(101, f"cudaErrorInvalidDevice: the shim has {DEVICE.ngpus} GPU(s) "
+                                             "(HMMGPU_SHIM_GPUS)")
+        _local.devices = getattr(_local, "devices", []) + [self.id]
         return self
 
     def __exit__(self, *a):
-        pass
+        _local.devices = _local.devices[:-1]
 
     def synchronize(self):
         DEVICE.synchronize()
@@ -55,8 +57,20 @@ class Stream:
         _local.stream = self
         return self
 
+    def wait_event(self, event):
+        """cudaStreamWaitEvent: work queued here from now on runs after the event's work (the
+        other queue runs up to it first, when this one reaches the wait)."""
+        q, ticket = event.queue, event.ticket
+        if q is not None and q is not self.queue:
+            self.queue.submit(lambda: q.run(ticket))
+
 
 Stream.null = Stream(null=True)
+
+
+def current_device():
+    """The device of the innermost ``with Device(i)`` (0 outside any)."""
+    return (getattr(_local, "devices", None) or [0])[-1]
 
 
 def get_current_stream(device_id=None):

@@ -8,7 +8,21 @@ cudaCpuDeviceId = -1
 
 
 def getDeviceCount():
-    return 1
+    return DEVICE.ngpus
+
+
+def deviceCanAccessPeer(device, peer):
+    return int(device != peer and 0 <= device < DEVICE.ngpus and 0 <= peer < DEVICE.ngpus)
+
+
+def deviceEnablePeerAccess(peer, flags=0):
+    from . import current_device
+    me = current_device()
+    if not deviceCanAccessPeer(me, peer):
+        raise CUDARuntimeError(217, f"cudaErrorPeerAccessUnsupported: GPU {me} -> GPU {peer}")
+    if (me, peer) in DEVICE.peer_access:
+        raise CUDARuntimeError(704, "cudaErrorPeerAccessAlreadyEnabled")
+    DEVICE.peer_access.add((me, peer))
 
 
 def getDeviceProperties(i):
