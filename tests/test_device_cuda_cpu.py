@@ -226,6 +226,13 @@ def test_peer_devices_on_two_gpus(shim_env):
     assert r.returncode == 0 and "two gpus ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+def test_uvm_driver_over_two_gpus(shim_env):
+    """UvmDriver(ndevices=2) on two (shim) GPUs, device i on GPU i: tests/test_uvm_multi.py on the
+    CUDA path -- device-to-device migrations as peer copies ordered across the GPUs' queues, peer
+    mappings read and written by jobs through UVA pointers, per-device eviction."""
+    pytest_under_shim(dict(shim_env, HMMGPU_SHIM_GPUS="2"), "tests/test_uvm_multi.py", backend="cupy")
+
+
 @pytest.mark.parametrize("path", ["tests/test_dmirror_driver.py", "tests/test_hmm_selftests.py"])
 def test_on_cupy_backend(shim_env, path):
     """dmirror and the hmm-tests port with system RAM in pinned memory and device memory on the

@@ -6,7 +6,6 @@ Each test checks the bytes as well as the bookkeeping."""
 import numpy as np
 import pytest
 
-import hmmgpu
 from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
 from hmmgpu.drivers import uvm
 from invariants import check_system
@@ -17,8 +16,15 @@ RW = PROT_READ | PROT_WRITE
 ANON = MAP_PRIVATE | MAP_ANONYMOUS
 
 
-def rig(nblocks=2, ndevices=2, device_bytes=8 * MB2, **kw):
-    system = hmmgpu.System(backend="numpy", ram_bytes=64 << 20)
+@pytest.fixture
+def rig(mm_system_factory):
+    """rig(nblocks, ndevices, device_bytes, **driver keywords) -> (system, proc, base, data, drv):
+    ``nblocks`` 2 MiB blocks of random data in a new process, under a UvmDriver."""
+    return lambda *a, **kw: make_rig(mm_system_factory, *a, **kw)
+
+
+def make_rig(mm_system_factory, nblocks=2, ndevices=2, device_bytes=8 * MB2, **kw):
+    system = mm_system_factory(ram_bytes=64 << 20)
     proc = system.spawn()
     a = proc.mmap((nblocks + 1) * MB2, RW, ANON)
     base = -(-a // MB2) * MB2
@@ -39,7 +45,7 @@ def total(data, first=0, n=None):
     return int(data[first:None if n is None else first + n].sum(dtype=np.uint64))
 
 
-def test_a_fault_on_a_peers_page_migrates_it_device_to_device():
+def test_a_fault_on_a_peers_page_migrates_it_device_to_device(rig):
     """Device 1 reads a block device 0 holds: the pages move peer to peer (bytes_xfer_dtd, no
     system memory in between), device 0 forgets them and frees its frames, the sum is exact."""
     system, proc, base, data, drv = rig(policy={"prefetch": "none"})
@@ -60,7 +66,7 @@ def test_a_fault_on_a_peers_page_migrates_it_device_to_device():
     check_system(system)
 
 
-def test_accessed_by_maps_the_peers_memory_remotely():
+def test_accessed_by_maps_the_peers_memory_remotely(rig):
     """SetAccessedBy(device 1) on pages device 0 holds: device 1 maps them where they are (peer
     memory), its job takes no fault and moves nothing; a store through that mapping lands in
     device 0's copy, which the CPU then reads."""
@@ -78,7 +84,7 @@ def test_accessed_by_maps_the_peers_memory_remotely():
     check_system(system)
 
 
-def test_prefetch_between_devices_and_home():
+def test_prefetch_between_devices_and_home(rig):
     system, proc, base, data, drv = rig()
     assert drv.prefetch(base, 2 * MB2, device=0) == 2 * BLOCK
     assert drv.prefetch(base, MB2, device=1) == BLOCK
@@ -94,7 +100,7 @@ def test_prefetch_between_devices_and_home():
     check_system(system)
 
 
-def test_each_device_evicts_its_own_memory():
+def test_each_device_evicts_its_own_memory(rig):
     """Device 0 has one root chunk and sweeps three blocks: it evicts its own chunks; device 1,
     holding a block of its own, keeps it."""
     system, proc, base, data, drv = rig(nblocks=4, device_bytes=MB2)
@@ -111,7 +117,7 @@ def test_each_device_evicts_its_own_memory():
     check_system(system)
 
 
-def test_a_page_two_devices_fight_over_is_pinned_and_mapped_from_the_peer():
+def test_a_page_two_devices_fight_over_is_pinned_and_mapped_from_the_peer(rig):
     """Two devices writing the same page in turn, well inside the lapse: the thrashing policy
     throttles, then pins the page; the other device then maps it from its peer: no more
     migrations, every store lands."""
@@ -131,7 +137,7 @@ def test_a_page_two_devices_fight_over_is_pinned_and_mapped_from_the_peer():
     check_system(system)
 
 
-def test_a_device_index_is_checked():
+def test_a_device_index_is_checked(rig):
     system, proc, base, data, drv = rig()
     for bad in (2, -2, True, "gpu1"):
         with pytest.raises(OSError):

@@ -110,6 +110,10 @@ class Backend:
         """A Fence that completes when everything queued so far on ``gpu``'s device queue has."""
         return DONE
 
+    def gpu_count(self):
+        """How many physical devices this backend drives (the NumPy backend: one, emulated)."""
+        return 1
+
     def enable_peer(self, gpu, peer_gpu):
         """Let ``gpu``'s kernels and copies address ``peer_gpu``'s memory (one direction).
         Devices of one GPU, and every device of the NumPy backend, reach each other already."""

@@ -329,6 +329,9 @@ class CupyBackend(Backend):
         with cupy.cuda.Device(gpu):
             return ring.record(s)
 
+    def gpu_count(self):
+        return int(cupy.cuda.runtime.getDeviceCount())
+
     def enable_peer(self, gpu, peer_gpu):
         """cudaDeviceEnablePeerAccess(peer_gpu) on ``gpu``, once (emulated devices of one GPU
         share its memory: nothing to enable).  ValueError where the two cannot be peers."""

@@ -165,7 +165,9 @@ class UvmGpu(RangeFaultMirror):
         nframes = self.device_bytes // PAGE_SIZE
         phys = drv.system.phys
         base = phys.request_free_mem_region(nframes)
-        self.hw = self.device = EmulatedDevice(drv.system.backend, nframes, base, phys.ram, name=self.name,
+        # device i on GPU i of the machine, round robin where there are fewer GPUs than devices
+        gpu = self.index % drv.system.backend.gpu_count()
+        self.hw = self.device = EmulatedDevice(drv.system.backend, nframes, base, phys.ram, gpu=gpu, name=self.name,
                                                service=self.service)
         self.pt = self.hw.pt
         self.pgmap = DevPagemap(MEMORY_DEVICE_PRIVATE, _DevmemOps(drv, self), drv, nframes, arena=self.hw.arena,
