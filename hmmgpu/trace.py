@@ -7,7 +7,7 @@ Two things stand for what a UVM developer reads on a real machine:
   ``num_fault_batches``, ``num_replays``, ``num_pages_in``, ``num_pages_out``,
   ...).  The layers keep their own counters; :func:`read_counters` reads those of
   any device kind through one interface (an ``EmulatedDevice``, a dmirror device, a
-  MirrorGpu, a DMA engine), and :func:`collect_counters` gathers them for a whole
+  UvmDriver, a DMA engine), and :func:`collect_counters` gathers them for a whole
   System, finding every driver that hotplugged device memory by itself.
 * **an event trace**: a timeline of faults, fault-batch services, migrations,
   mmu-notifier invalidations, evictions and device job slices, written as
@@ -357,12 +357,13 @@ def _as_int_dict(d):
                 out[f"{k}.{k2}"] = v2
             continue
         try:
-            out[str(k)] = int(v)
+            f = float(v)
         except (TypeError, ValueError):
-            try:
-                out[str(k)] = float(v)
-            except (TypeError, ValueError):
-                continue
+            continue
+        try:
+            out[str(k)] = int(v) if f.is_integer() else f      # a time in seconds stays a float
+        except (TypeError, ValueError):
+            out[str(k)] = f
     return out
 
 
@@ -418,7 +419,7 @@ def device_drivers(system):
 def collect_counters(system=None, devices=(), **named):
     """Counters of everything given: {source name: {counter: value}}.
 
-    ``devices``: any device kind (EmulatedDevice, dmirror device, MirrorGpu, ...), read with
+    ``devices``: any device kind (EmulatedDevice, dmirror device, UvmDriver, ...), read with
     :func:`read_counters`, with their DMA engines and fault buffers when they have them;
     ``named``: any other object by the name to show.  From ``system`` it adds every driver
     that owns device memory there (:func:`device_drivers`: a dmirror device's ``calloc`` and

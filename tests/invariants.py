@@ -29,7 +29,7 @@ import pytest
 
 from hmmgpu.constants import HPAGE_PMD_NR, PAGE_SHIFT, TASK_SIZE
 from hmmgpu.mm import pgtable as pt
-from hmmgpu.mm.physmem import PG_ANON, PG_LOCKED, PG_SWAPBACKED
+from hmmgpu.mm.physmem import PG_ANON, PG_HUGETLB, PG_LOCKED, PG_SWAPBACKED
 
 U = np.uint64
 
@@ -176,6 +176,7 @@ def _check_ptes(system, proc, quiescent):
     bad = wc & (pg.mapcount[pfn] != 1)
     assert not bad.any(), f"{where(bad)}: a writable private entry on a shared page"
     fl = pg.flags[pfn[counted]]
+    fl = fl[(fl & PG_HUGETLB) == 0]           # hugetlb pages are HugetlbPages, not rss
     anon = (fl & PG_ANON) != 0
     shmem = ~anon & ((fl & PG_SWAPBACKED) != 0)
     rss = {"anon": int(anon.sum()), "file": int((~anon & ~shmem).sum()), "shmem": int(shmem.sum())}

@@ -4,7 +4,6 @@ import json
 import pytest
 
 from hmmgpu import cli, trace
-from hmmgpu.drivers.mirrorgpu import MirrorGpu
 
 
 def _json_out(capsys):
@@ -71,21 +70,26 @@ def test_demo_end_to_end(capsys, tmp_path):
     before, middle, after = res["rss_memcg"]
     assert middle["device_pages"] == 2 * res["array_bytes"] // 4096
     assert before["memcg_bytes"] > 0 and after["memcg_bytes"] >= before["memcg_bytes"]
-    gpu = res["counters"]["gpu0"]
-    assert gpu["num_read_faults"] > 0 and gpu["num_write_faults"] > 0
-    assert gpu["num_local_maps"] > 0 and gpu["num_remote_maps"] > 0
+    gpu = res["counters"]["gpu"]
+    npages = res["array_bytes"] // 4096
+    # the heap's pages mapped remotely, x and y prefetched, y faulted home by the CPU
+    assert gpu["num_read_faults"] > 0 and gpu["num_map_remote"] > 0
+    assert gpu["num_pages_in"] == 2 * npages and gpu["cpu_page_fault_count"] > 0
     assert res["notifier_events"].get("MMU_NOTIFY_MIGRATE", 0) >= 1
     doc = json.loads(path.read_text())
     cats = {e.get("cat") for e in doc["traceEvents"]}
     assert {"cpu", "invalidate", "fault", "migrate", "evict", "job"} <= cats
     names = {e["name"] for e in doc["traceEvents"]}
-    assert {"fault", "migrate_to_dev", "migrate_to_ram", "release", "page_free"} <= names
+    assert {"fault", "prefetch", "migrate_to_ram", "close", "page_free"} <= names
     assert after["device_pages"] == 0
     assert trace.current() is None
     # the fault figures add up: every lane that faulted wrote a record or overflowed the buffer;
-    # every record was a duplicate or a serviced fault; the steps account for all of gpu0's
+    # every record was a duplicate or a serviced fault; the steps account for all of the driver's
     steps = [st for st in res["steps"] if st.get("faults", {}).get("lanes")]
-    assert [st["step"] for st in steps] == ["pointer chase", "device jobs"]
+    assert [st["step"] for st in steps] == ["pointer chase"]      # the prefetch mapped x and y
+    modelled = {st["step"]: st["modelled_s"] for st in res["steps"] if "modelled_s" in st}
+    assert list(modelled)[0] == "pointer chase" and modelled["migrate hot data"] > 0
+    assert all(m >= 0 for m in modelled.values()) and gpu["modelled_s"] >= sum(modelled.values())
     for st in steps:
         f = st["faults"]
         assert f["lanes"] == f["records"] + f["overflows"] and f["records"] == f["duplicates"] + f["serviced"]
@@ -94,30 +98,6 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert records == gpu["num_read_faults"] + gpu["num_write_faults"] + gpu["num_atomic_faults"]
     assert sum(st["faults"]["duplicates"] for st in res["steps"] if "faults" in st) == gpu["num_duplicate_faults"]
     assert sum(st["faults"]["overflows"] for st in res["steps"] if "faults" in st) == gpu["num_buffer_overflows"]
-    dm = [c for k, c in res["counters"].items() if k.startswith("DMirrorDevice")]
-    assert len(dm) == 1 and dm[0]["calloc"] == dm[0]["cfree"] == middle["device_pages"]
-
-
-def test_mirror_gpu_refuses_faults_outside_its_interval():
-    import errno
-
-    import hmmgpu
-    from hmmgpu.device import JobFault
-    from hmmgpu.drivers import dmirror
-    system = hmmgpu.System(backend="numpy", ram_bytes=16 << 20)
-    proc = system.spawn()
-    a = proc.mmap(8 * 4096, hmmgpu.PROT_READ | hmmgpu.PROT_WRITE, hmmgpu.MAP_PRIVATE | hmmgpu.MAP_ANONYMOUS)
-    proc.write(a, bytes(range(256)) * 128)
-    dev = dmirror.DMirrorDevice(system, chunk_pages=512, max_chunks=1)
-    gpu = MirrorGpu(system, proc, dev, a, a + 4 * 4096)
-    assert gpu.jobs.reduce_sum(a, 4 * 4096).value > 0
-    with pytest.raises(JobFault) as e:
-        gpu.jobs.reduce_sum(a, 8 * 4096)
-    assert e.value.errno == errno.EFAULT
-    # an munmap invalidates the device page table through the interval notifier
-    proc.munmap(a, 8 * 4096)
-    assert gpu.invalidated_pages >= 4
-    gpu.close()
 
 
 def test_backend_option_does_not_leak_into_the_environment(monkeypatch, capsys):
@@ -126,35 +106,6 @@ def test_backend_option_does_not_leak_into_the_environment(monkeypatch, capsys):
     assert cli.main(["info", "--json", "--backend", "numpy"]) == 0
     capsys.readouterr()
     assert "HMMGPU_BACKEND" not in os.environ
-
-
-def test_mirror_gpu_migrate_on_fault():
-    import numpy as np
-
-    import hmmgpu
-    from hmmgpu.drivers import dmirror
-    system = hmmgpu.System(backend="numpy", ram_bytes=32 << 20)
-    proc = system.spawn()
-    n = 1024
-    a = proc.mmap(n * 4096, hmmgpu.PROT_READ | hmmgpu.PROT_WRITE, hmmgpu.MAP_PRIVATE | hmmgpu.MAP_ANONYMOUS)
-    data = np.arange(n * 1024, dtype=np.uint32)
-    proc.write(a, data)
-    dev = dmirror.DMirrorDevice(system, chunk_pages=n, max_chunks=1)
-    gpu = MirrorGpu(system, proc, dev, a, a + n * 4096, migrate_on_fault=True)
-    expect = int(data.sum(dtype=np.uint64))
-    assert gpu.jobs.reduce_sum(a, n * 4096).value == expect
-    st = gpu.stats()
-    assert st["num_pages_in"] == n and st["num_local_maps"] == n and st["num_remote_maps"] == 0
-    m = dev.open(proc)
-    snap = m.snapshot(a, n).data
-    assert ((snap & 0xF0) == dmirror.PROT_DEV_PRIVATE_LOCAL).all()
-    assert gpu.jobs.reduce_sum(a, n * 4096).faults == 0      # resident blocks are not migrated again
-    # the CPU takes the pages back; the next job faults and migrates them again
-    assert (proc.read(a, n * 4096).view(np.uint32) == data).all()
-    r = gpu.jobs.reduce_sum(a, n * 4096)
-    assert r.value == expect and r.faults > 0 and gpu.stats()["num_pages_in"] == 2 * n
-    m.close()
-    gpu.close()
 
 
 def exit_status(argv):

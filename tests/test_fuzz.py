@@ -430,7 +430,7 @@ def op_dmirror_misc(w, d):
             finally:
                 extra.close()
                 extra.close()
-            extra.read(w.scratch, 1)           # closed: EINVAL
+            extra.read(w.scratch, 1)           # closed: EBADF
         return f"open/close of {p!r:.40}", call, "pure"
     kw = d.draw(st.sampled_from([dict(memory="gpu"), dict(chunk_pages=-1), dict(max_chunks=1 << 40),
                                  dict(chunk_pages=1.5), dict(memory=None)]))

@@ -135,24 +135,27 @@ def test_collect_counters_reads_devices_and_system():
 
 def test_every_device_kind_reads_through_one_interface():
     """read_counters of a dmirror device gives its calloc/cfree (it used to give {}), and
-    collect_counters(system) finds the dmirror devices that hold device memory by itself."""
+    collect_counters(system) finds every driver that holds device memory by itself: the dmirror
+    device and the UVM driver, whose counters have UVM's names."""
     from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
-    from hmmgpu.drivers import dmirror
-    from hmmgpu.drivers.mirrorgpu import MirrorGpu
+    from hmmgpu.drivers import dmirror, uvm
     system = hmmgpu.System(backend="numpy", ram_bytes=16 << 20)
     proc = system.spawn()
-    a = proc.mmap(8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+    a, b = (proc.mmap(8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS) for _ in range(2))
     proc.write(a, np.arange(8 * 1024, dtype=np.uint32))
+    proc.write(b, np.arange(8 * 1024, dtype=np.uint32))
     dm = dmirror.DMirrorDevice(system, chunk_pages=512, max_chunks=1)
     m = dm.open(proc)
     assert m.migrate_to_dev(a, 8).cpages == 8
     assert trace.read_counters(dm) == {"calloc": 8, "cfree": 0}
-    gpu = MirrorGpu(system, proc, dm, a, a + 8 * 4096)
-    assert gpu.jobs.reduce_sum(a, 8 * 4096).faults == 8
-    out = trace.collect_counters(system, devices=[gpu])
+    drv = uvm.UvmDriver(system, proc, device_bytes=2 << 20)
+    assert drv.jobs.reduce_sum(b, 8 * 4096).faults == 8
+    out = trace.collect_counters(system)
     assert out["DMirrorDevice#%d" % dm.id] == {"calloc": 8, "cfree": 0}
-    assert out["gpu0"]["num_read_faults"] >= 8 and out["gpu0"]["num_local_maps"] == 8
-    assert trace.read_counters(dm.device)["num_read_faults"] == out["gpu0"]["num_read_faults"]
-    gpu.close()
+    gpu = out[trace.source_name(drv)]
+    assert gpu["num_read_faults"] >= 8 and gpu["num_pages_in"] == 8
+    assert trace.read_counters(drv.device(0).hw)["num_read_faults"] == gpu["num_read_faults"]
+    assert gpu["modelled_s"] == drv.modelled_time > 0          # seconds: not cut to an int
+    drv.close()
     m.close()
     proc.exit()

@@ -1,6 +1,6 @@
 """Workloads (hmmgpu/workloads): every program runs on the emulated device through a real driver
-(MirrorGpu over the HMM core: faults, hmm_range_fault, optional migrate-on-fault) and its result
-matches plain NumPy exactly; sizing by footprint; parameters and errors; trace files and replay.
+(UvmDriver over the HMM core: faults mapped remotely through hmm_range_fault, or migrated on
+fault) and its result matches plain NumPy exactly; sizing by footprint; parameters and errors; trace files and replay.
 The backend-parametrised runs are gpu-marked for CuPy, so tests/test_workloads_cuda_cpu.py runs
 the CUDA lanes through the CPU shim of the CUDA builtins."""
 import errno
@@ -12,10 +12,7 @@ import hmmgpu
 from hmmgpu import workloads as W
 from hmmgpu.workloads.patterns import MODES
 from hmmgpu.constants import PMD_SIZE
-from hmmgpu.device.faults import ACCESS_ATOMIC
-from hmmgpu.device.pagetable import PTE_ATOMIC
-from hmmgpu.drivers import dmirror
-from hmmgpu.drivers.mirrorgpu import MirrorGpu
+from hmmgpu.drivers import uvm
 from hmmgpu.workloads import replay
 
 # small instances: (footprint in bytes, parameters); loops cut into several launches
@@ -45,33 +42,26 @@ def backend_name(request):
     return request.param
 
 
-class AtomicMirrorGpu(MirrorGpu):
-    """MirrorGpu on a platform whose link carries atomics (a coherent interconnect): an atomic
-    fault is serviced as a write fault and the pages are then mapped with PTE_ATOMIC too."""
-
-    def service(self, faults):
-        errs = super().service(faults)
-        atomic = faults.access == ACCESS_ATOMIC
-        if atomic.any():
-            self.pt.set_bits(faults.vpn[atomic], PTE_ATOMIC).wait()
-        return errs
-
-
-def run_on_mirror(w, backend="numpy", migrate=False, driver=MirrorGpu):
-    """Set ``w`` up in a new process, run it on a MirrorGpu mirroring its arrays, return it."""
-    fp = w.footprint
-    system = hmmgpu.System(backend=backend, ram_bytes=4 * fp + (32 << 20))
+def run_on_uvm(w, backend="numpy", remote=False, device_bytes=None):
+    """Set ``w`` up in a new process and run it on UvmDriver with ``device_bytes`` of device
+    memory (None: enough for every array); ``remote``: the arrays prefer the CPU, so the faults
+    map them remotely through hmm_range_fault (zero-copy) instead of migrating them.  Returns
+    ``w`` and the driver's counters."""
+    system = hmmgpu.System(backend=backend, ram_bytes=4 * w.footprint + (32 << 20))
     proc = system.spawn()
     w.setup(proc)
     lo, hi = w.extent
-    chunk = max(512, -(-(fp >> 12) // 512) * 512)
-    dev = dmirror.DMirrorDevice(system, chunk_pages=chunk, max_chunks=1)
-    gpu = driver(system, proc, dev, lo, hi, migrate_on_fault=migrate)
+    if device_bytes is None:
+        device_bytes = ((hi - 1) // PMD_SIZE - lo // PMD_SIZE + 1) * PMD_SIZE
+    drv = uvm.UvmDriver(system, proc, device_bytes=device_bytes)
     try:
-        w.run(gpu)
+        if remote:
+            for r in w.regions.values():
+                drv.advise(r.addr, r.length, uvm.SET_PREFERRED_LOCATION, device=uvm.CPU)
+        w.run(drv)
+        return w, drv.counters
     finally:
-        gpu.close()
-    return w
+        drv.close()
 
 
 def small(name, **kw):
@@ -83,7 +73,8 @@ def small(name, **kw):
 def test_program_matches_numpy(name, backend_name):
     """The result is exact, the run went through device faults, and the check is not vacuous:
     one corrupted word in every array makes it fail."""
-    w = run_on_mirror(small(name), backend_name)
+    w, counters = run_on_uvm(small(name), backend_name, remote=True)
+    assert counters["num_pages_in"] == 0 and counters["num_map_remote"] > 0
     c = w.check()
     assert c.ok, c
     s = w.summary()
@@ -94,13 +85,6 @@ def test_program_matches_numpy(name, backend_name):
         w.proc.write(r.addr + off, word ^ np.uint32(0x5A5A5A5A))
     c = w.check()
     assert not c.ok and c.detail, c
-
-
-@pytest.mark.parametrize("name", PROGRAMS)
-def test_program_with_migrate_on_fault(name):
-    """Pages migrate to device memory on fault (2 MiB blocks); the program still matches NumPy."""
-    w = run_on_mirror(small(name), migrate=True)
-    assert w.check().ok, w.check()
 
 
 @pytest.mark.parametrize("name", PROGRAMS)
@@ -155,9 +139,21 @@ def test_registry_and_parameters():
 def test_oversubscription_sample_modes():
     """The three hinted modes need a driver with advise and prefetch and say so on another; an
     unknown mode or page size is refused."""
+    class JobsOnly:
+        """A driver that runs jobs and has neither advise nor prefetch."""
+
+        def __init__(self, drv):
+            self.jobs = drv.jobs
+
     for mode in ("zero_copy", "prefetch_once_and_hints", "stripe_gpu_cpu"):
-        with pytest.raises(ValueError, match="advise and prefetch"):
-            run_on_mirror(W.Streaming(1 << 20, mode=mode))
+        w = W.Streaming(1 << 20, mode=mode)
+        system = hmmgpu.System(backend="numpy", ram_bytes=4 * w.footprint + (32 << 20))
+        proc = system.spawn()
+        w.setup(proc)
+        drv = uvm.UvmDriver(system, proc, device_bytes=PMD_SIZE)
+        with pytest.raises(ValueError, match="advise and prefetch.*not JobsOnly"):
+            w.run(JobsOnly(drv))
+        drv.close()
     with pytest.raises(ValueError, match="page_fault"):
         W.RandomWarp(1 << 22, mode="pagefault")
     with pytest.raises(ValueError, match="2M"):
@@ -169,8 +165,7 @@ def test_oversubscription_sample_modes():
 
 
 def test_bfs_builds_its_graph_in_process_memory():
-    w = small("bfs")
-    w = run_on_mirror(w)
+    w, _ = run_on_uvm(small("bfs"))
     n = w.dims["n"]
     assert np.array_equal(w.read("offsets", np.int32), w.offsets)
     assert np.array_equal(w.read("adjacency", np.int32), w.adj)
@@ -244,7 +239,7 @@ def test_trace_npz_errors_name_array_and_record(tmp_path):
 
 
 def test_trace_replay(tmp_path, backend_name):
-    """Reads and writes replayed in batches through MirrorGpu: the layout keeps the trace's
+    """Reads and writes replayed in batches through UvmDriver: the layout keeps the trace's
     offsets within 2 MiB blocks, the final memory and every read are as the accesses say."""
     rng = np.random.default_rng(2)
     order, vaddr, access = _trace(rng)
@@ -253,7 +248,7 @@ def test_trace_replay(tmp_path, backend_name):
     w = W.TraceReplay(path=str(path), batch=64, seed=1)
     assert w.dims == {"records": 600, "segments": 2}
     assert w.footprint < 2 * PMD_SIZE
-    run_on_mirror(w, backend_name)
+    run_on_uvm(w, backend_name, remote=True)
     assert all(r.addr % PMD_SIZE == w.align_of(k) for k, r in w.regions.items())
     assert np.array_equal(w.vaddr % np.uint64(PMD_SIZE), w.trace.vaddr % np.uint64(PMD_SIZE))
     assert len(w.results) == -(-600 // 64) and w.summary()["faults"] > 0
@@ -264,8 +259,9 @@ def test_trace_replay(tmp_path, backend_name):
 
 
 def test_trace_replay_atomics_and_same_batch_races(backend_name):
-    """Atomics add up exactly (on a driver that grants atomics); a read racing a write or an
-    atomic of its own batch may see either, but one batch later must see the result."""
+    """Atomics add up exactly (system pages mapped remotely: the link carries the device's
+    atomics); a read racing a write or an atomic of its own batch may see either, but one batch
+    later must see the result."""
     page = 0x7F00_0040_0000
     # word 0x10 of the page: written in batch 0, read in batches 0 and 1; word 0x28 (an atomic
     # slot): 3 atomics in batch 0, read in batch 0 and 1
@@ -274,7 +270,7 @@ def test_trace_replay_atomics_and_same_batch_races(backend_name):
     access = np.array([1, 0, 2, 2, 2, 0, 0, 0], np.uint8)
     batch_of = np.array([0, 0, 0, 0, 0, 0, 1, 1])
     t = W.Trace(batch_of, vaddr, access)
-    w = run_on_mirror(W.TraceReplay(trace=t, batch=6, seed=1), backend_name, driver=AtomicMirrorGpu)
+    w, _ = run_on_uvm(W.TraceReplay(trace=t, batch=6, seed=1), backend_name, remote=True)
     assert w.check().ok, w.check()
     init = w.words0["seg0"]
     w0 = lambda off: int(init[off // 8])  # noqa: E731
@@ -294,22 +290,6 @@ def test_trace_replay_needs_a_trace():
         W.TraceReplay(1 << 20, path="x.csv")
     with pytest.raises(FileNotFoundError):
         W.TraceReplay(path="/nonexistent/trace.csv")
-
-
-def run_on_uvm(w, device_bytes=None):
-    """Set ``w`` up in a new process and run it on UvmDriver (hmmgpu.drivers.uvm) mirroring its
-    arrays, with ``device_bytes`` of device memory (None: enough for all of it)."""
-    from hmmgpu.drivers.uvm import UvmDriver
-    system = hmmgpu.System(backend="numpy", ram_bytes=4 * w.footprint + (32 << 20))
-    proc = system.spawn()
-    w.setup(proc)
-    lo, hi = w.extent
-    drv = UvmDriver(system, proc, device_bytes=device_bytes or ((hi - 1) // PMD_SIZE - lo // PMD_SIZE + 1) * PMD_SIZE)
-    try:
-        w.run(drv)
-        return w, drv.counters
-    finally:
-        drv.close()
 
 
 @pytest.mark.parametrize("name", PROGRAMS)

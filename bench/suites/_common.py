@@ -1,5 +1,5 @@
-"""Pieces the suites share: a process with data and a dmirror device, the migration itself,
-and the baselines (CUDA ones on the CuPy backend, NumPy ones on the fallback).
+"""Pieces the suites share: a process with data and a dmirror device, the migration itself, a
+UVM driver sized for a range, and the baselines (CUDA ones on the CuPy backend, NumPy ones on the fallback).
 
 A NumPy baseline is the fastest plain NumPy way to do the same work, chosen in the same run
 from several (``numpy_copy`` / ``numpy_sum``: fancy indexing, ``np.take`` into a buffer, one
@@ -44,23 +44,26 @@ def shuffle_free_list(phys, seed=1):
 
 
 class Workload:
-    """A System, one process with ``npages`` of written anonymous memory, a dmirror device."""
+    """A System, one process with ``npages`` of written anonymous memory, and a dmirror device
+    (``with_dmirror=False``: none; the suites that drive the UVM driver bring their own)."""
 
-    def __init__(self, backend_name, npages, scattered=True, memory="private", seed=2, ram_extra_pages=16384):
+    def __init__(self, backend_name, npages, scattered=True, memory="private", seed=2, ram_extra_pages=16384,
+                 with_dmirror=True):
         import hmmgpu
-        dmirror = need("hmmgpu.drivers.dmirror", "the dmirror driver")
-        self.dmirror = dmirror
         self.npages = int(npages)
         self.nbytes = self.npages * PAGE
         self.system = hmmgpu.System(backend=backend_name, ram_bytes=(2 * self.npages + ram_extra_pages) * PAGE)
         if scattered:
             shuffle_free_list(self.system.phys)
-        # device memory for every page, in as few chunks (memremap_pages) as dmirror allows
-        chunk = min(dmirror.DEVMEM_CHUNK_PAGES, max(512, ((self.npages + 511) // 512) * 512))
-        self.dev = dmirror.DMirrorDevice(self.system, memory=memory, chunk_pages=chunk,
-                                         max_chunks=-(-self.npages // chunk))
         self.proc = self.system.spawn()
-        self.mirror = self.dev.open(self.proc)
+        self.dev = self.mirror = None
+        if with_dmirror:
+            dmirror = need("hmmgpu.drivers.dmirror", "the dmirror driver")
+            # device memory for every page, in as few chunks (memremap_pages) as dmirror allows
+            chunk = min(dmirror.DEVMEM_CHUNK_PAGES, max(512, ((self.npages + 511) // 512) * 512))
+            self.dev = dmirror.DMirrorDevice(self.system, memory=memory, chunk_pages=chunk,
+                                             max_chunks=-(-self.npages // chunk))
+            self.mirror = self.dev.open(self.proc)
         self.addr = self.proc.mmap(self.nbytes, RW, PRIV_ANON)
         # the same pattern as one array would give, written 64 MiB at a time (no GiB temporary)
         for lo, chunk in self.pattern_chunks():
@@ -83,7 +86,9 @@ class Workload:
                                    f"first at byte {8 * (lo + int(bad[0]))})")
 
     def pfns(self):
+        """The frames that hold the range now (after a migration there and back: new ones)."""
         from hmmgpu.mm import pgtable as pt
+        self.vma = self.proc.mm.find_vma(self.addr)
         return pt.pte_pfn(self.vma.pte[:self.npages])
 
     def runs(self):
@@ -101,13 +106,26 @@ class Workload:
 
     def close(self):
         try:
-            self.mirror.close()
+            if self.mirror is not None:
+                self.mirror.close()
             self.proc.exit()
         except Exception:
             pass
         # a System's reference cycles would keep its arenas (GiBs of pinned memory) alive
         self.mirror = self.proc = self.vma = self.dev = self.system = None
         gc.collect()
+
+
+ROOT_CHUNK = 2 << 20        # UVM's device memory comes in 2 MiB root chunks
+
+
+def uvm_driver(w, nbytes=None, **kw):
+    """A UvmDriver (hmmgpu.drivers.uvm) over the workload's process, with device memory for the
+    whole range and no oversubscription: ``nbytes`` (default the range's) rounded up to 2 MiB,
+    plus one root chunk for a range that does not start on a 2 MiB boundary."""
+    uvm = need("hmmgpu.drivers.uvm", "the UVM driver (UvmDriver)")
+    n = w.nbytes if nbytes is None else int(nbytes)
+    return uvm.UvmDriver(w.system, w.proc, device_bytes=(-(-n // ROOT_CHUNK) + 1) * ROOT_CHUNK, **kw)
 
 
 # -- NumPy baselines ------------------------------------------------------------------------------

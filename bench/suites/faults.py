@@ -1,31 +1,39 @@
 """faults: a device job touching memory it has never mapped, every page a device fault.
 
-Three figures, all through a process's mirrored address space (fault buffer -> batches ->
-hmm_range_fault -> device page table -> replay):
+Three figures, all through a process's address space mirrored by the UVM driver
+(hmmgpu.drivers.uvm.UvmDriver: fault buffer -> batches -> the driver's service -> device page
+table -> replay), a fresh driver (nothing mapped, nothing resident) for each repeat:
 
-* host-resident, remote map: a reduce job over data the CPU wrote; faults map the system pages
-  remotely (zero-copy; nothing migrates);
-* host-resident, migrate on fault: the same job with a driver that migrates each faulted 2 MiB
-  block to device memory (migrate_vma_*) before mapping it -- what CUDA managed memory does;
-* untouched: a memset job over freshly mmap'ed anonymous memory; each write fault allocates
-  a zeroed page (demand-zero) and maps it.
+* host-resident, remote map: a reduce job over data the CPU wrote, the range advised to prefer
+  the CPU (cudaMemAdvise SetPreferredLocation): faults map the system pages remotely through
+  hmm_range_fault (zero-copy; nothing migrates);
+* host-resident, migrate on fault: the same job with the driver's default placement (pages
+  migrate to the faulting device) and the whole-block prefetch policy ("block"): each faulted
+  2 MiB block migrates to device memory (migrate_vma_*) before it is mapped -- what CUDA managed
+  memory does;
+* untouched: a memset job over freshly mmap'ed anonymous memory preferring the CPU; each write
+  fault allocates a zeroed page in system memory (demand-zero, through hmm_range_fault) and maps
+  it remotely.
 
-Baselines in the same run: CUDA managed memory with the same access pattern -- CPU-written
-then read by the same reduce kernel, and freshly allocated then first touched by a fill
-kernel (GPU); a NumPy gather + sum of the same frames, and a NumPy fill of a fresh array
-(fallback).
+Every job is a launch of the driver's: its service also runs the policies (prefetch, thrashing,
+access counters) and charges the emulated clock, which MirrorGpu, the driver these figures were
+first measured with, did not.  Baselines in the same run: CUDA managed memory with the same
+access pattern -- CPU-written then read by the same reduce kernel, and freshly allocated then
+first touched by a fill kernel (GPU); a NumPy gather + sum of the same frames, and a NumPy fill
+of a fresh array (fallback).
 
 A fourth figure splits the remote-map reduce at 256 MiB (quick: 8 MiB) into the device's work
 (time inside the job engine's executor) and the host's control plane (everything else: fault
-buffer drain, hmm_range_fault, page-table updates, replay), per faulting page, against the
-target of 0.5 us (UVM's whole on-demand path costs about 0.7 us per 4 KiB page on an H100).
+buffer drain, the driver's service with hmm_range_fault, page-table updates, replay), per
+faulting page, against the target of 0.5 us (UVM's whole on-demand path costs about 0.7 us per
+4 KiB page on an H100).
 """
 import time
 
 import numpy as np
 
 from ._common import (PAGE, PRIV_ANON, RW, Cuda, DeviceClock, Workload, frames_sum, need,
-                      numpy_fresh_fill, numpy_gather_sum, size_label, target_row)
+                      numpy_fresh_fill, numpy_gather_sum, size_label, target_row, uvm_driver)
 
 CONTROL_PLANE_TARGET_US = 0.5
 
@@ -35,21 +43,22 @@ DESCRIPTION = "a device job faulting on host-resident and untouched memory vs CU
 
 def run(ctx):
     need("hmmgpu.device", "the device layer (EmulatedDevice)")
-    from hmmgpu.drivers.mirrorgpu import MirrorGpu
+    uvm = need("hmmgpu.drivers.uvm", "the UVM driver (UvmDriver)")
     nbytes = (16 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (64 << 20))
     npages = nbytes // PAGE
-    w = Workload(ctx.backend_name, npages, scattered=True, ram_extra_pages=npages + 16384)
+    w = Workload(ctx.backend_name, npages, scattered=True, ram_extra_pages=npages + 16384, with_dmirror=False)
     st = {"gpu": None, "region": None}
 
     def fresh_gpu(start, migrate=False):
+        """A new driver (closing the last one brings whatever it migrated home); without
+        ``migrate`` the range prefers the CPU, so its faults map it remotely."""
         if st["gpu"] is not None:
             st["gpu"].close()
-        st["gpu"] = MirrorGpu(w.system, w.proc, w.dev, start, start + nbytes, name="bench-gpu",
-                              migrate_on_fault=migrate)
-
-    def fresh_gpu_data_home():
-        w.mirror.migrate_to_sys(w.addr, npages)           # whatever the last run migrated
-        fresh_gpu(w.addr, migrate=True)
+        if migrate:
+            st["gpu"] = uvm_driver(w, policy={"prefetch": "block"})
+        else:
+            st["gpu"] = uvm_driver(w)
+            st["gpu"].advise(start, nbytes, uvm.SET_PREFERRED_LOCATION, device=uvm.CPU)
 
     try:
         expect = frames_sum(w.system.phys.ram.host, w.pfns())
@@ -91,12 +100,13 @@ def run(ctx):
         faults = {}
 
         def reduce():
-            before = dict(st["gpu"].counters)
+            hw = st["gpu"].device(0).hw
+            before = dict(hw.counters)
             r = st["gpu"].jobs.reduce_sum(w.addr, nbytes)
             assert r.value == expect, "reduce over faulted pages computed a wrong sum"
             faults["n"] = r.faults
             faults["rounds"] = len(r.rounds)
-            faults["counts"] = {k: v - before[k] for k, v in st["gpu"].counters.items()}
+            faults["counts"] = {k: v - before[k] for k, v in hw.counters.items()}
 
         def unpack(b):
             return (b, None) if isinstance(b, BaseException) else b
@@ -106,8 +116,9 @@ def run(ctx):
         # the same, with a driver that migrates each faulted 2 MiB block to device memory first
         ctx.progress("job faulting with migration on fault")
         fn, setup = unpack(read_base)
-        ours_mig, base_mig = ctx.compare(reduce, fn, ours_setup=fresh_gpu_data_home, base_setup=setup)
-        migrated = st["gpu"].migrated_pages
+        ours_mig, base_mig = ctx.compare(reduce, fn, ours_setup=lambda: fresh_gpu(w.addr, migrate=True),
+                                         base_setup=setup)
+        migrated = st["gpu"].counters["num_pages_in"]
         # untouched anonymous memory, a new mapping and device each repeat
         ctx.progress("job faulting on untouched pages")
 
@@ -128,12 +139,15 @@ def run(ctx):
                 f"{fstats.get('num_duplicate_faults', 0)} duplicates, "
                 f"{fstats.get('num_buffer_overflows', 0)} overflows (last run)")
         ctx.figure("reduce job faulting on host-resident pages (remote map)", nbytes=nbytes, ours=ours,
-                   base=base, baseline_name=bname, target=targets[0], size=size_label(nbytes), note=note)
+                   base=base, baseline_name=bname, target=targets[0], size=size_label(nbytes),
+                   note=f"preferred location CPU; {note}")
         ctx.figure("reduce job faulting on host-resident pages (migrate on fault)", nbytes=nbytes,
                    ours=ours_mig, base=base_mig, baseline_name=bname, target=targets[1], size=size_label(nbytes),
-                   note=f"2 MiB blocks migrated with migrate_vma_* before mapping; {migrated:,} pages in the last run")
+                   note=f"whole 2 MiB blocks (prefetch policy 'block') migrated with migrate_vma_* before "
+                        f"mapping; {migrated:,} pages in the last run")
         ctx.figure("memset job faulting on untouched pages (demand-zero)", nbytes=nbytes, ours=ours_zero,
-                   base=base_zero, baseline_name=bname_zero, target=targets[2], size=size_label(nbytes))
+                   base=base_zero, baseline_name=bname_zero, target=targets[2], size=size_label(nbytes),
+                   note="preferred location CPU: zeroed system pages, mapped remotely")
     finally:
         if st["gpu"] is not None:
             st["gpu"].close()
@@ -144,10 +158,10 @@ def run(ctx):
 def control_plane(ctx, nbytes):
     """Host control-plane cost per faulting page of the remote-map reduce (see the docstring);
     on the GPU also the kernel launches and host synchronisations per fault round."""
-    from hmmgpu.drivers.mirrorgpu import MirrorGpu
+    uvm = need("hmmgpu.drivers.uvm", "the UVM driver (UvmDriver)")
     npages = nbytes // PAGE
     ctx.progress(f"host control plane per faulting page, {size_label(nbytes)}")
-    w = Workload(ctx.backend_name, npages, scattered=True, ram_extra_pages=16384)
+    w = Workload(ctx.backend_name, npages, scattered=True, ram_extra_pages=16384, with_dmirror=False)
     calls = getattr(ctx.backend, "counters", None)
     gpu = None
     try:
@@ -156,11 +170,13 @@ def control_plane(ctx, nbytes):
         for i in range(ctx.warmup + ctx.repeat):
             if gpu is not None:
                 gpu.close()
-            gpu = MirrorGpu(w.system, w.proc, w.dev, w.addr, w.addr + nbytes, name="bench-gpu")
+            gpu = uvm_driver(w)
+            gpu.advise(w.addr, nbytes, uvm.SET_PREFERRED_LOCATION, device=uvm.CPU)
             ctx.sync()
-            before = dict(gpu.counters)
+            hw = gpu.device(0).hw
+            before = dict(hw.counters)
             c0 = dict(calls) if calls is not None else None
-            with DeviceClock(gpu.jobs) as clk:
+            with DeviceClock(hw.jobs) as clk:
                 t0 = time.perf_counter()
                 r = gpu.jobs.reduce_sum(w.addr, nbytes)
                 ctx.sync()
@@ -169,7 +185,7 @@ def control_plane(ctx, nbytes):
             if i >= ctx.warmup:
                 host.append((total - clk.seconds) / r.faults)
                 device.append(clk.seconds / r.faults)
-                counts = {k: gpu.counters[k] - before[k] for k in before}
+                counts = {k: hw.counters[k] - before[k] for k in before}
                 counts["rounds"] = len(r.rounds)
                 counts["lanes_launched"] = sum(r.rounds)
                 if calls is not None:

@@ -1,21 +1,27 @@
 """jobs: a device job walking the emulated device page table, on device-resident pages and on
-system pages mapped remotely (zero-copy), through a process's mirrored address space.
+system pages mapped remotely (zero-copy), through a process's address space mirrored by the UVM
+driver (hmmgpu.drivers.uvm.UvmDriver).
 
-Ours: ``reduce_sum`` (a streaming read of every 32-bit word) on an EmulatedDevice whose page
-table was filled by HMM (hmm_range_fault, after a warm-up job took the faults), so the timed
-runs translate every access through the page table and take no fault.  Baselines in the same
-run: the same reduce kernel on a flat device array, and on the mapped pinned host memory
-(zero-copy read) of the same bytes (GPU); on the fallback a NumPy sum over a flat array of the
-same bytes (device-resident) and a NumPy gather + sum of the same scattered frames (remote).
+Ours: ``reduce_sum`` (a streaming read of every 32-bit word) on the driver's device, its page
+table filled beforehand, so the timed runs translate every access through the page table and
+take no fault: device-resident pages were prefetched (cudaMemPrefetchAsync: migrated and mapped
+local); remote pages were brought back to the CPU, advised to prefer it (cudaMemAdvise
+SetPreferredLocation: faults map them remotely, nothing migrates) and mapped by hmm_range_fault
+when a warm-up job took the faults.  Each timed job is a launch of the driver's (its clock, the
+access-counter and CPU-event bookkeeping around it).  Baselines in the same run: the same reduce
+kernel on a flat device array, and on the mapped pinned host memory (zero-copy read) of the same
+bytes (GPU); on the fallback a NumPy sum over a flat array of the same bytes (device-resident)
+and a NumPy gather + sum of the same scattered frames (remote).
 
 A list chase follows: one lane walks a linked list of 4,096 nodes laid out in shuffled order
-(as the demo builds it), page table warm, cost per step against the target of 2 us per step;
-and the demo's cold pointer-chase step (that list and lookups in a 4,096-node search tree, on a
-device that has mapped nothing yet) against 50 ms.
+(as the demo builds it, the pages preferring the CPU and mapped remotely as the demo's are),
+page table warm, cost per step against the target of 2 us per step; and the demo's cold
+pointer-chase step (that list and lookups in a 4,096-node search tree, on a driver that has
+mapped nothing yet) against 50 ms.
 """
 import numpy as np
 
-from ._common import PAGE, PRIV_ANON, RW, Cuda, Workload, need, numpy_gather_sum, size_label, target_row
+from ._common import PAGE, PRIV_ANON, RW, Cuda, Workload, need, numpy_gather_sum, size_label, target_row, uvm_driver
 
 CHASE_NODES = 1 << 12
 CHASE_TARGET_US = 2.0
@@ -27,15 +33,15 @@ DESCRIPTION = "page-table-walking device jobs (device-resident, remote system pa
 
 def run(ctx):
     need("hmmgpu.device", "the device layer (EmulatedDevice)")
-    from hmmgpu.drivers.mirrorgpu import MirrorGpu
+    uvm = need("hmmgpu.drivers.uvm", "the UVM driver (UvmDriver)")
     nbytes = (32 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (64 << 20))
-    w = Workload(ctx.backend_name, nbytes // PAGE, scattered=True)
-    gpu = None
+    w = Workload(ctx.backend_name, nbytes // PAGE, scattered=True, with_dmirror=False)
+    drv = None
     try:
-        gpu = MirrorGpu(w.system, w.proc, w.dev, w.addr, w.addr + w.nbytes, name="bench-gpu")
+        drv = uvm_driver(w)
         data = np.ascontiguousarray(w.proc.read(w.addr, nbytes))      # before anything migrates
         expect = int(data.view(np.uint32).sum(dtype=np.uint64))
-        job = gpu.jobs
+        job = drv.jobs
 
         def reduce():
             r = job.reduce_sum(w.addr, nbytes)
@@ -44,12 +50,15 @@ def run(ctx):
         for where in ("device-resident", "remote system"):
             ctx.progress(f"reduce over {where} pages")
             if where == "device-resident":
-                w.to_dev()
+                assert drv.prefetch(w.addr, nbytes) == nbytes // PAGE
+                how = "page table filled by the prefetch (migrate_vma, mapped local)"
             else:
-                w.to_sys()
-            r = reduce()                       # warm-up: takes the faults, fills the page table
+                drv.prefetch(w.addr, nbytes, device=uvm.CPU)
+                drv.advise(w.addr, nbytes, uvm.SET_PREFERRED_LOCATION, device=uvm.CPU)
+                how = "preferred location CPU; page table filled by hmm_range_fault beforehand"
+            r = reduce()                       # warm-up: takes the faults, if any, fills the page table
             assert r.value == expect, (r.value, expect)
-            faults_before = gpu.counters["num_read_faults"]
+            faults_before = drv.counters["num_read_faults"]
             if ctx.gpu:
                 cu = Cuda(ctx)
                 if where == "device-resident":
@@ -77,13 +86,13 @@ def run(ctx):
                 bname = "NumPy gather + sum of the same frames"
                 target = ">= 0.8"
             ours, base = ctx.compare(reduce, base_fn, base_device_only=ctx.gpu)
-            assert gpu.counters["num_read_faults"] == faults_before, "timed jobs faulted"
+            assert drv.counters["num_read_faults"] == faults_before, "timed jobs faulted"
             ctx.figure(f"reduce job via page table, {where} pages", nbytes=nbytes, ours=ours, base=base,
                        baseline_name=bname, target=target, size=size_label(nbytes),
-                       note="scattered frames; page table filled by hmm_range_fault beforehand")
+                       note=f"scattered frames; {how}")
     finally:
-        if gpu is not None:
-            gpu.close()
+        if drv is not None:
+            drv.close()
         w.close()
     chase(ctx)
 
@@ -126,19 +135,19 @@ def _build_chase(proc, seed=7):
 def chase(ctx):
     """The list chase per step (warm page table) and the demo's cold pointer-chase step."""
     import hmmgpu
-    from hmmgpu.drivers import dmirror
-    from hmmgpu.drivers.mirrorgpu import MirrorGpu
+    from hmmgpu.drivers import uvm
     system = hmmgpu.System(backend=ctx.backend_name, ram_bytes=64 << 20)
     proc = system.spawn()
-    dev = dmirror.DMirrorDevice(system, memory="private", chunk_pages=512, max_chunks=1)
     heap, nbytes, head, total, keys, root = _build_chase(proc)
+    length = (nbytes + PAGE - 1) & ~(PAGE - 1)
     st = {"gpu": None}
 
     def fresh():
+        """A driver that has mapped nothing, the heap preferring the CPU (as in the demo)."""
         if st["gpu"] is not None:
             st["gpu"].close()
-        st["gpu"] = MirrorGpu(system, proc, dev, heap, heap + ((nbytes + PAGE - 1) & ~(PAGE - 1)),
-                              name="bench-gpu")
+        st["gpu"] = uvm.UvmDriver(system, proc, device_bytes=2 << 20)
+        st["gpu"].advise(heap, length, uvm.SET_PREFERRED_LOCATION, device=uvm.CPU)
 
     def walk():
         r = st["gpu"].jobs.list_chase([head], max_steps=CHASE_NODES + 1)
@@ -157,12 +166,12 @@ def chase(ctx):
         warm = ctx.time(walk)
         target_row(ctx, "list chase per step (one lane, warm page table)",
                    [s / CHASE_NODES for s in warm.samples], CHASE_TARGET_US, "us/step", 1e6,
-                   size=f"{CHASE_NODES:,} nodes", note="nodes in shuffled order over 16 pages")
+                   size=f"{CHASE_NODES:,} nodes", note="nodes in shuffled order over 16 pages, mapped remotely")
         ctx.progress("the demo's pointer-chase step, cold")
         cold = ctx.time(demo_step, setup=fresh)
         target_row(ctx, "demo pointer-chase step (cold: list + 586 tree lookups)", cold.samples,
                    COLD_CHASE_TARGET_MS, "ms", 1e3, size=f"{CHASE_NODES:,} + {CHASE_NODES:,} nodes",
-                   note="a fresh device each repeat: every page faults once")
+                   note="a fresh driver each repeat: every page faults once and is mapped remotely")
     finally:
         if st["gpu"] is not None:
             st["gpu"].close()

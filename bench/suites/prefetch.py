@@ -1,13 +1,15 @@
 """prefetch: explicit migration of a range to the device and its mapping in the device page table.
 
-Ours: the HMM migration (migrate_vma_* through dmirror) of CPU-written anonymous pages, then
-hmm_range_fault + the device page-table map of the whole range (so a job runs with no fault).
+Ours: the UVM driver's prefetch (cudaMemPrefetchAsync: hmmgpu.drivers.uvm.UvmDriver.prefetch) of
+CPU-written anonymous pages: migrate_vma_* into device memory from its PMM and the device
+page-table map of the whole range in the same step (so a job runs with no fault), the clock
+charged for the copy; between repeats (untimed) a prefetch to the CPU brings the range back.
 Baselines in the same run: cudaMemPrefetchAsync of the same bytes of CPU-touched managed memory
 (GPU; never more managed memory than half of what the GPU has free); the fastest plain NumPy copy
 of the same pages (fallback; see _common.numpy_copy).
 """
 
-from ._common import PAGE, Cuda, Workload, need, numpy_copy, size_label
+from ._common import PAGE, Cuda, Workload, need, numpy_copy, size_label, uvm_driver
 
 NAME = "prefetch"
 DESCRIPTION = "explicit prefetch (migrate + map) vs cudaMemPrefetchAsync of managed memory"
@@ -15,22 +17,21 @@ DESCRIPTION = "explicit prefetch (migrate + map) vs cudaMemPrefetchAsync of mana
 
 def run(ctx):
     need("hmmgpu.device", "the device layer (EmulatedDevice)")
-    from hmmgpu.drivers.mirrorgpu import MirrorGpu
+    uvm = need("hmmgpu.drivers.uvm", "the UVM driver (UvmDriver)")
     nbytes = (32 << 20) if ctx.quick else ((1 << 30) if ctx.gpu else (256 << 20))
     npages = nbytes // PAGE
-    w = Workload(ctx.backend_name, npages, scattered=True)
-    gpu = MirrorGpu(w.system, w.proc, w.dev, w.addr, w.addr + nbytes, name="bench-gpu")
+    w = Workload(ctx.backend_name, npages, scattered=True, with_dmirror=False)
+    gpu = uvm_driver(w)
     st = {"on_dev": False}
 
     def prefetch():
-        w.to_dev()
         st["on_dev"] = True
-        err = gpu.fault_range(w.addr, w.addr + nbytes, write=False)
-        assert err == 0, err
+        moved = gpu.prefetch(w.addr, nbytes)
+        assert moved == npages, moved
 
     def back():
         if st["on_dev"]:
-            w.to_sys()
+            gpu.prefetch(w.addr, nbytes, device=uvm.CPU)
             st["on_dev"] = False
     try:
         if ctx.gpu:
@@ -56,12 +57,12 @@ def run(ctx):
         ctx.progress(f"prefetch {size_label(nbytes)}")
         ours, base = ctx.compare(prefetch, fn, ours_setup=back, base_setup=setup, base_device_only=ctx.gpu)
         back()
-        local = gpu.local_maps
+        moved = gpu.counters["num_pages_in"]
         if ctx.gpu:
             held.clear()
         ctx.figure("explicit prefetch: migrate_vma + device PT map", nbytes=nbytes, ours=ours, base=base,
                    baseline_name=bname, target=target, size=size_label(nbytes),
-                   note=f"{local:,} pages mapped device-local over the runs")
+                   note=f"UvmDriver.prefetch; {moved:,} pages migrated and mapped device-local over the runs")
     finally:
         gpu.close()
         w.close()

@@ -17,10 +17,11 @@ full: 2^18 (1 GiB; 2^20 on a GPU machine) against 2^12 and 2^15, writeback at mo
 on the fallback, migrate at most 2^17 (a run stays under 3 GiB).
 
 Then the device side: a fault-driven reduce job over CPU-written (host-resident, scattered)
-pages on a device that has mapped nothing, every page a device fault serviced by
-hmm_range_fault and mapped remotely, at 32 MiB .. 1 GiB against itself at 8 MiB (quick: 32
-MiB), timed alternately; the target ">= 0.77" says 1 GiB costs at most 1.3x per page what
-8 MiB does.
+pages on a fresh UVM driver (hmmgpu.drivers.uvm.UvmDriver) that has mapped nothing, the range
+preferring the CPU (cudaMemAdvise SetPreferredLocation), so every page is a device fault
+serviced by hmm_range_fault and mapped remotely, at 32 MiB .. 1 GiB against itself at 8 MiB
+(quick: 32 MiB), timed alternately; the target ">= 0.77" says 1 GiB costs at most 1.3x per page
+what 8 MiB does.
 
 Last, the costs that must not grow with how much there is (``_fixed_costs``), each against its
 baseline in the same run, timed alternately: mmap in an address space of 10^4 VMAs against mmap
@@ -38,7 +39,7 @@ import time
 
 import numpy as np
 
-from ._common import PAGE, PRIV_ANON, RW, Workload, frames_sum, size_label
+from ._common import PAGE, PRIV_ANON, RW, Workload, frames_sum, need, size_label, uvm_driver
 
 NAME = "scaling"
 DESCRIPTION = "per-page cost of fault-in, mprotect, fork, writeback, munmap, hmm_range_fault, migrate"
@@ -196,13 +197,14 @@ def run(ctx):
 
 class _FaultJob:
     """A fault-driven reduce over ``nbytes`` of CPU-written scattered pages: ``setup()`` opens a
-    device that has mapped nothing (untimed), ``fn()`` runs the job (timed)."""
+    driver that has mapped nothing, the range preferring the CPU (untimed), ``fn()`` runs the
+    job (timed)."""
 
     def __init__(self, ctx, nbytes):
-        from hmmgpu.drivers.mirrorgpu import MirrorGpu
-        self.MirrorGpu = MirrorGpu
+        self.uvm = need("hmmgpu.drivers.uvm", "the UVM driver (UvmDriver)")
         self.nbytes = nbytes
-        self.w = Workload(ctx.backend_name, nbytes // PAGE, scattered=True, ram_extra_pages=4096)
+        self.w = Workload(ctx.backend_name, nbytes // PAGE, scattered=True, ram_extra_pages=4096,
+                          with_dmirror=False)
         self.expect = frames_sum(self.w.system.phys.ram.host, self.w.pfns())
         self.gpu = None
         self.rounds = 0
@@ -210,8 +212,9 @@ class _FaultJob:
     def setup(self):
         if self.gpu is not None:
             self.gpu.close()
-        w = self.w
-        self.gpu = self.MirrorGpu(w.system, w.proc, w.dev, w.addr, w.addr + self.nbytes, name="bench-gpu")
+        uvm, w = self.uvm, self.w
+        self.gpu = uvm_driver(w)
+        self.gpu.advise(w.addr, self.nbytes, uvm.SET_PREFERRED_LOCATION, device=uvm.CPU)
 
     def fn(self):
         r = self.gpu.jobs.reduce_sum(self.w.addr, self.nbytes)

@@ -1,11 +1,12 @@
 """``hmmgpu demo``: the main job, end to end, with a live table.
 
-A process builds arrays, a linked list and a tree with ordinary pointers in its memory; a device
-mirrors the address space (``hmmgpu.drivers.mirrorgpu.MirrorGpu``: an address space on a dmirror
-device's ``EmulatedDevice``, an mmu interval notifier, ``hmm_range_fault`` in its fault handler)
-and runs jobs on it with no copy; hot data migrates to device memory; the CPU works on other data,
-then reads the results, which migrate back on CPU fault; the driver then evicts what is left.
-Every result is checked against NumPy.
+A process builds arrays, a linked list and a tree with ordinary pointers in its memory; the UVM
+driver (``hmmgpu.drivers.uvm.UvmDriver``: device memory of its own, an mmu interval notifier,
+``hmm_range_fault`` and ``migrate_vma`` in its fault path) mirrors the address space and runs jobs
+on it with no copy: the pointer-chased heap prefers the CPU (cudaMemAdvise), so its pages are
+mapped remotely; hot data is prefetched to device memory (cudaMemPrefetchAsync); the CPU works on
+other data, then reads the results, which migrate back on CPU fault; closing the driver evicts
+what is left.  Every result is checked against NumPy.
 """
 import argparse
 import sys
@@ -18,11 +19,11 @@ from ._common import (EMULATED_LABEL, UserError, available_ram_bytes, check_back
                       emit_json, fmt_bytes, gpu_free_bytes, mib, print_trace_summary, recording, trace_written, wrap)
 
 HELP = "the main job, end to end"
-DESCRIPTION = ("A process builds arrays, a linked list and a tree with ordinary pointers in its memory; a "
-               "device mirrors the address space (HMM: mmu interval notifier + hmm_range_fault) and runs "
-               "jobs on it with no copy; hot data migrates to device memory (migrate_vma); the CPU works "
-               "on other data, then reads the results, which migrate back on CPU fault; the driver then "
-               "evicts what is left.  Prints each step, rss and memcg along the way, where the device "
+DESCRIPTION = ("A process builds arrays, a linked list and a tree with ordinary pointers in its memory; the "
+               "UVM driver mirrors the address space (HMM: mmu interval notifier + hmm_range_fault) and runs "
+               "jobs on it with no copy; hot data is prefetched to device memory (migrate_vma); the CPU "
+               "works on other data, then reads the results, which migrate back on CPU fault; closing the "
+               "driver evicts what is left.  Prints each step, rss and memcg along the way, where the device "
                "faults went, and the counters; every result is checked against NumPy (exit status 1 if "
                "one is wrong).")
 DEFAULT_MIB = 4
@@ -77,12 +78,11 @@ def run_demo(mib_each=DEFAULT_MIB, backend=None, seed=7, on_step=None):
     """
     import hmmgpu
     from hmmgpu import MAP_ANONYMOUS, MAP_PRIVATE, PAGE_SIZE, PROT_READ, PROT_WRITE
-    from ..drivers import dmirror
-    from ..drivers.mirrorgpu import MirrorGpu
+    from ..drivers import uvm
     rw, priv = PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS
     rng = np.random.default_rng(seed)
     sizes = demo_sizes(mib_each)
-    n, nbytes, npages, chunk_pages = sizes["n"], sizes["nbytes"], sizes["npages"], sizes["chunk_pages"]
+    n, nbytes, npages = sizes["n"], sizes["nbytes"], sizes["npages"]
     n_nodes = 1 << 12
     n_tree = 1 << 12
     system = hmmgpu.System(backend=backend or "auto", ram_bytes=sizes["ram_bytes"])
@@ -93,28 +93,30 @@ def run_demo(mib_each=DEFAULT_MIB, backend=None, seed=7, on_step=None):
     result = {"backend": system.backend_name,
               "label": EMULATED_LABEL if system.backend_name == "numpy" else "GPU (cupy)",
               "array_bytes": nbytes, "steps": steps, "checks": {}}
+    state = {}
 
     def snap(tag):
-        dm = state.get("dmdev")
+        drv = state.get("gpu")
         return {"tag": tag, "rss_pages": proc.rss, "memcg_bytes": cg.usage,
                 "memcg_peak_bytes": cg.max_pages * PAGE_SIZE,
-                "device_pages": dm.nr_allocated() if dm is not None else 0}
+                "device_pages": device_pages(drv) if drv is not None else 0}
 
     def step(name, what, fn):
-        dev = state["gpu"].device if "gpu" in state else None
-        before = dict(dev.counters) if dev is not None else None
+        drv = state.get("gpu")
+        hw = drv.device(0).hw if drv is not None else None
+        before = dict(hw.counters) if hw is not None else None
+        m0 = drv.modelled_time if drv is not None else None
         t0 = time.perf_counter()
         with trace.span(name, trace.CAT_CPU, track="cpu/demo"):
             detail = fn() or {}
         s = {"step": name, "what": what, "seconds": time.perf_counter() - t0, **detail}
         if before is not None:
-            s["faults"] = fault_figures(before, dev.counters, s.pop("serviced", 0))
+            s["modelled_s"] = drv.modelled_time - m0      # the driver's emulated clock (h100 profile)
+            s["faults"] = fault_figures(before, hw.counters, s.pop("serviced", 0))
         steps.append(s)
         if on_step:
             on_step(s)
         return s
-
-    state = {}
 
     def build():
         # arrays x and y, a linked list in shuffled heap order, a binary search tree: ordinary
@@ -162,21 +164,25 @@ def run_demo(mib_each=DEFAULT_MIB, backend=None, seed=7, on_step=None):
     step("build", "the CPU builds the data set in process memory", build)
 
     def attach():
-        dmdev = dmirror.DMirrorDevice(system, memory="private", chunk_pages=chunk_pages, max_chunks=1)
-        mirror = dmdev.open(proc)
-        trace.watch_pagemap_ops(dmdev.ops, track="gpu0/migrate")
-        lo = min(state["hot"], state["heap"], state["other"])
-        hi = max(state["hot"] + 2 * nbytes, state["heap"] + state["heap_bytes"],
-                 state["other"] + nbytes)
-        lo &= ~(PAGE_SIZE - 1)
-        hi = (hi + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-        gpu = MirrorGpu(system, proc, dmdev, lo, hi)
-        state.update(dmdev=dmdev, mirror=mirror, gpu=gpu)
-        return {"detail": f"device memory {mib(chunk_pages * PAGE_SIZE)} (device-private, "
-                          f"memremap_pages); mirrors [0x{lo:x}, 0x{hi:x}) with an mmu interval notifier"}
+        drv = uvm.UvmDriver(system, proc, device_bytes=sizes["device_bytes"], seed=seed)
+        for pgmap in driver_pgmaps(system, drv):
+            trace.watch_pagemap_ops(pgmap.ops, track="gpu0/migrate")
+        # the pointer-chased heap stays in system memory: the device maps it remotely (zero-copy)
+        heap_len = (state["heap_bytes"] + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        drv.advise(state["heap"], heap_len, uvm.SET_PREFERRED_LOCATION, device=uvm.CPU)
+        state["gpu"] = drv
+        return {"detail": f"device memory {mib(sizes['device_bytes'])} (device-private, memremap_pages, "
+                          f"2 MiB root chunks); mirrors the whole address space with an mmu interval notifier; "
+                          f"the heap prefers the CPU (cudaMemAdvise SetPreferredLocation)"}
 
-    step("attach", "a device mirrors the process's address space (HMM)", attach)
+    step("attach", "the UVM driver mirrors the process's address space (HMM)", attach)
     gpu = state["gpu"]
+
+    def on_device(addr, count):
+        """How many of the ``count`` pages at ``addr`` the device maps in its own memory."""
+        d = gpu.device(0)
+        ent = d.pt.lookup((addr >> 12) + np.arange(count, dtype=np.int64))
+        return int(np.count_nonzero((ent != 0) & d.hw.owns(ent >> np.uint64(12))))
 
     def chase():
         r = gpu.jobs.list_chase([state["head"]], max_steps=n_nodes + 1)
@@ -196,17 +202,15 @@ def run_demo(mib_each=DEFAULT_MIB, backend=None, seed=7, on_step=None):
 
     step("pointer chase", "device jobs follow the CPU's pointers in place (no copy)", chase)
 
-    def migrate():
-        m = state["mirror"]
-        with trace.span("migrate_to_dev", trace.CAT_MIGRATE, track="gpu0/migrate", npages=2 * npages):
-            r = m.migrate_to_dev(state["hot"], 2 * npages)
-        s = m.snapshot(state["hot"], 2 * npages)
-        local = int(np.count_nonzero((s.data & 0xF0) == dmirror.PROT_DEV_PRIVATE_LOCAL))
+    def prefetch():
+        with trace.span("prefetch", trace.CAT_MIGRATE, track="gpu0/migrate", npages=2 * npages):
+            moved = gpu.prefetch(state["hot"], 2 * nbytes)
+        local = on_device(state["hot"], 2 * npages)
         result["checks"]["hot data on device"] = local == 2 * npages
-        return {"detail": f"x, y: {r.cpages:,} pages migrated to device memory (migrate_vma); "
-                          f"{local:,} now device-private", "pages": r.cpages}
+        return {"detail": f"x, y: {moved:,} pages prefetched to device memory (cudaMemPrefetchAsync: "
+                          f"migrate_vma) and mapped; {local:,} now device-local", "pages": moved}
 
-    step("migrate hot data", "hot data migrates to the device (migrate_vma_*)", migrate)
+    step("migrate hot data", "hot data migrates to the device (prefetch: migrate_vma_*)", prefetch)
 
     a = np.float32(2.5)
 
@@ -216,7 +220,7 @@ def run_demo(mib_each=DEFAULT_MIB, backend=None, seed=7, on_step=None):
         expect = int(state["x0"].view(np.uint32).astype(np.uint64).sum(dtype=np.uint64))
         result["checks"]["reduce over device pages"] = r2.value == expect
         return {"detail": f"y = {a}*x + y over {n:,} floats and a reduce over x, on device-local "
-                          f"pages ({r.faults + r2.faults} page faults serviced, mapped local)",
+                          f"pages ({r.faults + r2.faults} page faults: the prefetch mapped them)",
                 "serviced": r.faults + r2.faults}
 
     step("device jobs", "axpy and reduce run on the device-resident pages", axpy)
@@ -227,8 +231,7 @@ def run_demo(mib_each=DEFAULT_MIB, backend=None, seed=7, on_step=None):
         proc.write(state["other"], data)
         back = proc.read(state["other"], nbytes).view(np.int64)
         result["checks"]["cpu work"] = bool((back == data).all())
-        snap_dev = state["mirror"].snapshot(state["hot"], 2 * npages)
-        still = int(np.count_nonzero((snap_dev.data & 0xF0) == dmirror.PROT_DEV_PRIVATE_LOCAL))
+        still = on_device(state["hot"], 2 * npages)
         return {"detail": f"the CPU writes and reads {mib(nbytes)} of other data; "
                           f"{still:,} hot pages stay on the device meanwhile"}
 
@@ -239,37 +242,45 @@ def run_demo(mib_each=DEFAULT_MIB, backend=None, seed=7, on_step=None):
         expect = a * state["x0"] + state["y0"]
         ok = bool(np.allclose(y, expect, rtol=1e-5, atol=1e-5))
         result["checks"]["axpy result"] = ok
-        s = state["mirror"].snapshot(state["hot"] + nbytes, npages)
-        back = int(np.count_nonzero((s.data & 0xF0) != dmirror.PROT_DEV_PRIVATE_LOCAL))
+        back = npages - on_device(state["hot"] + nbytes, npages)
         return {"detail": f"the CPU reads y: {back:,} pages migrate back on CPU fault "
                           f"(migrate_to_ram); result {'ok' if ok else 'WRONG'}"}
 
     step("cpu touches results", "results migrate back when the CPU touches them", touch)
 
     def evict():
-        dm = state["dmdev"]
-        before = dm.nr_allocated()
-        with trace.span("release", trace.CAT_EVICT, track="gpu0/migrate", npages=before):
-            state["mirror"].release()
+        before = device_pages(gpu)
+        with trace.span("close", trace.CAT_EVICT, track="gpu0/migrate", npages=before):
+            gpu.close()
         x = proc.read(state["hot"], nbytes).view(np.float32)
-        ok = bool(np.array_equal(x, state["x0"])) and dm.nr_allocated() == 0
+        left = device_pages(gpu)
+        ok = bool(np.array_equal(x, state["x0"])) and left == 0
         result["checks"]["evicted data intact"] = ok
-        return {"detail": f"the driver gives its memory back: {before:,} device pages evicted to system "
-                          f"memory (migrate_device_range); x {'intact' if ok else 'WRONG'}"}
+        return {"detail": f"the driver closes and gives its memory back: {before:,} device pages evicted "
+                          f"to system memory (migrate_device_range); x {'intact' if ok else 'WRONG'}"}
 
     step("evict", "the device's memory is evicted back to the system", evict)
 
     state["after"] = snap("at the end")
-    gpu.device.synchronize()
     result["rss_memcg"] = [state["before"], state["middle"], state["after"]]
-    result["counters"] = trace.collect_counters(system, devices=[gpu, state["dmdev"]])
-    result["fault_buffer_entries"] = gpu.device.fault_buffer.capacity
+    result["counters"] = trace.collect_counters(system, devices=[gpu])
+    result["fault_buffer_entries"] = gpu.device(0).hw.fault_buffer.capacity
     result["notifier_events"] = trace.notifier_event_counts(proc.mm)
     result["ok"] = all(result["checks"].values())
-    gpu.close()
-    state["mirror"].close()
     proc.exit()
     return result
+
+
+def device_pages(drv):
+    """Pages of the driver's device memory in use (its figures: device_bytes less what is free)."""
+    from ..constants import PAGE_SIZE
+    s = drv.stats()
+    return (s["ndevices"] * s["device_bytes"] - s["device_free_bytes"]) // PAGE_SIZE
+
+
+def driver_pgmaps(system, drv):
+    """The dev_pagemaps that hold the driver's device memory (the pgmaps it hotplugged)."""
+    return [p for p in system.phys.pgmaps if getattr(p, "owner", None) is drv]
 
 
 def fault_figures(before, after, serviced):
@@ -298,12 +309,17 @@ def cmd_demo(opt):
     from rich.table import Table
 
     def table(steps):
-        t = Table(title="hmmgpu demo: the main job", title_justify="left", expand=False)
+        t = Table(title="hmmgpu demo: the main job", title_justify="left", expand=False,
+                  caption="time: the emulation's wall clock; modelled: the UVM driver's emulated clock (its cost "
+                          "model, H100 profile)", caption_justify="left")
         t.add_column("step", style="bold")
         t.add_column("time", justify="right")
+        t.add_column("modelled", justify="right")
         t.add_column("what happened")
         for s in steps:
-            t.add_row(s["step"], f"{s['seconds'] * 1e3:,.1f} ms", s.get("detail", ""))
+            m = s.get("modelled_s")
+            t.add_row(s["step"], f"{s['seconds'] * 1e3:,.1f} ms", "-" if m is None else f"{m * 1e3:,.3f} ms",
+                      s.get("detail", ""))
         return t
 
     shown = []
@@ -353,7 +369,7 @@ def print_faults(con, steps, entries=None):
               caption=f"lanes = records + overflows (a lane that finds the fault buffer"
                       f"{f' ({entries:,} entries)' if entries else ''} full faults again on replay); "
                       "records = duplicates + serviced (a duplicate names a page already in its batch); the "
-                      "serviced pages go to hmm_range_fault",
+                      "driver migrates the serviced pages or maps them where they are (hmm_range_fault)",
               caption_justify="left")
     for c in ("step", "lanes that faulted", "fault records", "overflows", "duplicates", "serviced",
               "batches", "replays"):

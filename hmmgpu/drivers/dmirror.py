@@ -37,7 +37,8 @@ ones back): as in the kernel driver, the chunk a 2 MiB allocation adds goes to
 folios, the others to pages.  Migrations ask for whole folios
 (MIGRATE_VMA_SELECT_COMPOUND): a THP goes to a device folio and back to a THP,
 each mapped by one PMD entry, and a failed 2 MiB allocation (FLAG_FAIL_ALLOC
-forces one) takes 512 small pages, so the core splits the source folio.
+forces one) takes 512 small pages, so the core splits the source folio; a small
+page whose allocation FLAG_FAIL_ALLOC fails stays where it is.
 Migrations copy on the device's DMA engine (``device.copy_pages``), one batch
 per step.
 The loops here are over VMAs, chunks and bounce-buffer pieces; every page-level
@@ -76,7 +77,7 @@ from ..mm.notifier import (MMU_NOTIFY_MIGRATE, MMU_NOTIFY_RELEASE, MmuIntervalNo
                            mmu_interval_notifier_insert, mmu_interval_notifier_remove,
                            mmu_interval_read_begin, mmu_interval_read_retry, mmu_interval_set_seq)
 from ..mm.physmem import PG_LOCKED
-from ..mm.validate import ULONG_MAX, check_buffer, check_user_range, raw_bytes, ulong
+from ..mm.validate import PTES_PER_PAGE, ULONG_MAX, check_buffer, check_user_range, raw_bytes, ulong
 from ..mm.vma import VM_READ, VM_WRITE
 
 _U = np.uint64
@@ -397,7 +398,7 @@ class DMirrorDevice:
         if migrate_vma_setup(args):
             return VM_FAULT_SIGBUS
         with _migrating(args):
-            ret = self._fault_alloc_and_copy(args, vmf.mm)
+            ret = self._fault_alloc_and_copy(args, vmf.mm, self._mirror_of(vmf.page), cpu_fault=True)
             if ret:
                 return ret
             migrate_vma_pages(args)
@@ -405,11 +406,32 @@ class DMirrorDevice:
             # device page tables.
         return 0
 
-    def _fault_alloc_and_copy(self, args, mm, fail_alloc=False):
-        """dmirror_devmem_fault_alloc_and_copy(): system pages for device pages, and the copy."""
+    def _mirror_of(self, pfn):
+        """rpage->zone_device_data: the open that migrated the device page ``pfn`` here."""
+        key = int(self.system.phys.pages.zone_device_data[pfn])
+        with self.lock:
+            return next((m for m in self.mirrors if id(m) == key), None)
+
+    def _fault_alloc_and_copy(self, args, mm, mirror=None, cpu_fault=False):
+        """dmirror_devmem_fault_alloc_and_copy(): system pages for device pages, and the copy.
+
+        ``mirror``: the open whose FLAG_FAIL_ALLOC the first page's allocation consumes (the
+        one that migrated the faulting page, or HMM_DMIRROR_MIGRATE_TO_SYS's).  A 2 MiB page
+        then comes back as 512 small ones; a small page gets VM_FAULT_OOM there.  After a CPU
+        fault (``cpu_fault``) the fault is taken again (pagefault_out_of_memory) and, the flag
+        spent, succeeds; HMM_DMIRROR_MIGRATE_TO_SYS ignores the return, which leaves that page
+        and the rest of the PTRS_PER_PTE pages the C driver migrates in one migrate_vma on the
+        device."""
         sel = device_selection(self.system, args.src, args.npages)
         if sel.size == 0:
             return 0
+        fail_alloc = mirror is not None and mirror._take_fail_alloc()
+        if fail_alloc and not args.src[sel[0]] & _MPFN_COMPOUND:
+            fail_alloc = False
+            if not cpu_fault:
+                sel = sel[sel >= (int(sel[0]) // PTES_PER_PAGE + 1) * PTES_PER_PAGE]
+                if sel.size == 0:
+                    return 0
         # xa_erase() of the device mappings, in every mirror of this device on that mm
         self._erase_in_mirrors(mm, (args.start >> PAGE_SHIFT) + _positions(args.src, sel, args.npages))
         try:
@@ -735,8 +757,7 @@ class DMirror:
 
     def mmap(self, vma):
         """dmirror_fops_mmap(): fill a mixed map with zeroed driver pages."""
-        if self.closed:
-            raise oserror(errno.EBADF, "dmirror file is closed", vma.start, vma.end)
+        self._check_open(vma.start, vma.end)
         phys = self.system.phys
         n = vma.npages
         pfns = phys.alloc(n, None, zero=True)
@@ -745,10 +766,14 @@ class DMirror:
         finally:
             phys.put(pfns)      # the mapping holds its own reference
 
+    def _check_open(self, start=None, end=None):
+        """A call on a closed file is what a system call on a closed descriptor is: EBADF."""
+        if self.closed:
+            raise oserror(errno.EBADF, "dmirror file is closed", start, end)
+
     def _cmd(self, addr, npages):
         """dmirror_fops_unlocked_ioctl()'s checks: the __u64 fields of struct hmm_dmirror_cmd."""
-        if self.closed:
-            raise oserror(errno.EINVAL, "dmirror file is closed")
+        self._check_open()
         addr = ulong(addr, "address")
         npages = ulong(npages, "page count", addr)
         if addr & (PAGE_SIZE - 1):
@@ -979,18 +1004,24 @@ class DMirror:
         """dmirror_migrate_alloc_and_copy(): device pages for the collected ones, and the copy.
 
         A 2 MiB entry (a THP, or a 2 MiB hole) gets a device folio; when that allocation
-        fails (or FLAG_FAIL_ALLOC makes the first one fail) it gets 512 small pages, and the
-        core splits the source folio."""
+        fails it gets 512 small pages, and the core splits the source folio.  FLAG_FAIL_ALLOC
+        fails the allocation of the first entry, whichever size: a small one is left behind."""
         n = args.npages
         src = args.src[:n]
         spfn = migrate_pfn_to_pfn(src)
         phys = self.system.phys
         # Device pages (ours or another device's) are never copied device to device here.
         idx = (((src & _MPFN_MIGRATE) != 0) & (spfn < phys.nr_ram)).nonzero()[0]
-        fail = bool(self.flags & FLAG_FAIL_ALLOC)
-        self.flags &= ~FLAG_FAIL_ALLOC
         if idx.size == 0:
             return
+        fail = self._take_fail_alloc()
+        if fail and not src[idx[0]] & _MPFN_COMPOUND:
+            # the first page's allocation fails and a small page has no fallback: it stays
+            # where it is (the readback then finds it missing: ENOENT)
+            fail = False
+            idx = idx[1:]
+            if idx.size == 0:
+                return
         comp = (src[idx] & _MPFN_COMPOUND) != 0
         if np.count_nonzero(comp):
             big, dheads, small_pos, small_src, small_w = self._alloc_folios_for(idx, comp, spfn, src, fail)
@@ -1118,8 +1149,6 @@ class DMirror:
         self._user(start, end, errno.EINVAL)
         self._mm_alive(start, end)
         cpages = 0
-        fail = bool(self.flags & FLAG_FAIL_ALLOC)
-        self.flags &= ~FLAG_FAIL_ALLOC
         with self.mm.mmap_lock.read():
             for vma, s, e in self._vma_pieces(start, end):
                 args = MigrateVma(vma, s, e, pgmap_owner=self.mdevice,
@@ -1128,8 +1157,7 @@ class DMirror:
                 if ret:
                     raise _err(ret, "migrate_vma_setup failed", s, e)
                 with _migrating(args):
-                    ret = self.mdevice._fault_alloc_and_copy(args, self.mm, fail)
-                    fail = False
+                    ret = self.mdevice._fault_alloc_and_copy(args, self.mm, self)
                     migrate_vma_pages(args)
                     src = args.src[:args.npages]
                     cpages += int((((src & _MPFN_VALID) != 0)
@@ -1273,14 +1301,19 @@ class DMirror:
     # -- device-wide ------------------------------------------------------------------------------
     def release(self):
         """HMM_DMIRROR_RELEASE: evict every page of the device back to system memory."""
-        if self.closed:
-            raise oserror(errno.EINVAL, "dmirror file is closed")
+        self._check_open()
         self.mdevice.remove_chunks()
         return DmirrorResult(None, 0)
 
+    def _take_fail_alloc(self):
+        """FLAG_FAIL_ALLOC fails the next device or system page allocation of this open, once:
+        True if it was set (and now is not)."""
+        fail = bool(self.flags & FLAG_FAIL_ALLOC)
+        self.flags &= ~FLAG_FAIL_ALLOC
+        return fail
+
     def set_flags(self, flags):
         """HMM_DMIRROR_FLAGS."""
-        if self.closed:
-            raise oserror(errno.EINVAL, "dmirror file is closed")
+        self._check_open()
         self.flags = ulong(flags, "flags")
         return DmirrorResult(None, 0)

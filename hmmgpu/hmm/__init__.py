@@ -13,6 +13,10 @@
 
 The mmu interval notifiers the sequence protocol needs live in ``hmmgpu.mm.notifier``
 and are re-exported here.  Return values follow the kernel: 0 or a negative errno.
+
+The 2017 API's calls and structs are importable from here too (``from hmmgpu.hmm import
+hmm_mirror_register``); its flags (HMM_PFN_VALID = 1 << 0 of the 2017 hmm_pfn_t, ...) keep
+their 2017 values in ``hmmgpu.hmm.legacy``, since the same names here are today's.
 """
 from ..mm.notifier import (MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_MIGRATE,
                            MMU_NOTIFY_PROTECTION_PAGE, MMU_NOTIFY_PROTECTION_VMA, MMU_NOTIFY_RELEASE,
@@ -42,3 +46,6 @@ from .migrate_device import (MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_
                              migrate_device_pages, migrate_device_pfns, migrate_device_range,
                              migrate_pfn, migrate_pfn_to_pfn, migrate_vma_finalize, migrate_vma_pages,
                              migrate_vma_setup)
+from .legacy import (HmmDevmem, HmmMirror, HmmUpdate, LegacyRange, hmm_devmem_add, hmm_devmem_remove,
+                     hmm_mirror_register, hmm_mirror_unregister, hmm_vma_fault, hmm_vma_get_pfns,
+                     hmm_vma_range_done, migrate_vma)

@@ -18,7 +18,7 @@ them, naming the rule:
   same thread before that thread sets the same ``MigrateVma`` up again, or migrates or calls
   ``hmm_range_fault`` on a range that overlaps it (its pages stay locked behind migration
   entries until then; a driver may run several migrations of other ranges before finalizing
-  them all, as MirrorGpu does).
+  them all, as UvmDriver does).
 
 The checks are vectorised over the pfn arrays the calls handle anyway, so they are on by
 default; ``HMMGPU_DEBUG_VM=0`` in the environment, or ``debug.enabled = False``, turns them off.

@@ -14,6 +14,7 @@ written back and every page that only the cache still holds is freed, so data
 written to the file behind our back with write(2) is seen by the next mmap.
 """
 import errno
+import fcntl
 import os
 
 import numpy as np
@@ -45,6 +46,7 @@ class PageCache:
         self.shmem = fd is None
         self.kind = "shmem" if self.shmem else "file"
         self.fd = fd                       # our own dup: the mapping keeps the file open
+        self.spare_fds = []                # earlier read-only dups (open_file_cache)
         self.name = name or ("shmem" if self.shmem else f"fd {fd}")
         self.pfn_of = np.full(0, -1, dtype=np.int64)
         self.nr_mappings = 0
@@ -159,8 +161,10 @@ class PageCache:
     def _release(self):
         """Nothing maps or caches the file any more: let the file go."""
         if self.fd is not None:
-            os.close(self.fd)
+            for fd in [self.fd] + self.spare_fds:
+                os.close(fd)
             self.fd = None
+            self.spare_fds = []
         self.system._forget_cache(self)
 
     def forget(self, pfns):
@@ -182,8 +186,17 @@ class PageCache:
         self.drop_unused()               # releases the file too unless pages are still held (pinned)
 
 
+def _writable(fd):
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+
+
 def open_file_cache(system, fd):
-    """The shared PageCache of the file behind ``fd`` (one per inode), taking a reference."""
+    """The shared PageCache of the file behind ``fd`` (one per inode), taking a reference.
+
+    Linux writes a page back through the inode, however the file was opened; here the cache
+    writes through its own descriptor, so it keeps a writable one as soon as any mapping
+    brings one: a shared writable mapping (the only kind that dirties the cache) needs an
+    O_RDWR descriptor, even when the first mapping of the file came through an O_RDONLY one."""
     try:
         st = os.fstat(fd)
     except OSError as e:
@@ -193,4 +206,8 @@ def open_file_cache(system, fd):
     if cache is None or cache.fd is None:
         cache = PageCache(system, system._new_cache_id(), fd=os.dup(fd), key=key, name=f"inode {st.st_ino}")
         system._register_cache(cache)
+    elif not _writable(cache.fd) and _writable(fd):
+        # the read-only one stays open until the file is let go: a fault may be using it now
+        cache.spare_fds.append(cache.fd)
+        cache.fd = os.dup(fd)
     return cache

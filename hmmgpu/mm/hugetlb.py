@@ -5,7 +5,10 @@
 PG_HUGETLB) for good.  A private anonymous MAP_HUGETLB mapping is a VMA with VM_HUGETLB whose
 entries are PMD mappings only (PTE_HUGE, see pgtable.py); its pages come from the pool and go
 back to it when their last reference goes.  They are neither in rss (HugetlbPages) nor
-charged to a memory cgroup.
+charged to a memory cgroup.  A shared one (MAP_SHARED | MAP_ANONYMOUS | MAP_HUGETLB) is the
+same over an object of its own (a shmem PageCache standing for the hugetlbfs inode) that holds
+its pages: fork shares them, a write never copies them, MADV_DONTNEED only unmaps them, and
+they go back to the pool when the last mapping goes.
 
 The reservation hugetlb_reserve_pages() makes at mmap() is made here by taking the pages at
 mmap() time (the mapping is populated as MAP_POPULATE would), so an mmap() that the pool
@@ -86,7 +89,9 @@ class HugetlbPool:
 
 def hugetlb_populate(mm, vma):
     """Take the mapping's pages from the pool (its reservation) and map them; ENOMEM when the
-    pool cannot serve it."""
+    pool cannot serve it.  A shared mapping's pages belong to its object (``vma.file``, the
+    hugetlbfs inode of MAP_SHARED | MAP_ANONYMOUS), which holds a reference to each, so that
+    fork shares them and MADV_DONTNEED only unmaps them."""
     pool = mm.phys.hugetlb
     n = vma.npages // _NR
     heads = pool.alloc(n) if pool is not None else None
@@ -94,9 +99,22 @@ def hugetlb_populate(mm, vma):
         free = 0 if pool is None else pool.nr_free()
         raise oserror(errno.ENOMEM, f"MAP_HUGETLB: {n} huge pages wanted, {free} free in the pool "
                       f"(System(hugetlb_pages=...))", vma.start, vma.end)
+    groups = np.arange(0, vma.npages, _NR, dtype=np.int64)
     with mm.phys.lock:
-        _map_new(mm, vma, np.arange(0, vma.npages, _NR, dtype=np.int64), heads,
-                 bool(vma.vm_flags & VM_WRITE))
+        if vma.file is not None:
+            cache, pages = vma.file, mm.phys.folio_pages(heads)
+            index = vma.pgoff + (groups[:, None] + _ARANGE).reshape(-1)
+            cache._grow(int(index[-1]) + 1)
+            cache.pfn_of[index] = pages
+            mm.phys.pages.mapping[pages] = cache.id
+            mm.phys.pages.index[pages] = index
+            _map_shared(mm, vma, groups, bool(vma.vm_flags & VM_WRITE))
+        else:
+            _map_new(mm, vma, groups, heads, bool(vma.vm_flags & VM_WRITE))
+
+
+def _pte_flags(writable):
+    return pt.PTE_YOUNG | pt.PTE_HUGE | ((pt.PTE_WRITE | pt.PTE_DIRTY) if writable else np.uint64(0))
 
 
 def _map_new(mm, vma, groups, heads, writable):
@@ -105,8 +123,19 @@ def _map_new(mm, vma, groups, heads, writable):
     idx = (groups[:, None] + _ARANGE).reshape(-1)
     pg.flags[pages] |= PG_ANON | PG_ANON_EXCLUSIVE
     pg.mapcount[pages] += 1
-    flags = pt.PTE_YOUNG | pt.PTE_HUGE | ((pt.PTE_WRITE | pt.PTE_DIRTY) if writable else np.uint64(0))
-    vma.pte[idx] = pt.mk_pte(pages, flags)
+    vma.pte[idx] = pt.mk_pte(pages, _pte_flags(writable))
+    mm.maybe_huge = True
+
+
+def _map_shared(mm, vma, groups, writable):
+    """Map the object's pages at entries ``groups`` (+511 each) of a shared mapping: each entry
+    takes a reference and a mapcount (phys.lock held)."""
+    pg = mm.phys.pages
+    idx = (groups[:, None] + _ARANGE).reshape(-1)
+    pages = vma.file.pfn_of[vma.pgoff + idx]
+    pg.refcount[pages] += 1
+    pg.mapcount[pages] += 1
+    vma.pte[idx] = pt.mk_pte(pages, _pte_flags(writable))
     mm.maybe_huge = True
 
 
@@ -120,6 +149,8 @@ def hugetlb_fault(mm, vma, i0, i1, write, unshare):
     phys = mm.phys
     pg = phys.pages
     groups = np.arange(i0 // _NR * _NR, -(-i1 // _NR) * _NR, _NR, dtype=np.int64)
+    if vma.file is not None:
+        return _shared_fault(mm, vma, groups, write)
     with phys.lock:
         head = vma.pte[groups].copy()
     none = head == 0
@@ -170,3 +201,18 @@ def hugetlb_fault(mm, vma, i0, i1, write, unshare):
                 phys.put(op, unique=True)
             _map_new(mm, vma, g, heads, write)
     return False
+
+
+def _shared_fault(mm, vma, groups, write):
+    """hugetlb_fault() in a shared mapping: the object's page is mapped again (after
+    MADV_DONTNEED) or made writable, never copied.  True when nothing was left to do."""
+    with mm.phys.lock:
+        head = vma.pte[groups]
+        none = head == 0
+        if none.any():
+            _map_shared(mm, vma, groups[none], write)
+        ro = ~none & ((head & pt.PTE_WRITE) == 0)
+        if write and ro.any():
+            idx = (groups[ro][:, None] + _ARANGE).reshape(-1)
+            vma.pte[idx] |= pt.PTE_WRITE | pt.PTE_DIRTY | pt.PTE_YOUNG
+        return not (none.any() or (write and ro.any()))

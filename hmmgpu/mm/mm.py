@@ -182,19 +182,21 @@ class MM:
         shmem = np.count_nonzero(kind == PG_SWAPBACKED)
         zero = np.count_nonzero(_zero(self.phys, pfns))          # their flags say neither
         if self.maybe_huge:
-            tlb = np.count_nonzero(kind & PG_HUGETLB)
-            return anon - tlb, pfns.size - anon - shmem - zero, shmem
+            tlb = (kind & PG_HUGETLB) != 0
+            tlb_anon = np.count_nonzero(tlb & ((kind & PG_ANON) != 0))     # private hugetlb
+            tlb_shared = np.count_nonzero(tlb) - tlb_anon
+            return anon - tlb_anon, pfns.size - anon - shmem - zero - tlb_shared, shmem
         return anon, pfns.size - anon - shmem - zero, shmem
 
     def _account(self, pfns, sign):
         anon, file, shmem = self._rss_counts(np.asarray(pfns, dtype=np.int64))
-        rss = self.rss
-        rss["anon"] += sign * anon
-        rss["file"] += sign * file
-        rss["shmem"] += sign * shmem
+        rss = self.rss              # Python ints, as proc.rss hands them out (JSON, repr)
+        rss["anon"] += sign * int(anon)
+        rss["file"] += sign * int(file)
+        rss["shmem"] += sign * int(shmem)
 
     def add_rss(self, kind, n):
-        self.rss[kind] += n
+        self.rss[kind] += int(n)
 
     # -- mapping and unmapping pages (the rmap side) --------------------------------
     def _map(self, vma, idx, pfns, flags, take_ref=True):
@@ -564,11 +566,23 @@ class MM:
         return None
 
     # -- mmap / munmap -----------------------------------------------------------------
+    def _free_hint(self, hint, length, align):
+        """The hint of a mmap without MAP_FIXED, as Linux takes it: rounded down to the page
+        (round_hint_to_min), raised to mmap_min_addr, rounded down to ``align`` (a huge page's
+        size for hugetlb), and used when [hint, hint + length) is free.  None otherwise."""
+        hint &= PAGE_MASK
+        if hint and hint < MMAP_MIN_ADDR:
+            hint = MMAP_MIN_ADDR
+        hint -= hint % align
+        if hint and hint + length <= TASK_SIZE and not self.vmas_in(hint, hint + length):
+            return hint
+        return None
+
     def get_unmapped_area(self, length, hint=0):
-        """Top-down search below MMAP_BASE, honouring a free, aligned hint first."""
-        if hint and hint % PAGE_SIZE == 0 and MMAP_MIN_ADDR <= hint and hint + length <= TASK_SIZE:
-            if not self.vmas_in(hint, hint + length):
-                return hint
+        """Top-down search below MMAP_BASE, honouring a free hint first (see _free_hint)."""
+        got = self._free_hint(hint, length, PAGE_SIZE)
+        if got is not None:
+            return got
         cand = self.vmas.empty_area_rev(length, MMAP_MIN_ADDR, MMAP_BASE)
         if cand is None:
             raise oserror(errno.ENOMEM, f"no free range of {length} bytes in the address space")
@@ -596,9 +610,6 @@ class MM:
             if not flags & MAP_ANONYMOUS:
                 raise oserror(errno.EINVAL, "MAP_HUGETLB needs MAP_ANONYMOUS (hugetlbfs files are not "
                               "emulated)", addr, addr + length)
-            if mtype == MAP_SHARED:
-                raise oserror(errno.EINVAL, "MAP_HUGETLB | MAP_SHARED is not emulated (private hugetlb "
-                              "mappings only)", addr, addr + length)
             length = -(-length // PMD_SIZE) * PMD_SIZE
             if length > TASK_SIZE:
                 raise oserror(errno.ENOMEM, "mmap length is larger than the user address space", addr)
@@ -642,6 +653,8 @@ class MM:
                     start = addr
                 elif huge:
                     start = self._hugetlb_unmapped_area(length, addr)
+                elif anonymous and mtype == MAP_PRIVATE and not addr:
+                    start = self._anon_unmapped_area(length)
                 else:
                     start = self.get_unmapped_area(length, addr)
                 self._check_budget(start, start + length, length >> PAGE_SHIFT)
@@ -686,11 +699,26 @@ class MM:
 
     def _hugetlb_unmapped_area(self, length, hint):
         """hugetlb_get_unmapped_area(): a 2 MiB aligned free range."""
-        if hint and hint % PMD_SIZE == 0 and MMAP_MIN_ADDR <= hint and hint + length <= TASK_SIZE:
-            if not self.vmas_in(hint, hint + length):
-                return hint
+        got = self._free_hint(hint, length, PMD_SIZE)
+        if got is not None:
+            return got
+        return self._pmd_aligned_area(length)
+
+    def _pmd_aligned_area(self, length):
         start = self.get_unmapped_area(length + PMD_SIZE)
         return -(-start // PMD_SIZE) * PMD_SIZE
+
+    def _anon_unmapped_area(self, length):
+        """__get_unmapped_area() for private anonymous memory without a hint: since Linux 6.7
+        (thp_get_unmapped_area) a length that is a multiple of 2 MiB gets a 2 MiB aligned
+        range, so that the whole of it can be THP-mapped; anything else, or no room for the
+        padding, the plain search."""
+        if length % PMD_SIZE == 0:
+            try:
+                return self._pmd_aligned_area(length)
+            except OSError:
+                pass
+        return self.get_unmapped_area(length)
 
     def _check_hugetlb_edges(self, start, end, what):
         """hugetlb_split(): a hugetlb VMA may only be cut on a 2 MiB boundary (EINVAL)."""
@@ -922,16 +950,22 @@ class MM:
         if end == addr:
             return
         with self.mmap_lock.read():
-            cur = addr
+            # mm/msync.c: holes are skipped (what is mapped after one is synced too) and
+            # reported at the end; MS_ASYNC, which writes nothing, stops at the first
+            cur, hole = addr, None
             for v in self.vmas_in(addr, end):
                 if v.start > cur:
-                    break
+                    hole = cur if hole is None else hole
+                    if not flags & MS_SYNC:
+                        break
                 if v.shared and v.file is not None and not v.file.shmem and flags & MS_SYNC:
                     s, e = max(v.start, addr), min(v.end, end)
                     self.system.writeback_range(v.file, v.pgoff + v.idx(s), v.pgoff + v.idx(e - 1) + 1)
                 cur = v.end
-            if cur < end:
-                raise oserror(errno.ENOMEM, "msync: part of the range is not mapped", max(cur, addr), end)
+            if hole is None and cur < end:
+                hole = cur
+            if hole is not None:
+                raise oserror(errno.ENOMEM, "msync: part of the range is not mapped", hole, end)
 
     def mkclean(self, vma, i0, i1):
         """page_vma_mkclean_one() over PTEs [i0, i1) of a shared file VMA.
@@ -991,11 +1025,24 @@ class MM:
                 raise oserror(errno.EFAULT, "mremap: old range is not one mapping", old_addr,
                               min(old_addr + old_size, 1 << 64))
             if vma.vm_flags & VM_HUGETLB:
-                raise oserror(errno.EINVAL, "mremap of a hugetlb mapping is not emulated", old_addr,
-                              old_addr + old_size)
+                # Linux 5.17+: sizes in whole huge pages, 2 MiB aligned addresses, and no growing
+                # (the pool's reservation cannot be split)
+                old_size = -(-old_size // PMD_SIZE) * PMD_SIZE
+                new_size = -(-new_size // PMD_SIZE) * PMD_SIZE
+                if old_addr % PMD_SIZE or (flags & MREMAP_FIXED and new_addr % PMD_SIZE):
+                    raise oserror(errno.EINVAL, "mremap: a hugetlb mapping moves between 2 MiB aligned "
+                                  "addresses", old_addr, old_addr + old_size)
+                if new_size > old_size:
+                    raise oserror(errno.EINVAL, "mremap: a hugetlb mapping cannot grow", old_addr,
+                                  old_addr + new_size)
+                if old_size > vma.end - old_addr:
+                    raise oserror(errno.EFAULT, "mremap: old range is not one mapping", old_addr,
+                                  old_addr + old_size)
             if flags & MREMAP_DONTUNMAP and vma.vm_flags & (VM_DONTEXPAND | VM_PFNMAP):
                 raise oserror(errno.EINVAL, "mremap: MREMAP_DONTUNMAP on a VM_DONTEXPAND/VM_PFNMAP mapping",
                               old_addr, old_addr + old_size)
+            # where a move goes: as a new mapping of that kind would (no hint)
+            unmapped_area = self._anon_unmapped_area if vma_is_anonymous(vma) else self.get_unmapped_area
             if not flags & (MREMAP_FIXED | MREMAP_DONTUNMAP):
                 if new_size <= old_size:
                     if new_size < old_size:
@@ -1014,11 +1061,11 @@ class MM:
                 if not flags & MREMAP_MAYMOVE:
                     raise oserror(errno.ENOMEM, "mremap: cannot grow in place and MREMAP_MAYMOVE not given",
                                   old_addr, old_addr + new_size)
-                dest = self.get_unmapped_area(new_size)
+                dest = unmapped_area(new_size)
             elif flags & MREMAP_FIXED:
                 dest = new_addr
             else:
-                dest = self.get_unmapped_area(new_size)
+                dest = unmapped_area(new_size)
             kept = 0 if flags & MREMAP_DONTUNMAP else old_size
             self._check_budget(dest, dest + new_size, (new_size - kept) >> PAGE_SHIFT)
             if flags & MREMAP_FIXED:
@@ -1236,14 +1283,24 @@ class MM:
         child._account(p, +1)
 
     def teardown(self):
-        """exit_mmap(): every mapping goes (UNMAP events after the RELEASE)."""
+        """exit_mmap(): every mapping goes (UNMAP events after the RELEASE).
+
+        What the process wrote through its shared file mappings is written back first, even
+        where another process still maps the file: in Linux a read(2) of the file sees it at
+        once through the page cache; here the file sees it when it is written back.  A write
+        error is raised once the address space is gone all the same."""
         from .notifier import mmu_notifier_release
         with self.mmap_lock.write():
-            mmu_notifier_release(self)
-            for v in list(self.vmas):
-                with invalidation(self, v.start, v.end, MMU_NOTIFY_UNMAP):
-                    self._zap(v, 0, v.npages)
-                self._remove(v)
-                self._release_backing(v)
-            self.dead = True
+            try:
+                for v in list(self.vmas):
+                    if v.shared and v.file is not None and not v.file.shmem:
+                        self.system.writeback_range(v.file, v.pgoff, v.pgoff + v.npages)
+            finally:
+                mmu_notifier_release(self)
+                for v in list(self.vmas):
+                    with invalidation(self, v.start, v.end, MMU_NOTIFY_UNMAP):
+                        self._zap(v, 0, v.npages)
+                    self._remove(v)
+                    self._release_backing(v)
+                self.dead = True
 
