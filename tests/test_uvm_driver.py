@@ -431,7 +431,7 @@ def test_prefetch_to_the_device_and_back(mm_system_factory):
 
 
 def test_a_fatal_fault_names_the_page_that_failed(mm_system_factory):
-    """As MirrorGpu: reduce_sum over pages whose fourth is PROT_NONE names that page (EFAULT); a
+    """reduce_sum over pages whose fourth is PROT_NONE names that page (EFAULT); a
     hole past the VMA is EFAULT at its page; a write to a read-only mapping is EPERM at its page,
     and nothing is written there; the pages before the bad one were serviced (migrated)."""
     system = mm_system_factory(ram_bytes=48 << 20)
@@ -457,7 +457,7 @@ def test_a_fatal_fault_names_the_page_that_failed(mm_system_factory):
     drv.close()
 
 
-# -- the hmm_range_fault path (pages that stay in system memory), as MirrorGpu's tests have it ------
+# -- the hmm_range_fault path (pages that stay in system memory) ------------------------------------
 def remote_only(system, proc, a, n, **kw):
     """A driver whose faults map the pages remotely (their preferred location is the CPU)."""
     drv = UvmDriver(system, proc, **kw)

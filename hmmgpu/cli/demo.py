@@ -275,7 +275,7 @@ def device_pages(drv):
     """Pages of the driver's device memory in use (its figures: device_bytes less what is free)."""
     from ..constants import PAGE_SIZE
     s = drv.stats()
-    return (s["ndevices"] * s["device_bytes"] - s["device_free_bytes"]) // PAGE_SIZE
+    return (s["device_bytes"] - s["device_free_bytes"]) // PAGE_SIZE
 
 
 def driver_pgmaps(system, drv):

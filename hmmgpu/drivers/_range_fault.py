@@ -1,6 +1,6 @@
-"""The hmm_range_fault side of a mirroring driver's fault service, shared by MirrorGpu and
-UvmDriver: faulted pages split by VMA into runs, one hmm_range_fault per run under one
-mmu_interval_read_begin, one device page-table update for all of them under the driver lock
+"""The hmm_range_fault side of a mirroring driver's fault service (each device of UvmDriver, a
+UvmGpu, mixes it in): faulted pages split by VMA into runs, one hmm_range_fault per run under
+one mmu_interval_read_begin, one device page-table update for all of them under the driver lock
 after mmu_interval_read_retry -- the loop of Documentation/mm/hmm.rst's driver example.
 
 A driver that mixes ``RangeFaultMirror`` in has ``proc``, ``system``, ``device``, ``mni`` and

@@ -1,7 +1,7 @@
 """UvmDriver: nvidia-uvm's fault path, oversubscription and heuristics on the HMM core.
 
-One driver, grown from MirrorGpu: it mirrors the whole address space of a process into
-``ndevices`` devices of its own (each an EmulatedDevice whose memory is one device-private
+One driver (it replaced MirrorGpu, the fault-batching driver it grew from): it mirrors the
+whole address space of a process into ``ndevices`` devices of its own (each an EmulatedDevice whose memory is one device-private
 ``dev_pagemap``, managed by its own ``Pmm`` in 2 MiB root chunks split to 64 KiB and 4 KiB),
 runs device jobs (``drv.jobs``, ``drv.device(i).jobs``), and services each device's drains of
 replayable faults as uvm_gpu_replayable_faults.c / uvm_va_block.c do a batch:
@@ -1225,14 +1225,16 @@ class UvmDriver:
         return c
 
     def stats(self):
-        """The devices' figures (page tables, DMA engines, jobs; summed) with the counters and the clock."""
+        """The devices' figures (page tables, DMA engines, jobs, device memory and what is free of
+        it: summed over the devices) with the counters and the clock."""
         s = {}
         for g in self.gpus:
             for k, v in g.hw.stats().items():
                 s[k] = s.get(k, 0) + v
         s.update(getattr(self.system.backend, "counters", None) or {})     # the backend's totals, once
         s.update(self.counters)
-        s.update({"modelled_s": self.clock.now, "ndevices": self.ndevices, "device_bytes": self.device_bytes,
+        s.update({"modelled_s": self.clock.now, "ndevices": self.ndevices,
+                  "device_bytes": self.ndevices * self.device_bytes,
                   "device_free_bytes": sum(g.pmm.free_bytes() for g in self.gpus),
                   "root_chunks_evicted": sum(g.pmm.stats["root_chunks_evicted"] for g in self.gpus)})
         return s
