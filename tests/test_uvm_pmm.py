@@ -330,7 +330,7 @@ def test_alloc_many_is_one_alloc_per_request(nroots, policy, steps):
     alloc call per request does -- with and without eviction, whatever the history."""
     import random
     a, b = _Replayed(nroots, policy), _Replayed(nroots, policy)
-    held = []                        # (frame, pinned) of the chunks both hold
+    held = {}                        # first frame -> pinned, of the chunks both hold
     for op, reqs, size, evict, seed in steps:
         rng = random.Random(seed)
         if op in ("batch", "alloc"):
@@ -343,21 +343,23 @@ def test_alloc_many_is_one_alloc_per_request(nroots, policy, steps):
             frames, got = b.p.alloc_many(counts, size, owners, evict=b.evict if evict else None, policy=b.policy)
             assert got.tolist() == [f.size for f in seq]
             assert frames.tolist() == np.concatenate(seq).tolist()
-            held = [h for h in held if a.p._leaf_level([h[0]])[0] >= 0] + [(f, True) for f in frames.tolist()]
+            held = {f: pinned for f, pinned in held.items() if a.p._leaf_level([f])[0] >= 0}    # not evicted
+            held.update((f, True) for f in frames.tolist())
         elif op == "unpin":
-            pick = sorted(f for f, pinned in held if pinned and rng.random() < 0.7)
+            pick = sorted(f for f, pinned in held.items() if pinned and rng.random() < 0.7)
             if pick:
                 a.p.unpin_allocated(pick)
                 b.p.unpin_allocated(pick)
-                held = [(f, pinned and f not in pick) for f, pinned in held]
+                held.update((f, False) for f in pick)
         elif op == "free":
-            pick = sorted(f for f, _ in held if rng.random() < 0.4)
+            pick = sorted(f for f in held if rng.random() < 0.4)
             if pick:
                 a.p.free(pick)
                 b.p.free(pick)
-                held = [h for h in held if h[0] not in pick]
+                for f in pick:
+                    del held[f]
         elif held:
-            f = rng.choice(held)[0]
+            f = rng.choice(sorted(held))
             a.p.mark_root_chunk_used([f])
             b.p.mark_root_chunk_used([f])
         assert _canonical(a.p) == _canonical(b.p)

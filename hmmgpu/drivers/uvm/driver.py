@@ -76,7 +76,8 @@ from .pmm import CHUNK_STATE_TEMP_PINNED, FRAMES_PER_ROOT, UVM_CHUNK_SIZE_4K, UV
 from .registry import make_policies
 from .va_block import (PAGES_PER_UVM_VA_BLOCK, UVM_ID_CPU, UVM_ID_INVALID, UVM_MAKE_RESIDENT_CAUSE_ACCESS_COUNTER,
                        UVM_MAKE_RESIDENT_CAUSE_API_MIGRATE, UVM_MAKE_RESIDENT_CAUSE_PREFETCH,
-                       UVM_MAKE_RESIDENT_CAUSE_REPLAYABLE_FAULT, UVM_PROT_READ_WRITE, VaBlocks, uvm_gpu_id)
+                       UVM_MAKE_RESIDENT_CAUSE_REPLAYABLE_FAULT, UVM_PROT_READ_WRITE, VaBlocks, group_sorted,
+                       uvm_gpu_id)
 
 _U = np.uint64
 _MIGRATE = _U(MIGRATE_PFN_MIGRATE)
@@ -398,7 +399,7 @@ class UvmDriver:
         pos, counts, owners = [], [], []
         for part in (np.arange(n), np.arange(n, rows.size)):
             if part.size:
-                u, inv, cnt = np.unique(rows[part], return_inverse=True, return_counts=True)
+                u, inv, cnt = group_sorted(rows[part])
                 pos.append(part[np.argsort(inv, kind="stable")])     # block by block, in page order
                 counts.append(cnt)
                 owners.append(u)
@@ -588,7 +589,7 @@ class UvmDriver:
     def _masks(self, vpns):
         """(unique rows, rows x 512 masks) of the pages ``vpns`` (rows created as needed)."""
         vpns = np.asarray(vpns, np.int64)
-        ub, inv = np.unique(vpns // PAGES, return_inverse=True)
+        ub, inv, _ = group_sorted(vpns // PAGES)
         rows = self.blocks.rows_of_blocks(ub)
         masks = np.zeros((ub.size, PAGES), bool)
         masks[inv, vpns % PAGES] = True
@@ -935,7 +936,7 @@ class UvmDriver:
             self.blocks.remote[g.id, rows, pg] = False
             if mf.size:
                 g.pmm.unpin_allocated(mf)
-        nblocks = int(np.unique(mv // PAGES).size)
+        nblocks = group_sorted(mv // PAGES)[0].size
         self._charge(self.cost.block_service_ns(nblocks), "block_service")
         self._count(g, num_pages_in=mv.size)
         with self.pmm_lock:

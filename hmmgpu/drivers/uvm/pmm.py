@@ -23,6 +23,7 @@ modelled: root chunks not in use are simply free 2 MiB chunks, handed out in lis
 import numpy as np
 
 from ...device.clock import PAGE_SIZE
+from .va_block import group_sorted
 
 UVM_CHUNK_SIZE_4K = 4 << 10
 UVM_CHUNK_SIZE_64K = 64 << 10
@@ -131,10 +132,13 @@ class Pmm:
         roots = np.asarray(roots, np.int64)
         if roots.size == 0:
             return
-        rev = roots[::-1]
-        uniq, first_in_rev = np.unique(rev, return_index=True)
-        order = np.argsort(-(first_in_rev.astype(np.int64)), kind="stable")  # by last touch, oldest first
-        roots = uniq[order]
+        if np.any(roots[1:] < roots[:-1]):
+            rev = roots[::-1]
+            uniq, first_in_rev = np.unique(rev, return_index=True)
+            order = np.argsort(-(first_in_rev.astype(np.int64)), kind="stable")  # by last touch, oldest first
+            roots = uniq[order]
+        else:                            # ascending: the last touches are in that order too
+            roots = group_sorted(roots)[0]
         off = ((self.pinned[roots] > 0) | (self.state[0][roots] == CHUNK_STATE_FREE) | self.in_eviction[roots])
         self.alloc_list[roots[off]] = ALLOC_LIST_NONE
         self.list_seq[roots[off]] = -1
@@ -157,7 +161,7 @@ class Pmm:
         frames = np.asarray(frames, np.int64).ravel()
         if frames.size and (frames.min() < 0 or frames.max() >= self.nframes):
             raise PmmError(f"{what}: frame out of range [0, {self.nframes})")
-        if np.unique(frames).size != frames.size:
+        if np.any(frames[1:] <= frames[:-1]) and np.unique(frames).size != frames.size:   # ascending: no twice
             raise PmmError(f"{what}: a chunk is named twice")
         return frames
 
@@ -344,7 +348,7 @@ class Pmm:
 
     def _mark_use(self, roots):
         if roots.size:
-            u = np.unique(roots)
+            u = group_sorted(roots)[0]
             self.use_count[u] += 1
             self.last_used_ns[u] = self._now()
 
