@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from hmmgpu.drivers.uvm.va_block import (UVM_ID_CPU, UVM_PROT_READ_ONLY, UVM_PROT_READ_WRITE, Topology, VaBlocks,
-                                         uvm_gpu_id)
+                                         group_sorted, uvm_gpu_id)
 
 CPU, G0, G1 = UVM_ID_CPU, uvm_gpu_id(0), uvm_gpu_id(1)
 
@@ -130,3 +130,19 @@ def test_closest_resident_and_topology():
     t = Topology(3)
     assert t.can_all_access(np.array([0b011, 0b111]), np.array([CPU, G1])).tolist() == [True, False]
     assert t.closest_in(np.array([0b110, 0b001, 0]), G0).tolist() == [G0, CPU, -1]
+
+
+def test_group_sorted_is_np_unique_and_rows_of_many_pages_are_rows_of_each():
+    rng = np.random.default_rng(4)
+    for x in (np.zeros(0, np.int64), np.array([7]), np.repeat(np.arange(5, 12), rng.integers(1, 9, 7)),
+              rng.integers(0, 40, 300)):
+        got = group_sorted(x)
+        want = np.unique(x, return_inverse=True, return_counts=True)
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    vb = VaBlocks()
+    vb.rows_of_blocks(np.array([9, 3]))
+    blocks = np.repeat(np.array([2, 3, 9, 11]), 300)       # many pages: looked up block by block
+    rows = vb.rows_of_blocks(blocks)
+    assert rows.tolist() == [vb.rows_of_blocks([b])[0] for b in blocks.tolist()]
+    assert vb.blocks[rows].tolist() == blocks.tolist()
+    assert vb.rows_of_blocks(blocks[::-1], create=False).tolist() == rows[::-1].tolist()

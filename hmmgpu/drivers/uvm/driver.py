@@ -76,7 +76,8 @@ from .pmm import CHUNK_STATE_TEMP_PINNED, FRAMES_PER_ROOT, UVM_CHUNK_SIZE_4K, UV
 from .registry import make_policies
 from .va_block import (PAGES_PER_UVM_VA_BLOCK, UVM_ID_CPU, UVM_ID_INVALID, UVM_MAKE_RESIDENT_CAUSE_ACCESS_COUNTER,
                        UVM_MAKE_RESIDENT_CAUSE_API_MIGRATE, UVM_MAKE_RESIDENT_CAUSE_PREFETCH,
-                       UVM_MAKE_RESIDENT_CAUSE_REPLAYABLE_FAULT, UVM_PROT_READ_WRITE, VaBlocks, uvm_gpu_id)
+                       UVM_MAKE_RESIDENT_CAUSE_REPLAYABLE_FAULT, UVM_PROT_READ_WRITE, VaBlocks, group_sorted,
+                       uvm_gpu_id)
 
 _U = np.uint64
 _MIGRATE = _U(MIGRATE_PFN_MIGRATE)
@@ -388,10 +389,29 @@ class UvmDriver:
                     self.blocks.resident[UVM_ID_CPU, r, p] = ~self.blocks.resident[1:, r, p].any(axis=0)
                 g.pmm.free(frames)
 
-    def _alloc(self, g, n, owner):
-        """``n`` 4 KiB frames of device ``g`` for VA block row ``owner``, TEMP_PINNED, evicting
-        root chunks as the eviction policy chooses; fewer when nothing more can be evicted."""
-        return g.pmm.alloc(n, UVM_CHUNK_SIZE_4K, owner, evict=g.evict_root, policy=self.policy["eviction"])
+    def _alloc(self, g, rows, nfirst=None):
+        """4 KiB frames of device ``g`` for pages whose VA block rows are ``rows`` (-1 for a page
+        that got none), TEMP_PINNED, evicting root chunks as the eviction policy chooses: one PMM
+        request per block, in row order -- the first ``nfirst`` pages' blocks (the faulted pages)
+        before the rest's (pmm_lock held)."""
+        rows = np.asarray(rows, np.int64)
+        n = rows.size if nfirst is None else int(nfirst)
+        pos, counts, owners = [], [], []
+        for part in (np.arange(n), np.arange(n, rows.size)):
+            if part.size:
+                u, inv, cnt = group_sorted(rows[part])
+                pos.append(part[np.argsort(inv, kind="stable")])     # block by block, in page order
+                counts.append(cnt)
+                owners.append(u)
+        frames = np.full(rows.size, -1, np.int64)
+        if not pos:
+            return frames
+        pos, counts = np.concatenate(pos), np.concatenate(counts)
+        got_frames, got = g.pmm.alloc_many(counts, UVM_CHUNK_SIZE_4K, np.concatenate(owners), evict=g.evict_root,
+                                           policy=self.policy["eviction"])
+        rank = np.arange(pos.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        frames[pos[rank < np.repeat(got, counts)]] = got_frames     # a short request: its first pages
+        return frames
 
     def _evict(self, g, root, frames, owners):
         """Every page of root chunk ``root`` of device ``g`` back to system memory."""
@@ -569,7 +589,7 @@ class UvmDriver:
     def _masks(self, vpns):
         """(unique rows, rows x 512 masks) of the pages ``vpns`` (rows created as needed)."""
         vpns = np.asarray(vpns, np.int64)
-        ub, inv = np.unique(vpns // PAGES, return_inverse=True)
+        ub, inv, _ = group_sorted(vpns // PAGES)
         rows = self.blocks.rows_of_blocks(ub)
         masks = np.zeros((ub.size, PAGES), bool)
         masks[inv, vpns % PAGES] = True
@@ -639,13 +659,8 @@ class UvmDriver:
         """Read-duplicate ``vpns`` (sorted, CPU pages of ``vma``) on device ``g``: a device copy
         mapped read-only locally beside the CPU's, whose soft-dirty bits are reset first so that
         a CPU write shows.  Returns the vpns duplicated."""
-        frames = np.full(vpns.size, -1, np.int64)
         with self.pmm_lock:
-            rows = self.blocks.rows_of_blocks(vpns // PAGES)
-            for r in np.unique(rows):                       # one allocation per block
-                idx = np.flatnonzero(rows == r)
-                f = self._alloc(g, idx.size, int(r))
-                frames[idx[:f.size]] = f
+            frames = self._alloc(g, self.blocks.rows_of_blocks(vpns // PAGES))
         have = frames >= 0
         unused = frames[~have]
         vpns, frames = vpns[have], frames[have]
@@ -866,17 +881,9 @@ class UvmDriver:
             keep = ~self.blocks.resident[g.id, rows, want % PAGES]
             nfault = int(np.count_nonzero(keep[:nfault]))
             want = want[keep]
-        frames = np.full(want.size, -1, np.int64)
         with self.pmm_lock:
-            # device memory first, faulted pages before prefetched ones, one allocation per block
-            for part in (np.arange(nfault), np.arange(nfault, want.size)):
-                if part.size == 0:
-                    continue
-                rows = self.blocks.rows_of_blocks(want[part] // PAGES)
-                for r in np.unique(rows):
-                    idx = part[rows == r]
-                    f = self._alloc(g, idx.size, int(r))
-                    frames[idx[:f.size]] = f
+            # device memory first, faulted pages before prefetched ones, one request per block
+            frames = self._alloc(g, rows[keep], nfault)
         have = frames >= 0
         order = np.argsort(want[have], kind="stable")
         vp, fr = want[have][order], frames[have][order]
@@ -929,7 +936,7 @@ class UvmDriver:
             self.blocks.remote[g.id, rows, pg] = False
             if mf.size:
                 g.pmm.unpin_allocated(mf)
-        nblocks = int(np.unique(mv // PAGES).size)
+        nblocks = group_sorted(mv // PAGES)[0].size
         self._charge(self.cost.block_service_ns(nblocks), "block_service")
         self._count(g, num_pages_in=mv.size)
         with self.pmm_lock:

@@ -31,7 +31,7 @@ import numpy as np
 from .policy import Knob, Policy
 from .va_block import (PAGES_PER_UVM_VA_BLOCK, UVM_ID_CPU, UVM_ID_INVALID, UVM_MAKE_RESIDENT_CAUSE_ACCESS_COUNTER,
                        UVM_MAKE_RESIDENT_CAUSE_EVICTION, UVM_MAKE_RESIDENT_CAUSE_PREFETCH,
-                       UVM_MAKE_RESIDENT_CAUSE_REPLAYABLE_FAULT, Topology)
+                       UVM_MAKE_RESIDENT_CAUSE_REPLAYABLE_FAULT, Topology, group_sorted)
 
 PAGES = PAGES_PER_UVM_VA_BLOCK
 NEVER = -1
@@ -348,7 +348,7 @@ class UvmThrashing(ThrashingPolicy):
     # -- hints ---------------------------------------------------------------------------------------
     def _epoch_resets(self, rows, now):
         """Blocks quiet for an epoch forget their per-page history (at most max_resets times)."""
-        u = np.unique(rows)
+        u = group_sorted(rows)[0]
         due = u[(self.b_prow[u] >= 0) & (self.b_last_thrashing_ts[u] != NEVER)
                 & (now - self.b_last_thrashing_ts[u] > self.epoch_ns) & (self.b_pinned_count[u] == 0)
                 & (self.b_reset_count[u] < self.uvm_perf_thrashing_max_resets)]

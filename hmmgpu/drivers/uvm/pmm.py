@@ -23,6 +23,7 @@ modelled: root chunks not in use are simply free 2 MiB chunks, handed out in lis
 import numpy as np
 
 from ...device.clock import PAGE_SIZE
+from .va_block import group_sorted
 
 UVM_CHUNK_SIZE_4K = 4 << 10
 UVM_CHUNK_SIZE_64K = 64 << 10
@@ -131,10 +132,13 @@ class Pmm:
         roots = np.asarray(roots, np.int64)
         if roots.size == 0:
             return
-        rev = roots[::-1]
-        uniq, first_in_rev = np.unique(rev, return_index=True)
-        order = np.argsort(-(first_in_rev.astype(np.int64)), kind="stable")  # by last touch, oldest first
-        roots = uniq[order]
+        if np.any(roots[1:] < roots[:-1]):
+            rev = roots[::-1]
+            uniq, first_in_rev = np.unique(rev, return_index=True)
+            order = np.argsort(-(first_in_rev.astype(np.int64)), kind="stable")  # by last touch, oldest first
+            roots = uniq[order]
+        else:                            # ascending: the last touches are in that order too
+            roots = group_sorted(roots)[0]
         off = ((self.pinned[roots] > 0) | (self.state[0][roots] == CHUNK_STATE_FREE) | self.in_eviction[roots])
         self.alloc_list[roots[off]] = ALLOC_LIST_NONE
         self.list_seq[roots[off]] = -1
@@ -157,7 +161,7 @@ class Pmm:
         frames = np.asarray(frames, np.int64).ravel()
         if frames.size and (frames.min() < 0 or frames.max() >= self.nframes):
             raise PmmError(f"{what}: frame out of range [0, {self.nframes})")
-        if np.unique(frames).size != frames.size:
+        if np.any(frames[1:] <= frames[:-1]) and np.unique(frames).size != frames.size:   # ascending: no twice
             raise PmmError(f"{what}: a chunk is named twice")
         return frames
 
@@ -168,10 +172,16 @@ class Pmm:
             raise ValueError(f"chunk size {size} is not one of {sorted(self.sizes)}") from None
 
     # -- allocation --------------------------------------------------------------------------------
-    def _claim(self, level, n):
+    def _claim(self, level, n, note=True):
         """claim_free_chunk + alloc_chunk_with_splits for ``n`` chunks of one level: free chunks in
         free-list order first, then the first subchunks of split bigger chunks.  Returns the chunk
-        numbers, now TEMP_PINNED (fewer than ``n`` when memory runs out)."""
+        numbers, now TEMP_PINNED (fewer than ``n`` when memory runs out); without ``note`` the
+        roots taken from the free list are left for the caller to stamp (``_note_requests``).
+
+        Claims compose: one claim of n1 + n2 chunks takes the chunks that a claim of n1 and then
+        one of n2 take, in the same order, and leaves the same spare subchunks free, because a
+        claim splits a bigger chunk only once the free list of its level is empty and the spares
+        of a split go to the tail of that list.  ``alloc_many`` relies on it."""
         st = self.state[level]
         free = np.flatnonzero(st == CHUNK_STATE_FREE)
         if free.size:
@@ -181,12 +191,13 @@ class Pmm:
         free = free[np.argsort(self.free_seq[level][free], kind="stable")]
         if free.size:
             self._set_state(level, free, CHUNK_STATE_TEMP_PINNED)
-            self._note_root_alloc(self.root_of(level, free))
+            if note:
+                self._note_root_alloc(self.root_of(level, free))
         rest = n - free.size
         if rest == 0 or level == 0:
             return free
         ratio = self.ratio[level]
-        parents = self._claim(level - 1, -(-rest // ratio))
+        parents = self._claim(level - 1, -(-rest // ratio), note)
         if parents.size == 0:
             return free
         children = (parents[:, None] * ratio + np.arange(ratio)).ravel()
@@ -218,15 +229,83 @@ class Pmm:
         NV_ERR_MORE_PROCESSING_REQUIRED, for the caller to back off.  ``evict`` may raise
         EvictionFailed for a root it cannot evict now; the PMM then tries another victim.
         """
-        level = self._level_of_size(size)
+        self._level_of_size(size)
         n = int(n)
         if n < 0:
             raise ValueError(f"cannot allocate {n} chunks")
-        got = [self._claim(level, n)]
-        count = got[0].size
-        # chunk_pin takes a root off its eviction list at once: the chunks just claimed must not
-        # be evicted to serve the rest of this very allocation
-        self._update_lists(self.root_of(level, got[0]))
+        return self.alloc_many([n], size, [owner], evict=evict, policy=policy)[0]
+
+    def alloc_many(self, counts, size, owners, evict=None, policy=None):
+        """``alloc(counts[i], size, owners[i], evict, policy)`` for each i in turn -- one request
+        per VA block, as a driver allocates for a batch -- with the same result, chunk for chunk
+        (the same chunks for each request, states, free and eviction lists, stamps and evictions),
+        but one claim for all the requests that free memory serves: only a request that has to
+        evict runs on its own.  Returns (the frames of every request, in request order; how many
+        each request got)."""
+        level = self._level_of_size(size)
+        counts = np.asarray(counts, np.int64).ravel()
+        owners = np.asarray(owners, np.int64).ravel()
+        if counts.shape != owners.shape:
+            raise ValueError(f"{counts.size} chunk counts for {owners.size} owners")
+        if np.any(counts < 0):
+            raise ValueError(f"cannot allocate {int(counts.min())} chunks")
+        got = np.zeros(counts.size, np.int64)
+        out = [np.zeros(0, np.int64)]
+        i = 0
+        while i < counts.size:
+            ends = np.cumsum(counts[i:])
+            nodes = self._claim(level, int(ends[-1]), note=False)
+            # the request of each chunk (relative to i): claims compose, so request i + r gets
+            # chunks [ends[r - 1], ends[r]) of the one claim
+            req = np.searchsorted(ends, np.arange(nodes.size), "right")
+            self._note_requests(self.root_of(level, nodes), req)
+            # chunk_pin takes a root off its eviction list at once: the chunks just claimed must
+            # not be evicted to serve the rest of this very allocation
+            self._update_lists(self.root_of(level, nodes))
+            served = int(np.searchsorted(ends, nodes.size, "right"))   # requests served in full
+            whole = req < served
+            self._own(level, nodes[whole], owners[i + req[whole]])
+            out.append(nodes[whole])
+            got[i:i + served] = counts[i:i + served]
+            j = i + served
+            if j == counts.size:
+                break
+            if evict is None:            # memory ran out: every later request gets nothing
+                out.append(nodes[~whole])
+                self._own(level, nodes[~whole], owners[j])
+                got[j] = np.count_nonzero(~whole)
+                break
+            # request j ran short: it evicts for the rest, as one alloc call would
+            mine = self._evict_and_claim(level, nodes[~whole], int(counts[j]), evict, policy)
+            self._own(level, mine, owners[j])
+            out.append(mine)
+            got[j] = mine.size
+            i = j + 1
+        return self.frames_of(level, np.concatenate(out)), got
+
+    def _note_requests(self, roots, req):
+        """_note_root_alloc for the roots of chunks claimed for several requests at once (``req``:
+        each chunk's request, ascending): the roots fresh from the free list stamped request by
+        request, each request's in root order, as one ``alloc`` per request stamps them."""
+        fresh = self.alloc_seq[roots] < 0
+        if not fresh.any():
+            return
+        u, first = np.unique(roots[fresh], return_index=True)
+        u = u[np.lexsort((u, req[fresh][first]))]
+        self.alloc_seq[u] = self._next_seq(u.size)
+        self.alloc_ns[u] = self._now()
+
+    def _own(self, level, nodes, owner):
+        """The end of an allocation: the chunks belong to their blocks, their roots were used now."""
+        self.owner[level][nodes] = owner
+        self.last_used_ns[self.root_of(level, nodes)] = self._now()
+
+    def _evict_and_claim(self, level, nodes, n, evict, policy):
+        """The rest of an allocation of ``n`` chunks that got ``nodes`` from free memory: evict
+        root chunks chosen by ``policy`` and claim again until it has ``n`` (or nothing more can
+        be evicted); returns all its chunks."""
+        got = [nodes]
+        count = nodes.size
         failures = 0
         while count < n and evict is not None:
             root = policy.choose_victim(self) if policy is not None else None
@@ -245,10 +324,7 @@ class Pmm:
             self._update_lists(self.root_of(level, more))
             got.append(more)
             count += more.size
-        nodes = np.concatenate(got)
-        self.owner[level][nodes] = int(owner)
-        self.last_used_ns[self.root_of(level, nodes)] = self._now()
-        return self.frames_of(level, nodes)
+        return np.concatenate(got)
 
     def unpin_allocated(self, frames):
         """uvm_pmm_gpu_unpin_allocated: TEMP_PINNED -> ALLOCATED; each root goes to the tail of USED
@@ -272,7 +348,7 @@ class Pmm:
 
     def _mark_use(self, roots):
         if roots.size:
-            u = np.unique(roots)
+            u = group_sorted(roots)[0]
             self.use_count[u] += 1
             self.last_used_ns[u] = self._now()
 

@@ -48,6 +48,20 @@ UVM_MAKE_RESIDENT_CAUSE_API_SET_RANGE_GROUP = 7
 UVM_MAKE_RESIDENT_CAUSE_API_HINT = 8
 
 
+def group_sorted(x):
+    """``np.unique(x, return_inverse=True, return_counts=True)`` of integers, in one pass without
+    a sort when ``x`` is already ascending -- vpns in address order and their blocks, as the fault
+    and migration paths hand them over; any other ``x`` is sorted by np.unique."""
+    x = np.asarray(x, np.int64).ravel()
+    if x.size > 1 and np.any(x[1:] < x[:-1]):
+        return np.unique(x, return_inverse=True, return_counts=True)
+    head = np.flatnonzero(x[1:] != x[:-1]) + 1
+    if x.size:
+        head = np.concatenate(([0], head))
+    counts = np.diff(np.append(head, x.size))
+    return x[head], np.repeat(np.arange(head.size), counts), counts
+
+
 def uvm_gpu_id(index):
     """The processor id of GPU ``index`` (0-based)."""
     return int(index) + 1
@@ -177,6 +191,10 @@ class VaBlocks:
     def rows_of_blocks(self, block_numbers, create=True):
         """Rows of 2 MiB blocks (vaddr >> 21); new blocks get rows when ``create``, else -1."""
         b = np.asarray(block_numbers, np.int64).ravel()
+        if b.size > PAGES_PER_UVM_VA_BLOCK // 8:        # many pages' blocks: look each block up once
+            u, inv, _ = group_sorted(b)
+            if u.size < b.size:
+                return self.rows_of_blocks(u, create)[inv]
         srt, srt_rows = self._index
         if srt.size:
             pos = np.minimum(np.searchsorted(srt, b), srt.size - 1)
