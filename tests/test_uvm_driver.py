@@ -260,7 +260,7 @@ def test_arguments_are_checked_and_close_is_final(mm_system_factory):
     a = blocks_mmap(proc, 1)
     for kw, why in (({"device_bytes": 4096}, "multiple of 2 MiB"), ({"device_bytes": 0}, "multiple of 2 MiB"),
                     ({"device_bytes": True}, "multiple of 2 MiB"), ({"ndevices": 0}, "number of devices"),
-                    ({"ndevices": 1.0}, "number of devices")):
+                    ({"ndevices": 1.0}, "number of devices"), ({"ndevices": 9}, "at most 7 peers")):
         with pytest.raises(OSError, match=why) as ei:
             UvmDriver(system, proc, **kw)
         assert ei.value.errno == errno.EINVAL

@@ -51,6 +51,7 @@ from ...constants import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from ...device import EmulatedDevice, JobFault
 from ...device.clock import EmulatedClock
 from ...device.faults import ACCESS_ATOMIC
+from ...device.hw import MAX_PEERS
 from ...device.pagetable import PTE_ACCESSED, PTE_ATOMIC, PTE_WRITE
 from ...errors import oserror
 from ...hmm.debug import check_device_mappings
@@ -250,9 +251,11 @@ class UvmDriver:
                 or device_bytes <= 0 or device_bytes % UVM_CHUNK_SIZE_MAX):
             raise oserror(errno.EINVAL, f"UvmDriver '{name}': device_bytes={device_bytes!r} is not a positive "
                           "multiple of 2 MiB")
-        if isinstance(ndevices, bool) or not isinstance(ndevices, (int, np.integer)) or not 1 <= ndevices <= 31:
+        if (isinstance(ndevices, bool) or not isinstance(ndevices, (int, np.integer))
+                or not 1 <= ndevices <= MAX_PEERS + 1):
             raise oserror(errno.EINVAL, f"UvmDriver '{name}': ndevices={ndevices!r} is not a number of devices "
-                          "from 1 to 31")
+                          f"from 1 to {MAX_PEERS + 1} (each device is a peer of every other, and a device "
+                          f"addresses at most {MAX_PEERS} peers)")
         self.ndevices = int(ndevices)
         self.policy = make_policies(policy, seed=seed, nprocs=self.ndevices + 1)   # errors before any change
         self.system, self.proc = system, proc
