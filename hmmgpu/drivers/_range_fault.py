@@ -128,9 +128,10 @@ class RangeFaultMirror:
         return vpns, pfns, flags
 
     def _move_unreachable(self, pfns):
-        """Pages this device cannot address (another device's coherent memory) move to system
-        memory first, as dmirror does; True when some did (the caller walks again)."""
-        far = pfns[(pfns >= self.system.phys.nr_ram) & ~self.device.owns(pfns)]
+        """Pages this device cannot address (another driver's coherent device memory; not RAM,
+        its own frames or an enabled peer's) move to system memory first, as dmirror does; True
+        when some did (the caller walks again)."""
+        far = pfns[(pfns >= self.system.phys.nr_ram) & ~self.device.can_address(pfns)]
         if far.size == 0:
             return False
         migrate_device_coherent_pages(self.system, np.unique(far))

@@ -214,21 +214,6 @@ class UvmGpu(RangeFaultMirror):
     def _mapped(self, vpns, pfns):
         self.drv._mapped(self, vpns, pfns)
 
-    def _move_unreachable(self, pfns):
-        """Pages this device cannot address (another driver's device memory, a device that is
-        not a peer) move to system memory first; True when some did (the caller walks again)."""
-        far = pfns[(pfns >= self.system.phys.nr_ram) & ~self.hw.can_address(pfns)]
-        if far.size == 0:
-            return False
-        ours = np.zeros(far.size, bool)
-        for g in self.drv.gpus:
-            ours |= g.owns(far)
-        if ours.any():
-            self.drv._migrate_out_pfns(far[ours])
-        if (~ours).any():
-            return super()._move_unreachable(far[~ours])
-        return True
-
     def evict_root(self, root, frames, owners):
         """Pmm's evict callback."""
         self.drv._evict(self, root, frames, owners)
@@ -1206,18 +1191,6 @@ class UvmDriver:
             self._cpu_events.append((moved, self.clock.now_ns, UVM_MAKE_RESIDENT_CAUSE_API_MIGRATE))
         self._step()
         return int(moved.size)
-
-    def _migrate_out_pfns(self, pfns):
-        """Bring device pages ``pfns`` of this driver home wherever they are mapped (a device
-        that cannot address them needs them in system memory)."""
-        vpns = []
-        for g in self.gpus:
-            f = pfns[g.owns(pfns)] - g.pfn_base
-            v = g.frame_vpn[f]
-            vpns.append(v[v >= 0])
-        vpns = np.unique(np.concatenate(vpns))
-        if vpns.size:
-            self._migrate_out(vpns, api=False)
 
     # -- reporting and teardown ---------------------------------------------------------------------
     @property
