@@ -229,11 +229,7 @@ class Pmm:
         NV_ERR_MORE_PROCESSING_REQUIRED, for the caller to back off.  ``evict`` may raise
         EvictionFailed for a root it cannot evict now; the PMM then tries another victim.
         """
-        self._level_of_size(size)
-        n = int(n)
-        if n < 0:
-            raise ValueError(f"cannot allocate {n} chunks")
-        return self.alloc_many([n], size, [owner], evict=evict, policy=policy)[0]
+        return self.alloc_many([int(n)], size, [owner], evict=evict, policy=policy)[0]
 
     def alloc_many(self, counts, size, owners, evict=None, policy=None):
         """``alloc(counts[i], size, owners[i], evict, policy)`` for each i in turn -- one request
